@@ -1,0 +1,1 @@
+"""embedshim: one containerd shim daemon per containerd instance."""
