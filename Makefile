@@ -1,0 +1,51 @@
+# embedshim — see README.md. `make demo` and `make test` work on a fresh Debian machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEB_PACKAGES := containerd runc busybox-static libbpf1 clang llvm bpftool libbpf-dev crun criu \
+	iproute2 containernetworking-plugins procps util-linux
+PROTOS := $(wildcard proto/*.proto)
+
+.PHONY: setup demo test unit integration lint proto bpf bench soak clean
+
+setup: .setup-debs $(VENV)/.installed
+	@$(PY) -m shim.setupcheck
+
+.setup-debs:
+	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:" $$missing; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(VENV)/.installed: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+proto:
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=shim/api --pyi_out=shim/api $(PROTOS)
+	sed -i -E 's/^import ([a-z_]+_pb2) as /from . import \1 as /' shim/api/*_pb2.py shim/api/*_pb2.pyi
+
+bpf:
+	$(MAKE) -C bpf
+
+lint:
+	$(VENV)/bin/ruff check shim tests integration runc_exec
+	$(VENV)/bin/ruff format --check shim tests integration runc_exec
+	$(VENV)/bin/mypy shim
+
+unit: setup
+	$(PY) -m pytest -q tests
+
+integration: setup
+	$(PY) -m pytest -q integration
+
+test: setup lint
+	$(PY) -m pytest -q tests integration
+
+demo: setup
+	$(PY) -m shim.demo
+
+clean:
+	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache
