@@ -1,0 +1,576 @@
+"""Sans-IO ttrpc: the frame format, the three messages on the wire, and per-connection state.
+
+Nothing here touches a socket or an event loop: bytes go in, events and bytes come out, so the
+protocol can be tested exhaustively (split reads, garbage, oversize frames) without IO, and the
+asyncio layer stays a thin shell around it.
+
+The protobuf encoding of ``ttrpc.Request``/``ttrpc.Response``/``google.rpc.Status`` is written by
+hand: they are five small messages, and doing it here keeps the package free of a protobuf
+dependency (the RPC payloads themselves stay opaque bytes).
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from .errors import Code, MessageTooLargeError, ProtocolError, TTRPCError
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_MESSAGE_SIZE",
+    "MAX_STREAM_ID",
+    "ClientConnection",
+    "Flags",
+    "Frame",
+    "FrameDecoder",
+    "FrameHeader",
+    "MessageType",
+    "OversizedFrame",
+    "Request",
+    "RequestReceived",
+    "RequestRejected",
+    "Response",
+    "ResponseReceived",
+    "ServerConnection",
+    "Status",
+    "encode_frame",
+    "oversize_message",
+]
+
+MAX_MESSAGE_SIZE = 4 << 20
+"""Largest payload a frame may carry; also why a valid header's first byte is always 0."""
+
+HEADER_SIZE = 10
+MAX_STREAM_ID = 0xFFFF_FFFF
+
+_HEADER = struct.Struct(">IIBB")
+
+
+class MessageType(enum.IntEnum):
+    """Frame types. Unknown values are legal on the wire and must be ignored by receivers."""
+
+    REQUEST = 1
+    RESPONSE = 2
+    DATA = 3
+
+
+class Flags(enum.IntFlag):
+    """Frame flags; a unary request carries none."""
+
+    REMOTE_CLOSED = 1
+    REMOTE_OPEN = 2
+    NO_DATA = 4
+
+
+def oversize_message(length: int, limit: int = MAX_MESSAGE_SIZE) -> str:
+    """The status text Go's ttrpc uses, kept verbatim because peers may log or match it."""
+    return f"message length {length} exceed maximum message size of {limit}"
+
+
+# --------------------------------------------------------------------------------------------
+# Protobuf wire format: just enough for the ttrpc envelope messages.
+
+_VARINT = 0
+_I64 = 1
+_LEN = 2
+_I32 = 5
+_U64 = 1 << 64
+
+
+def _varint(value: int) -> bytes:
+    """Encode a non-negative int < 2**64 (negatives must already be two's-complemented)."""
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _tag(number: int, wire_type: int) -> bytes:
+    return _varint((number << 3) | wire_type)
+
+
+def _int_field(number: int, value: int) -> bytes:
+    """A varint field; negative int32/int64 values take ten bytes, as protobuf requires."""
+    if value == 0:
+        return b""
+    return _tag(number, _VARINT) + _varint(value % _U64)
+
+
+def _bytes_field(number: int, value: bytes, *, always: bool = False) -> bytes:
+    """A length-delimited field; proto3 omits empty scalars, but a set submessage is kept."""
+    if not value and not always:
+        return b""
+    return _tag(number, _LEN) + _varint(len(value)) + value
+
+
+def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        if pos >= len(data):
+            raise ProtocolError("truncated varint")
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            break
+        shift += 7
+        if shift >= 70:
+            raise ProtocolError("varint too long")
+    if result >= _U64:
+        raise ProtocolError("varint overflows 64 bits")
+    return result, pos
+
+
+def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+    """Yield (field number, wire type, value) for each field, validating framing only."""
+    pos = 0
+    end = len(data)
+    while pos < end:
+        key, pos = _read_varint(data, pos)
+        number, wire_type = key >> 3, key & 7
+        if number == 0:
+            raise ProtocolError("field number 0")
+        value: int | bytes
+        if wire_type == _VARINT:
+            value, pos = _read_varint(data, pos)
+        elif wire_type == _LEN:
+            length, pos = _read_varint(data, pos)
+            if length > end - pos:
+                raise ProtocolError("truncated length-delimited field")
+            value = data[pos : pos + length]
+            pos += length
+        elif wire_type == _I64 or wire_type == _I32:
+            size = 8 if wire_type == _I64 else 4
+            if size > end - pos:
+                raise ProtocolError("truncated fixed-width field")
+            value = int.from_bytes(data[pos : pos + size], "little")
+            pos += size
+        else:
+            # Groups (3, 4) are long deprecated and never appear in these messages.
+            raise ProtocolError(f"unsupported wire type {wire_type}")
+        yield number, wire_type, value
+
+
+def _str(value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ProtocolError(f"string field is not valid UTF-8: {exc.reason}") from None
+
+
+def _signed(value: int, bits: int) -> int:
+    value &= (1 << bits) - 1
+    return value - (1 << bits) if value >> (bits - 1) else value
+
+
+# --------------------------------------------------------------------------------------------
+# Messages. A field whose wire type does not match is skipped, as protobuf treats it as unknown.
+
+
+@dataclass(frozen=True)
+class Status:
+    """google.rpc.Status. ``details`` are google.protobuf.Any as opaque (type_url, value)."""
+
+    code: int = Code.OK
+    message: str = ""
+    details: tuple[tuple[str, bytes], ...] = ()
+
+    def encode(self) -> bytes:
+        # The message is human text: a stray surrogate must not stop an error being reported.
+        message = self.message.encode("utf-8", "replace")
+        out = [_int_field(1, self.code), _bytes_field(2, message)]
+        for type_url, value in self.details:
+            any_msg = _bytes_field(1, type_url.encode()) + _bytes_field(2, value)
+            out.append(_bytes_field(3, any_msg, always=True))
+        return b"".join(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Status:
+        code = 0
+        message = ""
+        details: list[tuple[str, bytes]] = []
+        for number, wire_type, value in _fields(data):
+            if number == 1 and wire_type == _VARINT:
+                assert isinstance(value, int)
+                code = _signed(value, 32)
+            elif number == 2 and wire_type == _LEN:
+                assert isinstance(value, bytes)
+                message = _str(value)
+            elif number == 3 and wire_type == _LEN:
+                assert isinstance(value, bytes)
+                details.append(_decode_any(value))
+        return cls(code, message, tuple(details))
+
+    @property
+    def ok(self) -> bool:
+        return self.code == Code.OK
+
+    def to_error(self) -> TTRPCError:
+        return TTRPCError(Code.from_wire(self.code), self.message, self.details)
+
+    @classmethod
+    def from_error(cls, error: TTRPCError) -> Status:
+        return cls(int(error.code), error.message, error.details)
+
+
+def _decode_any(data: bytes) -> tuple[str, bytes]:
+    type_url = ""
+    value = b""
+    for number, wire_type, item in _fields(data):
+        if number == 1 and wire_type == _LEN:
+            assert isinstance(item, bytes)
+            type_url = _str(item)
+        elif number == 2 and wire_type == _LEN:
+            assert isinstance(item, bytes)
+            value = item
+    return type_url, value
+
+
+@dataclass(frozen=True)
+class Request:
+    """ttrpc.Request. ``metadata`` keeps wire order and repeats, since keys may be multi-valued."""
+
+    service: str = ""
+    method: str = ""
+    payload: bytes = b""
+    timeout_nano: int = 0
+    metadata: tuple[tuple[str, str], ...] = ()
+
+    def encode(self) -> bytes:
+        out = [
+            _bytes_field(1, self.service.encode()),
+            _bytes_field(2, self.method.encode()),
+            _bytes_field(3, self.payload),
+            _int_field(4, self.timeout_nano),
+        ]
+        for key, value in self.metadata:
+            kv = _bytes_field(1, key.encode()) + _bytes_field(2, value.encode())
+            out.append(_bytes_field(5, kv, always=True))
+        return b"".join(out)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Request:
+        service = method = ""
+        payload = b""
+        timeout_nano = 0
+        metadata: list[tuple[str, str]] = []
+        for number, wire_type, value in _fields(data):
+            if wire_type == _VARINT:
+                assert isinstance(value, int)
+                if number == 4:
+                    timeout_nano = _signed(value, 64)
+                continue
+            if wire_type != _LEN:
+                continue
+            assert isinstance(value, bytes)
+            if number == 1:
+                service = _str(value)
+            elif number == 2:
+                method = _str(value)
+            elif number == 3:
+                payload = value
+            elif number == 5:
+                metadata.append(_decode_key_value(value))
+        return cls(service, method, payload, timeout_nano, tuple(metadata))
+
+
+def _decode_key_value(data: bytes) -> tuple[str, str]:
+    key = value = ""
+    for number, wire_type, item in _fields(data):
+        if wire_type != _LEN:
+            continue
+        assert isinstance(item, bytes)
+        if number == 1:
+            key = _str(item)
+        elif number == 2:
+            value = _str(item)
+    return key, value
+
+
+@dataclass(frozen=True)
+class Response:
+    """ttrpc.Response. The status is always encoded (even OK), as Go's server does."""
+
+    status: Status = field(default_factory=Status)
+    payload: bytes = b""
+
+    def encode(self) -> bytes:
+        return _bytes_field(1, self.status.encode(), always=True) + _bytes_field(2, self.payload)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Response:
+        # A repeated submessage field merges; decoding the concatenation is exactly that merge.
+        status_parts: list[bytes] = []
+        payload = b""
+        for number, wire_type, value in _fields(data):
+            if wire_type != _LEN:
+                continue
+            assert isinstance(value, bytes)
+            if number == 1:
+                status_parts.append(value)
+            elif number == 2:
+                payload = value
+        return cls(Status.decode(b"".join(status_parts)), payload)
+
+
+# --------------------------------------------------------------------------------------------
+# Frames.
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """The 10-byte big-endian frame header. ``type`` stays an int: unknown types are legal."""
+
+    length: int
+    stream_id: int
+    type: int
+    flags: int = 0
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(self.length, self.stream_id, self.type, self.flags)
+
+    @classmethod
+    def decode(cls, data: bytes | bytearray | memoryview) -> FrameHeader:
+        if len(data) != HEADER_SIZE:
+            raise ProtocolError(f"frame header needs {HEADER_SIZE} bytes, got {len(data)}")
+        return cls(*_HEADER.unpack(data))
+
+
+def encode_frame(
+    stream_id: int,
+    type: int,
+    payload: bytes,
+    flags: int = 0,
+    *,
+    max_size: int = MAX_MESSAGE_SIZE,
+) -> bytes:
+    """Header plus payload; refuses an oversized payload, which the peer could only discard."""
+    if len(payload) > max_size:
+        raise MessageTooLargeError(len(payload), max_size)
+    if not 0 <= stream_id <= MAX_STREAM_ID:
+        raise ValueError(f"stream id {stream_id} out of range")
+    return FrameHeader(len(payload), stream_id, type, flags).encode() + payload
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A complete frame received."""
+
+    stream_id: int
+    type: int
+    flags: int
+    payload: bytes
+
+
+@dataclass(frozen=True)
+class OversizedFrame:
+    """A frame over the size limit was announced; its payload is being skipped, not stored."""
+
+    stream_id: int
+    type: int
+    flags: int
+    length: int
+
+
+FrameEvent = Frame | OversizedFrame
+
+
+class FrameDecoder:
+    """Turns a byte stream, split anywhere, into frames.
+
+    Memory is bounded by one frame: an oversized frame is reported as soon as its header is
+    seen and its payload is then dropped as it arrives, never buffered.
+    """
+
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
+        self._max_size = max_size
+        self._buffer = bytearray()
+        self._header: FrameHeader | None = None
+        self._discard = 0
+
+    @property
+    def mid_frame(self) -> bool:
+        """True if a frame has started but not finished: EOF now means a truncated frame."""
+        return bool(self._buffer) or self._header is not None or self._discard > 0
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the frame in progress."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[FrameEvent]:
+        events: list[FrameEvent] = []
+        if self._discard:
+            skip = min(self._discard, len(data))
+            self._discard -= skip
+            data = data[skip:]
+        buf = self._buffer
+        buf += data
+        pos = 0
+        while True:
+            if self._discard:
+                skip = min(self._discard, len(buf) - pos)
+                self._discard -= skip
+                pos += skip
+                if self._discard:
+                    break
+            header = self._header
+            if header is None:
+                if len(buf) - pos < HEADER_SIZE:
+                    break
+                header = FrameHeader.decode(memoryview(buf)[pos : pos + HEADER_SIZE])
+                pos += HEADER_SIZE
+                if header.length > self._max_size:
+                    events.append(
+                        OversizedFrame(header.stream_id, header.type, header.flags, header.length)
+                    )
+                    self._discard = header.length
+                    continue
+                self._header = header
+            if len(buf) - pos < header.length:
+                break
+            payload = bytes(buf[pos : pos + header.length])
+            pos += header.length
+            self._header = None
+            events.append(Frame(header.stream_id, header.type, header.flags, payload))
+        del buf[:pos]
+        return events
+
+
+# --------------------------------------------------------------------------------------------
+# Connection state machines.
+
+
+@dataclass(frozen=True)
+class RequestReceived:
+    """A well-formed unary request the server should dispatch."""
+
+    stream_id: int
+    request: Request
+
+
+@dataclass(frozen=True)
+class RequestRejected:
+    """A request the protocol layer already refused; answer ``stream_id`` with ``status``."""
+
+    stream_id: int
+    status: Status
+
+
+ServerEvent = RequestReceived | RequestRejected
+
+
+class ServerConnection:
+    """Server side of one connection: validates stream ids and decodes requests.
+
+    Rules follow Go's ttrpc server: client streams are odd and strictly increasing, a bad id or
+    a bad Request is answered on that stream only, unknown frame types are ignored.
+    Streaming (request flags set, Data frames) is not supported; the Task API is unary.
+    """
+
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
+        self._decoder = FrameDecoder(max_size)
+        self._max_size = max_size
+        self._last_stream_id = 0
+
+    @property
+    def mid_frame(self) -> bool:
+        return self._decoder.mid_frame
+
+    def receive_data(self, data: bytes) -> list[ServerEvent]:
+        events: list[ServerEvent] = []
+        for frame in self._decoder.feed(data):
+            if isinstance(frame, OversizedFrame):
+                status = Status(
+                    Code.RESOURCE_EXHAUSTED, oversize_message(frame.length, self._max_size)
+                )
+                events.append(RequestRejected(frame.stream_id, status))
+            elif frame.type == MessageType.REQUEST:
+                events.append(self._on_request(frame))
+        return events
+
+    def _on_request(self, frame: Frame) -> ServerEvent:
+        sid = frame.stream_id
+        if sid % 2 == 0:
+            return _reject(sid, Code.INVALID_ARGUMENT, "StreamID must be odd for client streams")
+        if sid <= self._last_stream_id:
+            return _reject(
+                sid, Code.INVALID_ARGUMENT, "StreamID cannot be re-used and must increment"
+            )
+        self._last_stream_id = sid
+        if frame.flags & (Flags.REMOTE_OPEN | Flags.REMOTE_CLOSED):
+            return _reject(sid, Code.UNIMPLEMENTED, "streaming requests are not supported")
+        try:
+            request = Request.decode(frame.payload)
+        except ProtocolError as exc:
+            return _reject(sid, Code.INVALID_ARGUMENT, f"invalid request: {exc}")
+        return RequestReceived(sid, request)
+
+    def send_response(self, stream_id: int, response: Response) -> bytes:
+        """Bytes to write; raises MessageTooLargeError if the response cannot be sent."""
+        return encode_frame(
+            stream_id, MessageType.RESPONSE, response.encode(), max_size=self._max_size
+        )
+
+
+def _reject(stream_id: int, code: Code, message: str) -> RequestRejected:
+    return RequestRejected(stream_id, Status(code, message))
+
+
+@dataclass(frozen=True)
+class ResponseReceived:
+    """The answer for ``stream_id``; a local failure (oversize, undecodable) is a status too."""
+
+    stream_id: int
+    response: Response
+
+
+class ClientConnection:
+    """Client side of one connection: allocates stream ids and decodes responses."""
+
+    def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
+        self._decoder = FrameDecoder(max_size)
+        self._max_size = max_size
+        self._next_stream_id = 1
+
+    @property
+    def mid_frame(self) -> bool:
+        return self._decoder.mid_frame
+
+    def send_request(self, request: Request) -> tuple[int, bytes]:
+        """Allocate the next stream id and frame the request.
+
+        The id is taken only once the request is known to fit, so a refused send leaves no gap;
+        the caller must write the bytes before framing another request, or ids arrive out of
+        order and the server rejects them.
+        """
+        payload = request.encode()
+        if len(payload) > self._max_size:
+            raise MessageTooLargeError(len(payload), self._max_size)
+        stream_id = self._next_stream_id
+        if stream_id > MAX_STREAM_ID:
+            raise TTRPCError(Code.RESOURCE_EXHAUSTED, "stream ids exhausted on this connection")
+        self._next_stream_id += 2
+        return stream_id, encode_frame(stream_id, MessageType.REQUEST, payload)
+
+    def receive_data(self, data: bytes) -> list[ResponseReceived]:
+        events: list[ResponseReceived] = []
+        for frame in self._decoder.feed(data):
+            if isinstance(frame, OversizedFrame):
+                status = Status(
+                    Code.RESOURCE_EXHAUSTED, oversize_message(frame.length, self._max_size)
+                )
+                events.append(ResponseReceived(frame.stream_id, Response(status)))
+            elif frame.type == MessageType.RESPONSE:
+                try:
+                    response = Response.decode(frame.payload)
+                except ProtocolError as exc:
+                    response = Response(Status(Code.INTERNAL, f"invalid response: {exc}"))
+                events.append(ResponseReceived(frame.stream_id, response))
+        return events
