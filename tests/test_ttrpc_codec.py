@@ -27,6 +27,7 @@ from shim.ttrpc.codec import (
     ServerConnection,
     Status,
     encode_frame,
+    parse_address,
 )
 from shim.ttrpc.errors import Code, MessageTooLargeError, ProtocolError
 
@@ -438,3 +439,23 @@ def test_client_oversize_and_bad_response_become_statuses() -> None:
 
 def test_header_size_constant() -> None:
     assert HEADER_SIZE == len(FrameHeader(0, 0, 0).encode())
+
+
+@pytest.mark.parametrize(
+    ("address", "path"),
+    [
+        ("unix:///run/x.sock", "/run/x.sock"),
+        ("/run/x.sock", "/run/x.sock"),
+        ("@abstract", "\0abstract"),
+        ("\0abstract", "\0abstract"),
+        ("unix://@abstract", "\0abstract"),
+    ],
+)
+def test_parse_address(address: str, path: str) -> None:
+    assert parse_address(address) == path
+
+
+def test_parse_address_empty() -> None:
+    for address in ("", "unix://", "@"):
+        with pytest.raises(ValueError):
+            parse_address(address)

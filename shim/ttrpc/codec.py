@@ -38,6 +38,7 @@ __all__ = [
     "Status",
     "encode_frame",
     "oversize_message",
+    "parse_address",
 ]
 
 MAX_MESSAGE_SIZE = 4 << 20
@@ -68,6 +69,21 @@ class Flags(enum.IntFlag):
 def oversize_message(length: int, limit: int = MAX_MESSAGE_SIZE) -> str:
     """The status text Go's ttrpc uses, kept verbatim because peers may log or match it."""
     return f"message length {length} exceed maximum message size of {limit}"
+
+
+def parse_address(address: str) -> str:
+    """Unix socket path for ``unix:///path``, ``/path``, or abstract ``@name`` / ``\\0name``.
+
+    containerd writes addresses as ``unix://...``; ``@`` is the usual spelling of the abstract
+    namespace, which the kernel knows as a leading NUL.
+    """
+    if address.startswith("unix://"):
+        address = address[len("unix://") :]
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    if not address or address == "\0":
+        raise ValueError(f"empty unix socket address {address!r}")
+    return address
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,546 @@
+"""Server and client over real unix sockets (no pytest-asyncio: each test runs its own loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import socket
+import stat
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+
+import pytest
+
+from shim.ttrpc import (
+    MAX_MESSAGE_SIZE,
+    Client,
+    ClosedError,
+    Code,
+    Context,
+    Server,
+    TTRPCError,
+)
+from shim.ttrpc.codec import (
+    HEADER_SIZE,
+    FrameHeader,
+    MessageType,
+    Request,
+    Response,
+    encode_frame,
+)
+from shim.ttrpc.server import PeerCred, require_same_user
+
+SVC = "test.v1.Echo"
+
+
+def run(coro: Awaitable[None], timeout: float = 20.0) -> None:
+    async def main() -> None:
+        async with asyncio.timeout(timeout):
+            await coro
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def sock_path() -> Iterator[str]:
+    # Short directory: sun_path is limited to 108 bytes, pytest's tmp_path can be longer.
+    directory = tempfile.mkdtemp(prefix="ttrpc", dir="/tmp")
+    yield os.path.join(directory, "s.sock")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+async def echo(ctx: Context, payload: bytes) -> bytes:
+    return payload
+
+
+@asynccontextmanager
+async def serving(
+    path: str, methods: dict[str, Callable[[Context, bytes], Awaitable[bytes]]], **kw: object
+) -> AsyncIterator[Server]:
+    server = Server(**kw)  # type: ignore[arg-type]
+    server.register(SVC, {"Echo": echo, **methods})
+    await server.start_unix(path)
+    try:
+        yield server
+    finally:
+        await server.close()
+
+
+async def raw_connect(path: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_unix_connection(path)
+
+
+def request_frame(sid: int, method: str = "Echo", payload: bytes = b"", **kw: object) -> bytes:
+    request = Request(SVC, method, payload, **kw)  # type: ignore[arg-type]
+    return encode_frame(sid, MessageType.REQUEST, request.encode())
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[int, Response]:
+    header = FrameHeader.decode(await reader.readexactly(HEADER_SIZE))
+    assert header.type == MessageType.RESPONSE
+    return header.stream_id, Response.decode(await reader.readexactly(header.length))
+
+
+# -- basics ----------------------------------------------------------------------------------
+
+
+def test_call_round_trip_with_context(sock_path: str) -> None:
+    seen: list[Context] = []
+
+    async def inspect(ctx: Context, payload: bytes) -> bytes:
+        seen.append(ctx)
+        return payload[::-1]
+
+    async def main() -> None:
+        async with serving(sock_path, {"Inspect": inspect}):
+            client = await Client.connect("unix://" + sock_path)
+            reply = await client.call(
+                SVC,
+                "Inspect",
+                b"abc",
+                timeout=30,
+                metadata={"Containerd-Namespace": "k8s.io", "multi": ["a", "b"]},
+            )
+            assert reply == b"cba"
+            assert await client.call(SVC, "Echo", b"") == b""
+            await client.close()
+            assert client.closed
+
+    run(main())
+    [ctx] = seen
+    assert (ctx.service, ctx.method) == (SVC, "Inspect")
+    assert ctx.metadata == {"containerd-namespace": ["k8s.io"], "multi": ["a", "b"]}
+    assert ctx.get("CONTAINERD-namespace") == "k8s.io"
+    assert ctx.deadline is not None
+    assert ctx.peer == PeerCred(os.getpid(), os.getuid(), os.getgid())
+
+
+def test_socket_mode_and_unlink_on_close(sock_path: str) -> None:
+    async def main() -> None:
+        server = Server()
+        await server.start_unix(sock_path, mode=0o660)
+        st = os.stat(sock_path)
+        assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o660
+        assert server.listening_socket is not None
+        await server.close()
+        await server.wait_closed()
+        assert not os.path.exists(sock_path)
+
+    run(main())
+
+
+def test_start_sock_inherited_socket_and_plain_path(sock_path: str) -> None:
+    async def main() -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(sock_path)
+        listener.listen()
+        server = Server()
+        server.register(SVC, {"Echo": echo})
+        await server.start_sock(listener)
+        assert server.listening_socket is listener
+        async with await Client.connect(sock_path) as client:
+            assert await client.call(SVC, "Echo", b"x") == b"x"
+        await server.close()
+
+    run(main())
+
+
+def test_abstract_socket() -> None:
+    name = f"@ttrpc-test-{os.getpid()}"
+
+    async def main() -> None:
+        server = Server()
+        server.register(SVC, {"Echo": echo})
+        await server.start_unix(name)
+        async with await Client.connect(name) as client:
+            assert await client.call(SVC, "Echo", b"abs") == b"abs"
+        await server.close()
+
+    run(main())
+
+
+def test_register_twice_is_an_error() -> None:
+    server = Server()
+    server.register(SVC, {"Echo": echo})
+    server.register(SVC, {"Other": echo})
+    with pytest.raises(ValueError):
+        server.register(SVC, {"Echo": echo})
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def test_unknown_service_and_method(sock_path: str) -> None:
+    async def main() -> None:
+        async with serving(sock_path, {}):
+            async with await Client.connect(sock_path) as client:
+                with pytest.raises(TTRPCError) as info:
+                    await client.call("no.Such", "Echo", b"")
+                assert (info.value.code, info.value.message) == (
+                    Code.UNIMPLEMENTED,
+                    "service no.Such",
+                )
+                with pytest.raises(TTRPCError) as info:
+                    await client.call(SVC, "Nope", b"")
+                assert (info.value.code, info.value.message) == (Code.UNIMPLEMENTED, "method Nope")
+
+    run(main())
+
+
+def test_handler_errors_and_server_survives(
+    sock_path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def not_found(ctx: Context, payload: bytes) -> bytes:
+        raise TTRPCError(Code.NOT_FOUND, "container x not found")
+
+    async def boom(ctx: Context, payload: bytes) -> bytes:
+        raise RuntimeError("kaboom")
+
+    async def returns_none(ctx: Context, payload: bytes) -> bytes:
+        return None  # type: ignore[return-value]
+
+    async def main() -> None:
+        methods = {"NotFound": not_found, "Boom": boom, "None": returns_none}
+        async with serving(sock_path, methods):
+            async with await Client.connect(sock_path) as client:
+                with pytest.raises(TTRPCError) as info:
+                    await client.call(SVC, "NotFound", b"")
+                assert (info.value.code, info.value.message) == (
+                    Code.NOT_FOUND,
+                    "container x not found",
+                )
+                with pytest.raises(TTRPCError) as info:
+                    await client.call(SVC, "Boom", b"")
+                assert (info.value.code, info.value.message) == (Code.UNKNOWN, "kaboom")
+                with pytest.raises(TTRPCError) as info:
+                    await client.call(SVC, "None", b"")
+                assert info.value.code == Code.INTERNAL
+                assert await client.call(SVC, "Echo", b"still here") == b"still here"
+
+    with caplog.at_level(logging.ERROR, logger="shim.ttrpc"):
+        run(main())
+    assert any(
+        r.name == "shim.ttrpc" and r.exc_info and "kaboom" in str(r.exc_info[1])
+        for r in caplog.records
+    )
+
+
+def test_deadline_exceeded_enforced_by_server(sock_path: str) -> None:
+    cancelled = asyncio.Event()
+
+    async def slow(ctx: Context, payload: bytes) -> bytes:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return b""
+
+    async def main() -> None:
+        async with serving(sock_path, {"Slow": slow}):
+            reader, writer = await raw_connect(sock_path)
+            writer.write(request_frame(1, "Slow", timeout_nano=50_000_000))
+            sid, response = await read_response(reader)
+            assert sid == 1
+            assert response.status.code == Code.DEADLINE_EXCEEDED
+            assert cancelled.is_set()
+            # No timeout_nano means no deadline.
+            writer.write(request_frame(3, "Echo", b"ok"))
+            assert (await read_response(reader))[1].payload == b"ok"
+            writer.close()
+
+    run(main())
+
+
+def test_client_timeout_then_connection_still_usable(sock_path: str) -> None:
+    release = asyncio.Event()
+
+    async def wait(ctx: Context, payload: bytes) -> bytes:
+        await release.wait()
+        return b"late"
+
+    async def main() -> None:
+        # The server ignores deadlines here only because the handler finishes first; the client
+        # must give up on its own clock either way.
+        async with serving(sock_path, {"Wait": wait}):
+            async with await Client.connect(sock_path) as client:
+                with pytest.raises(TTRPCError) as info:
+                    await client.call(SVC, "Wait", b"", timeout=0.05)
+                assert info.value.code == Code.DEADLINE_EXCEEDED
+                release.set()
+                assert await client.call(SVC, "Echo", b"next") == b"next"
+
+    run(main())
+
+
+# -- concurrency and framing -------------------------------------------------------------------
+
+
+def test_calls_in_flight_answered_out_of_order(sock_path: str) -> None:
+    gates = {name: asyncio.Event() for name in ("a", "b", "c")}
+    started: list[str] = []
+
+    async def gated(ctx: Context, payload: bytes) -> bytes:
+        name = payload.decode()
+        started.append(name)
+        await gates[name].wait()
+        return payload
+
+    async def main() -> None:
+        async with serving(sock_path, {"Gated": gated}):
+            async with await Client.connect(sock_path) as client:
+                finished: list[str] = []
+
+                async def one(name: str) -> None:
+                    finished.append((await client.call(SVC, "Gated", name.encode())).decode())
+
+                tasks = [asyncio.create_task(one(n)) for n in ("a", "b", "c")]
+                while len(started) < 3:
+                    await asyncio.sleep(0.01)
+                for name in ("c", "a", "b"):
+                    gates[name].set()
+                    while name not in finished:
+                        await asyncio.sleep(0.01)
+                await asyncio.gather(*tasks)
+                assert finished == ["c", "a", "b"]
+
+    run(main())
+
+
+def test_request_sent_byte_by_byte(sock_path: str) -> None:
+    async def main() -> None:
+        async with serving(sock_path, {}):
+            reader, writer = await raw_connect(sock_path)
+            wire = request_frame(1, "Echo", b"slowly") + request_frame(3, "Echo", b"again")
+            for byte in wire:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                await asyncio.sleep(0)
+            got = dict([await read_response(reader), await read_response(reader)])
+            assert got[1].payload == b"slowly" and got[3].payload == b"again"
+            writer.close()
+
+    run(main())
+
+
+def test_bad_stream_ids_rejected_connection_survives(sock_path: str) -> None:
+    async def main() -> None:
+        async with serving(sock_path, {}):
+            reader, writer = await raw_connect(sock_path)
+            writer.write(request_frame(2, "Echo", b"even"))
+            sid, response = await read_response(reader)
+            assert (sid, response.status.code) == (2, Code.INVALID_ARGUMENT)
+            writer.write(request_frame(7, "Echo", b"seven"))
+            assert (await read_response(reader))[1].payload == b"seven"
+            writer.write(request_frame(5, "Echo", b"backwards"))
+            sid, response = await read_response(reader)
+            assert (sid, response.status.code) == (5, Code.INVALID_ARGUMENT)
+            writer.write(request_frame(7, "Echo", b"reused"))
+            sid, response = await read_response(reader)
+            assert (sid, response.status.code) == (7, Code.INVALID_ARGUMENT)
+            writer.write(encode_frame(9, MessageType.REQUEST, b"\x0a\x7f"))  # bad Request proto
+            sid, response = await read_response(reader)
+            assert (sid, response.status.code) == (9, Code.INVALID_ARGUMENT)
+            writer.write(encode_frame(11, 42, b"unknown type is ignored"))
+            writer.write(request_frame(13, "Echo", b"fine"))
+            assert await read_response(reader) == (13, Response(payload=b"fine"))
+            writer.close()
+
+    run(main())
+
+
+def test_oversize_frame_while_other_call_in_flight(sock_path: str) -> None:
+    release = asyncio.Event()
+
+    async def wait(ctx: Context, payload: bytes) -> bytes:
+        await release.wait()
+        return b"waited"
+
+    async def main() -> None:
+        async with serving(sock_path, {"Wait": wait}) as server:
+            reader, writer = await raw_connect(sock_path)
+            writer.write(request_frame(1, "Wait"))
+            length = MAX_MESSAGE_SIZE + 1
+            writer.write(FrameHeader(length, 3, MessageType.REQUEST, 0).encode())
+            chunk = b"\0" * (1 << 16)
+            for offset in range(0, length, len(chunk)):
+                writer.write(chunk[: length - offset])
+                await writer.drain()
+            writer.write(request_frame(5, "Echo", b"after"))
+            got = [await read_response(reader), await read_response(reader)]
+            assert got[0][0] == 3
+            assert got[0][1].status.code == Code.RESOURCE_EXHAUSTED
+            assert got[0][1].status.message == (
+                "message length 4194305 exceed maximum message size of 4194304"
+            )
+            assert got[1] == (5, Response(payload=b"after"))
+            release.set()
+            assert await read_response(reader) == (1, Response(payload=b"waited"))
+            assert server.connection_count == 1
+            writer.close()
+
+    run(main())
+
+
+def test_client_refuses_oversize_request(sock_path: str) -> None:
+    async def main() -> None:
+        async with serving(sock_path, {}):
+            async with await Client.connect(sock_path) as client:
+                with pytest.raises(TTRPCError) as info:
+                    await client.call(SVC, "Echo", b"x" * MAX_MESSAGE_SIZE)
+                assert info.value.code == Code.RESOURCE_EXHAUSTED
+                big = b"y" * (MAX_MESSAGE_SIZE - 100)  # fits, with room for the envelope
+                assert await client.call(SVC, "Echo", big) == big
+
+    run(main())
+
+
+def test_oversize_response_becomes_status(sock_path: str) -> None:
+    async def huge(ctx: Context, payload: bytes) -> bytes:
+        return b"z" * MAX_MESSAGE_SIZE
+
+    async def main() -> None:
+        async with serving(sock_path, {"Huge": huge}):
+            async with await Client.connect(sock_path) as client:
+                with pytest.raises(TTRPCError) as info:
+                    await client.call(SVC, "Huge", b"")
+                assert info.value.code == Code.RESOURCE_EXHAUSTED
+                assert await client.call(SVC, "Echo", b"ok") == b"ok"
+
+    run(main())
+
+
+def test_peer_dropping_mid_frame_and_garbage_do_not_hurt_others(sock_path: str) -> None:
+    async def main() -> None:
+        async with serving(sock_path, {}) as server:
+            async with await Client.connect(sock_path) as good:
+                assert await good.call(SVC, "Echo", b"1") == b"1"
+                _, quitter = await raw_connect(sock_path)
+                quitter.write(request_frame(1, "Echo", b"never finished")[:15])
+                await quitter.drain()
+                quitter.close()
+                greader, garbage = await raw_connect(sock_path)
+                garbage.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                # Read as a frame header that is far too long: answered, then skipped.
+                _, response = await read_response(greader)
+                assert response.status.code == Code.RESOURCE_EXHAUSTED
+                garbage.close()
+                assert await good.call(SVC, "Echo", b"2") == b"2"
+                for _ in range(100):
+                    if server.connection_count == 1:
+                        break
+                    await asyncio.sleep(0.01)
+                assert server.connection_count == 1
+
+    run(main())
+
+
+def test_max_in_flight_pauses_reading(sock_path: str) -> None:
+    release = asyncio.Event()
+    running = 0
+    peak = 0
+
+    async def wait(ctx: Context, payload: bytes) -> bytes:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+        return payload
+
+    async def main() -> None:
+        async with serving(sock_path, {"Wait": wait}, max_in_flight=2):
+            async with await Client.connect(sock_path) as client:
+                calls = [
+                    asyncio.create_task(client.call(SVC, "Wait", bytes([i]))) for i in range(6)
+                ]
+                await asyncio.sleep(0.2)
+                assert running == 2
+                release.set()
+                assert await asyncio.gather(*calls) == [bytes([i]) for i in range(6)]
+        assert peak == 2
+
+    run(main())
+
+
+# -- connection lifecycle -----------------------------------------------------------------------
+
+
+def test_server_close_fails_pending_calls_with_closed_error(sock_path: str) -> None:
+    started = asyncio.Event()
+    handler_cancelled = asyncio.Event()
+
+    async def hang(ctx: Context, payload: bytes) -> bytes:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            handler_cancelled.set()
+            raise
+        return b""
+
+    async def main() -> None:
+        closes: list[str] = []
+        server = Server()
+        server.register(SVC, {"Hang": hang})
+        await server.start_unix(sock_path)
+        client = await Client.connect(sock_path, on_close=lambda: closes.append("closed"))
+        pending = asyncio.create_task(client.call(SVC, "Hang", b""))
+        await started.wait()
+        await server.close()
+        assert handler_cancelled.is_set()
+        with pytest.raises(ClosedError):
+            await pending
+        assert client.closed
+        assert closes == ["closed"]
+        with pytest.raises(ClosedError):
+            await client.call(SVC, "Echo", b"")
+        await client.close()  # idempotent on a dead connection
+        assert isinstance(ClosedError(), ConnectionError)
+
+    run(main())
+
+
+def test_accept_filter(sock_path: str) -> None:
+    async def main() -> None:
+        seen: list[PeerCred | None] = []
+
+        def refuse(peer: PeerCred | None) -> bool:
+            seen.append(peer)
+            return False
+
+        async with serving(sock_path, {}, accept_filter=refuse) as server:
+            client = await Client.connect(sock_path)
+            with pytest.raises(ClosedError):
+                await client.call(SVC, "Echo", b"")
+            assert seen and seen[0] is not None and seen[0].pid == os.getpid()
+            assert server.connection_count == 0
+            server.accept_filter = require_same_user
+            async with await Client.connect(sock_path) as ok:
+                assert await ok.call(SVC, "Echo", b"me") == b"me"
+
+    run(main())
+
+
+def test_accept_filter_exception_drops_connection(sock_path: str) -> None:
+    def broken(peer: PeerCred | None) -> bool:
+        raise RuntimeError("filter bug")
+
+    async def main() -> None:
+        async with serving(sock_path, {}, accept_filter=broken):
+            client = await Client.connect(sock_path)
+            with pytest.raises(ClosedError):
+                await client.call(SVC, "Echo", b"")
+
+    run(main())
+
+
+def test_client_connect_failure(sock_path: str) -> None:
+    async def main() -> None:
+        with pytest.raises(OSError):
+            await Client.connect(sock_path)
+
+    run(main())
