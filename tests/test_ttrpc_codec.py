@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
@@ -459,3 +462,12 @@ def test_parse_address_empty() -> None:
     for address in ("", "unix://", "@"):
         with pytest.raises(ValueError):
             parse_address(address)
+
+
+def test_codec_import_does_not_pull_in_asyncio() -> None:
+    code = (
+        "import sys; import shim.ttrpc; import shim.ttrpc.codec; "
+        "assert 'asyncio' not in sys.modules, 'asyncio imported'; "
+        "from shim.ttrpc import Server, Client; assert 'asyncio' in sys.modules"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

@@ -3,12 +3,22 @@
 ``codec`` is the sans-IO protocol (frames, messages, per-connection state); ``server`` and
 ``client`` run it over unix sockets. The package depends on nothing outside the standard
 library, so it can be lifted out on its own.
+
+The asyncio parts are imported on first use, so a short-lived process that only needs the
+codec (a blocking client, say) does not pay for importing asyncio.
 """
 
-from .client import Client
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from .codec import MAX_MESSAGE_SIZE
 from .errors import ClosedError, Code, MessageTooLargeError, ProtocolError, TTRPCError
-from .server import Context, Handler, PeerCred, Server, require_same_user
+
+if TYPE_CHECKING:
+    from .client import Client
+    from .server import Context, Handler, PeerCred, Server, require_same_user
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -24,3 +34,25 @@ __all__ = [
     "TTRPCError",
     "require_same_user",
 ]
+
+_LAZY = {
+    "Client": "client",
+    "Context": "server",
+    "Handler": "server",
+    "PeerCred": "server",
+    "Server": "server",
+    "require_same_user": "server",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
