@@ -1,0 +1,102 @@
+"""Fixtures for integration tests: a private containerd per test, a busybox rootfs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from integration.harness import (
+    DEFAULT_NAMESPACE,
+    DEFAULT_RUNC_ROOT,
+    RUN_CONTAINERD,
+    SHIM_SOCKET_DIR,
+    Containerd,
+    busybox_rootfs,
+    cgroup_mountpoints,
+    reap_stale,
+)
+
+_HERE = Path(__file__).resolve().parent
+_REQUIRED = ("containerd", "ctr", "runc", "containerd-shim-runc-v2")
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "integration tests need root (containerd, runc, mounts, cgroups)"
+    missing = [b for b in _REQUIRED if shutil.which(b) is None]
+    if missing:
+        return f"integration tests need {', '.join(missing)} on PATH"
+    if not os.access("/bin/busybox", os.X_OK):
+        return "integration tests need a static /bin/busybox (busybox-static)"
+    return None
+
+
+_SKIP = _skip_reason()
+
+
+def _shared_dirs() -> list[str]:
+    """Dirs outside our temp dirs that stock shims/runc/ctr create and never remove:
+    /run/containerd/{s,fifo,runc/<ns>} and the ``/<namespace>`` parent cgroups of plain
+    ``ctr run`` (cgroupsPath /<ns>/<id>).  Deepest first."""
+    dirs = [f"{RUN_CONTAINERD}/fifo", SHIM_SOCKET_DIR]
+    with contextlib.suppress(OSError):
+        dirs += [os.path.join(DEFAULT_RUNC_ROOT, n) for n in os.listdir(DEFAULT_RUNC_ROOT)]
+    dirs += [DEFAULT_RUNC_ROOT, RUN_CONTAINERD]
+    for mp in cgroup_mountpoints():
+        dirs.append(os.path.join(mp, DEFAULT_NAMESPACE))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+_PREEXISTING = set(_shared_dirs())
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "integration: needs root + containerd/runc; runs a private containerd"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _HERE in Path(str(item.fspath)).resolve().parents:
+            item.add_marker(pytest.mark.integration)
+            if _SKIP:
+                item.add_marker(pytest.mark.skip(reason=_SKIP))
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    if _SKIP is None:
+        reap_stale()  # dirs of harness runs that were SIGKILLed
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    # Drop the shared dirs this session created, if empty (rmdir fails harmlessly if another
+    # run is using them).  Done once per session, not per test, to keep races with
+    # concurrent runs (mkdir -p in runc/shims) unlikely.
+    if _SKIP is None:
+        for d in _shared_dirs():
+            if d not in _PREEXISTING:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+
+
+@pytest.fixture(scope="session")
+def busybox(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a minimal busybox rootfs (built once per session)."""
+    return busybox_rootfs(str(tmp_path_factory.mktemp("busybox")))
+
+
+@pytest.fixture
+def containerd(busybox: str) -> Iterator[Containerd]:
+    """A private containerd; everything it (and its shims/containers) made is removed after
+    the test, pass or fail.  ``EMBEDSHIM_ROOT`` points into its temp dir."""
+    c = Containerd(extra_env={"EMBEDSHIM_ROOT": "{tmp}/embedshim"}, watch_paths=[busybox])
+    try:
+        yield c
+    finally:
+        c.cleanup()
