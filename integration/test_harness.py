@@ -1,0 +1,177 @@
+"""The harness against the stock runtime io.containerd.runc.v2 (also our baseline)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from integration.harness import (
+    RUNC_RUNTIME,
+    Containerd,
+    ctr_run_args,
+    import_busybox_image,
+    mounts_under,
+    process_refers_to,
+    processes_matching,
+    task_list,
+    wait_for,
+)
+
+
+def _assert_nothing_left(c: Containerd) -> None:
+    procs = processes_matching(
+        lambda p: not p.zombie and p.pid != os.getpid() and process_refers_to(p, [c.tmp])
+    )
+    assert procs == [], procs
+    assert mounts_under(c.tmp) == []
+    with open("/proc/self/mountinfo") as f:
+        assert c.tmp not in f.read()
+    assert not os.path.lexists(c.tmp)
+    assert c.leftovers() == {"processes": [], "mounts": [], "files": [], "cgroups": []}
+
+
+def test_layout(containerd: Containerd) -> None:
+    assert containerd.running
+    assert len(containerd.ttrpc_address) < 108
+    assert os.path.exists(containerd.address) and os.path.exists(containerd.ttrpc_address)
+    assert containerd.env["PATH"].split(":")[0].endswith("/bin")
+    assert containerd.env["EMBEDSHIM_ROOT"] == containerd.tmp + "/embedshim"
+    env = open(f"/proc/{containerd.pid}/environ", "rb").read().split(b"\0")
+    assert f"EMBEDSHIM_ROOT={containerd.tmp}/embedshim".encode() in env
+    plugins = containerd.ctr("plugins", "ls").stdout
+    assert "io.containerd.grpc.v1.cri" not in plugins or "disabled" in plugins
+    assert "overlayfs" in plugins and "native" in plugins
+
+
+def test_ctr_run_rm_exit_status(containerd: Containerd, busybox: str) -> None:
+    t0 = time.monotonic()
+    r = containerd.run(
+        RUNC_RUNTIME, busybox, "c1", "sh", "-c", "echo hi; exit 7", rm=True, check=False
+    )
+    elapsed = time.monotonic() - t0
+    assert r.returncode == 7, r
+    assert r.stdout.strip() == "hi"
+    assert containerd.ctr("containers", "ls", "-q").stdout.split() == []
+    print(f"containerd start {containerd.start_seconds:.3f}s, ctr run --rm {elapsed:.3f}s")
+
+
+def test_plain_ctr_run_args(containerd: Containerd, busybox: str) -> None:
+    args = ctr_run_args(RUNC_RUNTIME, busybox, "plain", "echo", "ok", rm=True)
+    assert args[:3] == ["run", "--runtime", RUNC_RUNTIME]
+    assert args[-5:] == ["--rootfs", busybox, "plain", "echo", "ok"]
+    r = containerd.ctr(*args)
+    assert r.stdout.strip() == "ok"
+
+
+def test_detached_task_listed_running(containerd: Containerd, busybox: str) -> None:
+    containerd.run(RUNC_RUNTIME, busybox, "d1", "sleep", "1000", detach=True)
+    tasks = task_list(containerd)
+    pid, status = tasks["d1"]
+    assert status == "RUNNING" and pid > 0
+    cg = open(f"/proc/{pid}/cgroup").read()
+    assert containerd.cgroup_path("d1") in cg
+    containerd.ctr("task", "kill", "-s", "KILL", "d1")
+    wait_for(lambda: task_list(containerd)["d1"][1] == "STOPPED", 10)
+
+
+def test_events_stream(containerd: Containerd, busybox: str) -> None:
+    ev = containerd.ctr_async("events")
+    time.sleep(0.2)
+    containerd.run(RUNC_RUNTIME, busybox, "e1", "true", rm=True)
+    time.sleep(0.2)
+    ev.terminate()
+    out, _ = ev.communicate(timeout=5)
+    assert "/tasks/exit" in out and "/tasks/delete" in out
+
+
+def test_cleanup_leaves_nothing(busybox: str) -> None:
+    c = Containerd(watch_paths=[busybox])
+    try:
+        import_busybox_image(c)
+        c.run(RUNC_RUNTIME, busybox, "r1", "sleep", "1000", detach=True)
+        c.run(
+            RUNC_RUNTIME,
+            "docker.io/library/esh-busybox:latest",
+            "i1",
+            "sleep",
+            "1000",
+            detach=True,
+            image=True,
+        )
+        assert {k: v[1] for k, v in task_list(c).items()} == {"r1": "RUNNING", "i1": "RUNNING"}
+        assert mounts_under(c.tmp), "image container rootfs should be mounted under the tmp dir"
+        assert processes_matching(lambda p: process_refers_to(p, [c.tmp]))
+    finally:
+        c.cleanup()
+    _assert_nothing_left(c)
+    c.cleanup()  # idempotent
+
+
+def test_cleanup_after_containerd_kill9(busybox: str) -> None:
+    """Shims and containers outlive a SIGKILLed containerd; cleanup still finds them."""
+    c = Containerd(watch_paths=[busybox])
+    try:
+        import_busybox_image(c)
+        c.run(RUNC_RUNTIME, busybox, "k1", "sleep", "1000", detach=True)
+        c.run(
+            RUNC_RUNTIME,
+            "docker.io/library/esh-busybox:latest",
+            "k2",
+            "sleep",
+            "1000",
+            detach=True,
+            image=True,
+        )
+        pids = [p for p, _ in task_list(c).values()]
+        c.kill9()
+        assert all(os.path.exists(f"/proc/{p}") for p in pids)
+    finally:
+        c.cleanup()
+    _assert_nothing_left(c)
+    assert not any(
+        os.path.exists(f"/proc/{p}") and open(f"/proc/{p}/stat").read().split()[2] != "Z"
+        for p in pids
+    )
+
+
+def test_restart_keeps_tasks(containerd: Containerd, busybox: str) -> None:
+    containerd.run(RUNC_RUNTIME, busybox, "s1", "sleep", "1000", detach=True)
+    pid = task_list(containerd)["s1"][0]
+    containerd.kill9()
+    containerd.restart()
+    assert task_list(containerd)["s1"] == (pid, "RUNNING")
+
+
+def test_cleanup_after_partial_start() -> None:
+    c = Containerd(start=False)
+    assert os.path.isdir(c.tmp)
+    c.cleanup()
+    assert not os.path.exists(c.tmp)
+
+
+def test_image_import(containerd: Containerd) -> None:
+    ref = import_busybox_image(containerd)
+    r = containerd.ctr(
+        *ctr_run_args(
+            RUNC_RUNTIME,
+            ref,
+            "img1",
+            "echo",
+            "ok",
+            rm=True,
+            image=True,
+            fifo_dir=containerd.fifo_dir,
+        )
+    )
+    assert r.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize("cri", [True])
+def test_cri_flag_keeps_plugin(cri: bool) -> None:
+    with Containerd(cri=cri) as c:
+        out = c.ctr("plugins", "ls").stdout
+        line = next(ln for ln in out.splitlines() if "io.containerd.grpc.v1" in ln and "cri" in ln)
+        assert line.split()[-1] == "ok", out
+    assert not os.path.exists(c.tmp)
