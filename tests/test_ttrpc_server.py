@@ -544,3 +544,56 @@ def test_client_connect_failure(sock_path: str) -> None:
             await Client.connect(sock_path)
 
     run(main())
+
+
+def test_handler_finishes_after_peer_disconnects_but_close_cancels(sock_path: str) -> None:
+    gate = asyncio.Event()
+    events: list[str] = []
+
+    async def work(ctx: Context, payload: bytes) -> bytes:
+        events.append("start " + payload.decode())
+        try:
+            await gate.wait() if payload == b"finishes" else await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            events.append("cancelled " + payload.decode())
+            raise
+        events.append("done " + payload.decode())
+        return b""
+
+    async def main() -> None:
+        server = Server()
+        server.register(SVC, {"Work": work})
+        await server.start_unix(sock_path)
+        for sid, name in ((1, b"finishes"), (3, b"hangs")):
+            _, writer = await raw_connect(sock_path)
+            writer.write(request_frame(sid, "Work", name))
+            await writer.drain()
+            while not any(e.endswith(name.decode()) for e in events):
+                await asyncio.sleep(0.01)
+            writer.close()
+        while server.connection_count:
+            await asyncio.sleep(0.01)
+        gate.set()
+        while "done finishes" not in events:
+            await asyncio.sleep(0.01)
+        await server.close()  # cancels the handler whose peer is long gone
+        assert events == ["start finishes", "start hangs", "done finishes", "cancelled hangs"]
+
+    run(main())
+
+
+def test_error_details_reach_the_client(sock_path: str) -> None:
+    details = (("type.googleapis.com/test.Detail", b"\x08\x01"),)
+
+    async def detailed(ctx: Context, payload: bytes) -> bytes:
+        raise TTRPCError(Code.FAILED_PRECONDITION, "not now", details)
+
+    async def main() -> None:
+        async with serving(sock_path, {"Detailed": detailed}):
+            async with await Client.connect(sock_path) as client:
+                with pytest.raises(TTRPCError) as info:
+                    await client.call(SVC, "Detailed", b"")
+                assert info.value.code == Code.FAILED_PRECONDITION
+                assert info.value.details == details
+
+    run(main())

@@ -514,7 +514,9 @@ class ServerConnection:
     def _on_request(self, frame: Frame) -> ServerEvent:
         sid = frame.stream_id
         if sid % 2 == 0:
-            return _reject(sid, Code.INVALID_ARGUMENT, "StreamID must be odd for client streams")
+            return _reject(
+                sid, Code.INVALID_ARGUMENT, "StreamID must be odd for client initiated streams"
+            )
         if sid <= self._last_stream_id:
             return _reject(
                 sid, Code.INVALID_ARGUMENT, "StreamID cannot be re-used and must increment"

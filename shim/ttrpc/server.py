@@ -92,6 +92,10 @@ class Server:
     ``max_in_flight`` and ``max_in_flight_bytes`` bound each connection: past either, the
     server stops reading that connection until handlers finish. Reading also stops while the
     peer is not reading our responses.
+
+    A handler is not cancelled when its peer disconnects: a shim that has begun creating a
+    container must finish its bookkeeping whether or not anyone waits for the answer. Only
+    its deadline and :meth:`close` cancel it.
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class Server:
         self._sock: socket.socket | None = None
         self._unlink: tuple[str, int, int] | None = None
         self._connections: set[_ServerProtocol] = set()
+        self._handlers: set[asyncio.Task[None]] = set()
         self._closing = False
         self._closed = asyncio.Event()
 
@@ -171,9 +176,11 @@ class Server:
             if self._server is not None:
                 self._server.close()
             self._remove_socket_file()
-            handlers: list[asyncio.Task[None]] = []
             for conn in list(self._connections):
-                handlers.extend(conn.abort())
+                conn.abort()
+            handlers = list(self._handlers)
+            for task in handlers:
+                task.cancel()
             if handlers:
                 await asyncio.gather(*handlers, return_exceptions=True)
             if self._server is not None:
@@ -309,15 +316,11 @@ class _ServerProtocol(asyncio.Protocol):
 
     # internals --------------------------------------------------------------------------
 
-    def abort(self) -> list[asyncio.Task[None]]:
-        """Drop the connection now and cancel its handlers; returns them to await."""
+    def abort(self) -> None:
+        """Drop the connection now; requests not yet started are forgotten."""
+        self._backlog.clear()
         if self._transport is not None:
             self._transport.abort()
-        self._backlog.clear()
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        return tasks
 
     def _at_limit(self) -> bool:
         return (
@@ -350,6 +353,7 @@ class _ServerProtocol(asyncio.Protocol):
         self._in_flight_bytes += size
         task = loop.create_task(self._serve(ctx, request.payload, size))
         self._tasks.add(task)
+        self._server._handlers.add(task)
 
     async def _serve(self, ctx: Context, payload: bytes, size: int) -> None:
         try:
@@ -360,6 +364,7 @@ class _ServerProtocol(asyncio.Protocol):
             task = asyncio.current_task()
             if task is not None:
                 self._tasks.discard(task)
+                self._server._handlers.discard(task)
             if self._transport is not None:
                 self._start_backlog()
             self._update_reading()
