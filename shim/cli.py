@@ -1,0 +1,126 @@
+"""``containerd-shim-embed-v1``: the binary containerd runs for io.containerd.embed.v1.
+
+containerd calls it with Go-style flags (``-namespace ns -address a -id x start``).  Each
+subcommand imports only what it needs: ``start`` and ``delete`` run once per container and
+must be quick.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+
+VERSION = "0.1.0"
+NAME = "containerd-shim-embed-v1"
+_BOOL_FLAGS = {"debug", "v", "version", "info", "h", "help"}
+_VALUE_FLAGS = {
+    "namespace",
+    "address",
+    "publish-binary",
+    "id",
+    "bundle",
+    "socket",
+    "ttrpc-address",
+    "ready-fd",
+}
+USAGE = f"""usage: {NAME} [flags] <command>
+
+commands:
+  start     print the address of this containerd's daemon, starting it if needed
+  delete    clean up one task after containerd has let go of it
+  daemon    run the daemon (started by `start`)
+  version   print the version
+
+flags (as containerd passes them):
+  -namespace NS -address ADDR -publish-binary PATH -id ID -bundle PATH -debug -v
+"""
+
+
+@dataclass
+class Flags:
+    namespace: str = ""
+    address: str = ""
+    publish_binary: str = ""
+    id: str = ""
+    bundle: str = ""
+    socket: str = ""
+    ttrpc_address: str = ""
+    ready_fd: str = ""
+    debug: bool = False
+    v: bool = False
+    version: bool = False
+    info: bool = False
+    h: bool = False
+    help: bool = False
+
+
+class UsageError(Exception):
+    pass
+
+
+def parse(argv: list[str]) -> tuple[Flags, list[str]]:
+    """Parse Go ``flag`` style arguments: ``-f v``, ``-f=v``, ``--f v``; flags stop at the
+    first non-flag argument (the command)."""
+    flags = Flags()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--" or not arg.startswith("-") or arg == "-":
+            break
+        name, eq, value = arg.lstrip("-").partition("=")
+        if name in _BOOL_FLAGS:
+            setattr(flags, name, value.lower() not in ("false", "0") if eq else True)
+        elif name in _VALUE_FLAGS:
+            if not eq:
+                i += 1
+                if i >= len(argv):
+                    raise UsageError(f"flag needs an argument: -{name}")
+                value = argv[i]
+            setattr(flags, name.replace("-", "_"), value)
+        else:
+            raise UsageError(f"flag provided but not defined: -{name}")
+        i += 1
+    rest = argv[i:]
+    if rest[:1] == ["--"]:
+        rest = rest[1:]
+    return flags, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    try:
+        flags, rest = parse(args)
+    except UsageError as exc:
+        sys.stderr.write(f"{exc}\n{USAGE}")
+        return 2
+    if flags.v or flags.version or rest[:1] == ["version"]:
+        sys.stdout.write(f"{NAME}:\n  Version: {VERSION}\n  Runtime: io.containerd.embed.v1\n")
+        return 0
+    if flags.h or flags.help or not rest:
+        sys.stderr.write(USAGE)
+        return 0 if (flags.h or flags.help) else 2
+    command = rest[0]
+    if command == "start":
+        from shim import start
+
+        return start.main(flags)
+    if command == "delete":
+        from shim import delete
+
+        return delete.main(flags)
+    if command == "daemon":
+        from shim import daemon
+
+        return daemon.main(
+            flags.address,
+            flags.ttrpc_address or os.environ.get("TTRPC_ADDRESS", ""),
+            flags.debug,
+            int(flags.ready_fd) if flags.ready_fd else -1,
+        )
+    sys.stderr.write(f"unknown command {command!r}\n{USAGE}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

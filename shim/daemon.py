@@ -1,0 +1,121 @@
+"""The daemon: one per containerd instance, serving every task of every namespace.
+
+Started detached by ``containerd-shim-embed-v1 start`` (as ``containerd-shim-embed-v1
+daemon ...`` so operators can tell it in ``ps``).  It is a child subreaper so every container
+init is its child, listens on one 0600 ttrpc socket, and exits only when it serves no task
+and no ``start`` has reserved it for a task on its way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import logging
+import os
+import signal
+import time
+
+from shim import log
+from shim.events import Publisher
+from shim.exitwatch import ExitWatch
+from shim.paths import DaemonPaths
+from shim.reaper import Reaper, become_subreaper
+from shim.service import DAEMON_SERVICE, TASK_SERVICE, TaskService
+from shim.statestore import StateStore
+from shim.task import Deps, Tasks
+from shim.ttrpc import Server, require_same_user
+
+RESERVATION_TTL = 30.0
+
+
+class Daemon:
+    def __init__(self, paths: DaemonPaths, containerd_address: str, ttrpc_address: str) -> None:
+        self.paths = paths
+        self.containerd_address = containerd_address
+        self.ttrpc_address = ttrpc_address
+        self._stop = asyncio.Event()
+        self._exiting = False
+
+    async def run(self, ready_fd: int = -1) -> None:
+        loop = asyncio.get_running_loop()
+        become_subreaper()
+        reaper = Reaper(loop)
+        store = StateStore(self.paths.store)
+        publisher = Publisher(self.ttrpc_address)
+        publisher.start()
+        exits = ExitWatch(loop, reaper)
+        self.tasks = Tasks(Deps(self.paths, reaper, exits, store, publisher))
+        self.service = TaskService(self.tasks, self._on_shutdown)
+        server = Server(accept_filter=require_same_user)
+        server.register(TASK_SERVICE, self.service.methods())
+        server.register(DAEMON_SERVICE, self.service.daemon_methods())
+        await server.start_unix(self.paths.socket, mode=0o600)
+        with open(self.paths.pidfile, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stop.set)
+        log.event(
+            "daemon started",
+            pid=os.getpid(),
+            socket=self.paths.socket,
+            containerd=self.containerd_address,
+            events=self.ttrpc_address,
+        )
+        if ready_fd >= 0:
+            os.write(ready_fd, b"ready\n")
+            os.close(ready_fd)
+        await self._stop.wait()
+        log.event("daemon stopping", pid=os.getpid(), tasks=len(self.tasks))
+        await server.close()
+        await publisher.flush()
+        await publisher.close()
+        exits.close()
+        reaper.close()
+        store.close()
+        for path in (self.paths.pidfile,):
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+
+    def _on_shutdown(self) -> None:
+        asyncio.get_running_loop().create_task(self._exit_if_idle())
+
+    def _idle(self) -> bool:
+        now = time.monotonic()
+        res = self.service.reservations
+        for key, t in list(res.items()):
+            if now - t > RESERVATION_TTL:
+                del res[key]
+        return len(self.tasks) == 0 and not res
+
+    async def _exit_if_idle(self) -> None:
+        """Exit if nothing is served; under the start lock, so a ``start`` racing with us
+        either reserves us first or finds the socket gone and starts a new daemon."""
+        if self._exiting or not self._idle():
+            return
+        self._exiting = True
+        lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
+            if not self._idle():
+                self._exiting = False
+                return
+            os.unlink(self.paths.socket)
+            log.event("idle, exiting", pid=os.getpid())
+            self._stop.set()
+        finally:
+            os.close(lock_fd)
+
+
+def main(containerd_address: str, ttrpc_address: str, debug: bool, ready_fd: int) -> int:
+    paths = DaemonPaths.for_containerd(containerd_address)
+    paths.ensure()
+    os.chdir(paths.dir)
+    log.setup(paths.log, debug)
+    try:
+        asyncio.run(Daemon(paths, containerd_address, ttrpc_address).run(ready_fd))
+    except Exception:
+        logging.getLogger("embedshim").exception("daemon failed")
+        return 1
+    return 0

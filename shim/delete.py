@@ -1,0 +1,144 @@
+"""``delete``: clean up one task containerd has let go of, and report how it ended.
+
+containerd 1.6 runs this after every task deletion (its own Close fires the same hook as a
+dead shim) and for every task when the daemon's connection drops.  So it must be idempotent,
+touch no other task, finish well inside containerd's 5 s, and report the real exit status
+when one is known.  If the daemon answers, it does the work (it owns the task); otherwise
+this process cleans up from the daemon's state store and runc's state.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from shim import procinfo, wire
+from shim.cli import Flags
+from shim.paths import DaemonPaths
+from shim.ttrpc.blocking import BlockingClient
+from shim.ttrpc.errors import TTRPCError
+
+DAEMON_SERVICE = "embedshim.v1.Daemon"
+KILL_WAIT = 2.0
+RUNC_TIMEOUT = 2.0
+UNKNOWN = 255
+
+
+def via_daemon(paths: DaemonPaths, namespace: str, id: str) -> bytes | None:
+    """Ask the running daemon to kill and delete the task; None if it cannot."""
+    try:
+        with BlockingClient(paths.address, timeout=4.0) as client:
+            return client.call(DAEMON_SERVICE, "Cleanup", f"{namespace}\0{id}".encode())
+    except (OSError, TTRPCError):
+        return None
+
+
+def _runc_binary(options: bytes | None) -> str:
+    """binary_name (field 6) from a stored containerd.runc.v1.Options Any, else runc."""
+    if not options:
+        return "runc"
+    try:
+        any_fields = wire.read_fields(options)
+        value = any_fields.get(2, [b""])[0]
+        if isinstance(value, bytes):
+            name = wire.read_fields(value).get(6, [b""])[0]
+            if isinstance(name, bytes) and name:
+                return name.decode()
+    except ValueError:
+        pass
+    return "runc"
+
+
+def _wait_gone(pid: int, start_time: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while procinfo.is_same(pid, start_time):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
+    """Clean up without the daemon, from what it persisted."""
+    from shim.statestore import StateStore, StoreError
+
+    pid = 0
+    status = UNKNOWN
+    exited_at = time.time_ns()
+    runc_root = paths.runc_root_for(namespace)
+    binary = "runc"
+    store: StateStore | None = None
+    if os.path.exists(paths.store):
+        try:
+            store = StateStore(paths.store)
+            rec = store.get(namespace, id)
+        except StoreError as exc:
+            sys.stderr.write(f"state store unreadable: {exc}\n")
+            rec = None
+        if rec is not None:
+            pid = rec.pid
+            runc_root = rec.runc_root or runc_root
+            binary = _runc_binary(rec.options)
+            bundle = bundle or rec.bundle
+            if rec.exit_status is not None:
+                status = rec.exit_status
+                exited_at = rec.exited_at or exited_at
+            elif procinfo.is_same(rec.pid, rec.start_time):
+                # Still running and nobody will manage it any more: end it.
+                fd = procinfo.open_pidfd(rec.pid, rec.start_time)
+                if fd is not None:
+                    try:
+                        signal.pidfd_send_signal(fd, signal.SIGKILL)
+                    except OSError:
+                        pass
+                    finally:
+                        os.close(fd)
+                if _wait_gone(rec.pid, rec.start_time, KILL_WAIT):
+                    status = 128 + signal.SIGKILL
+                exited_at = time.time_ns()
+    try:
+        subprocess.run(
+            [binary, "--root", runc_root, "delete", "--force", id],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=RUNC_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        sys.stderr.write(f"runc delete {id}: {exc}\n")
+    if bundle:
+        from shim.mount import unmount_all
+
+        try:
+            unmount_all(os.path.join(bundle, "rootfs"))
+        except OSError as exc:
+            sys.stderr.write(f"{exc}\n")
+        try:
+            os.unlink(os.path.join(bundle, "init.pid"))
+        except OSError:
+            pass
+    if store is not None:
+        try:
+            store.delete(namespace, id)
+        except StoreError as exc:
+            sys.stderr.write(f"{exc}\n")
+        store.close()
+    return wire.delete_response(pid, status, exited_at)
+
+
+def main(flags: Flags) -> int:
+    if not flags.address or not flags.id:
+        sys.stderr.write("delete: -address and -id are required\n")
+        return 1
+    paths = DaemonPaths.for_containerd(flags.address)
+    bundle = flags.bundle or os.getcwd()
+    out = via_daemon(paths, flags.namespace, flags.id)
+    if out is None:
+        out = offline(paths, flags.namespace, flags.id, bundle)
+    sys.stdout.buffer.write(out)
+    sys.stdout.flush()
+    return 0

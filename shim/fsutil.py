@@ -1,0 +1,28 @@
+"""Small filesystem helpers with no heavy imports (used by the short-lived subcommands)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+
+def write_atomic(path: str, data: str | bytes, mode: int = 0o644) -> None:
+    """Write ``path`` through a temporary file and a rename, so a reader never sees half."""
+    directory = os.path.dirname(path) or "."
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+        os.chmod(tmp, mode)
+        os.rename(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_address(bundle: str, address: str) -> None:
+    """The bundle's ``address`` file: how containerd 1.6 finds the daemon after it restarts."""
+    write_atomic(os.path.join(bundle, "address"), address)

@@ -1,0 +1,71 @@
+"""Where one daemon keeps its files.
+
+There is one daemon per containerd instance, keyed by the containerd gRPC address it was
+started for, because its events must go back to that containerd.  Everything the daemon owns
+lives in one 0700 directory, ``$EMBEDSHIM_ROOT/<key>/`` (default root ``/run/embedshim``).
+This module is imported by the short-lived ``start`` and ``delete`` subcommands: stdlib only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+DEFAULT_ROOT = "/run/embedshim"
+ROOT_ENV = "EMBEDSHIM_ROOT"
+
+
+def instance_key(containerd_address: str) -> str:
+    """A short, stable name for the containerd instance at ``containerd_address``."""
+    return hashlib.sha256(containerd_address.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class DaemonPaths:
+    """The files of the daemon that serves one containerd instance."""
+
+    dir: str
+
+    @classmethod
+    def for_containerd(cls, containerd_address: str, root: str | None = None) -> DaemonPaths:
+        base = root or os.environ.get(ROOT_ENV) or DEFAULT_ROOT
+        return cls(os.path.join(os.path.abspath(base), instance_key(containerd_address)))
+
+    @property
+    def socket(self) -> str:
+        return os.path.join(self.dir, "daemon.sock")
+
+    @property
+    def address(self) -> str:
+        """The address ``start`` prints; containerd dials it."""
+        return "unix://" + self.socket
+
+    @property
+    def lock(self) -> str:
+        return os.path.join(self.dir, "start.lock")
+
+    @property
+    def pidfile(self) -> str:
+        return os.path.join(self.dir, "daemon.pid")
+
+    @property
+    def store(self) -> str:
+        return os.path.join(self.dir, "state.db")
+
+    @property
+    def log(self) -> str:
+        return os.path.join(self.dir, "daemon.log")
+
+    @property
+    def runc_root(self) -> str:
+        """runc's --root for our containers; one subdirectory per namespace."""
+        return os.path.join(self.dir, "runc")
+
+    def runc_root_for(self, namespace: str) -> str:
+        return os.path.join(self.runc_root, namespace)
+
+    def ensure(self) -> None:
+        """Create the directory, private to root."""
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.chmod(self.dir, 0o700)

@@ -1,0 +1,246 @@
+"""Init and exec processes as explicit state machines.
+
+Every process is created, then running (or paused), then stopped, then deleted; the methods
+below are the only places those transitions happen, and each one persists the new state
+before it is published, so a crash never loses what containerd was told.
+
+    CREATED --start--> RUNNING <--pause/resume--> PAUSED
+       |                  |
+       +------exit--------+----> STOPPED --delete--> DELETED
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
+
+from shim import errors, log, procinfo
+from shim.api import events_pb2
+from shim.reaper import Exit
+from shim.runc import RuncError, is_not_found
+from shim.statestore import ProcessRecord
+from shim.stdio import OpenedStdio, Stdio
+
+if TYPE_CHECKING:
+    from shim.task import Task
+
+
+class Status(enum.StrEnum):
+    CREATED = "created"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    DELETED = "deleted"
+
+
+# containerd.v1.types.Status numbers
+STATUS_NUMBER = {
+    Status.CREATED: 1,
+    Status.RUNNING: 2,
+    Status.STOPPED: 3,
+    Status.PAUSED: 4,
+    Status.DELETED: 3,
+}
+
+DELETE_WAIT = 10.0
+
+
+class Process:
+    """What init and exec processes share: identity, stdio, and the exit transition."""
+
+    def __init__(self, task: Task, exec_id: str, io: Stdio) -> None:
+        self.task = task
+        self.exec_id = exec_id
+        self.io = io
+        self.pid = 0
+        self.start_time = 0
+        self.trace_id = 0
+        self.status = Status.CREATED
+        self.exit_status = 0
+        self.exited_at: int | None = None  # wall clock ns
+        self._exited = asyncio.Event()
+        # Held while starting, so that a fast exit's event cannot overtake the start event.
+        self.start_lock = asyncio.Lock()
+
+    @property
+    def id(self) -> str:
+        """The process id containerd uses in events: the exec id, or the container id."""
+        return self.exec_id or self.task.id
+
+    def fields(self) -> dict[str, object]:
+        return {
+            "ns": self.task.namespace,
+            "id": self.task.id,
+            "exec_id": self.exec_id or None,
+            "pid": self.pid,
+        }
+
+    def record(self) -> ProcessRecord:
+        return ProcessRecord(
+            namespace=self.task.namespace,
+            id=self.task.id,
+            exec_id=self.exec_id,
+            bundle=self.task.bundle.path,
+            pid=self.pid,
+            start_time=self.start_time,
+            trace_id=self.trace_id,
+            status=str(self.status),
+            stdin=self.io.stdin,
+            stdout=self.io.stdout,
+            stderr=self.io.stderr,
+            terminal=self.io.terminal,
+            runc_root=self.task.runc.root,
+            options=self.task.options_blob,
+        )
+
+    @property
+    def exited(self) -> bool:
+        return self._exited.is_set()
+
+    async def wait(self) -> tuple[int, int | None]:
+        await self._exited.wait()
+        return self.exit_status, self.exited_at
+
+    def watch_exit(self, before_exit: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start watching the process (call right after its pid is known)."""
+        fut = self.task.deps.exits.watch(self.pid, self.start_time, self.trace_id)
+        self.task.spawn(self._on_exit(fut, before_exit), f"exit-{self.task.id}-{self.exec_id}")
+
+    async def _on_exit(
+        self,
+        fut: asyncio.Future[Exit],
+        before_exit: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        ex = await fut
+        async with self.start_lock:
+            if before_exit is not None:
+                await before_exit()
+            self.set_exited(ex.status, ex.at)
+
+    def set_exited(self, status: int, at: int) -> None:
+        """The exit transition: persisted, then published, exactly once."""
+        if self.exited:
+            return
+        self.exit_status = status
+        self.exited_at = at
+        if self.status != Status.DELETED:
+            self.status = Status.STOPPED
+        deps = self.task.deps
+        deps.store.update(
+            self.task.namespace,
+            self.task.id,
+            self.exec_id,
+            status=str(Status.STOPPED),
+            exit_status=status,
+            exited_at=at,
+        )
+        event = events_pb2.TaskExit(
+            container_id=self.task.id, id=self.id, pid=self.pid, exit_status=status
+        )
+        event.exited_at.FromNanoseconds(at)
+        deps.events.publish(self.task.namespace, event)
+        self._exited.set()
+        log.event("process exited", **self.fields(), exit_status=status)
+        self.task.log_line("process exited", exec_id=self.exec_id, exit_status=status)
+
+    def signal_check(self) -> None:
+        if self.exited or self.status in (Status.STOPPED, Status.DELETED):
+            raise errors.not_found(f"process {self.id} already finished")
+
+    def pid_is_ours(self) -> bool:
+        return procinfo.is_same(self.pid, self.start_time)
+
+
+class InitProcess(Process):
+    """The container's first process, driven through runc."""
+
+    async def create(self, stdio: OpenedStdio, no_pivot: bool, no_new_keyring: bool) -> None:
+        task = self.task
+        await task.runc.create(
+            task.id,
+            task.bundle.path,
+            task.bundle.pid_file,
+            stdio.triple,
+            no_pivot=no_pivot,
+            no_new_keyring=no_new_keyring,
+            log_path=task.bundle.runc_log,
+        )
+        self.pid = task.bundle.read_pid()
+        self.start_time = procinfo.start_time(self.pid)
+        self.trace_id = task.deps.store.next_trace_id()
+        self.watch_exit(self._kill_all_if_shared_pidns)
+        task.deps.store.put(self.record())
+
+    async def _kill_all_if_shared_pidns(self) -> None:
+        # Without its own pid namespace the container's other processes outlive the init.
+        if self.task.bundle.has_private_pid_namespace():
+            return
+        try:
+            await self.task.runc.kill(self.task.id, signal.SIGKILL, all=True)
+        except RuncError:
+            pass
+
+    async def start(self) -> int:
+        if self.status != Status.CREATED:
+            raise errors.precondition(f"container {self.task.id} is {self.status}, not created")
+        async with self.start_lock:
+            if self.exited:
+                raise errors.precondition(f"container {self.task.id} exited before it started")
+            try:
+                await self.task.runc.start(self.task.id, log_path=self.task.bundle.runc_log)
+            except RuncError as exc:
+                raise errors.internal(str(exc)) from None
+            self.status = Status.RUNNING
+            self.task.deps.store.update(
+                self.task.namespace, self.task.id, status=str(Status.RUNNING)
+            )
+            self.task.deps.events.publish(
+                self.task.namespace, events_pb2.TaskStart(container_id=self.task.id, pid=self.pid)
+            )
+        log.event("container started", **self.fields())
+        self.task.log_line("container started", pid=self.pid)
+        return self.pid
+
+    async def kill(self, sig: int, all: bool) -> None:
+        if not all:
+            self.signal_check()
+        try:
+            await self.task.runc.kill(self.task.id, sig, all=all)
+        except RuncError as exc:
+            if is_not_found(exc):
+                raise errors.not_found(f"process {self.id} already finished") from None
+            raise errors.internal(str(exc)) from None
+
+    async def delete(self) -> tuple[int, int, int]:
+        """Remove the container; returns (pid, exit status, exited_at ns)."""
+        task = self.task
+        if self.status in (Status.RUNNING, Status.PAUSED) and not self.exited:
+            raise errors.precondition(f"cannot delete a running process: {task.id}")
+        try:
+            await task.runc.delete(task.id, force=True)
+        except RuncError as exc:
+            if not is_not_found(exc):
+                raise errors.internal(str(exc)) from None
+        if not self.exited:
+            # A created, never started init was just killed by `runc delete --force`.
+            try:
+                async with asyncio.timeout(DELETE_WAIT):
+                    await self._exited.wait()
+            except TimeoutError:
+                log.event("no exit after runc delete", logging.WARNING, **self.fields())
+                self.set_exited(128 + signal.SIGKILL, time.time_ns())
+        self.status = Status.DELETED
+        assert self.exited_at is not None
+        return self.pid, self.exit_status, self.exited_at
+
+    def cleanup_files(self) -> None:
+        try:
+            os.unlink(self.task.bundle.pid_file)
+        except OSError:
+            pass

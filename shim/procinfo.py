@@ -1,0 +1,62 @@
+"""Facts about a process from /proc and its pidfd, used to tell a recycled pid from ours."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+
+PIDFD_GET_INFO = 0xC048FF0B
+PIDFD_INFO_EXIT = 1 << 3
+_PIDFD_INFO_SIZE = 72
+_EXIT_CODE_OFFSET = 60
+
+
+def start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22), or 0."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return 0
+    # The command name may hold spaces and parentheses: split after the last ')'.
+    rest = data[data.rindex(b")") + 2 :].split()
+    return int(rest[19])
+
+
+def is_same(pid: int, expected_start_time: int) -> bool:
+    """Whether ``pid`` is still the process that started at ``expected_start_time``."""
+    return pid > 0 and expected_start_time > 0 and start_time(pid) == expected_start_time
+
+
+def pidfd_exit_status(pidfd: int) -> int | None:
+    """The wait status of a reaped process, from PIDFD_GET_INFO (Linux 6.15+), or None."""
+    buf = bytearray(_PIDFD_INFO_SIZE)
+    struct.pack_into("=Q", buf, 0, PIDFD_INFO_EXIT)
+    try:
+        fcntl.ioctl(pidfd, PIDFD_GET_INFO, buf)
+    except OSError:
+        return None
+    mask = struct.unpack_from("=Q", buf, 0)[0]
+    if not mask & PIDFD_INFO_EXIT:
+        return None
+    value: int = struct.unpack_from("=i", buf, _EXIT_CODE_OFFSET)[0]
+    return value
+
+
+def open_pidfd(pid: int, expected_start_time: int) -> int | None:
+    """A pidfd for ``pid`` if it is still the process we know, else None.
+
+    The start time is checked after the pidfd is opened, so the fd cannot refer to a process
+    that took the pid over between the check and the open.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return None
+    if expected_start_time and start_time(pid) != expected_start_time:
+        os.close(fd)
+        return None
+    return fd
+
+

@@ -1,0 +1,200 @@
+"""Running runc from the daemon's event loop.
+
+Commands are spawned with posix_spawn and their exits come from the daemon's reaper (never
+``subprocess``, which would race the reaper for the status).  Every command has a deadline,
+so a hung runc costs one request an error, not the daemon.  Errors carry runc's own message,
+taken from its JSON log (``create`` hands its stdio to the container, so stderr is not ours).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from shim.reaper import Reaper
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class RuncError(Exception):
+    def __init__(self, command: str, message: str, status: int | None = None) -> None:
+        super().__init__(f"runc {command}: {message}")
+        self.command = command
+        self.message = message
+        self.status = status
+
+
+def _last_error(log_path: str | None) -> str:
+    """The last error runc wrote to its JSON log."""
+    if not log_path:
+        return ""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return ""
+    for raw in reversed(lines):
+        try:
+            entry = json.loads(raw)
+        except ValueError:
+            continue
+        if entry.get("level") in ("error", "fatal"):
+            return str(entry.get("msg", "")).strip()
+    return ""
+
+
+@dataclass
+class Runc:
+    reaper: Reaper
+    root: str
+    binary: str = "runc"
+    timeout: float = DEFAULT_TIMEOUT
+    systemd_cgroup: bool = False
+    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+
+    def _argv(self, args: Sequence[str], log_path: str | None) -> list[str]:
+        argv = [self.binary, "--root", self.root]
+        if log_path:
+            argv += ["--log", log_path, "--log-format", "json"]
+        if self.systemd_cgroup:
+            argv.append("--systemd-cgroup")
+        return argv + list(args)
+
+    async def run(
+        self,
+        args: Sequence[str],
+        *,
+        stdio: tuple[int, int, int] | None = None,
+        extra_fds: dict[int, int] | None = None,
+        log_path: str | None = None,
+        timeout: float | None = None,
+    ) -> bytes:
+        """Run ``runc <args>``; return its stdout (unless ``stdio`` replaces it)."""
+        loop = asyncio.get_running_loop()
+        command = args[0] if args else ""
+        path = shutil.which(self.binary, path=self.env.get("PATH"))
+        if path is None:
+            raise RuncError(command, f"{self.binary} not found in PATH")
+        out_r = out_w = -1
+        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            if stdio is None:
+                out_r, out_w = os.pipe()
+                stdio = (devnull, out_w, out_w)
+            actions: list[tuple[int, int, int]] = [
+                (os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)
+            ]
+            for target, fd in (extra_fds or {}).items():
+                actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+            pid = os.posix_spawn(
+                path,
+                self._argv(args, log_path),
+                self.env,
+                file_actions=actions,
+                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
+                setsigmask=(),
+            )
+            exited = self.reaper.watch(pid)
+        finally:
+            os.close(devnull)
+            if out_w >= 0:
+                os.close(out_w)
+        output = bytearray()
+        reader_done: asyncio.Future[None] = loop.create_future()
+        if out_r >= 0:
+            os.set_blocking(out_r, False)
+
+            def _readable() -> None:
+                try:
+                    chunk = os.read(out_r, 65536)
+                except BlockingIOError:
+                    return
+                if chunk and len(output) < (4 << 20):
+                    output.extend(chunk)
+                elif not chunk:
+                    loop.remove_reader(out_r)
+                    if not reader_done.done():
+                        reader_done.set_result(None)
+
+            loop.add_reader(out_r, _readable)
+        else:
+            reader_done.set_result(None)
+        limit = timeout if timeout is not None else self.timeout
+        try:
+            async with asyncio.timeout(limit):
+                ex = await asyncio.shield(exited)
+                await reader_done
+        except TimeoutError:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            await exited
+            raise RuncError(command, f"timed out after {limit:.0f}s") from None
+        finally:
+            if out_r >= 0:
+                loop.remove_reader(out_r)
+                os.close(out_r)
+        if ex.status != 0:
+            text = _last_error(log_path) or bytes(output).decode(errors="replace").strip()
+            raise RuncError(command, text or f"exit status {ex.status}", ex.status)
+        return bytes(output)
+
+    async def create(
+        self,
+        id: str,
+        bundle: str,
+        pid_file: str,
+        stdio: tuple[int, int, int],
+        *,
+        no_pivot: bool = False,
+        no_new_keyring: bool = False,
+        log_path: str | None = None,
+    ) -> None:
+        args = ["create", "--bundle", bundle, "--pid-file", pid_file]
+        if no_pivot:
+            args.append("--no-pivot")
+        if no_new_keyring:
+            args.append("--no-new-keyring")
+        await self.run([*args, id], stdio=stdio, log_path=log_path)
+
+    async def start(self, id: str, log_path: str | None = None) -> None:
+        await self.run(["start", id], log_path=log_path)
+
+    async def kill(self, id: str, sig: int, all: bool = False) -> None:
+        await self.run(["kill", *(["--all"] if all else []), id, str(sig)])
+
+    async def delete(self, id: str, force: bool = False) -> None:
+        await self.run(["delete", *(["--force"] if force else []), id])
+
+    async def state(self, id: str) -> dict[str, object]:
+        out = await self.run(["state", id])
+        result: dict[str, object] = json.loads(out)
+        return result
+
+    async def ps(self, id: str) -> list[int]:
+        out = await self.run(["ps", "--format", "json", id])
+        pids = json.loads(out) or []
+        return [int(p) for p in pids]
+
+
+def is_not_found(err: RuncError) -> bool:
+    """runc's ways of saying the container or process is gone."""
+    text = err.message.lower()
+    return any(
+        s in text
+        for s in (
+            "not exist",
+            "no such process",
+            "not running",
+            "process already finished",
+            "container not running",
+        )
+    )

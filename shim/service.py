@@ -1,0 +1,233 @@
+"""The containerd.task.v2.Task service: decode, find the task, call its process, encode.
+
+Thin on purpose: behaviour lives in the process state machines (process.py) and the task
+registry (task.py).  Also the daemon's own small service for the ``start`` and ``delete``
+subcommands (reserve a slot before containerd connects; clean up one task).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from google.protobuf.message import DecodeError, Message
+
+from shim import errors, log, wire
+from shim.api import shim_pb2
+from shim.process import STATUS_NUMBER
+from shim.runc import RuncError
+from shim.statestore import StoreError
+from shim.task import Tasks
+from shim.ttrpc import Code, Context, Handler, TTRPCError
+
+TASK_SERVICE = "containerd.task.v2.Task"
+DAEMON_SERVICE = "embedshim.v1.Daemon"
+NAMESPACE_KEY = "containerd-namespace-ttrpc"
+VERSION = "embedshim 0.1.0"
+
+M = TypeVar("M", bound=Message)
+EMPTY = b""
+
+NOT_YET = {
+    "Pause": "Pause",
+    "Resume": "Resume",
+    "Checkpoint": "Checkpoint",
+    "Exec": "Exec",
+    "ResizePty": "ResizePty",
+    "Update": "Update",
+    "Stats": "Stats",
+}
+
+
+def _parse(cls: type[M], payload: bytes) -> M:
+    msg = cls()
+    try:
+        msg.ParseFromString(payload)
+    except DecodeError as exc:
+        raise TTRPCError(Code.INVALID_ARGUMENT, f"bad {cls.DESCRIPTOR.name}: {exc}") from None
+    return msg
+
+
+def _namespace(ctx: Context) -> str:
+    ns = ctx.get(NAMESPACE_KEY)
+    if not ns:
+        raise errors.invalid(f"request carries no {NAMESPACE_KEY} metadata")
+    return ns
+
+
+class TaskService:
+    def __init__(self, tasks: Tasks, on_shutdown: Callable[[], None]) -> None:
+        self.tasks = tasks
+        self.on_shutdown = on_shutdown
+        self.reservations: dict[tuple[str, str], float] = {}
+
+    def methods(self) -> dict[str, Handler]:
+        table: dict[str, Handler] = {
+            "Create": self.create,
+            "Start": self.start,
+            "State": self.state,
+            "Wait": self.wait,
+            "Kill": self.kill,
+            "Delete": self.delete,
+            "Pids": self.pids,
+            "Connect": self.connect,
+            "Shutdown": self.shutdown,
+            "CloseIO": self.close_io,
+        }
+        for name in NOT_YET:
+            table[name] = self._unimplemented(name)
+        return {name: _guard(name, fn) for name, fn in table.items()}
+
+    def daemon_methods(self) -> dict[str, Handler]:
+        return {
+            "Reserve": _guard("Reserve", self.reserve),
+            "Cleanup": _guard("Cleanup", self.cleanup),
+        }
+
+    @staticmethod
+    def _unimplemented(name: str) -> Handler:
+        async def handler(ctx: Context, payload: bytes) -> bytes:
+            raise errors.unimplemented(f"embedshim: {name} is not implemented yet")
+
+        return handler
+
+    async def create(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.CreateTaskRequest, payload)
+        ns = _namespace(ctx)
+        self.reservations.pop((ns, req.id), None)
+        task = await self.tasks.create(ns, req)
+        return shim_pb2.CreateTaskResponse(pid=task.init.pid).SerializeToString()
+
+    async def start(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.StartRequest, payload)
+        task = self.tasks.get(_namespace(ctx), req.id)
+        if req.exec_id:
+            task.process(req.exec_id)
+            raise errors.unimplemented("embedshim: exec processes are not implemented yet")
+        pid = await task.init.start()
+        return shim_pb2.StartResponse(pid=pid).SerializeToString()
+
+    async def state(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.StateRequest, payload)
+        task = self.tasks.get(_namespace(ctx), req.id)
+        p = task.process(req.exec_id)
+        resp = shim_pb2.StateResponse(
+            id=p.id,
+            bundle=task.bundle.path,
+            pid=p.pid,
+            status=STATUS_NUMBER[p.status],  # type: ignore[arg-type]
+            stdin=p.io.stdin,
+            stdout=p.io.stdout,
+            stderr=p.io.stderr,
+            terminal=p.io.terminal,
+            exit_status=p.exit_status,
+            exec_id=req.exec_id,
+        )
+        _set_time(resp.exited_at, p.exited_at)
+        return resp.SerializeToString()
+
+    async def wait(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.WaitRequest, payload)
+        p = self.tasks.get(_namespace(ctx), req.id).process(req.exec_id)
+        status, exited_at = await p.wait()
+        resp = shim_pb2.WaitResponse(exit_status=status)
+        _set_time(resp.exited_at, exited_at)
+        return resp.SerializeToString()
+
+    async def kill(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.KillRequest, payload)
+        task = self.tasks.get(_namespace(ctx), req.id)
+        if req.exec_id:
+            task.process(req.exec_id)
+            raise errors.unimplemented("embedshim: exec processes are not implemented yet")
+        if not 0 < req.signal < 65:
+            raise errors.invalid(f"signal: {req.signal} is not a valid signal number")
+        await task.init.kill(req.signal, req.all)
+        return EMPTY
+
+    async def delete(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.DeleteRequest, payload)
+        pid, status, exited_at = await self.tasks.delete(_namespace(ctx), req.id, req.exec_id)
+        resp = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
+        resp.exited_at.FromNanoseconds(exited_at)
+        return resp.SerializeToString()
+
+    async def pids(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.PidsRequest, payload)
+        task = self.tasks.get(_namespace(ctx), req.id)
+        try:
+            pids = await task.runc.ps(task.id)
+        except RuncError as exc:
+            raise errors.internal(str(exc)) from None
+        resp = shim_pb2.PidsResponse()
+        for pid in pids:
+            resp.processes.add(pid=pid)
+        return resp.SerializeToString()
+
+    async def connect(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.ConnectRequest, payload)
+        task = self.tasks.find(_namespace(ctx), req.id)
+        return shim_pb2.ConnectResponse(
+            shim_pid=os.getpid(), task_pid=task.init.pid if task else 0, version=VERSION
+        ).SerializeToString()
+
+    async def shutdown(self, ctx: Context, payload: bytes) -> bytes:
+        _parse(shim_pb2.ShutdownRequest, payload)
+        self.on_shutdown()
+        return EMPTY
+
+    async def close_io(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.CloseIORequest, payload)
+        # stdin is handed to the process directly; the daemon holds no end of it to close.
+        self.tasks.get(_namespace(ctx), req.id).process(req.exec_id)
+        return EMPTY
+
+    # --- the daemon's own service, for the start and delete subcommands ---
+
+    async def reserve(self, ctx: Context, payload: bytes) -> bytes:
+        """``start`` reserves the daemon for a task containerd is about to create, so an
+        idle daemon does not exit between ``start`` and ``Create``."""
+        ns, _, id = payload.decode(errors="replace").partition("\0")
+        self.reservations[(ns, id)] = time.monotonic()
+        return str(os.getpid()).encode()
+
+    async def cleanup(self, ctx: Context, payload: bytes) -> bytes:
+        """``delete``: containerd gave up on one task; kill and remove it if we have it."""
+        ns, _, id = payload.decode(errors="replace").partition("\0")
+        self.reservations.pop((ns, id), None)
+        task = self.tasks.get(ns, id)
+        p = task.init
+        if not p.exited:
+            try:
+                await p.kill(9, all=True)
+            except TTRPCError:
+                pass
+            await p.wait()
+        pid, status, exited_at = await self.tasks.delete(ns, id, "")
+        return wire.delete_response(pid, status, exited_at)
+
+
+def _set_time(ts: object, ns: int | None) -> None:
+    if ns is not None:
+        ts.FromNanoseconds(ns)  # type: ignore[attr-defined]
+
+
+def _guard(name: str, fn: Callable[[Context, bytes], Awaitable[bytes]]) -> Handler:
+    """Every handler answers with a proper code; nothing it raises can hurt the daemon."""
+
+    async def handler(ctx: Context, payload: bytes) -> bytes:
+        try:
+            return await fn(ctx, payload)
+        except TTRPCError:
+            raise
+        except StoreError as exc:
+            log.event("state store error", logging.ERROR, method=name, error=exc)
+            raise TTRPCError(Code.UNAVAILABLE, str(exc)) from None
+        except Exception as exc:
+            log.event("request failed", logging.ERROR, method=name, error=repr(exc))
+            raise TTRPCError(Code.UNKNOWN, f"{name}: {exc}") from None
+
+    return handler

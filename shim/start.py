@@ -1,0 +1,125 @@
+"""``start``: print the address of this containerd's daemon, starting it if needed.
+
+containerd reads stdout and stderr together as the address and waits until every holder of
+those pipes has closed them, so the daemon is spawned with /dev/null for its stdio, in its own
+session, and signals readiness through a pipe of its own.  Concurrent starts (containerd
+creating many containers at once) serialise on a lock file; each one reserves the daemon for
+its task, so an idle daemon cannot exit between ``start`` and containerd's ``Create``.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import select
+import shutil
+import sys
+import time
+
+from shim.cli import NAME, Flags
+from shim.fsutil import write_address
+from shim.paths import DaemonPaths
+from shim.ttrpc.blocking import BlockingClient
+from shim.ttrpc.errors import TTRPCError
+
+DAEMON_SERVICE = "embedshim.v1.Daemon"
+READY_TIMEOUT = 10.0
+
+
+def reserve(paths: DaemonPaths, namespace: str, id: str) -> int | None:
+    """Reserve the running daemon for this task; its pid, or None if no daemon answers."""
+    try:
+        with BlockingClient(paths.address, timeout=3.0) as client:
+            out = client.call(DAEMON_SERVICE, "Reserve", f"{namespace}\0{id}".encode())
+    except (OSError, TTRPCError):
+        return None
+    return int(out or b"0")
+
+
+def ttrpc_address_from(stdin: bytes) -> str:
+    """containerd 2.3+ passes BootstrapParams on stdin; its field 5 is the ttrpc address.
+    Older versions pass the task options Any (whose field 1 is a type URL) or nothing."""
+    if not stdin:
+        return ""
+    from shim import wire
+
+    try:
+        fields = wire.read_fields(stdin)
+    except ValueError:
+        return ""
+    value = fields.get(5, [b""])[0]
+    return value.decode(errors="replace") if isinstance(value, bytes) else ""
+
+
+def _executable() -> str:
+    exe = sys.argv[0]
+    if os.path.isabs(exe) and os.access(exe, os.X_OK):
+        return exe
+    found = shutil.which(NAME)
+    if found is None:
+        raise RuntimeError(f"cannot find {NAME} to start the daemon")
+    return found
+
+
+def spawn_daemon(paths: DaemonPaths, flags: Flags, ttrpc_address: str) -> None:
+    r, w = os.pipe()
+    try:
+        os.set_inheritable(w, True)
+        exe = _executable()
+        argv = [exe, "-address", flags.address, "-ttrpc-address", ttrpc_address]
+        if flags.debug:
+            argv.append("-debug")
+        argv += ["-ready-fd", str(w), "daemon"]
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.posix_spawn(
+                exe,
+                argv,
+                os.environ,
+                file_actions=[(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)],
+                setsid=True,
+            )
+        finally:
+            os.close(devnull)
+    finally:
+        os.close(w)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RuntimeError(f"daemon not ready after {READY_TIMEOUT:.0f}s; see {paths.log}")
+            ready, _, _ = select.select([r], [], [], left)
+            if ready:
+                data = os.read(r, 64)
+                if data.startswith(b"ready"):
+                    return
+                raise RuntimeError(f"daemon failed to start; see {paths.log}")
+    finally:
+        os.close(r)
+
+
+def main(flags: Flags) -> int:
+    if not flags.address:
+        sys.stderr.write("start: -address (containerd's address) is required\n")
+        return 1
+    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    ttrpc_address = os.environ.get("TTRPC_ADDRESS") or ttrpc_address_from(stdin)
+    paths = DaemonPaths.for_containerd(flags.address)
+    try:
+        paths.ensure()
+        lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)
+            if reserve(paths, flags.namespace, flags.id) is None:
+                spawn_daemon(paths, flags, ttrpc_address)
+                if reserve(paths, flags.namespace, flags.id) is None:
+                    raise RuntimeError(f"daemon does not answer on {paths.socket}")
+        finally:
+            os.close(lock_fd)
+        write_address(flags.bundle or os.getcwd(), paths.address)
+    except (OSError, RuntimeError) as exc:
+        sys.stdout.write(f"embedshim start: {exc}\n")
+        return 1
+    sys.stdout.write(paths.address)
+    return 0

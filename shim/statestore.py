@@ -1,0 +1,173 @@
+"""The daemon's persistent state: one sqlite3 database (WAL) per daemon.
+
+Every task and exec is written here before containerd hears about it, and its exit is written
+before the exit is published, so a restarted daemon, or the ``delete`` subcommand run after a
+crash, knows every task and every exit status the old daemon knew.  Schema changes are
+migrations keyed by ``PRAGMA user_version``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field, fields
+
+# Each entry upgrades the schema from version i to i+1.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE process (
+        namespace   TEXT NOT NULL,
+        id          TEXT NOT NULL,
+        exec_id     TEXT NOT NULL DEFAULT '',
+        bundle      TEXT NOT NULL DEFAULT '',
+        pid         INTEGER NOT NULL DEFAULT 0,
+        start_time  INTEGER NOT NULL DEFAULT 0,
+        trace_id    INTEGER NOT NULL DEFAULT 0,
+        status      TEXT NOT NULL DEFAULT 'created',
+        exit_status INTEGER,
+        exited_at   INTEGER,
+        stdin       TEXT NOT NULL DEFAULT '',
+        stdout      TEXT NOT NULL DEFAULT '',
+        stderr      TEXT NOT NULL DEFAULT '',
+        terminal    INTEGER NOT NULL DEFAULT 0,
+        runc_root   TEXT NOT NULL DEFAULT '',
+        options     BLOB,
+        created_at  INTEGER NOT NULL,
+        PRIMARY KEY (namespace, id, exec_id)
+    );
+    CREATE TABLE counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO counter VALUES ('trace_id', 0);
+    """,
+]
+
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass
+class ProcessRecord:
+    """One init (exec_id '') or exec process, as persisted."""
+
+    namespace: str
+    id: str
+    exec_id: str = ""
+    bundle: str = ""
+    pid: int = 0
+    start_time: int = 0
+    trace_id: int = 0
+    status: str = "created"
+    exit_status: int | None = None
+    exited_at: int | None = None  # wall clock, ns
+    stdin: str = ""
+    stdout: str = ""
+    stderr: str = ""
+    terminal: bool = False
+    runc_root: str = ""
+    options: bytes | None = None
+    created_at: int = field(default_factory=time.time_ns)
+
+
+_COLUMNS = [f.name for f in fields(ProcessRecord)]
+
+
+class StoreError(Exception):
+    """The store could not be read or written (disk full, corrupt file, newer schema)."""
+
+
+class StateStore:
+    def __init__(self, path: str) -> None:
+        try:
+            self._db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store {path}: {exc}") from exc
+        self.path = path
+
+    def _migrate(self) -> None:
+        version: int = self._db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise StoreError(
+                f"schema version {version} is newer than this embedshim knows ({SCHEMA_VERSION})"
+            )
+        for i in range(version, SCHEMA_VERSION):
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executescript(MIGRATIONS[i])
+                self._db.execute(f"PRAGMA user_version={i + 1}")
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def close(self) -> None:
+        self._db.close()
+
+    def _write(self, sql: str, args: tuple[object, ...]) -> None:
+        try:
+            self._db.execute(sql, args)
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store: {exc}") from exc
+
+    def put(self, rec: ProcessRecord) -> None:
+        """Insert or replace the whole record."""
+        cols = ",".join(_COLUMNS)
+        marks = ",".join("?" for _ in _COLUMNS)
+        values = tuple(getattr(rec, c) for c in _COLUMNS)
+        self._write(f"INSERT OR REPLACE INTO process ({cols}) VALUES ({marks})", values)
+
+    def update(self, namespace: str, id: str, exec_id: str = "", **changes: object) -> None:
+        unknown = set(changes) - set(_COLUMNS)
+        if unknown:
+            raise ValueError(f"unknown columns {sorted(unknown)}")
+        sets = ",".join(f"{k}=?" for k in changes)
+        self._write(
+            f"UPDATE process SET {sets} WHERE namespace=? AND id=? AND exec_id=?",
+            (*changes.values(), namespace, id, exec_id),
+        )
+
+    def get(self, namespace: str, id: str, exec_id: str = "") -> ProcessRecord | None:
+        row = self._db.execute(
+            f"SELECT {','.join(_COLUMNS)} FROM process WHERE namespace=? AND id=? AND exec_id=?",
+            (namespace, id, exec_id),
+        ).fetchone()
+        return _record(row) if row else None
+
+    def delete(self, namespace: str, id: str, exec_id: str | None = None) -> None:
+        """Forget a process; with exec_id None, the task and all its execs."""
+        if exec_id is None:
+            self._write("DELETE FROM process WHERE namespace=? AND id=?", (namespace, id))
+        else:
+            self._write(
+                "DELETE FROM process WHERE namespace=? AND id=? AND exec_id=?",
+                (namespace, id, exec_id),
+            )
+
+    def all(self) -> Iterator[ProcessRecord]:
+        rows = self._db.execute(
+            f"SELECT {','.join(_COLUMNS)} FROM process ORDER BY created_at"
+        ).fetchall()
+        for row in rows:
+            yield _record(row)
+
+    def count(self) -> int:
+        n: int = self._db.execute("SELECT COUNT(*) FROM process").fetchone()[0]
+        return n
+
+    def next_trace_id(self) -> int:
+        """A trace id never handed out before by this store (persistent counter)."""
+        try:
+            row = self._db.execute(
+                "UPDATE counter SET value = value + 1 WHERE name='trace_id' RETURNING value"
+            ).fetchone()
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store: {exc}") from exc
+        value: int = row[0]
+        return value
+
+
+def _record(row: tuple[object, ...]) -> ProcessRecord:
+    rec = ProcessRecord(**dict(zip(_COLUMNS, row, strict=True)))  # type: ignore[arg-type]
+    rec.terminal = bool(rec.terminal)
+    return rec

@@ -1,0 +1,278 @@
+"""A task (one container: its init process and its execs) and the registry of all tasks.
+
+The daemon serves every container of every namespace of one containerd, so tasks are keyed
+by (namespace, id).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from shim import errors, identifiers, log
+from shim.api import events_pb2, mount_pb2, runc_options_pb2, shim_pb2
+from shim.bundle import Bundle
+from shim.events import Publisher
+from shim.exitwatch import ExitWatch
+from shim.mount import Mount, mount, unmount_all
+from shim.paths import DaemonPaths
+from shim.process import InitProcess, Process, Status
+from shim.reaper import Reaper
+from shim.runc import Runc, RuncError
+from shim.statestore import StateStore
+from shim.stdio import OpenedStdio, Stdio
+
+RUNC_OPTIONS = "containerd.runc.v1.Options"
+RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
+
+
+@dataclass
+class Deps:
+    """What tasks need from the daemon."""
+
+    paths: DaemonPaths
+    reaper: Reaper
+    exits: ExitWatch
+    store: StateStore
+    events: Publisher
+
+
+@dataclass
+class RuncOptions:
+    root: str = ""
+    binary: str = "runc"
+    systemd_cgroup: bool = False
+    no_pivot: bool = False
+    no_new_keyring: bool = False
+
+
+def decode_options(type_url: str, value: bytes) -> RuncOptions:
+    """The runtime options containerd passes; an unknown type is refused."""
+    if not type_url:
+        return RuncOptions()
+    name = type_url.rsplit("/", 1)[-1]
+    if name == RUNC_OPTIONS:
+        opts = runc_options_pb2.Options()
+        try:
+            opts.ParseFromString(value)
+        except Exception as exc:
+            raise errors.invalid(f"options: bad {RUNC_OPTIONS}: {exc}") from None
+        return RuncOptions(
+            root=opts.root,
+            binary=opts.binary_name or "runc",
+            systemd_cgroup=opts.systemd_cgroup,
+            no_pivot=opts.no_pivot_root,
+            no_new_keyring=opts.no_new_keyring,
+        )
+    if name == RUNTIME_OPTIONS:
+        return RuncOptions()
+    raise errors.invalid(f"options: unsupported type {type_url!r}")
+
+
+class Task:
+    def __init__(
+        self,
+        namespace: str,
+        id: str,
+        bundle: Bundle,
+        runc: Runc,
+        deps: Deps,
+        io: Stdio,
+        options_blob: bytes | None,
+    ) -> None:
+        self.namespace = namespace
+        self.id = id
+        self.bundle = bundle
+        self.runc = runc
+        self.deps = deps
+        self.options_blob = options_blob
+        self.init = InitProcess(self, "", io)
+        self.execs: dict[str, Process] = {}
+        self.rootfs: list[mount_pb2.Mount] = []
+        self._bg: set[asyncio.Task[Any]] = set()
+        self._log_fd = -1
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run ``coro`` in the background, keeping a reference and logging a failure."""
+        t = asyncio.get_running_loop().create_task(coro, name=name)
+        self._bg.add(t)
+
+        def _done(t: asyncio.Task[Any]) -> None:
+            self._bg.discard(t)
+            if not t.cancelled() and t.exception() is not None:
+                log.event(
+                    "background task failed",
+                    logging.ERROR,
+                    ns=self.namespace,
+                    id=self.id,
+                    task=name,
+                    error=t.exception(),
+                )
+
+        t.add_done_callback(_done)
+
+    def process(self, exec_id: str) -> Process:
+        if not exec_id:
+            return self.init
+        try:
+            return self.execs[exec_id]
+        except KeyError:
+            raise errors.not_found(f"exec {exec_id!r} of {self.id} not found") from None
+
+    def open_log(self) -> None:
+        """Open the bundle's ``log`` FIFO, which containerd copies into its own log."""
+        try:
+            self._log_fd = os.open(
+                self.bundle.shim_log, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
+            )
+        except OSError:
+            self._log_fd = -1
+
+    def log_line(self, msg: str, **fields: object) -> None:
+        if self._log_fd < 0:
+            return
+        try:
+            os.write(self._log_fd, log.line(msg, ns=self.namespace, id=self.id, **fields).encode())
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        if self._log_fd >= 0:
+            os.close(self._log_fd)
+            self._log_fd = -1
+        for t in list(self._bg):
+            if t.get_name().startswith("exit-"):
+                t.cancel()
+
+
+class Tasks:
+    """Every task this daemon serves, keyed by (namespace, id)."""
+
+    def __init__(self, deps: Deps) -> None:
+        self.deps = deps
+        self._tasks: dict[tuple[str, str], Task | None] = {}  # None: being created
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    def get(self, namespace: str, id: str) -> Task:
+        task = self._tasks.get((namespace, id))
+        if task is None:
+            raise errors.not_found(f"container {id!r} not found in namespace {namespace!r}")
+        return task
+
+    def find(self, namespace: str, id: str) -> Task | None:
+        return self._tasks.get((namespace, id))
+
+    def all(self) -> list[Task]:
+        return [t for t in self._tasks.values() if t is not None]
+
+    async def create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> Task:
+        identifiers.validate("namespace", namespace)
+        identifiers.validate("id", req.id)
+        key = (namespace, req.id)
+        if key in self._tasks:
+            raise errors.already_exists(f"container {req.id!r} already exists in {namespace!r}")
+        self._tasks[key] = None
+        try:
+            task = await self._create(namespace, req)
+        except BaseException:
+            del self._tasks[key]
+            raise
+        self._tasks[key] = task
+        return task
+
+    async def _create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> Task:
+        if req.terminal:
+            raise errors.unimplemented("terminal (tty) tasks are not supported yet")
+        if req.checkpoint:
+            raise errors.unimplemented("restoring from a checkpoint is not supported yet")
+        bundle = Bundle.load(req.bundle)
+        opts = decode_options(req.options.type_url, req.options.value)
+        runc = Runc(
+            self.deps.reaper,
+            root=opts.root or self.deps.paths.runc_root_for(namespace),
+            binary=opts.binary,
+            systemd_cgroup=opts.systemd_cgroup,
+        )
+        io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        blob = req.options.SerializeToString() if req.options.type_url else None
+        task = Task(namespace, req.id, bundle, runc, self.deps, io, blob)
+        task.rootfs = list(req.rootfs)
+        mounted = False
+        stdio: OpenedStdio | None = None
+        try:
+            if req.rootfs:
+                os.makedirs(bundle.rootfs, mode=0o711, exist_ok=True)
+                for m in req.rootfs:
+                    mounted = True
+                    mount(Mount(m.type, m.source, tuple(m.options)), bundle.rootfs)
+            stdio = OpenedStdio(io)
+            await task.init.create(stdio, opts.no_pivot, opts.no_new_keyring)
+        except BaseException as exc:
+            await self._undo_create(task, mounted)
+            if isinstance(exc, OSError):
+                raise errors.internal(f"create {req.id}: {exc}") from None
+            if isinstance(exc, RuncError):
+                raise errors.internal(str(exc)) from None
+            raise
+        finally:
+            if stdio is not None:
+                stdio.close()
+        task.open_log()
+        event = events_pb2.TaskCreate(
+            container_id=task.id,
+            bundle=bundle.path,
+            io=events_pb2.TaskIO(
+                stdin=io.stdin, stdout=io.stdout, stderr=io.stderr, terminal=io.terminal
+            ),
+            pid=task.init.pid,
+        )
+        for m in req.rootfs:
+            event.rootfs.add(type=m.type, source=m.source, target=m.target, options=m.options)
+        self.deps.events.publish(namespace, event)
+        log.event("container created", ns=namespace, id=task.id, pid=task.init.pid)
+        task.log_line("container created", pid=task.init.pid)
+        return task
+
+    async def _undo_create(self, task: Task, mounted: bool) -> None:
+        """Leave no runc state, mount, record or fd behind after a failed create."""
+        try:
+            await task.runc.delete(task.id, force=True)
+        except RuncError:
+            pass
+        if mounted:
+            try:
+                unmount_all(task.bundle.rootfs)
+            except OSError as exc:
+                log.event("unmount failed", logging.ERROR, ns=task.namespace, id=task.id, error=exc)
+        self.deps.store.delete(task.namespace, task.id)
+        task.init.cleanup_files()
+        task.close()
+
+    async def delete(self, namespace: str, id: str, exec_id: str) -> tuple[int, int, int]:
+        task = self.get(namespace, id)
+        if exec_id:
+            raise errors.not_found(f"exec {exec_id!r} of {id} not found")
+        if any(p.status != Status.DELETED for p in task.execs.values()):
+            raise errors.precondition(f"container {id} still has exec processes")
+        pid, status, exited_at = await task.init.delete()
+        if task.rootfs:
+            try:
+                unmount_all(task.bundle.rootfs)
+            except OSError as exc:
+                log.event("unmount failed", logging.ERROR, ns=namespace, id=id, error=exc)
+        task.init.cleanup_files()
+        self.deps.store.delete(namespace, id)
+        event = events_pb2.TaskDelete(container_id=id, pid=pid, exit_status=status)
+        event.exited_at.FromNanoseconds(exited_at)
+        self.deps.events.publish(namespace, event)
+        log.event("container deleted", ns=namespace, id=id, pid=pid, exit_status=status)
+        task.log_line("container deleted", exit_status=status)
+        task.close()
+        self._tasks.pop((namespace, id), None)
+        return pid, status, exited_at
