@@ -442,6 +442,15 @@ def parse_table(out: str) -> list[list[str]]:
     return [ln.split() for ln in lines[1:]]
 
 
+def parse_event(line: str) -> tuple[str, str, str] | None:
+    """A ``ctr events`` line (``<date> <time> +0000 UTC <ns> <topic> <payload>``) as
+    ``(namespace, topic, payload)``; None for anything else."""
+    parts = line.rstrip("\n").split(" ", 6)
+    if len(parts) < 6 or not parts[5].startswith("/"):
+        return None
+    return parts[4], parts[5], parts[6] if len(parts) > 6 else ""
+
+
 def task_list(ctrd: Containerd, namespace: str | None = None) -> dict[str, tuple[int, str]]:
     """``ctr task ls`` as ``{id: (pid, status)}``."""
     out = ctrd.ctr("task", "ls", namespace=namespace).stdout
@@ -498,6 +507,8 @@ class Containerd:
         self.log_level = log_level
         self.namespace = namespace
         self.start_timeout = start_timeout
+        #: ctr's dial timeout (its default is to wait ~10 s for a dead/missing socket)
+        self.connect_timeout = "3s"
         self.proc: subprocess.Popen[bytes] | None = None
         self._async: list[subprocess.Popen[str]] = []
         self._log_file: Any = None
@@ -649,12 +660,14 @@ class Containerd:
                     f"containerd exited with {self.proc.returncode} during startup\n"
                     + self.log_tail()
                 )
-            try:
-                r = self.ctr("version", check=False, timeout=max(1.0, deadline - time.monotonic()))
-                if r.returncode == 0 and "Server:" in r.stdout:
-                    break
-            except subprocess.TimeoutExpired:
-                pass
+            # ctr blocks ~10 s dialing a socket that does not exist yet: wait for it first
+            if os.path.exists(self.address):
+                try:
+                    r = self.ctr("version", check=False, timeout=5)
+                    if r.returncode == 0 and "Server:" in r.stdout:
+                        break
+                except subprocess.TimeoutExpired:
+                    pass
             if time.monotonic() > deadline:
                 raise HarnessError(
                     f"containerd did not answer within {self.start_timeout}s\n" + self.log_tail()
@@ -681,6 +694,8 @@ class Containerd:
             "ctr",
             "--address",
             self.address,
+            "--connect-timeout",
+            self.connect_timeout,
             "--namespace",
             namespace or self.namespace,
             *args,
@@ -990,8 +1005,7 @@ def reap_stale(prefix: str = "/tmp/" + TMP_PREFIX) -> list[str]:
             pid_s, start_s = owner.split()
             alive = _proc_starttime(int(pid_s)) == int(start_s)
         except ValueError:
-            # no/partial owner file: only reap when clearly abandoned (> 1 h old)
-            alive = time.time() - os.stat(path).st_mtime < 3600
+            continue  # no owner file: not provably ours
         if not alive:
             with contextlib.suppress(HarnessError):
                 Containerd(tmp_dir=path, start=False).cleanup()
@@ -1054,19 +1068,28 @@ def _tar_filter(ti: tarfile.TarInfo) -> tarfile.TarInfo:
     return ti
 
 
+_LAYERS: dict[str, tuple[bytes, bytes]] = {}
+
+
+def _layer(rootfs: str) -> tuple[bytes, bytes]:
+    """(uncompressed tar, tar.gz) of ``rootfs``; cached per path for the process."""
+    if rootfs not in _LAYERS:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name in sorted(os.listdir(rootfs)):
+                if name != _ROOTFS_MARKER:
+                    tar.add(os.path.join(rootfs, name), arcname=name, filter=_tar_filter)
+        raw = buf.getvalue()
+        gz = io.BytesIO()
+        with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0, compresslevel=1) as g:
+            g.write(raw)
+        _LAYERS[rootfs] = (raw, gz.getvalue())
+    return _LAYERS[rootfs]
+
+
 def build_busybox_oci_archive(rootfs: str, ref: str, out: str) -> str:
     """Write an OCI image-layout tarball (one gzip layer) of ``rootfs`` to ``out``."""
-    layer_tar = io.BytesIO()
-    with tarfile.open(fileobj=layer_tar, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name in sorted(os.listdir(rootfs)):
-            if name == _ROOTFS_MARKER:
-                continue
-            tar.add(os.path.join(rootfs, name), arcname=name, filter=_tar_filter)
-    raw = layer_tar.getvalue()
-    gz = io.BytesIO()
-    with gzip.GzipFile(fileobj=gz, mode="wb", mtime=0) as g:
-        g.write(raw)
-    layer = gz.getvalue()
+    raw, layer = _layer(os.path.realpath(rootfs))
     diff_id = "sha256:" + hashlib.sha256(raw).hexdigest()
 
     def blob(data: bytes) -> tuple[str, bytes]:
