@@ -18,6 +18,7 @@ from integration.harness import (
     Containerd,
     busybox_rootfs,
     cgroup_mountpoints,
+    import_busybox_image,
     reap_stale,
 )
 
@@ -100,3 +101,9 @@ def containerd(busybox: str) -> Iterator[Containerd]:
         yield c
     finally:
         c.cleanup()
+
+
+@pytest.fixture
+def busybox_image(containerd: Containerd, busybox: str) -> str:
+    """Ref of a busybox image imported into ``containerd`` (built offline)."""
+    return import_busybox_image(containerd, rootfs=busybox)
