@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pytest
@@ -10,9 +11,12 @@ import pytest
 from integration.harness import (
     RUNC_RUNTIME,
     Containerd,
+    HarnessError,
     ctr_run_args,
     import_busybox_image,
     mounts_under,
+    parse_event,
+    parse_table,
     process_refers_to,
     processes_matching,
     task_list,
@@ -40,9 +44,13 @@ def test_layout(containerd: Containerd) -> None:
     assert containerd.env["EMBEDSHIM_ROOT"] == containerd.tmp + "/embedshim"
     env = open(f"/proc/{containerd.pid}/environ", "rb").read().split(b"\0")
     assert f"EMBEDSHIM_ROOT={containerd.tmp}/embedshim".encode() in env
-    plugins = containerd.ctr("plugins", "ls").stdout
-    assert "io.containerd.grpc.v1.cri" not in plugins or "disabled" in plugins
-    assert "overlayfs" in plugins and "native" in plugins
+    rows = {(r[0], r[1]): r[-1] for r in parse_table(containerd.ctr("plugins", "ls").stdout)}
+    # disabled plugins are not listed at all
+    assert ("io.containerd.grpc.v1", "cri") not in rows
+    assert ("io.containerd.snapshotter.v1", "aufs") not in rows
+    assert rows[("io.containerd.snapshotter.v1", "overlayfs")] == "ok"
+    assert rows[("io.containerd.snapshotter.v1", "native")] == "ok"
+    assert rows[("io.containerd.grpc.v1", "tasks")] == "ok"
 
 
 def test_ctr_run_rm_exit_status(containerd: Containerd, busybox: str) -> None:
@@ -78,18 +86,25 @@ def test_detached_task_listed_running(containerd: Containerd, busybox: str) -> N
 
 def test_events_stream(containerd: Containerd, busybox: str) -> None:
     ev = containerd.ctr_async("events")
-    time.sleep(0.2)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(ev.stdout.readline, "")))  # type: ignore[union-attr]
+    reader.start()
+    time.sleep(0.2)  # let ctr subscribe
     containerd.run(RUNC_RUNTIME, busybox, "e1", "true", rm=True)
-    time.sleep(0.2)
+    wait_for(lambda: any("/tasks/delete" in ln for ln in lines), 10, what="/tasks/delete event")
     ev.terminate()
-    out, _ = ev.communicate(timeout=5)
-    assert "/tasks/exit" in out and "/tasks/delete" in out
+    ev.wait(5)
+    reader.join(5)
+    events = [e for e in map(parse_event, lines) if e]
+    assert all(ns == "test" for ns, _, _ in events)
+    topics = [t for _, t, _ in events]
+    assert "/tasks/create" in topics and "/tasks/start" in topics and "/tasks/exit" in topics
 
 
 def test_cleanup_leaves_nothing(busybox: str) -> None:
     c = Containerd(watch_paths=[busybox])
     try:
-        import_busybox_image(c)
+        import_busybox_image(c, rootfs=busybox)
         c.run(RUNC_RUNTIME, busybox, "r1", "sleep", "1000", detach=True)
         c.run(
             RUNC_RUNTIME,
@@ -113,7 +128,7 @@ def test_cleanup_after_containerd_kill9(busybox: str) -> None:
     """Shims and containers outlive a SIGKILLed containerd; cleanup still finds them."""
     c = Containerd(watch_paths=[busybox])
     try:
-        import_busybox_image(c)
+        import_busybox_image(c, rootfs=busybox)
         c.run(RUNC_RUNTIME, busybox, "k1", "sleep", "1000", detach=True)
         c.run(
             RUNC_RUNTIME,
@@ -140,6 +155,9 @@ def test_restart_keeps_tasks(containerd: Containerd, busybox: str) -> None:
     containerd.run(RUNC_RUNTIME, busybox, "s1", "sleep", "1000", detach=True)
     pid = task_list(containerd)["s1"][0]
     containerd.kill9()
+    t0 = time.monotonic()
+    assert containerd.ctr("version", check=False).returncode != 0
+    assert time.monotonic() - t0 < 5, "ctr must fail fast against a dead containerd"
     containerd.restart()
     assert task_list(containerd)["s1"] == (pid, "RUNNING")
 
@@ -152,7 +170,7 @@ def test_cleanup_after_partial_start() -> None:
 
 
 def test_image_import(containerd: Containerd) -> None:
-    ref = import_busybox_image(containerd)
+    ref = import_busybox_image(containerd)  # builds its own rootfs in the temp dir
     r = containerd.ctr(
         *ctr_run_args(
             RUNC_RUNTIME,
@@ -175,3 +193,23 @@ def test_cri_flag_keeps_plugin(cri: bool) -> None:
         line = next(ln for ln in out.splitlines() if "io.containerd.grpc.v1" in ln and "cri" in ln)
         assert line.split()[-1] == "ok", out
     assert not os.path.exists(c.tmp)
+
+
+def test_busybox_image_fixture(containerd: Containerd, busybox_image: str) -> None:
+    r = containerd.run(
+        RUNC_RUNTIME, busybox_image, "img2", "sh", "-c", "echo $PATH", rm=True, image=True
+    )
+    assert "/bin" in r.stdout
+
+
+def test_failed_start_reports_log_and_cleans_up() -> None:
+    made: list[str] = []
+
+    class Broken(Containerd):
+        def config_toml(self) -> str:
+            made.append(self.tmp)
+            return "version = 2\nthis is not toml ]]]\n"
+
+    with pytest.raises(HarnessError, match="containerd log tail"):
+        Broken()
+    assert made and not os.path.exists(made[0])
