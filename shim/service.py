@@ -51,13 +51,6 @@ def _parse(cls: type[M], payload: bytes) -> M:
     return msg
 
 
-def _namespace(ctx: Context) -> str:
-    ns = ctx.get(NAMESPACE_KEY)
-    if not ns:
-        raise errors.invalid(f"request carries no {NAMESPACE_KEY} metadata")
-    return ns
-
-
 class TaskService:
     def __init__(self, tasks: Tasks, on_shutdown: Callable[[], None]) -> None:
         self.tasks = tasks
@@ -87,6 +80,28 @@ class TaskService:
             "Cleanup": _guard("Cleanup", self.cleanup),
         }
 
+    def _namespace(self, ctx: Context, id: str = "", bundle: str = "") -> str:
+        """The namespace of a request.
+
+        containerd 1.6 sends the namespace header only on some calls (those made from its own
+        contexts, like the reconnect after a restart); calls it relays from its API clients
+        carry none.  It does open one connection per task, so the namespace learned on a
+        connection holds for every later call on it.  Create also tells it through the
+        reservation ``start`` made and through the bundle path (``.../<namespace>/<id>``).
+        """
+        ns = ctx.get(NAMESPACE_KEY) or ctx.connection.get("namespace")
+        if not ns and id:
+            candidates = {n for (n, i) in self.reservations if i == id}
+            candidates |= {t.namespace for t in self.tasks.all() if t.id == id}
+            if len(candidates) == 1:
+                ns = candidates.pop()
+        if not ns and bundle and os.path.basename(bundle.rstrip("/")) == id:
+            ns = os.path.basename(os.path.dirname(bundle.rstrip("/")))
+        if not isinstance(ns, str) or not ns:
+            raise errors.invalid(f"cannot tell the namespace of this request ({NAMESPACE_KEY})")
+        ctx.connection["namespace"] = ns
+        return ns
+
     @staticmethod
     def _unimplemented(name: str) -> Handler:
         async def handler(ctx: Context, payload: bytes) -> bytes:
@@ -96,14 +111,14 @@ class TaskService:
 
     async def create(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.CreateTaskRequest, payload)
-        ns = _namespace(ctx)
+        ns = self._namespace(ctx, req.id, req.bundle)
         self.reservations.pop((ns, req.id), None)
         task = await self.tasks.create(ns, req)
         return shim_pb2.CreateTaskResponse(pid=task.init.pid).SerializeToString()
 
     async def start(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.StartRequest, payload)
-        task = self.tasks.get(_namespace(ctx), req.id)
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
         if req.exec_id:
             task.process(req.exec_id)
             raise errors.unimplemented("embedshim: exec processes are not implemented yet")
@@ -112,7 +127,7 @@ class TaskService:
 
     async def state(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.StateRequest, payload)
-        task = self.tasks.get(_namespace(ctx), req.id)
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
         p = task.process(req.exec_id)
         resp = shim_pb2.StateResponse(
             id=p.id,
@@ -131,7 +146,7 @@ class TaskService:
 
     async def wait(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.WaitRequest, payload)
-        p = self.tasks.get(_namespace(ctx), req.id).process(req.exec_id)
+        p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
         status, exited_at = await p.wait()
         resp = shim_pb2.WaitResponse(exit_status=status)
         _set_time(resp.exited_at, exited_at)
@@ -139,7 +154,7 @@ class TaskService:
 
     async def kill(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.KillRequest, payload)
-        task = self.tasks.get(_namespace(ctx), req.id)
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
         if req.exec_id:
             task.process(req.exec_id)
             raise errors.unimplemented("embedshim: exec processes are not implemented yet")
@@ -150,14 +165,14 @@ class TaskService:
 
     async def delete(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.DeleteRequest, payload)
-        pid, status, exited_at = await self.tasks.delete(_namespace(ctx), req.id, req.exec_id)
+        pid, status, exited_at = await self.tasks.delete(self._namespace(ctx, req.id), req.id, req.exec_id)
         resp = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
         resp.exited_at.FromNanoseconds(exited_at)
         return resp.SerializeToString()
 
     async def pids(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.PidsRequest, payload)
-        task = self.tasks.get(_namespace(ctx), req.id)
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
         try:
             pids = await task.runc.ps(task.id)
         except RuncError as exc:
@@ -169,7 +184,7 @@ class TaskService:
 
     async def connect(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.ConnectRequest, payload)
-        task = self.tasks.find(_namespace(ctx), req.id)
+        task = self.tasks.find(self._namespace(ctx, req.id), req.id)
         return shim_pb2.ConnectResponse(
             shim_pid=os.getpid(), task_pid=task.init.pid if task else 0, version=VERSION
         ).SerializeToString()
@@ -182,7 +197,7 @@ class TaskService:
     async def close_io(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.CloseIORequest, payload)
         # stdin is handed to the process directly; the daemon holds no end of it to close.
-        self.tasks.get(_namespace(ctx), req.id).process(req.exec_id)
+        self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
         return EMPTY
 
     # --- the daemon's own service, for the start and delete subcommands ---

@@ -92,13 +92,13 @@ class StateStore:
                 f"schema version {version} is newer than this embedshim knows ({SCHEMA_VERSION})"
             )
         for i in range(version, SCHEMA_VERSION):
-            self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executescript(MIGRATIONS[i])
-                self._db.execute(f"PRAGMA user_version={i + 1}")
-                self._db.execute("COMMIT")
+                self._db.executescript(
+                    f"BEGIN IMMEDIATE; {MIGRATIONS[i]}; PRAGMA user_version={i + 1}; COMMIT;"
+                )
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
 
     def close(self) -> None:

@@ -60,6 +60,9 @@ class Context:
     deadline: float | None = None
     peer: PeerCred | None = None
     stream_id: int = 0
+    #: State shared by every call on the same connection (a handler may remember what it
+    #: learned about the peer, e.g. which tenant the connection serves).
+    connection: dict[str, object] = field(default_factory=dict)
 
     def get(self, key: str) -> str | None:
         """First value of a metadata key (keys are case-insensitive), or None."""
@@ -267,6 +270,7 @@ class _ServerProtocol(asyncio.Protocol):
         self._conn = ServerConnection()
         self._transport: asyncio.Transport | None = None
         self._peer: PeerCred | None = None
+        self._state: dict[str, object] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         # Requests decoded while at the in-flight limit; at most one read's worth.
         self._backlog: collections.deque[RequestReceived] = collections.deque()
@@ -348,6 +352,7 @@ class _ServerProtocol(asyncio.Protocol):
             deadline=deadline,
             peer=self._peer,
             stream_id=event.stream_id,
+            connection=self._state,
         )
         size = len(request.payload)
         self._in_flight_bytes += size
