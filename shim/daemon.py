@@ -26,6 +26,9 @@ from shim.task import Deps, Tasks
 from shim.ttrpc import Server, require_same_user
 
 RESERVATION_TTL = 30.0
+# How long an idle daemon stays up after its last task, so that a burst of short-lived
+# containers does not pay for a daemon start each (EMBEDSHIM_IDLE_EXIT overrides; 0 = at once).
+IDLE_EXIT = 10.0
 
 
 class Daemon:
@@ -79,7 +82,11 @@ class Daemon:
                 pass
 
     def _on_shutdown(self) -> None:
-        asyncio.get_running_loop().create_task(self._exit_if_idle())
+        if self._idle():
+            delay = float(os.environ.get("EMBEDSHIM_IDLE_EXIT", IDLE_EXIT))
+            asyncio.get_running_loop().call_later(
+                delay, lambda: asyncio.ensure_future(self._exit_if_idle())
+            )
 
     def _idle(self) -> bool:
         now = time.monotonic()

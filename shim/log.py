@@ -65,4 +65,4 @@ def line(msg: str, **fields: Any) -> str:
     """The same line format, for the per-task log FIFO."""
     ts = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rest = format_fields(fields)
-    return f'time={ts} level=info msg={_quote(msg)}{" " + rest if rest else ""}\n'
+    return f"time={ts} level=info msg={_quote(msg)}{' ' + rest if rest else ''}\n"

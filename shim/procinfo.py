@@ -58,5 +58,3 @@ def open_pidfd(pid: int, expected_start_time: int) -> int | None:
         os.close(fd)
         return None
     return fd
-
-

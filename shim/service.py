@@ -165,7 +165,9 @@ class TaskService:
 
     async def delete(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.DeleteRequest, payload)
-        pid, status, exited_at = await self.tasks.delete(self._namespace(ctx, req.id), req.id, req.exec_id)
+        pid, status, exited_at = await self.tasks.delete(
+            self._namespace(ctx, req.id), req.id, req.exec_id
+        )
         resp = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
         resp.exited_at.FromNanoseconds(exited_at)
         return resp.SerializeToString()

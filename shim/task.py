@@ -126,9 +126,7 @@ class Task:
     def open_log(self) -> None:
         """Open the bundle's ``log`` FIFO, which containerd copies into its own log."""
         try:
-            self._log_fd = os.open(
-                self.bundle.shim_log, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC
-            )
+            self._log_fd = os.open(self.bundle.shim_log, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError:
             self._log_fd = -1
 

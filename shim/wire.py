@@ -37,11 +37,7 @@ def timestamp(ns: int) -> bytes:
 
 def delete_response(pid: int, exit_status: int, exited_at_ns: int) -> bytes:
     """containerd.task.v2.DeleteResponse{pid=1, exit_status=2, exited_at=3}."""
-    return (
-        int_field(1, pid)
-        + int_field(2, exit_status)
-        + bytes_field(3, timestamp(exited_at_ns))
-    )
+    return int_field(1, pid) + int_field(2, exit_status) + bytes_field(3, timestamp(exited_at_ns))
 
 
 def read_fields(data: bytes) -> dict[int, list[int | bytes]]:

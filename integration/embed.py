@@ -1,0 +1,65 @@
+"""Helpers for tests of our runtime: find its daemon, talk to it directly, start it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from integration.harness import Containerd, ProcInfo, processes_matching
+from shim.paths import DaemonPaths
+
+RUNTIME = "io.containerd.embed.v1"
+SHIM = "containerd-shim-embed-v1"
+TASK_SERVICE = "containerd.task.v2.Task"
+T = TypeVar("T")
+
+
+def daemon_paths(c: Containerd) -> DaemonPaths:
+    return DaemonPaths.for_containerd(c.address, root=c.embedshim_root)
+
+
+def daemons(c: Containerd) -> list[ProcInfo]:
+    """The live daemon processes serving this containerd instance."""
+    return processes_matching(
+        lambda p: (
+            not p.zombie
+            and any(a.endswith(SHIM) for a in p.cmdline)
+            and "daemon" in p.cmdline
+            and c.address in p.cmdline
+        )
+    )
+
+
+def start_daemon(c: Containerd, bundle: str, namespace: str = "test", id: str = "x") -> str:
+    """Run the ``start`` subcommand as containerd would; returns the address it printed."""
+    env = dict(c.env)
+    env["TTRPC_ADDRESS"] = c.ttrpc_address
+    out = subprocess.run(
+        [
+            os.path.join(sys.prefix, "bin", SHIM),
+            "-namespace",
+            namespace,
+            "-address",
+            c.address,
+            "-publish-binary",
+            "/usr/bin/containerd",
+            "-id",
+            id,
+            "start",
+        ],
+        cwd=bundle,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        timeout=20,
+        check=True,
+    )
+    return out.stdout.decode()
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)

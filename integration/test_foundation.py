@@ -1,0 +1,242 @@
+"""The vertical slice: ctr through our runtime on a real containerd and runc."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from integration.embed import (
+    RUNTIME,
+    TASK_SERVICE,
+    daemon_paths,
+    daemons,
+    run,
+    start_daemon,
+)
+from integration.harness import (
+    Containerd,
+    mounts_under,
+    parse_event,
+    process_refers_to,
+    processes_matching,
+    task_list,
+    wait_for,
+)
+from shim.api import shim_pb2
+from shim.ttrpc import Client, Code, TTRPCError
+
+
+def test_run_prints_output_and_exits_with_the_container_status(
+    containerd: Containerd, busybox: str
+) -> None:
+    r = containerd.run(RUNTIME, busybox, "demo", "sh", "-c", "echo hi; exit 7", check=False)
+    assert r.stdout == "hi\n", r.stderr
+    assert r.returncode == 7, r.stderr
+    # ctr deleted the task; the container record goes with `ctr c rm`.
+    assert "demo" not in task_list(containerd)
+
+
+def test_kill_sigkill_reports_137(containerd: Containerd, busybox: str) -> None:
+    containerd.run(RUNTIME, busybox, "k1", "sleep", "1000", detach=True)
+    assert task_list(containerd)["k1"][1] == "RUNNING"
+    containerd.ctr("task", "kill", "-s", "KILL", "k1")
+    wait_for(lambda: task_list(containerd)["k1"][1] == "STOPPED", what="task STOPPED")
+    r = containerd.ctr("task", "delete", "k1")
+    assert "exit code 137" in r.stderr, r.stderr
+    assert "k1" not in task_list(containerd)
+    containerd.ctr("container", "delete", "k1")
+
+
+def test_twenty_containers_share_one_daemon(containerd: Containerd, busybox: str) -> None:
+    ids = [f"c{i:02d}" for i in range(20)]
+
+    def start(cid: str) -> None:
+        containerd.run(RUNTIME, busybox, cid, "sleep", "1000", detach=True)
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        list(pool.map(start, ids))
+    tasks = task_list(containerd)
+    assert all(tasks[cid][1] == "RUNNING" for cid in ids), tasks
+    found = daemons(containerd)
+    assert len(found) == 1, [p.cmdline for p in found]
+    # Every container's init is a child of that one daemon (it is a subreaper).
+    daemon_pid = found[0].pid
+    for cid in ids:
+        pid = tasks[cid][0]
+        with open(f"/proc/{pid}/stat") as f:
+            ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        assert ppid == daemon_pid, (cid, pid, ppid)
+    # No shim process per container.
+    shims = processes_matching(
+        lambda p: (
+            not p.zombie
+            and any("containerd-shim" in a for a in p.cmdline)
+            and process_refers_to(p, [containerd.tmp])
+        )
+    )
+    assert len(shims) == 1, [p.cmdline for p in shims]
+
+
+def test_events_in_order_with_exit_status(containerd: Containerd, busybox: str) -> None:
+    events = containerd.ctr_async("events")
+    lines: list[str] = []
+    reader = threading.Thread(
+        target=lambda: [lines.append(line) for line in events.stdout or []], daemon=True
+    )
+    reader.start()
+    time.sleep(0.3)  # let the subscription settle
+    r = containerd.run(RUNTIME, busybox, "ev1", "sh", "-c", "exit 3", check=False)
+    assert r.returncode == 3
+
+    def topics() -> list[tuple[str, str]]:
+        out = []
+        for line in list(lines):
+            ev = parse_event(line)
+            if ev and ev[1].startswith("/tasks/") and '"ev1"' in ev[2]:
+                out.append((ev[1], ev[2]))
+        return out
+
+    wait_for(lambda: len(topics()) >= 4, what="four task events")
+    seen = topics()
+    assert [t for t, _ in seen] == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
+    exit_payload = seen[2][1]
+    assert '"exit_status":3' in exit_payload.replace(" ", ""), exit_payload
+    assert '"id":"ev1"' in exit_payload.replace(" ", ""), exit_payload
+    events.kill()
+
+
+# --- errors, straight through the daemon's ttrpc socket -------------------------------------
+
+
+def _bundle(containerd: Containerd, busybox: str, ns: str, cid: str, config: object) -> str:
+    bundle = os.path.join(containerd.tmp, "bundles", ns, cid)
+    os.makedirs(bundle)
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        f.write(config if isinstance(config, str) else json.dumps(config))
+    return bundle
+
+
+def _spec(busybox: str, *args: str) -> dict[str, object]:
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "args": list(args),
+            "cwd": "/",
+            "env": ["PATH=/bin:/sbin:/usr/bin"],
+            "user": {"uid": 0, "gid": 0},
+        },
+        "root": {"path": busybox, "readonly": True},
+        "linux": {
+            "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")],
+        },
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+    }
+
+
+async def _call(address: str, method: str, msg: object, ns: str = "direct") -> bytes:
+    async with await Client.connect(address) as client:
+        return await client.call(
+            TASK_SERVICE,
+            method,
+            msg.SerializeToString(),  # type: ignore[attr-defined]
+            metadata={"containerd-namespace-ttrpc": ns},
+            timeout=30,
+        )
+
+
+def _code(address: str, method: str, msg: object) -> Code:
+    with pytest.raises(TTRPCError) as info:
+        run(_call(address, method, msg))
+    return info.value.code
+
+
+def test_errors_have_the_codes_containerd_expects(containerd: Containerd, busybox: str) -> None:
+    good = _bundle(containerd, busybox, "direct", "e1", _spec(busybox, "sleep", "1000"))
+    address = start_daemon(containerd, good, "direct", "e1")
+    paths = daemon_paths(containerd)
+    assert address == paths.address
+    with open(os.path.join(good, "address")) as f:
+        assert f.read() == address
+
+    create = shim_pb2.CreateTaskRequest(id="e1", bundle=good)
+    pid = shim_pb2.CreateTaskResponse.FromString(run(_call(address, "Create", create))).pid
+    assert pid > 0
+    try:
+        assert _code(address, "Create", create) == Code.ALREADY_EXISTS
+        assert _code(address, "State", shim_pb2.StateRequest(id="nope")) == Code.NOT_FOUND
+        assert _code(address, "Kill", shim_pb2.KillRequest(id="nope", signal=9)) == Code.NOT_FOUND
+        assert _code(address, "Create", shim_pb2.CreateTaskRequest(id="../x", bundle=good)) == (
+            Code.INVALID_ARGUMENT
+        )
+
+        bad = _bundle(containerd, busybox, "direct", "e2", "{not json")
+        req = shim_pb2.CreateTaskRequest(id="e2", bundle=bad)
+        with pytest.raises(TTRPCError) as info:
+            run(_call(address, "Create", req))
+        assert info.value.code == Code.INVALID_ARGUMENT
+        assert "config.json" in info.value.message
+        # Nothing of e2 left: no runc state, no record, no mount, no pid file.
+        runc_root = paths.runc_root_for("direct")
+        assert not os.path.exists(os.path.join(runc_root, "e2"))
+        assert sorted(os.listdir(bad)) == ["config.json"]
+        assert mounts_under(bad) == []
+        # runc refuses a config it cannot run: a clear error, nothing left behind.
+        spec = _spec(busybox, "/no/such/binary")
+        bad2 = _bundle(containerd, busybox, "direct", "e3", spec)
+        with pytest.raises(TTRPCError) as info:
+            run(_call(address, "Create", shim_pb2.CreateTaskRequest(id="e3", bundle=bad2)))
+        assert "no such file" in info.value.message.lower(), info.value.message
+        assert not os.path.exists(os.path.join(runc_root, "e3"))
+        # The running task was not disturbed by any of it.
+        state = shim_pb2.StateResponse.FromString(
+            run(_call(address, "State", shim_pb2.StateRequest(id="e1")))
+        )
+        assert state.status == 1 and state.pid == pid  # CREATED, never started
+    finally:
+        run(_call(address, "Kill", shim_pb2.KillRequest(id="e1", signal=9)))
+        wait = shim_pb2.WaitResponse.FromString(
+            run(_call(address, "Wait", shim_pb2.WaitRequest(id="e1")))
+        )
+        assert wait.exit_status == 137
+        run(_call(address, "Delete", shim_pb2.DeleteRequest(id="e1")))
+
+
+def test_delete_subcommand_after_daemon_crash(containerd: Containerd, busybox: str) -> None:
+    """kill -9 the daemon: containerd runs `delete` per task, which ends each container and
+    reports it; nothing is left running."""
+    events = containerd.ctr_async("events")
+    lines: list[str] = []
+    threading.Thread(
+        target=lambda: [lines.append(line) for line in events.stdout or []], daemon=True
+    ).start()
+    ids = ["d1", "d2", "d3"]
+    for cid in ids:
+        containerd.run(RUNTIME, busybox, cid, "sleep", "1000", detach=True)
+    pids = {cid: pid for cid, (pid, _) in task_list(containerd).items()}
+    (daemon,) = daemons(containerd)
+    os.kill(daemon.pid, signal.SIGKILL)
+    wait_for(lambda: not task_list(containerd), timeout=20, what="containerd dropped the tasks")
+    for cid in ids:
+        wait_for(lambda cid=cid: not os.path.exists(f"/proc/{pids[cid]}"), what=f"{cid} gone")
+
+    def exit_payloads(cid: str) -> list[str]:
+        evs = [parse_event(x) for x in list(lines)]
+        return [e[2] for e in evs if e and e[1] == "/tasks/exit" and f'"{cid}"' in e[2]]
+
+    for cid in ids:
+        payloads = wait_for(lambda cid=cid: exit_payloads(cid), what=f"/tasks/exit of {cid}")
+        assert '"exit_status":137' in payloads[-1].replace(" ", ""), payloads
+    out = subprocess.run(
+        ["runc", "--root", daemon_paths(containerd).runc_root_for("test"), "list", "-q"],
+        capture_output=True,
+        text=True,
+    )
+    assert out.stdout.strip() == ""
+    events.kill()
