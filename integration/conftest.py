@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from integration.embed import embedshim_env, remove_bpf_pins
 from integration.harness import (
     DEFAULT_NAMESPACE,
     DEFAULT_RUNC_ROOT,
@@ -96,11 +97,14 @@ def busybox(tmp_path_factory: pytest.TempPathFactory) -> str:
 def containerd(busybox: str) -> Iterator[Containerd]:
     """A private containerd; everything it (and its shims/containers) made is removed after
     the test, pass or fail.  ``EMBEDSHIM_ROOT`` points into its temp dir."""
-    c = Containerd(extra_env={"EMBEDSHIM_ROOT": "{tmp}/embedshim"}, watch_paths=[busybox])
+    c = Containerd(extra_env=embedshim_env(), watch_paths=[busybox])
     try:
         yield c
     finally:
-        c.cleanup()
+        try:
+            c.cleanup()
+        finally:
+            remove_bpf_pins(c)
 
 
 @pytest.fixture

@@ -18,8 +18,33 @@ TASK_SERVICE = "containerd.task.v2.Task"
 T = TypeVar("T")
 
 
+BPF_TEST_ROOT = "/sys/fs/bpf/embedshim-test"
+
+
+def embedshim_env() -> dict[str, str]:
+    """The environment that keeps a test's daemon files in its containerd's temp dir and its
+    BPF pins in a bpffs dir of its own (removed by remove_bpf_pins)."""
+    return {"EMBEDSHIM_ROOT": "{tmp}/embedshim", "EMBEDSHIM_BPF_ROOT": BPF_TEST_ROOT}
+
+
 def daemon_paths(c: Containerd) -> DaemonPaths:
     return DaemonPaths.for_containerd(c.address, root=c.embedshim_root)
+
+
+def bpf_pin_root(c: Containerd) -> str:
+    key = os.path.basename(daemon_paths(c).dir)
+    return os.path.join(BPF_TEST_ROOT, key)
+
+
+def remove_bpf_pins(c: Containerd) -> None:
+    """Unpin this instance's BPF program and maps (it detaches once nobody holds them)."""
+    from shim.exittrack import ExitTracker
+
+    ExitTracker.uninstall(bpf_pin_root(c))
+    try:
+        os.rmdir(BPF_TEST_ROOT)
+    except OSError:
+        pass
 
 
 def daemons(c: Containerd) -> list[ProcInfo]:

@@ -17,7 +17,8 @@ import time
 
 from shim import log
 from shim.events import Publisher
-from shim.exitwatch import ExitWatch
+from shim.exittrack import ExitTracker
+from shim.exitwatch import ExitRecordLookup, ExitWatch
 from shim.paths import DaemonPaths
 from shim.reaper import Reaper, become_subreaper
 from shim.service import DAEMON_SERVICE, TASK_SERVICE, TaskService
@@ -46,8 +47,9 @@ class Daemon:
         store = StateStore(self.paths.store)
         publisher = Publisher(self.ttrpc_address)
         publisher.start()
-        exits = ExitWatch(loop, reaper)
-        self.tasks = Tasks(Deps(self.paths, reaper, exits, store, publisher))
+        tracker = open_tracker(self.paths)
+        exits = ExitWatch(loop, reaper, exit_record_lookup(tracker) if tracker else None)
+        self.tasks = Tasks(Deps(self.paths, reaper, exits, store, publisher, tracker))
         self.service = TaskService(self.tasks, self._on_shutdown)
         server = Server(accept_filter=require_same_user)
         server.register(TASK_SERVICE, self.service.methods())
@@ -73,6 +75,8 @@ class Daemon:
         await publisher.flush()
         await publisher.close()
         exits.close()
+        if tracker is not None:
+            tracker.close()  # the pinned program stays attached and keeps recording
         reaper.close()
         store.close()
         for path in (self.paths.pidfile,):
@@ -113,6 +117,33 @@ class Daemon:
             self._stop.set()
         finally:
             os.close(lock_fd)
+
+
+def open_tracker(paths: DaemonPaths) -> ExitTracker | None:
+    """The pinned BPF exit tracker, or None (said once in the log) where BPF cannot be used:
+    the daemon then works with its reaper and pidfds alone."""
+    try:
+        tracker = ExitTracker.open(paths.bpf_pin_root)
+    except Exception as exc:
+        ok, reason = ExitTracker.available(paths.bpf_pin_root, check_load=False)
+        log.event(
+            "BPF exit tracking unavailable; using pidfd and waitid only",
+            logging.WARNING,
+            reason=reason if not ok else str(exc),
+        )
+        return None
+    log.event("BPF exit tracking on", pins=tracker.pin_dir, link_id=tracker.link_id)
+    return tracker
+
+
+def exit_record_lookup(tracker: ExitTracker) -> ExitRecordLookup:
+    def lookup(trace_id: int) -> tuple[int, int] | None:
+        record = tracker.lookup_exit(trace_id)
+        if record is None:
+            return None
+        return record.wait_status, record.exited_at_wall_ns()
+
+    return lookup
 
 
 def main(containerd_address: str, ttrpc_address: str, debug: bool, ready_fd: int) -> int:

@@ -54,11 +54,46 @@ def _runc_binary(options: bytes | None) -> str:
 
 def _wait_gone(pid: int, start_time: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while procinfo.is_same(pid, start_time):
+    while procinfo.is_running(pid, start_time):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)
     return True
+
+
+def _kill(pid: int, start_time: int) -> None:
+    fd = procinfo.open_pidfd(pid, start_time)
+    if fd is None:
+        return
+    try:
+        signal.pidfd_send_signal(fd, signal.SIGKILL)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _exit_from_bpf(paths: DaemonPaths, pid: int, trace_id: int) -> tuple[int, int] | None:
+    """(exit status, exited_at ns) from the pinned exit map, consuming the record."""
+    if not trace_id:
+        return None
+    from shim.exittrack import ExitTracker
+
+    tracker = ExitTracker.open_existing(paths.bpf_pin_root)
+    if tracker is None:
+        return None
+    try:
+        record = tracker.lookup_exit(trace_id)
+        if record is None:
+            return None
+        tracker.delete_exit(trace_id)
+        tracker.unregister(pid)
+        return record.exit_status, record.exited_at_wall_ns()
+    except OSError as exc:
+        sys.stderr.write(f"BPF exit map: {exc}\n")
+        return None
+    finally:
+        tracker.close()
 
 
 def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
@@ -86,19 +121,17 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
             if rec.exit_status is not None:
                 status = rec.exit_status
                 exited_at = rec.exited_at or exited_at
-            elif procinfo.is_same(rec.pid, rec.start_time):
-                # Still running and nobody will manage it any more: end it.
-                fd = procinfo.open_pidfd(rec.pid, rec.start_time)
-                if fd is not None:
-                    try:
-                        signal.pidfd_send_signal(fd, signal.SIGKILL)
-                    except OSError:
-                        pass
-                    finally:
-                        os.close(fd)
-                if _wait_gone(rec.pid, rec.start_time, KILL_WAIT):
-                    status = 128 + signal.SIGKILL
-                exited_at = time.time_ns()
+            else:
+                if procinfo.is_running(rec.pid, rec.start_time):
+                    # Still running and nobody will manage it any more: end it.
+                    _kill(rec.pid, rec.start_time)
+                    if _wait_gone(rec.pid, rec.start_time, KILL_WAIT):
+                        status = 128 + signal.SIGKILL
+                    exited_at = time.time_ns()
+                # The pinned BPF map saw the exit even if no daemon did: the real status.
+                found = _exit_from_bpf(paths, rec.pid, rec.trace_id)
+                if found is not None:
+                    status, exited_at = found
     try:
         subprocess.run(
             [binary, "--root", runc_root, "delete", "--force", id],

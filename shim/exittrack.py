@@ -229,6 +229,17 @@ class ExitTracker:
         finally:
             os.close(dfd)  # releases the flock
 
+    @classmethod
+    def open_existing(cls, pin_root: str = DEFAULT_PIN_ROOT) -> ExitTracker | None:
+        """The pinned tracker if one is attached under ``pin_root``; never loads one.
+
+        For readers such as the ``delete`` subcommand, which must not install a program
+        but want the exits recorded while no daemon ran."""
+        try:
+            return cls._open_pins(cls.versioned_dir(pin_root))
+        except BPFError:
+            return None
+
     @staticmethod
     def _load_and_pin(vdir: str, obj_path: str) -> None:
         from shim import libbpf

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 DEFAULT_ROOT = "/run/embedshim"
 ROOT_ENV = "EMBEDSHIM_ROOT"
+DEFAULT_BPF_ROOT = "/sys/fs/bpf/embedshim"
+BPF_ROOT_ENV = "EMBEDSHIM_BPF_ROOT"
 
 
 def instance_key(containerd_address: str) -> str:
@@ -56,6 +58,13 @@ class DaemonPaths:
     @property
     def log(self) -> str:
         return os.path.join(self.dir, "daemon.log")
+
+    @property
+    def bpf_pin_root(self) -> str:
+        """Where this daemon's BPF program and maps are pinned (bpffs), one set per daemon:
+        trace ids come from this daemon's store, so maps are never shared between daemons."""
+        base = os.environ.get(BPF_ROOT_ENV) or DEFAULT_BPF_ROOT
+        return os.path.join(base, os.path.basename(self.dir))
 
     @property
     def runc_root(self) -> str:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from shim import errors, log, procinfo
 from shim.api import events_pb2
+from shim.exittrack import process_start_boottime
 from shim.reaper import Exit
 from shim.runc import RuncError, is_not_found
 from shim.statestore import ProcessRecord
@@ -145,9 +146,32 @@ class Process:
         )
         event.exited_at.FromNanoseconds(at)
         deps.events.publish(self.task.namespace, event)
+        self.untrack()
         self._exited.set()
         log.event("process exited", **self.fields(), exit_status=status)
         self.task.log_line("process exited", exec_id=self.exec_id, exit_status=status)
+
+    def track(self) -> None:
+        """Register the process with the pinned BPF exit map (when BPF is on)."""
+        tracker = self.task.deps.tracker
+        if tracker is None:
+            return
+        try:
+            tracker.register(self.pid, self.trace_id, process_start_boottime(self.pid))
+        except OSError as exc:
+            # The reaper and the pidfd still see this exit while the daemon runs.
+            log.event("BPF registration failed", logging.ERROR, **self.fields(), error=exc)
+
+    def untrack(self) -> None:
+        """Drop the process's BPF entries, once its exit is persisted."""
+        tracker = self.task.deps.tracker
+        if tracker is None or not self.trace_id:
+            return
+        try:
+            tracker.delete_exit(self.trace_id)
+            tracker.unregister(self.pid)
+        except OSError as exc:
+            log.event("BPF cleanup failed", logging.ERROR, **self.fields(), error=exc)
 
     def signal_check(self) -> None:
         if self.exited or self.status in (Status.STOPPED, Status.DELETED):
@@ -174,6 +198,9 @@ class InitProcess(Process):
         self.pid = task.bundle.read_pid()
         self.start_time = procinfo.start_time(self.pid)
         self.trace_id = task.deps.store.next_trace_id()
+        # The init waits in `runc init` until `runc start`: registering it now means no exit,
+        # however early, can go unrecorded.
+        self.track()
         self.watch_exit(self._kill_all_if_shared_pidns)
         task.deps.store.put(self.record())
 

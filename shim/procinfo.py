@@ -24,6 +24,17 @@ def start_time(pid: int) -> int:
     return int(rest[19])
 
 
+def is_running(pid: int, expected_start_time: int) -> bool:
+    """``is_same`` and not yet a zombie: the process has not exited."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            data = f.read()
+    except OSError:
+        return False
+    rest = data[data.rindex(b")") + 2 :].split()
+    return rest[0] != b"Z" and expected_start_time > 0 and int(rest[19]) == expected_start_time
+
+
 def is_same(pid: int, expected_start_time: int) -> bool:
     """Whether ``pid`` is still the process that started at ``expected_start_time``."""
     return pid > 0 and expected_start_time > 0 and start_time(pid) == expected_start_time

@@ -17,6 +17,7 @@ from shim import errors, identifiers, log
 from shim.api import events_pb2, mount_pb2, runc_options_pb2, shim_pb2
 from shim.bundle import Bundle
 from shim.events import Publisher
+from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitWatch
 from shim.mount import Mount, mount, unmount_all
 from shim.paths import DaemonPaths
@@ -39,6 +40,7 @@ class Deps:
     exits: ExitWatch
     store: StateStore
     events: Publisher
+    tracker: ExitTracker | None = None
 
 
 @dataclass
