@@ -204,3 +204,42 @@ def test_maps_empty_after_delete(containerd: Containerd, busybox: str) -> None:
         assert list(tracker.exits()) == [] and tracker.tracked() == {}
     finally:
         tracker.close()
+
+
+@pytest.mark.parametrize(
+    "env", [{"EMBEDSHIM_BPF": "off"}, {"EMBEDSHIM_BPF_ROOT": "{tmp}/not-bpffs"}]
+)
+def test_without_bpf_the_daemon_says_so_and_keeps_working(
+    busybox: str, env: dict[str, str]
+) -> None:
+    from integration.embed import embedshim_env, remove_bpf_pins
+
+    c = Containerd(extra_env={**embedshim_env(), **env}, watch_paths=[busybox])
+    try:
+        r = c.run(RUNTIME, busybox, "nobpf", "sh", "-c", "exit 9", rm=True, check=False)
+        assert r.returncode == 9, r.stderr
+        c.run(RUNTIME, busybox, "nobpf2", "sleep", "1000", detach=True)
+        c.ctr("task", "kill", "-s", "KILL", "nobpf2")
+        wait_for(lambda: task_list(c)["nobpf2"][1] == "STOPPED")
+        assert "exit code 137" in c.ctr("task", "delete", "nobpf2").stderr
+        with open(daemon_paths(c).log) as f:
+            text = f.read()
+        assert text.count("using pidfd and waitid only") == 1, text
+        assert "BPF exit tracking on" not in text
+    finally:
+        try:
+            c.cleanup()
+        finally:
+            remove_bpf_pins(c)
+
+
+def test_check_reports_features_and_mode() -> None:
+    import subprocess
+    import sys
+
+    exe = os.path.join(sys.prefix, "bin", "containerd-shim-embed-v1")
+    out = subprocess.run([exe, "check"], capture_output=True, text=True, check=True).stdout
+    for name in ("pidfd", "BTF", "bpffs", "BPF exit tracking", "runc", "cgroups"):
+        assert name in out
+    ok, _ = ExitTracker.available(check_load=False)
+    assert ("mode: bpf+pidfd" in out) == ok, out

@@ -122,6 +122,9 @@ class Daemon:
 def open_tracker(paths: DaemonPaths) -> ExitTracker | None:
     """The pinned BPF exit tracker, or None (said once in the log) where BPF cannot be used:
     the daemon then works with its reaper and pidfds alone."""
+    if os.environ.get("EMBEDSHIM_BPF", "").lower() in ("off", "0", "no"):
+        log.event("BPF exit tracking disabled by EMBEDSHIM_BPF; using pidfd and waitid only")
+        return None
     try:
         tracker = ExitTracker.open(paths.bpf_pin_root)
     except Exception as exc:

@@ -1,0 +1,73 @@
+"""``check``: which kernel features are here, and which mode the daemon would run in."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+
+from shim.cli import Flags
+from shim.paths import DEFAULT_BPF_ROOT, DaemonPaths
+
+
+def _pidfd() -> tuple[bool, str]:
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (OSError, AttributeError) as exc:
+        return False, f"pidfd_open: {exc}"
+    return True, "pidfd_open works"
+
+
+def _pidfd_info() -> tuple[bool, str]:
+    from shim import procinfo
+
+    fd = os.pidfd_open(os.getpid())
+    try:
+        import fcntl
+        import struct
+
+        buf = bytearray(72)
+        struct.pack_into("=Q", buf, 0, 0)
+        fcntl.ioctl(fd, procinfo.PIDFD_GET_INFO, buf)
+    except OSError as exc:
+        return False, f"PIDFD_GET_INFO: {exc.strerror} (Linux 6.15+)"
+    finally:
+        os.close(fd)
+    return True, "PIDFD_GET_INFO works (exit status of reaped non-children)"
+
+
+def _cgroups() -> str:
+    if os.path.exists("/sys/fs/cgroup/cgroup.controllers"):
+        return "v2 (unified)"
+    if os.path.isdir("/sys/fs/cgroup/unified"):
+        return "v1 (hybrid: v2 at /sys/fs/cgroup/unified)"
+    return "v1"
+
+
+def main(flags: Flags) -> int:
+    from shim.exittrack import ExitTracker
+
+    paths = DaemonPaths.for_containerd(flags.address) if flags.address else None
+    pin_root = paths.bpf_pin_root if paths else DEFAULT_BPF_ROOT
+    rows: list[tuple[str, bool, str]] = []
+    ok, why = _pidfd()
+    rows.append(("pidfd", ok, why))
+    ok, why = _pidfd_info()
+    rows.append(("pidfd exit info", ok, why))
+    rows.append(("BTF", os.path.exists("/sys/kernel/btf/vmlinux"), "/sys/kernel/btf/vmlinux"))
+    from shim import libbpf
+
+    rows.append(("bpffs", libbpf.is_bpffs("/sys/fs/bpf"), "/sys/fs/bpf"))
+    bpf_ok, bpf_why = ExitTracker.available(pin_root)
+    rows.append(("BPF exit tracking", bpf_ok, bpf_why))
+    for tool in ("runc", "containerd"):
+        found = shutil.which(tool)
+        rows.append((tool, found is not None, found or "not on PATH"))
+    rows.append(("root", os.geteuid() == 0, f"euid {os.geteuid()}"))
+    width = max(len(r[0]) for r in rows)
+    for name, good, detail in rows:
+        sys.stdout.write(f"{name:<{width}}  {'yes' if good else 'no ':<3}  {detail}\n")
+    sys.stdout.write(f"cgroups{' ' * (width - 7)}  {_cgroups()}\n")
+    mode = "bpf+pidfd" if bpf_ok else "pidfd+waitid only (exits while no daemon runs are lost)"
+    sys.stdout.write(f"\nmode: {mode}\n")
+    return 0 if rows[0][1] else 1
