@@ -44,7 +44,7 @@ from integration.harness import (
     task_list,
     wait_for,
 )
-from shim.paths import DaemonPaths
+from shim.paths import DEFAULT_BPF_ROOT, DaemonPaths
 
 NAMESPACE = "embedshim-demo"
 LABEL = "io.embedshim.demo"
@@ -626,7 +626,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             err = str(exc)
         left = {k: v for k, v in ctrd.leftovers().items() if v}
         if private:
+            # this run's bpffs dir, and this instance's dir under the default root in case the
+            # daemon did not honour EMBEDSHIM_BPF_ROOT (the key is unique to this temp dir)
+            key = os.path.basename(DaemonPaths.for_containerd(ctrd.address, root="/").dir)
             pins = remove_bpf_pins(bpf_root(ctrd))
+            pins += remove_bpf_pins(os.path.join(DEFAULT_BPF_ROOT, key))
             if pins:
                 left["bpf pins"] = pins
         if demo is not None:
