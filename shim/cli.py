@@ -30,6 +30,7 @@ commands:
   start     print the address of this containerd's daemon, starting it if needed
   delete    clean up one task after containerd has let go of it
   daemon    run the daemon (started by `start`)
+  reload    upgrade the daemon in place (same pid; containers and connections kept)
   check     print which kernel features are present and the mode the daemon would use
   version   print the version
 
@@ -110,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
         from shim import delete
 
         return delete.main(flags)
+    if command == "reload":
+        from shim import reload
+
+        return reload.main(flags)
     if command == "check":
         from shim import check
 

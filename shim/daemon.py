@@ -4,18 +4,28 @@ Started detached by ``containerd-shim-embed-v1 start`` (as ``containerd-shim-emb
 daemon ...`` so operators can tell it in ``ps``).  It is a child subreaper so every container
 init is its child, listens on one 0600 ttrpc socket, and exits only when it serves no task
 and no ``start`` has reserved it for a task on its way.
+
+SIGHUP upgrades it in place: it stops reading requests, lets the short ones finish, writes a
+handoff (listening socket, containerd's connections with their unread bytes and pending
+Waits, unsent events) and re-execs itself with the same pid, so its containers stay its
+children and containerd keeps its connections.  The new image takes everything back from the
+handoff, the state store and the pinned BPF maps.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import fcntl
+import json
 import logging
 import os
 import signal
+import sys
 import time
 
 from shim import log
+from shim.api import events_pb2, events_service_pb2
 from shim.events import Publisher
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitRecordLookup, ExitWatch
@@ -30,6 +40,10 @@ RESERVATION_TTL = 30.0
 # How long an idle daemon stays up after its last task, so that a burst of short-lived
 # containers does not pay for a daemon start each (EMBEDSHIM_IDLE_EXIT overrides; 0 = at once).
 IDLE_EXIT = 10.0
+HANDOFF_ENV = "EMBEDSHIM_HANDOFF"
+QUIESCE_TIMEOUT = 10.0
+# Calls that may wait for as long as a container runs: handed over, not waited for.
+LONG_CALLS = frozenset({"Wait"})
 
 
 class Daemon:
@@ -37,39 +51,55 @@ class Daemon:
         self.paths = paths
         self.containerd_address = containerd_address
         self.ttrpc_address = ttrpc_address
+        self.started_at = time.time_ns()
         self._stop = asyncio.Event()
+        self._reload = False
         self._exiting = False
 
     async def run(self, ready_fd: int = -1) -> None:
         loop = asyncio.get_running_loop()
         become_subreaper()
+        handoff = _read_handoff()
         reaper = Reaper(loop)
         store = StateStore(self.paths.store)
         publisher = Publisher(self.ttrpc_address)
-        publisher.start()
         tracker = open_tracker(self.paths)
         exits = ExitWatch(loop, reaper, exit_record_lookup(tracker) if tracker else None)
         self.tasks = Tasks(Deps(self.paths, reaper, exits, store, publisher, tracker))
-        self.service = TaskService(self.tasks, self._on_shutdown)
+        queued_exits = _requeue_events(publisher, store, handoff)
+        self.tasks.restore(queued_exits)
+        reaper.reap()  # children that exited while no handler was installed (re-exec)
+        publisher.start()
+        self.service = TaskService(self.tasks, self._on_shutdown, self.info)
         server = Server(accept_filter=require_same_user)
         server.register(TASK_SERVICE, self.service.methods())
         server.register(DAEMON_SERVICE, self.service.daemon_methods())
-        await server.start_unix(self.paths.socket, mode=0o600)
+        if handoff is not None:
+            from shim.ttrpc.server import ServerHandoff
+
+            await server.adopt(ServerHandoff.from_json(str(handoff["server"])))
+        else:
+            await server.start_unix(self.paths.socket, mode=0o600)
         with open(self.paths.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         log.event(
-            "daemon started",
+            "daemon reloaded" if handoff else "daemon started",
             pid=os.getpid(),
             socket=self.paths.socket,
             containerd=self.containerd_address,
             events=self.ttrpc_address,
+            tasks=len(self.tasks),
         )
         if ready_fd >= 0:
             os.write(ready_fd, b"ready\n")
             os.close(ready_fd)
         await self._stop.wait()
+        if self._reload:
+            await self._handoff_and_exec(server, publisher, exits, tracker, reaper, store)
+            return  # only if exec failed: keep serving is impossible now; exit
         log.event("daemon stopping", pid=os.getpid(), tasks=len(self.tasks))
         await server.close()
         await publisher.flush()
@@ -79,11 +109,59 @@ class Daemon:
             tracker.close()  # the pinned program stays attached and keeps recording
         reaper.close()
         store.close()
-        for path in (self.paths.pidfile,):
-            try:
-                os.unlink(path)
-            except OSError:
-                pass
+        try:
+            os.unlink(self.paths.pidfile)
+        except OSError:
+            pass
+
+    def info(self) -> dict[str, object]:
+        return {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "tasks": len(self.tasks),
+            "containerd": self.containerd_address,
+        }
+
+    def _on_sighup(self) -> None:
+        log.event("reload requested", pid=os.getpid())
+        self._reload = True
+        self._stop.set()
+
+    async def _handoff_and_exec(
+        self,
+        server: Server,
+        publisher: Publisher,
+        exits: ExitWatch,
+        tracker: ExitTracker | None,
+        reaper: Reaper,
+        store: StateStore,
+    ) -> None:
+        await server.quiesce(keep=lambda ctx: ctx.method in LONG_CALLS, timeout=QUIESCE_TIMEOUT)
+        unsent = await publisher.detach()
+        state = server.handoff()
+        exits.close()
+        if tracker is not None:
+            tracker.close()
+        reaper.close()
+        store.close()
+        path = os.path.join(self.paths.dir, "handoff.json")
+        with open(path, "w") as f:
+            json.dump(
+                {
+                    "server": state.to_json(),
+                    "events": [
+                        [ns, topic, base64.b64encode(payload).decode(), marked]
+                        for ns, topic, payload, marked in unsent
+                    ],
+                },
+                f,
+            )
+        env = dict(os.environ)
+        env[HANDOFF_ENV] = path
+        argv = _daemon_argv()
+        log.event("re-executing", pid=os.getpid(), argv=" ".join(argv))
+        logging.shutdown()
+        os.execve(sys.executable, [sys.executable, *argv], env)
 
     def _on_shutdown(self) -> None:
         if self._idle():
@@ -103,7 +181,7 @@ class Daemon:
     async def _exit_if_idle(self) -> None:
         """Exit if nothing is served; under the start lock, so a ``start`` racing with us
         either reserves us first or finds the socket gone and starts a new daemon."""
-        if self._exiting or not self._idle():
+        if self._exiting or self._reload or not self._idle():
             return
         self._exiting = True
         lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -117,6 +195,53 @@ class Daemon:
             self._stop.set()
         finally:
             os.close(lock_fd)
+
+
+def _daemon_argv() -> list[str]:
+    """This daemon's own command line, minus the one-shot readiness fd."""
+    argv = list(sys.argv)
+    if "-ready-fd" in argv:
+        i = argv.index("-ready-fd")
+        del argv[i : i + 2]
+    return argv
+
+
+def _read_handoff() -> dict[str, object] | None:
+    path = os.environ.pop(HANDOFF_ENV, "")
+    if not path:
+        return None
+    with open(path) as f:
+        data: dict[str, object] = json.load(f)
+    os.unlink(path)
+    return data
+
+
+def _requeue_events(
+    publisher: Publisher, store: StateStore, handoff: dict[str, object] | None
+) -> set[tuple[str, str, str]]:
+    """Queue the previous image's unsent events, in order; returns the exits among them
+    (namespace, container id, exec id), which restore must not publish a second time."""
+    exits: set[tuple[str, str, str]] = set()
+    if handoff is None:
+        return exits
+    events = handoff.get("events")
+    assert isinstance(events, list)
+    for ns, topic, b64, marked in events:
+        payload = base64.b64decode(b64)
+        on_sent = None
+        if topic == "/tasks/exit":
+            env = events_service_pb2.ForwardRequest.FromString(payload).envelope
+            ev = events_pb2.TaskExit.FromString(env.event.value)
+            exec_id = "" if ev.id == ev.container_id else ev.id
+            key = (ns, ev.container_id, exec_id)
+            exits.add(key)
+            if marked:
+
+                def on_sent(key: tuple[str, str, str] = key) -> None:
+                    store.update(*key, exit_published=True)
+
+        publisher.requeue(ns, topic, payload, on_sent)
+    return exits
 
 
 def open_tracker(paths: DaemonPaths) -> ExitTracker | None:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 
 from google.protobuf.message import Message
 
@@ -22,8 +23,11 @@ from shim.ttrpc import Client, TTRPCError
 
 SERVICE = "containerd.services.events.ttrpc.v1.Events"
 QUEUE_MAX = 4096
-ATTEMPTS = 5
 SEND_TIMEOUT = 5.0
+# containerd may be down for a restart: keep an event (and those behind it, in order) for
+# this long, retrying with back-off, before giving up on it.
+RETRY_FOR = 120.0
+BACKOFF_MAX = 2.0
 
 TOPICS: dict[str, str] = {
     "TaskCreate": "/tasks/create",
@@ -55,7 +59,7 @@ def envelope(namespace: str, event: Message, now_ns: int | None = None) -> bytes
 class Publisher:
     def __init__(self, address: str) -> None:
         self.address = address
-        self._queue: deque[tuple[str, str, bytes]] = deque()
+        self._queue: deque[tuple[str, str, bytes, Callable[[], None] | None]] = deque()
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -67,15 +71,18 @@ class Publisher:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="publisher")
 
-    def publish(self, namespace: str, event: Message) -> None:
-        """Queue one event; never blocks."""
+    def publish(
+        self, namespace: str, event: Message, on_sent: Callable[[], None] | None = None
+    ) -> None:
+        """Queue one event; never blocks.  ``on_sent`` runs once containerd has it."""
         if not self.address:
             return
         if len(self._queue) >= QUEUE_MAX:
             self.dropped += 1
-            _, topic, _ = self._queue.popleft()
+            _, topic, _, _ = self._queue.popleft()
             log.event("event queue full, dropped oldest", logging.ERROR, topic=topic)
-        self._queue.append((namespace, TOPICS[event.DESCRIPTOR.name], envelope(namespace, event)))
+        payload = envelope(namespace, event)
+        self._queue.append((namespace, TOPICS[event.DESCRIPTOR.name], payload, on_sent))
         self._idle.clear()
         self._wakeup.set()
 
@@ -86,6 +93,31 @@ class Publisher:
                 await self._idle.wait()
         except TimeoutError:
             pass
+
+    async def detach(self) -> list[tuple[str, str, bytes, bool]]:
+        """Stop sending and return what was not sent yet, as (namespace, topic, payload,
+        has_on_sent), for a daemon that re-execs itself to send after it."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        items = [(ns, topic, payload, cb is not None) for ns, topic, payload, cb in self._queue]
+        self._queue.clear()
+        return items
+
+    def requeue(
+        self, namespace: str, topic: str, payload: bytes, on_sent: Callable[[], None] | None = None
+    ) -> None:
+        """Queue an already encoded event (handed over by the previous daemon image)."""
+        self._queue.append((namespace, topic, payload, on_sent))
+        self._idle.clear()
+        self._wakeup.set()
 
     async def close(self) -> None:
         if self._task is not None:
@@ -115,27 +147,33 @@ class Publisher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            namespace, topic, payload = self._queue[0]
-            for attempt in range(1, ATTEMPTS + 1):
+            namespace, topic, payload, on_sent = self._queue[0]
+            give_up = time.monotonic() + RETRY_FOR
+            attempt = 0
+            while True:
+                attempt += 1
                 try:
                     await self._send(namespace, payload)
                     self.sent += 1
+                    if on_sent is not None:
+                        on_sent()
                     break
                 except (OSError, TTRPCError, TimeoutError) as exc:
                     if self._client is not None:
                         await self._client.close()
                         self._client = None
-                    log.event(
-                        "event not sent",
-                        logging.WARNING,
-                        ns=namespace,
-                        topic=topic,
-                        attempt=attempt,
-                        error=exc,
-                    )
-                    if attempt < ATTEMPTS:
-                        await asyncio.sleep(0.2 * attempt)
-            else:
-                self.dropped += 1
-                log.event("event dropped", logging.ERROR, ns=namespace, topic=topic)
+                    if attempt == 1 or attempt % 10 == 0:
+                        log.event(
+                            "event not sent, retrying",
+                            logging.WARNING,
+                            ns=namespace,
+                            topic=topic,
+                            attempt=attempt,
+                            error=exc,
+                        )
+                    if time.monotonic() > give_up:
+                        self.dropped += 1
+                        log.event("event dropped", logging.ERROR, ns=namespace, topic=topic)
+                        break
+                    await asyncio.sleep(min(BACKOFF_MAX, 0.05 * 2**attempt))
             self._queue.popleft()

@@ -132,8 +132,7 @@ class Process:
         self.exited_at = at
         if self.status != Status.DELETED:
             self.status = Status.STOPPED
-        deps = self.task.deps
-        deps.store.update(
+        self.task.deps.store.update(
             self.task.namespace,
             self.task.id,
             self.exec_id,
@@ -141,15 +140,33 @@ class Process:
             exit_status=status,
             exited_at=at,
         )
-        event = events_pb2.TaskExit(
-            container_id=self.task.id, id=self.id, pid=self.pid, exit_status=status
-        )
-        event.exited_at.FromNanoseconds(at)
-        deps.events.publish(self.task.namespace, event)
+        self.publish_exit()
         self.untrack()
         self._exited.set()
         log.event("process exited", **self.fields(), exit_status=status)
         self.task.log_line("process exited", exec_id=self.exec_id, exit_status=status)
+
+    def restore_exited(self, status: int, at: int | None, published: bool) -> None:
+        """A restarted daemon takes back an exit its predecessor persisted; the event goes
+        out again only if containerd never got it."""
+        self.exit_status = status
+        self.exited_at = at or time.time_ns()
+        self.status = Status.STOPPED
+        if not published:
+            self.publish_exit()
+        self.untrack()
+        self._exited.set()
+
+    def publish_exit(self) -> None:
+        store = self.task.deps.store
+        ns, id, exec_id = self.task.namespace, self.task.id, self.exec_id
+        event = events_pb2.TaskExit(
+            container_id=id, id=self.id, pid=self.pid, exit_status=self.exit_status
+        )
+        event.exited_at.FromNanoseconds(self.exited_at or 0)
+        self.task.deps.events.publish(
+            ns, event, on_sent=lambda: store.update(ns, id, exec_id, exit_published=True)
+        )
 
     def track(self) -> None:
         """Register the process with the pinned BPF exit map (when BPF is on)."""
@@ -201,10 +218,10 @@ class InitProcess(Process):
         # The init waits in `runc init` until `runc start`: registering it now means no exit,
         # however early, can go unrecorded.
         self.track()
-        self.watch_exit(self._kill_all_if_shared_pidns)
+        self.watch_exit(self.kill_all_if_shared_pidns)
         task.deps.store.put(self.record())
 
-    async def _kill_all_if_shared_pidns(self) -> None:
+    async def kill_all_if_shared_pidns(self) -> None:
         # Without its own pid namespace the container's other processes outlive the init.
         if self.task.bundle.has_private_pid_namespace():
             return

@@ -7,6 +7,7 @@ subcommands (reserve a slot before containerd connects; clean up one task).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -52,9 +53,15 @@ def _parse(cls: type[M], payload: bytes) -> M:
 
 
 class TaskService:
-    def __init__(self, tasks: Tasks, on_shutdown: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        tasks: Tasks,
+        on_shutdown: Callable[[], None],
+        info: Callable[[], dict[str, object]] = dict,
+    ) -> None:
         self.tasks = tasks
         self.on_shutdown = on_shutdown
+        self.info = info
         self.reservations: dict[tuple[str, str], float] = {}
 
     def methods(self) -> dict[str, Handler]:
@@ -78,6 +85,7 @@ class TaskService:
         return {
             "Reserve": _guard("Reserve", self.reserve),
             "Cleanup": _guard("Cleanup", self.cleanup),
+            "Info": _guard("Info", self.daemon_info),
         }
 
     def _namespace(self, ctx: Context, id: str = "", bundle: str = "") -> str:
@@ -210,6 +218,10 @@ class TaskService:
         ns, _, id = payload.decode(errors="replace").partition("\0")
         self.reservations[(ns, id)] = time.monotonic()
         return str(os.getpid()).encode()
+
+    async def daemon_info(self, ctx: Context, payload: bytes) -> bytes:
+        """The daemon's pid, image start time and task count, as JSON (for ``reload``)."""
+        return json.dumps(self.info()).encode()
 
     async def cleanup(self, ctx: Context, payload: bytes) -> bytes:
         """``delete``: containerd gave up on one task; kill and remove it if we have it."""

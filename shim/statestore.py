@@ -39,6 +39,10 @@ MIGRATIONS: list[str] = [
     CREATE TABLE counter (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO counter VALUES ('trace_id', 0);
     """,
+    # The exit event reached containerd: a restarted daemon re-publishes exits it lacks.
+    """
+    ALTER TABLE process ADD COLUMN exit_published INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -65,6 +69,7 @@ class ProcessRecord:
     runc_root: str = ""
     options: bytes | None = None
     created_at: int = field(default_factory=time.time_ns)
+    exit_published: bool = False
 
 
 _COLUMNS = [f.name for f in fields(ProcessRecord)]
@@ -170,4 +175,5 @@ class StateStore:
 def _record(row: tuple[object, ...]) -> ProcessRecord:
     rec = ProcessRecord(**dict(zip(_COLUMNS, row, strict=True)))  # type: ignore[arg-type]
     rec.terminal = bool(rec.terminal)
+    rec.exit_published = bool(rec.exit_published)
     return rec

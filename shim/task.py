@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from shim import errors, identifiers, log
+from shim import errors, identifiers, log, procinfo
 from shim.api import events_pb2, mount_pb2, runc_options_pb2, shim_pb2
 from shim.bundle import Bundle
 from shim.events import Publisher
@@ -24,7 +25,7 @@ from shim.paths import DaemonPaths
 from shim.process import InitProcess, Process, Status
 from shim.reaper import Reaper
 from shim.runc import Runc, RuncError
-from shim.statestore import StateStore
+from shim.statestore import ProcessRecord, StateStore
 from shim.stdio import OpenedStdio, Stdio
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
@@ -254,6 +255,71 @@ class Tasks:
         task.init.cleanup_files()
         task.close()
 
+    def restore(self, queued_exits: set[tuple[str, str, str]] = frozenset()) -> None:  # type: ignore[assignment]
+        """Take back every task a previous daemon persisted (after a crash or a re-exec):
+        running ones are watched again, exits that happened meanwhile are reported (unless
+        ``queued_exits`` says the event is already queued to go out)."""
+        for rec in self.deps.store.all():
+            if rec.exec_id:
+                continue
+            if (rec.namespace, rec.id, "") in queued_exits:
+                rec.exit_published = True
+            try:
+                task = self._restore(rec)
+            except Exception as exc:
+                log.event(
+                    "cannot restore task",
+                    logging.ERROR,
+                    ns=rec.namespace,
+                    id=rec.id,
+                    error=repr(exc),
+                )
+                continue
+            self._tasks[(rec.namespace, rec.id)] = task
+            log.event(
+                "task restored",
+                ns=rec.namespace,
+                id=rec.id,
+                pid=rec.pid,
+                status=str(task.init.status),
+            )
+
+    def _restore(self, rec: ProcessRecord) -> Task:
+        bundle = Bundle.load(rec.bundle)
+        options = shim_pb2.CreateTaskRequest().options
+        if rec.options:
+            options.ParseFromString(rec.options)
+        opts = decode_options(options.type_url, options.value)
+        runc = Runc(
+            self.deps.reaper,
+            root=rec.runc_root or self.deps.paths.runc_root_for(rec.namespace),
+            binary=opts.binary,
+            systemd_cgroup=opts.systemd_cgroup,
+        )
+        io = Stdio(rec.stdin, rec.stdout, rec.stderr, rec.terminal)
+        task = Task(rec.namespace, rec.id, bundle, runc, self.deps, io, rec.options)
+        task.open_log()
+        p = task.init
+        p.pid, p.start_time, p.trace_id = rec.pid, rec.start_time, rec.trace_id
+        p.status = Status(rec.status)
+        if rec.exit_status is not None:
+            p.restore_exited(rec.exit_status, rec.exited_at, rec.exit_published)
+        elif procinfo.is_same(p.pid, p.start_time):
+            # Still there (maybe a zombie child of ours): the watcher gets its exit.
+            p.watch_exit(p.kill_all_if_shared_pidns)
+        else:
+            # It exited while no daemon watched; the pinned BPF map saw it.
+            p.set_exited(*self._exit_from_bpf(p.trace_id))
+        return task
+
+    def _exit_from_bpf(self, trace_id: int) -> tuple[int, int]:
+        tracker = self.deps.tracker
+        record = tracker.lookup_exit(trace_id) if tracker is not None and trace_id else None
+        if record is None:
+            log.event("exit status unknown", logging.WARNING, trace_id=trace_id)
+            return 255, time.time_ns()
+        return record.exit_status, record.exited_at_wall_ns()
+
     async def delete(self, namespace: str, id: str, exec_id: str) -> tuple[int, int, int]:
         task = self.get(namespace, id)
         if exec_id:
@@ -261,11 +327,10 @@ class Tasks:
         if any(p.status != Status.DELETED for p in task.execs.values()):
             raise errors.precondition(f"container {id} still has exec processes")
         pid, status, exited_at = await task.init.delete()
-        if task.rootfs:
-            try:
-                unmount_all(task.bundle.rootfs)
-            except OSError as exc:
-                log.event("unmount failed", logging.ERROR, ns=namespace, id=id, error=exc)
+        try:
+            unmount_all(task.bundle.rootfs)
+        except OSError as exc:
+            log.event("unmount failed", logging.ERROR, ns=namespace, id=id, error=exc)
         task.init.cleanup_files()
         self.deps.store.delete(namespace, id)
         event = events_pb2.TaskDelete(container_id=id, pid=pid, exit_status=status)
