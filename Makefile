@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
-DEB_PACKAGES := containerd runc busybox-static libbpf1 clang llvm bpftool libbpf-dev crun criu \
+DEB_PACKAGES := python3-venv containerd runc busybox-static libbpf1 clang llvm bpftool libbpf-dev crun criu \
 	iproute2 containernetworking-plugins procps util-linux
 PROTOS := $(wildcard proto/*.proto)
 
@@ -20,7 +20,8 @@ setup: .setup-debs $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
+	@$(PY) -m compileall -q shim runc_exec >/dev/null
 	@touch $@
 
 proto:
@@ -45,7 +46,10 @@ test: setup lint
 	$(PY) -m pytest -q tests integration
 
 demo: setup
-	$(PY) -m shim.demo
+	$(PY) -m integration.demo
+
+bench: setup
+	$(PY) -m integration.bench.bench $(BENCH_ARGS)
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -55,6 +55,7 @@ class Daemon:
         self._stop = asyncio.Event()
         self._reload = False
         self._exiting = False
+        self._last_shutdown = 0.0
 
     async def run(self, ready_fd: int = -1) -> None:
         loop = asyncio.get_running_loop()
@@ -164,11 +165,24 @@ class Daemon:
         os.execve(sys.executable, [sys.executable, *argv], env)
 
     def _on_shutdown(self) -> None:
+        self._last_shutdown = time.monotonic()
         if self._idle():
-            delay = float(os.environ.get("EMBEDSHIM_IDLE_EXIT", IDLE_EXIT))
-            asyncio.get_running_loop().call_later(
-                delay, lambda: asyncio.ensure_future(self._exit_if_idle())
-            )
+            self._arm_idle_exit(self._idle_delay())
+
+    @staticmethod
+    def _idle_delay() -> float:
+        return float(os.environ.get("EMBEDSHIM_IDLE_EXIT", IDLE_EXIT))
+
+    def _arm_idle_exit(self, delay: float) -> None:
+        def fire() -> None:
+            # Idle for the whole delay since the last task left, not since an older one.
+            left = self._last_shutdown + self._idle_delay() - time.monotonic()
+            if left > 0.01:
+                self._arm_idle_exit(left)
+            else:
+                asyncio.ensure_future(self._exit_if_idle())
+
+        asyncio.get_running_loop().call_later(delay, fire)
 
     def _idle(self) -> bool:
         now = time.monotonic()
