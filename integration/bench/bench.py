@@ -1060,6 +1060,14 @@ def table(results: dict[str, Any], targets: Sequence[Target]) -> str:
         why = _get(results, "exec", rt, "skipped")
         if why:
             lines.append(f"  exec on {rt} skipped: {why}")
+    others = max(
+        (e.get("other_containerds", 0) for e in results.get("environment") or []), default=0
+    )
+    if others:
+        lines.append(
+            f"note: up to {others} other containerd instance(s) ran during the bench "
+            "(other test runs?): expect noisier latencies"
+        )
     lines += ["", "Targets"]
     for t in targets:
         mark = {True: "MET    ", False: "NOT MET", None: "n/a    "}[t.met]
@@ -1231,6 +1239,22 @@ def _shared_run_dirs() -> list[str]:
     return [d for d in dirs if os.path.isdir(d)]
 
 
+def _load() -> dict[str, Any]:
+    """What else is running: load average, and containerd instances other than ``mine``
+    (other harness runs skew the numbers)."""
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    return {"loadavg": [float(x) for x in load]}
+
+
+def other_containerds(mine: int | None) -> int:
+    return sum(
+        1
+        for p in all_processes()
+        if not p.zombie and p.pid != mine and p.cmdline[:1] == ["containerd"]
+    )
+
+
 def preflight() -> str | None:
     if os.geteuid() != 0:
         return "the bench needs root (containerd, runc, mounts, cgroups)"
@@ -1247,7 +1271,8 @@ def preflight() -> str | None:
 
 @contextlib.contextmanager
 def _signals_as_interrupt() -> Iterator[None]:
-    old = {s: signal.signal(s, _raise_interrupt) for s in (signal.SIGTERM, signal.SIGHUP)}
+    sigs = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    old = {s: signal.signal(s, _raise_interrupt) for s in sigs}
     try:
         yield
     finally:
@@ -1275,10 +1300,18 @@ def run(
         bench.pool = ThreadPoolExecutor(cfg.concurrency, thread_name_prefix="bench")
         bench.results = results
         results["meta"]["containerd_start_s"] = round(c.start_seconds, 3)
-        bench.phase_memory()
-        bench.phase_start()
-        bench.phase_exit()
-        bench.phase_exec()
+        env: list[dict[str, Any]] = []
+        results["environment"] = env
+        phases = [
+            ("memory", bench.phase_memory),
+            ("start", bench.phase_start),
+            ("exit", bench.phase_exit),
+            ("exec", bench.phase_exec),
+        ]
+        for name, phase in phases:
+            env.append({"phase": name, **_load(), "other_containerds": other_containerds(c.pid)})
+            phase()
+        env.append({"phase": "end", **_load(), "other_containerds": other_containerds(c.pid)})
         results_ok = True
     finally:
         results["errors"] = bench.errors
