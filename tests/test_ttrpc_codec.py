@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from shim.ttrpc.codec import (
     HEADER_SIZE,
     MAX_MESSAGE_SIZE,
+    MAX_STREAM_ID,
     ClientConnection,
     Flags,
     Frame,
@@ -28,6 +29,7 @@ from shim.ttrpc.codec import (
     Response,
     ResponseReceived,
     ServerConnection,
+    ServerConnectionState,
     Status,
     encode_frame,
     parse_address,
@@ -427,6 +429,72 @@ def test_server_oversize_then_next_request() -> None:
         1, Status(Code.RESOURCE_EXHAUSTED, "message length 60 exceed maximum message size of 50")
     )
     assert isinstance(events[1], RequestReceived) and events[1].stream_id == 3
+
+
+# -- handing a connection over (export_state / restore_state) ---------------------------------
+
+
+def _kinds(events: list[RequestReceived | RequestRejected]) -> list[tuple[str, int]]:
+    return [(type(e).__name__, e.stream_id) for e in events]
+
+
+def test_unconsumed_at_every_split_point_restores_the_same_decoder() -> None:
+    wire = encode_frame(1, 1, b"hello") + encode_frame(3, 1, b"") + encode_frame(5, 7, b"x" * 20)
+    expected = FrameDecoder().feed(wire)
+    for cut in range(len(wire) + 1):
+        first = FrameDecoder()
+        before = first.feed(wire[:cut])
+        unread = first.unconsumed()
+        assert wire[:cut].endswith(unread)
+        assert first.mid_frame == bool(unread)
+        second = FrameDecoder()
+        assert second.feed(unread) == []  # never a complete frame
+        assert before + second.feed(wire[cut:]) == expected
+
+
+def test_server_state_round_trip_at_every_split_point() -> None:
+    wire = b"".join(_request_frame(sid) for sid in (1, 3, 5))
+    for cut in range(len(wire) + 1):
+        first = ServerConnection()
+        events = first.receive_data(wire[:cut])
+        state = first.export_state()
+        assert (
+            state.last_stream_id == first.last_stream_id == (events[-1].stream_id if events else 0)
+        )
+        second = ServerConnection()
+        assert second.restore_state(state) == []
+        events += second.receive_data(wire[cut:])
+        assert _kinds(events) == [
+            ("RequestReceived", 1),
+            ("RequestReceived", 3),
+            ("RequestReceived", 5),
+        ]
+        # The ordering check carries over: an old id is still refused.
+        assert _kinds(second.receive_data(_request_frame(1))) == [("RequestRejected", 1)]
+
+
+def test_server_state_while_skipping_an_oversized_frame() -> None:
+    first = ServerConnection(max_size=50)
+    head = FrameHeader(60, 1, MessageType.REQUEST, 0).encode() + b"\0" * 25
+    assert _kinds(first.receive_data(head)) == [("RequestRejected", 1)]
+    state = first.export_state()
+    assert state == ServerConnectionState(last_stream_id=0, unread=b"", discard=35)
+    second = ServerConnection(max_size=50)
+    assert second.restore_state(state) == []
+    assert _kinds(second.receive_data(b"\0" * 35 + _request_frame(3))) == [("RequestReceived", 3)]
+
+
+def test_restore_state_only_on_a_fresh_connection() -> None:
+    server = ServerConnection()
+    server.receive_data(_request_frame(1))
+    with pytest.raises(ValueError):
+        server.restore_state(ServerConnectionState(5))
+    with pytest.raises(ValueError):
+        ServerConnection().restore_state(ServerConnectionState(MAX_STREAM_ID + 1))
+    decoder = FrameDecoder()
+    decoder.feed(b"\0\0")
+    with pytest.raises(ValueError):
+        decoder.skip(3)
 
 
 def test_client_oversize_and_bad_response_become_statuses() -> None:

@@ -35,6 +35,7 @@ __all__ = [
     "Response",
     "ResponseReceived",
     "ServerConnection",
+    "ServerConnectionState",
     "Status",
     "encode_frame",
     "oversize_message",
@@ -420,6 +421,33 @@ class FrameDecoder:
         """Bytes held for the frame in progress."""
         return len(self._buffer)
 
+    @property
+    def discarding(self) -> int:
+        """Payload bytes of an already-reported oversized frame still to be skipped."""
+        return self._discard
+
+    def unconsumed(self) -> bytes:
+        """The bytes fed so far that are not yet part of a complete frame, as received.
+
+        Feeding them to a fresh decoder (after :meth:`skip` of :attr:`discarding`) puts it in
+        exactly this decoder's state, which is how a connection moves to another process.
+        While an oversized frame is being skipped nothing is buffered, so this is empty.
+        """
+        if self._header is None:
+            return bytes(self._buffer)
+        return self._header.encode() + bytes(self._buffer)
+
+    def skip(self, count: int) -> None:
+        """Discard the next ``count`` bytes: the rest of an oversized frame, already reported.
+
+        Only for restoring a decoder's state, so only allowed between frames.
+        """
+        if count < 0:
+            raise ValueError(f"cannot skip {count} bytes")
+        if self.mid_frame and count:
+            raise ValueError("skip() in the middle of a frame")
+        self._discard = count
+
     def feed(self, data: bytes) -> list[FrameEvent]:
         events: list[FrameEvent] = []
         if self._discard:
@@ -482,6 +510,20 @@ class RequestRejected:
 ServerEvent = RequestReceived | RequestRejected
 
 
+@dataclass(frozen=True)
+class ServerConnectionState:
+    """What a :class:`ServerConnection` must remember to continue on another instance.
+
+    ``unread`` holds bytes received but not yet part of a complete frame, ``discard`` the
+    rest of an oversized frame still to be skipped (its rejection has been produced), and
+    ``last_stream_id`` keeps the stream-id ordering check going.
+    """
+
+    last_stream_id: int = 0
+    unread: bytes = b""
+    discard: int = 0
+
+
 class ServerConnection:
     """Server side of one connection: validates stream ids and decodes requests.
 
@@ -498,6 +540,34 @@ class ServerConnection:
     @property
     def mid_frame(self) -> bool:
         return self._decoder.mid_frame
+
+    @property
+    def last_stream_id(self) -> int:
+        """The highest stream id accepted so far (0 before the first request)."""
+        return self._last_stream_id
+
+    def export_state(self) -> ServerConnectionState:
+        """Everything needed to continue this connection elsewhere; see :meth:`restore_state`.
+
+        Requests already returned as events are the caller's to carry over.
+        """
+        return ServerConnectionState(
+            self._last_stream_id, self._decoder.unconsumed(), self._decoder.discarding
+        )
+
+    def restore_state(self, state: ServerConnectionState) -> list[ServerEvent]:
+        """Continue from ``state`` on a connection that has not received anything yet.
+
+        Returns the events of feeding ``state.unread`` again; normally none, since it holds no
+        complete frame, but a decoder with a different size limit may see things differently.
+        """
+        if self._last_stream_id or self._decoder.mid_frame:
+            raise ValueError("restore_state() on a connection already in use")
+        if not 0 <= state.last_stream_id <= MAX_STREAM_ID:
+            raise ValueError(f"stream id {state.last_stream_id} out of range")
+        self._last_stream_id = state.last_stream_id
+        self._decoder.skip(state.discard)
+        return self.receive_data(state.unread)
 
     def receive_data(self, data: bytes) -> list[ServerEvent]:
         events: list[ServerEvent] = []
