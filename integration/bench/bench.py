@@ -210,7 +210,9 @@ def shim_pids(runtime: str, address: str) -> list[int]:
     """The shim processes of one containerd (by its gRPC ``address``).
 
     embed: the daemon (``containerd-shim-embed-v1 ... daemon`` with ``-address <address>``)
-    plus any ``runc_exec`` wrapper below it; runc-v2: every ``containerd-shim-runc-v2 ...
+    plus every helper below it (the ``runc_exec`` wrappers of execs): its descendants in its
+    own PID namespace, less transient ``runc`` calls.  Container processes live in PID
+    namespaces of their own and never count.  runc-v2: every ``containerd-shim-runc-v2 ...
     -address <address>``."""
     procs = [p for p in all_processes() if not p.zombie]
     if runtime == RUNC:
@@ -232,13 +234,22 @@ def shim_pids(runtime: str, address: str) -> list[int]:
     for p in procs:
         children.setdefault(p.ppid, []).append(p.pid)
     by_pid = {p.pid: p for p in procs}
-    out, todo = set(daemons), list(daemons)
+    out, todo = set(daemons), [(d, _pidns(d)) for d in daemons]
     while todo:
-        for c in children.get(todo.pop(), []):
-            todo.append(c)
-            if any("runc_exec" in a for a in by_pid[c].cmdline):
+        parent, ns = todo.pop()
+        for c in children.get(parent, []):
+            todo.append((c, ns))
+            cmd = by_pid[c].cmdline
+            if ns and _pidns(c) == ns and cmd and os.path.basename(cmd[0]) != "runc":
                 out.add(c)
     return sorted(out)
+
+
+def _pidns(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid")
+    except OSError:
+        return ""
 
 
 # --------------------------------------------------------------------------------------
@@ -1060,9 +1071,11 @@ def table(results: dict[str, Any], targets: Sequence[Target]) -> str:
         why = _get(results, "exec", rt, "skipped")
         if why:
             lines.append(f"  exec on {rt} skipped: {why}")
-    others = max(
-        (e.get("other_containerds", 0) for e in results.get("environment") or []), default=0
-    )
+    env = results.get("environment") or []
+    if env:
+        loads = ", ".join(f"{e['phase']} {e['loadavg'][0]:.1f}" for e in env)
+        lines.append(f"1-min load average as each phase began: {loads} ({meta.get('cpus')} cores)")
+    others = max((e.get("other_containerds", 0) for e in env), default=0)
     if others:
         lines.append(
             f"note: up to {others} other containerd instance(s) ran during the bench "
