@@ -4,6 +4,10 @@
 ``client`` run it over unix sockets. The package depends on nothing outside the standard
 library, so it can be lifted out on its own.
 
+``handoff`` describes a live server passed to another process (``Server.quiesce``,
+``Server.handoff``, ``Server.adopt``), so a daemon can re-exec itself without its peers
+noticing.
+
 The asyncio parts are imported on first use, so a short-lived process that only needs the
 codec (a blocking client, say) does not pay for importing asyncio.
 """
@@ -18,6 +22,7 @@ from .errors import ClosedError, Code, MessageTooLargeError, ProtocolError, TTRP
 
 if TYPE_CHECKING:
     from .client import Client
+    from .handoff import ConnectionHandoff, PendingCall, ServerHandoff
     from .server import Context, Handler, PeerCred, Server, require_same_user
 
 __all__ = [
@@ -25,22 +30,28 @@ __all__ = [
     "Client",
     "ClosedError",
     "Code",
+    "ConnectionHandoff",
     "Context",
     "Handler",
     "MessageTooLargeError",
     "PeerCred",
+    "PendingCall",
     "ProtocolError",
     "Server",
+    "ServerHandoff",
     "TTRPCError",
     "require_same_user",
 ]
 
 _LAZY = {
     "Client": "client",
+    "ConnectionHandoff": "handoff",
     "Context": "server",
     "Handler": "server",
     "PeerCred": "server",
+    "PendingCall": "handoff",
     "Server": "server",
+    "ServerHandoff": "handoff",
     "require_same_user": "server",
 }
 
