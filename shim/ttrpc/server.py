@@ -4,6 +4,10 @@ A thin shell around :class:`~.codec.ServerConnection`: each request runs as its 
 its response is written as soon as it is ready, so a slow handler never holds up the others.
 The server must outlive anything a handler or a peer does: handler exceptions become statuses,
 a bad connection is dropped alone, and each connection's memory is bounded by pausing reads.
+
+A live server can be handed over to another process, normally the same one after exec(), with
+its peers noticing nothing: :meth:`Server.quiesce`, :meth:`Server.handoff`, then
+:meth:`Server.adopt` on the other side (see :mod:`.handoff` for what crosses over).
 """
 
 from __future__ import annotations
@@ -11,31 +15,51 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import json
 import logging
 import os
 import socket
 import stat
 import struct
+import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .codec import (
     MAX_MESSAGE_SIZE,
+    Request,
     RequestReceived,
+    RequestRejected,
     Response,
     ServerConnection,
+    ServerConnectionState,
     Status,
     oversize_message,
     parse_address,
 )
 from .errors import Code, MessageTooLargeError, TTRPCError
+from .handoff import ConnectionHandoff, PendingCall, ServerHandoff
 
-__all__ = ["AcceptFilter", "Context", "Handler", "PeerCred", "Server", "require_same_user"]
+__all__ = [
+    "AcceptFilter",
+    "ConnectionHandoff",
+    "Context",
+    "Handler",
+    "PeerCred",
+    "PendingCall",
+    "Server",
+    "ServerHandoff",
+    "require_same_user",
+]
 
 logger = logging.getLogger(__package__ or "ttrpc")
 
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t, uid_t, gid_t
+
+#: How long :meth:`Server.quiesce` gives cancelled handlers to unwind and the last responses
+#: to reach the kernel once its ``timeout`` is used up.
+QUIESCE_GRACE = 1.0
 
 
 class PeerCred(NamedTuple):
@@ -61,7 +85,8 @@ class Context:
     peer: PeerCred | None = None
     stream_id: int = 0
     #: State shared by every call on the same connection (a handler may remember what it
-    #: learned about the peer, e.g. which tenant the connection serves).
+    #: learned about the peer, e.g. which tenant the connection serves). It survives a
+    #: :meth:`Server.handoff` as JSON, so keep it to JSON types (str keys).
     connection: dict[str, object] = field(default_factory=dict)
 
     def get(self, key: str) -> str | None:
@@ -98,7 +123,7 @@ class Server:
 
     A handler is not cancelled when its peer disconnects: a shim that has begun creating a
     container must finish its bookkeeping whether or not anyone waits for the answer. Only
-    its deadline and :meth:`close` cancel it.
+    its deadline, :meth:`close` and :meth:`quiesce` cancel it.
     """
 
     def __init__(
@@ -116,9 +141,15 @@ class Server:
         self._sock: socket.socket | None = None
         self._unlink: tuple[str, int, int] | None = None
         self._connections: set[_ServerProtocol] = set()
-        self._handlers: set[asyncio.Task[None]] = set()
+        # Protocols made for an accepted socket whose connection_made has not run yet.
+        self._accepting: weakref.WeakSet[_ServerProtocol] = weakref.WeakSet()
+        self._handlers: dict[asyncio.Task[None], _ServerProtocol] = {}
         self._closing = False
         self._closed = asyncio.Event()
+        self._quiescing = False
+        self._quiesced = False
+        self._listen_keep: socket.socket | None = None
+        self._handed_off = False
 
     def register(self, service: str, methods: Mapping[str, Handler]) -> None:
         """Add methods to a service; registering one method twice is a programming error."""
@@ -178,6 +209,9 @@ class Server:
         try:
             if self._server is not None:
                 self._server.close()
+            if self._listen_keep is not None:
+                self._listen_keep.close()
+                self._listen_keep = None
             self._remove_socket_file()
             for conn in list(self._connections):
                 conn.abort()
@@ -200,6 +234,202 @@ class Server:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
+
+    # Handing the server over ---------------------------------------------------------------
+
+    async def quiesce(self, *, keep: Callable[[Context], bool], timeout: float = 10.0) -> None:
+        """Bring the server to rest so that :meth:`handoff` can pass it on; peers see nothing.
+
+        Stops accepting (connections wait in the listen backlog) and stops reading every
+        connection: requests that arrive from now on stay in the kernel's socket buffers for
+        whoever adopts the connection. Requests already read but not started (the server was
+        at its in-flight limit) are not started; they become pending calls.
+
+        Then waits until every running handler has finished and its response has been
+        written to the socket, except handlers for which ``keep(ctx)`` is true (a long
+        ``Wait``, say): those are cancelled at once, without answering, and recorded as
+        pending, to be run again by the adopting server. ``keep`` is asked once per handler
+        running when quiesce starts; if it raises, the handler is not kept.
+
+        Handlers still running after ``timeout`` seconds are treated like kept ones: cancelled
+        and run again after the handoff, so a handler that is not idempotent may have done
+        part of its work twice. Cancelled handlers then get up to :data:`QUIESCE_GRACE`
+        seconds to unwind; one that ignores cancellation keeps running here but its answer is
+        never sent (the adopter's is).
+
+        A response the peer does not take within the same bounds cannot be handed over (the
+        new process would interleave its own frames with the rest of it): that connection is
+        closed instead, and its peer sees its calls fail. A kept handler whose peer has
+        already disconnected is simply cancelled.
+
+        After quiesce, :meth:`handoff` (or :meth:`close`) is the only thing left to do.
+        """
+        if self._closing or self._quiescing:
+            raise RuntimeError("server already closed or quiesced")
+        self._quiescing = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        if self._server is not None:
+            assert self._sock is not None
+            # Closing the asyncio server closes its socket; keep a duplicate to hand over.
+            self._listen_keep = self._sock.dup()
+            self._server.close()
+        # A connection accepted just before is made one or two loop iterations later.
+        for _ in range(100):
+            await asyncio.sleep(0)
+            if not self._accepting:
+                break
+        for conn in list(self._connections):
+            conn.quiesce()
+
+        for task, conn in list(self._handlers.items()):
+            ctx = conn.context_of(task)
+            if ctx is not None and self._keep(keep, ctx):
+                conn.abandon(task)
+        running = set(self._handlers)
+        if running:
+            await asyncio.wait(running, timeout=max(0.0, deadline - loop.time()))
+        late = [task for task in self._handlers if not task.done()]
+        for task in late:
+            ctx = self._handlers[task].context_of(task)
+            logger.warning(
+                "ttrpc handler %s/%s still running after %.1fs: cancelled, to be run again "
+                "after the handoff",
+                ctx.service if ctx else "?",
+                ctx.method if ctx else "?",
+                timeout,
+            )
+            self._handlers[task].abandon(task)
+        grace = max(deadline, loop.time() + QUIESCE_GRACE)
+        unwinding = [task for task in self._handlers if not task.done()]
+        if unwinding:
+            await asyncio.wait(unwinding, timeout=max(0.0, grace - loop.time()))
+            for task in unwinding:
+                if not task.done():
+                    logger.error("ttrpc handler ignores cancellation; its answer is dropped")
+
+        conns = list(self._connections)
+        drained = await asyncio.gather(*(conn.drain(grace) for conn in conns))
+        for conn, ok in zip(conns, drained, strict=True):
+            if not ok and conn.live:
+                logger.error(
+                    "ttrpc peer %s did not take its responses in time; closing the "
+                    "connection instead of handing it over",
+                    conn.peer,
+                )
+                conn.abort()
+        self._quiesced = True
+
+    def handoff(self) -> ServerHandoff:
+        """Pass the quiesced server on: what :meth:`adopt` needs, with inheritable fds.
+
+        Duplicates every socket as an inheritable descriptor (no CLOEXEC, so it survives
+        exec()), then drops this server's transports without shutting the sockets down: the
+        duplicates keep the connections open, and the peers notice nothing. The server is
+        unusable afterwards (:meth:`close` is a no-op) and no longer removes its socket file;
+        the adopter does. Raises TypeError, before touching anything, if a connection's
+        state (:attr:`Context.connection`) is not JSON-serialisable.
+
+        If the exec fails, hand the result to ``Server().adopt()`` in this same process.
+        """
+        if not self._quiesced:
+            raise RuntimeError("handoff() needs a completed quiesce()")
+        if self._handed_off or self._closing:
+            raise RuntimeError("server already handed off or closed")
+        conns = [conn for conn in self._connections if conn.live]
+        for conn in conns:
+            try:
+                json.dumps(conn.state, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"ttrpc connection state is not JSON-serialisable: {exc}") from exc
+
+        fds: list[int] = []
+        try:
+            for conn in conns:
+                fds.append(_inheritable_dup(conn.fileno()))
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        listen_fd = -1
+        if self._listen_keep is not None:
+            listen_fd = self._listen_keep.detach()
+            self._listen_keep = None
+            os.set_inheritable(listen_fd, True)
+        now = asyncio.get_running_loop().time()
+        handoff = ServerHandoff(
+            listen_fd, [conn.hand_off(fd, now) for conn, fd in zip(conns, fds, strict=True)]
+        )
+        handoff.socket_file = self._unlink
+        self._unlink = None
+        self._handed_off = True
+        self._closing = True
+        for conn in list(self._connections):
+            conn.abort()  # anything not handed over (closing already)
+        self._closed.set()
+        return handoff
+
+    async def adopt(self, handoff: ServerHandoff) -> None:
+        """Take over a server handed off by :meth:`handoff`, normally in the exec'd process.
+
+        Every descriptor is made CLOEXEC again first. Serves on ``listen_fd`` (unless -1) as
+        :meth:`start_sock` would, and takes every connection back: the unread bytes are fed to
+        the decoder, the stream-id check and :attr:`Context.connection` continue, and each
+        pending call is run as if it had just arrived, answering on its original stream.
+        Adopted connections are not put through the accept filter again. A connection whose
+        descriptor is unusable is logged and skipped. The server must be fresh (handlers may
+        be registered; it must not be started).
+        """
+        if self._server is not None or self._closing or self._quiescing or self._connections:
+            raise RuntimeError("adopt() needs a fresh server")
+        for fd in handoff.fds():
+            with contextlib.suppress(OSError):
+                os.set_inheritable(fd, False)
+        usable: list[tuple[ConnectionHandoff, socket.socket]] = []
+        for conn in handoff.connections:
+            try:
+                usable.append((conn, socket.socket(fileno=conn.fd)))
+            except OSError as exc:
+                logger.error("ttrpc handed-over connection fd %d unusable: %s", conn.fd, exc)
+                with contextlib.suppress(OSError):
+                    os.close(conn.fd)
+        if handoff.listen_fd >= 0:
+            try:
+                try:
+                    listener = socket.socket(fileno=handoff.listen_fd)
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.close(handoff.listen_fd)
+                    raise
+                try:
+                    await self.start_sock(listener)
+                except BaseException:
+                    listener.close()
+                    raise
+            except BaseException:
+                for _, sock in usable:
+                    sock.close()
+                raise
+            self._unlink = handoff.socket_file
+        loop = asyncio.get_running_loop()
+        for index, (conn, sock) in enumerate(usable):
+            try:
+                sock.setblocking(False)
+                await loop.connect_accepted_socket(_adopter(self, conn), sock)
+            except Exception as exc:
+                logger.error("ttrpc handed-over connection fd %d not adopted: %s", conn.fd, exc)
+                sock.close()
+            except BaseException:
+                for _, rest in usable[index:]:
+                    rest.close()
+                raise
+
+    def _keep(self, keep: Callable[[Context], bool], ctx: Context) -> bool:
+        try:
+            return bool(keep(ctx))
+        except Exception:
+            logger.exception("ttrpc quiesce keep() failed for %s/%s", ctx.service, ctx.method)
+            return False
 
     def _remove_socket_file(self) -> None:
         # Only unlink the file we created: a successor may have bound the same path since.
@@ -262,40 +492,92 @@ def _error(code: Code, message: str) -> Response:
     return Response(Status(code, message))
 
 
-class _ServerProtocol(asyncio.Protocol):
-    """One accepted connection."""
+def _adopter(server: Server, conn: ConnectionHandoff) -> Callable[[], _ServerProtocol]:
+    return lambda: _ServerProtocol(server, conn)
 
-    def __init__(self, server: Server) -> None:
+
+def _inheritable_dup(fd: int) -> int:
+    new = os.dup(fd)
+    os.set_inheritable(new, True)
+    return new
+
+
+@dataclass
+class _Call:
+    """A request received on a connection, from decoding until it is answered."""
+
+    stream_id: int
+    request: Request
+    deadline: float | None  # in loop time
+    ctx: Context | None = None  # once started
+
+    @classmethod
+    def received(cls, stream_id: int, request: Request, now: float) -> _Call:
+        # The deadline runs from receipt, as in Go's server, not from when a slot is free.
+        deadline = now + request.timeout_nano / 1e9 if request.timeout_nano > 0 else None
+        return cls(stream_id, request, deadline)
+
+    def pending(self, now: float) -> PendingCall:
+        timeout_nano = 0
+        if self.deadline is not None:
+            timeout_nano = max(1, int((self.deadline - now) * 1e9))
+        request = self.request
+        return PendingCall(
+            self.stream_id,
+            request.service,
+            request.method,
+            request.payload,
+            list(request.metadata),
+            timeout_nano,
+        )
+
+
+class _ServerProtocol(asyncio.Protocol):
+    """One accepted (or adopted) connection."""
+
+    def __init__(self, server: Server, adopted: ConnectionHandoff | None = None) -> None:
         self._server = server
+        self._adopted = adopted
         self._conn = ServerConnection()
         self._transport: asyncio.Transport | None = None
         self._peer: PeerCred | None = None
-        self._state: dict[str, object] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
-        # Requests decoded while at the in-flight limit; at most one read's worth.
-        self._backlog: collections.deque[RequestReceived] = collections.deque()
+        self._state: dict[str, object] = adopted.state if adopted is not None else {}
+        self._tasks: dict[asyncio.Task[None], _Call] = {}
+        # Requests decoded but not started: at the in-flight limit (at most one read's worth),
+        # or while quiesced.
+        self._backlog: collections.deque[_Call] = collections.deque()
+        # Calls whose handler was cancelled by quiesce(), to be run again by the adopter;
+        # their answers, should a handler produce one anyway, are never written.
+        self._abandoned: dict[int, _Call] = {}
         self._in_flight_bytes = 0
         self._write_paused = False
         self._read_paused = False
+        self._quiesced = False
+        self._flushed = asyncio.Event()
+        server._accepting.add(self)
 
     # asyncio callbacks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
+        self._server._accepting.discard(self)
         self._transport = transport
         self._peer = _peer_cred(transport.get_extra_info("socket"))
-        if not self._server._admit(self._peer):
+        adopted, self._adopted = self._adopted, None
+        if adopted is None and not self._server._admit(self._peer):
             logger.warning("ttrpc connection from %s refused", self._peer)
             transport.abort()
             return
         self._server._connections.add(self)
+        if adopted is not None:
+            self._resume(adopted)
+        if self._server._quiescing:
+            self.quiesce()  # accepted just before quiesce() closed the listener
+        self._start_backlog()
+        self._update_reading()
 
     def data_received(self, data: bytes) -> None:
-        for event in self._conn.receive_data(data):
-            if isinstance(event, RequestReceived):
-                self._backlog.append(event)
-            else:
-                self._write(event.stream_id, Response(event.status))
+        self._receive(self._conn.receive_data(data))
         self._start_backlog()
         self._update_reading()
 
@@ -309,22 +591,121 @@ class _ServerProtocol(asyncio.Protocol):
         self._transport = None
         # Requests not yet started are dropped; running handlers finish, unanswered.
         self._backlog.clear()
+        self._flushed.set()
 
     def pause_writing(self) -> None:
         self._write_paused = True
+        self._flushed.clear()
         self._update_reading()
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._flushed.set()
         self._update_reading()
 
-    # internals --------------------------------------------------------------------------
+    # used by Server ---------------------------------------------------------------------
+
+    @property
+    def peer(self) -> PeerCred | None:
+        return self._peer
+
+    @property
+    def state(self) -> dict[str, object]:
+        return self._state
+
+    @property
+    def live(self) -> bool:
+        return self._transport is not None and not self._transport.is_closing()
+
+    def fileno(self) -> int:
+        assert self._transport is not None
+        sock = self._transport.get_extra_info("socket")
+        return int(sock.fileno())
 
     def abort(self) -> None:
         """Drop the connection now; requests not yet started are forgotten."""
         self._backlog.clear()
         if self._transport is not None:
             self._transport.abort()
+
+    def context_of(self, task: asyncio.Task[None]) -> Context | None:
+        call = self._tasks.get(task)
+        return call.ctx if call is not None else None
+
+    def quiesce(self) -> None:
+        """Stop reading and starting requests for good; make drain() track the write buffer."""
+        if self._quiesced:
+            return
+        self._quiesced = True
+        self._update_reading()
+        transport = self._transport
+        if transport is not None and not transport.is_closing():
+            # With both marks at zero, pause_writing/resume_writing say exactly whether
+            # anything is still buffered, so drain() can wait for the buffer to empty.
+            transport.set_write_buffer_limits(high=0, low=0)
+
+    def abandon(self, task: asyncio.Task[None]) -> None:
+        """Cancel a handler without answering; its call is run again after the handoff."""
+        call = self._tasks.get(task)
+        if call is None or task.done():
+            return
+        self._abandoned[call.stream_id] = call
+        task.cancel()
+
+    async def drain(self, deadline: float) -> bool:
+        """Wait until every byte written has reached the kernel; False if not by deadline."""
+        while self.live:
+            assert self._transport is not None
+            if not self._transport.get_write_buffer_size():
+                return True
+            self._flushed.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._flushed.wait()
+            except TimeoutError:
+                return False
+        return False
+
+    def hand_off(self, fd: int, now: float) -> ConnectionHandoff:
+        """Describe this quiesced connection around ``fd`` (a duplicate) and let go of it."""
+        assert self._quiesced
+        state = self._conn.export_state()
+        calls = sorted([*self._abandoned.values(), *self._backlog], key=lambda c: c.stream_id)
+        handoff = ConnectionHandoff(
+            fd=fd,
+            unread=state.unread,
+            last_stream_id=state.last_stream_id,
+            state=self._state,
+            pending=[call.pending(now) for call in calls],
+            discard=state.discard,
+        )
+        self._backlog.clear()
+        self.abort()  # closes our descriptor only: the duplicate keeps the socket open
+        return handoff
+
+    # internals --------------------------------------------------------------------------
+
+    def _resume(self, adopted: ConnectionHandoff) -> None:
+        now = asyncio.get_running_loop().time()
+        for pending in adopted.pending:
+            request = Request(
+                pending.service,
+                pending.method,
+                pending.payload,
+                pending.timeout_nano,
+                tuple(pending.metadata),
+            )
+            self._backlog.append(_Call.received(pending.stream_id, request, now))
+        state = ServerConnectionState(adopted.last_stream_id, adopted.unread, adopted.discard)
+        self._receive(self._conn.restore_state(state))
+
+    def _receive(self, events: list[RequestReceived | RequestRejected]) -> None:
+        now = asyncio.get_running_loop().time()
+        for event in events:
+            if isinstance(event, RequestReceived):
+                self._backlog.append(_Call.received(event.stream_id, event.request, now))
+            else:
+                self._write(event.stream_id, Response(event.status))
 
     def _at_limit(self) -> bool:
         return (
@@ -333,46 +714,46 @@ class _ServerProtocol(asyncio.Protocol):
         )
 
     def _start_backlog(self) -> None:
-        while self._backlog and not self._at_limit():
+        while self._backlog and not self._quiesced and not self._at_limit():
             self._start(self._backlog.popleft())
 
-    def _start(self, event: RequestReceived) -> None:
-        request = event.request
+    def _start(self, call: _Call) -> None:
+        request = call.request
         metadata: dict[str, list[str]] = {}
         for key, value in request.metadata:
             metadata.setdefault(key.lower(), []).append(value)
-        deadline = None
-        loop = asyncio.get_running_loop()
-        if request.timeout_nano > 0:
-            deadline = loop.time() + request.timeout_nano / 1e9
         ctx = Context(
             service=request.service,
             method=request.method,
             metadata=metadata,
-            deadline=deadline,
+            deadline=call.deadline,
             peer=self._peer,
-            stream_id=event.stream_id,
+            stream_id=call.stream_id,
             connection=self._state,
         )
-        size = len(request.payload)
-        self._in_flight_bytes += size
-        task = loop.create_task(self._serve(ctx, request.payload, size))
-        self._tasks.add(task)
-        self._server._handlers.add(task)
+        call.ctx = ctx
+        self._in_flight_bytes += len(request.payload)
+        task = asyncio.get_running_loop().create_task(self._serve(ctx, request.payload))
+        self._tasks[task] = call
+        self._server._handlers[task] = self
+        # A callback, not a finally: a task cancelled before its first step never runs one.
+        task.add_done_callback(self._task_done)
 
-    async def _serve(self, ctx: Context, payload: bytes, size: int) -> None:
-        try:
-            response = await self._server._dispatch(ctx, payload)
+    async def _serve(self, ctx: Context, payload: bytes) -> None:
+        response = await self._server._dispatch(ctx, payload)
+        if ctx.stream_id not in self._abandoned:
             self._write(ctx.stream_id, response)
-        finally:
-            self._in_flight_bytes -= size
-            task = asyncio.current_task()
-            if task is not None:
-                self._tasks.discard(task)
-                self._server._handlers.discard(task)
-            if self._transport is not None:
-                self._start_backlog()
-            self._update_reading()
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        call = self._tasks.pop(task, None)
+        self._server._handlers.pop(task, None)
+        if call is not None:
+            self._in_flight_bytes -= len(call.request.payload)
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            logger.error("ttrpc request task failed", exc_info=exc)
+        if self._transport is not None:
+            self._start_backlog()
+        self._update_reading()
 
     def _write(self, stream_id: int, response: Response) -> None:
         transport = self._transport
@@ -390,7 +771,7 @@ class _ServerProtocol(asyncio.Protocol):
         transport = self._transport
         if transport is None or transport.is_closing():
             return
-        busy = self._write_paused or bool(self._backlog) or self._at_limit()
+        busy = self._quiesced or self._write_paused or bool(self._backlog) or self._at_limit()
         if busy and not self._read_paused:
             self._read_paused = True
             transport.pause_reading()
