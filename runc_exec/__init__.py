@@ -1,11 +1,12 @@
 """The runc-exec wrapper the daemon runs for every exec process; see README.md here.
 
 The wrapper is a script, not a module to import: run it as
-``[sys.executable, "-S", "-E", SCRIPT, ...]``.  A script given by its ``.py`` path is compiled
-on every run (its bytecode is never cached), which is most of the wrapper's start-up; a
-``.pyc`` from :func:`compile_script` may be run the same way and skips that.
+``[sys.executable, "-S", "-E", fast_script(), ...]`` (or with SCRIPT).  A script given by its
+``.py`` path is compiled on every run (its bytecode is never cached), which is most of the
+wrapper's own start-up; Python runs a ``.pyc`` given in its place the same way, minus that.
 """
 
+import importlib.util
 import os
 import py_compile
 
@@ -20,3 +21,34 @@ def compile_script(cfile: str) -> str:
     """
     py_compile.compile(SCRIPT, cfile=cfile, doraise=True)
     return cfile
+
+
+def fast_script() -> str:
+    """SCRIPT's cached ``.pyc`` (brought up to date first), or SCRIPT if it cannot be written.
+
+    A ``.pyc`` run as a script is not checked against its source, hence the check here.
+    """
+    cfile = importlib.util.cache_from_source(SCRIPT)
+    try:
+        if not _is_fresh(cfile):
+            compile_script(cfile)
+        return cfile
+    except (OSError, py_compile.PyCompileError):
+        return SCRIPT
+
+
+def _is_fresh(cfile: str) -> bool:
+    """Whether ``cfile`` is this interpreter's timestamp-checked bytecode of SCRIPT as it is."""
+    try:
+        with open(cfile, "rb") as f:
+            header = f.read(16)
+        st = os.stat(SCRIPT)
+    except OSError:
+        return False
+    return (
+        len(header) == 16
+        and header[:4] == importlib.util.MAGIC_NUMBER
+        and int.from_bytes(header[4:8], "little") == 0
+        and int.from_bytes(header[8:12], "little") == int(st.st_mtime) & 0xFFFFFFFF
+        and int.from_bytes(header[12:16], "little") == st.st_size & 0xFFFFFFFF
+    )
