@@ -7,6 +7,7 @@ cgroup in every hierarchy and the temp dir, even when a test fails.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import select
@@ -190,7 +191,7 @@ def container() -> Iterator[Container]:
 
 @dataclass
 class Run:
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None  # None: started by the test itself
     sync: int  # read end of the sync pipe, or -1 once closed
     status_file: str
     pid_file: str
@@ -224,6 +225,7 @@ class Run:
             self.sync = -1
 
     def wait(self, timeout: float = LINE_TIMEOUT) -> int:
+        assert self.proc is not None
         try:
             return self.proc.wait(timeout)
         finally:
@@ -482,6 +484,7 @@ class BareRunc:
 @pytest.mark.parametrize("sig,expected", [(signal.SIGKILL, 137), (signal.SIGTERM, 143)])
 def test_killed_from_outside(container: Container, sig: signal.Signals, expected: int) -> None:
     run = start(container, ["sleep", "1000"])
+    assert run.proc is not None
     pid, _ = _pid_line(run.line())
     try:
         # The daemon's signals are not for the wrapper: it ignores them and keeps waiting.
@@ -513,14 +516,14 @@ def test_posix_spawned_wrapper_still_leaves_no_signal_ignored(container: Contain
     argv += ["--status-file", status_file, "--runc", RUNC, "--root", container.root]
     argv += ["--pid-file", container.path("pid")]
     argv += ["--process", container.process_json(["sleep", "1000"]), container.cid]
+    actions: list[tuple[int, ...] | tuple[int, int, str, int, int]]
     actions = [(os.POSIX_SPAWN_OPEN, fd, "/dev/null", os.O_RDWR, 0) for fd in (0, 1, 2)]
     actions.append((os.POSIX_SPAWN_DUP2, w, sync_fd))
     try:
         wrapper_pid = os.posix_spawn(argv[0], argv, os.environ, file_actions=actions)
     finally:
         os.close(w)
-    run = Run(subprocess.Popen(["true"]), r, status_file, "", time.monotonic())
-    run.proc.wait()
+    run = Run(None, r, status_file, "", time.monotonic())
     pid, _ = _pid_line(run.line())
     try:
         assert _ignored_signals(wrapper_pid) & (3 << 31) == 3 << 31  # inherited, as feared
@@ -559,7 +562,7 @@ def test_wrapper_drops_its_copy_of_the_exec_stdio(container: Container) -> None:
         with os.fdopen(r, "rb") as out:
             assert select.select([out], [], [], LINE_TIMEOUT)[0]
             assert out.read() == b"hi\n"
-        assert run.proc.poll() is None
+        assert run.proc is not None and run.proc.poll() is None
     finally:
         os.kill(pid, signal.SIGKILL)
     assert _exit_line(run.line())[0] == 137
@@ -601,6 +604,15 @@ def test_missing_executable_with_a_shared_log(container: Container) -> None:
 
 
 @needs_runc
+def test_missing_runc_binary(container: Container) -> None:
+    run = start(container, ["true"], extra=["--runc", "/nonexistent/runc"])
+    [line] = run.lines()
+    assert run.wait() == wrapper.EXIT_ERROR
+    assert line.startswith("error cannot run /nonexistent/runc: "), line
+    _no_leftovers(container, run)
+
+
+@needs_runc
 def test_hung_runc_is_killed_after_the_timeout(container: Container) -> None:
     fake = container.path("fake-runc")
     with open(fake, "w") as f:
@@ -620,6 +632,15 @@ def test_status_file_is_written_when_the_sync_reader_is_gone(container: Containe
     status, exited_at = run.status().split()
     assert status == "42" and int(exited_at) > 0
     assert container.pids() == {container.init_pid}
+
+
+def test_fast_script_is_a_fresh_pyc() -> None:
+    path = runc_exec.fast_script()
+    if path == runc_exec.SCRIPT:
+        pytest.skip("the package directory is read-only: no cached bytecode")
+    assert path.endswith(".pyc") and runc_exec._is_fresh(path)
+    with open(path, "rb") as f:
+        assert f.read(4) == importlib.util.MAGIC_NUMBER
 
 
 @needs_runc
