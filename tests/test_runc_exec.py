@@ -242,6 +242,7 @@ def start(
     *,
     process: str | None = None,
     container_id: str | None = None,
+    stdin: int = subprocess.DEVNULL,
     stdout: int | None = None,
     extra: list[str] | None = None,
     script: str = runc_exec.SCRIPT,
@@ -258,7 +259,7 @@ def start(
     started = time.monotonic()
     try:
         proc = subprocess.Popen(
-            cmd, stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.DEVNULL, pass_fds=(w,)
+            cmd, stdin=stdin, stdout=stdout, stderr=subprocess.DEVNULL, pass_fds=(w,)
         )
     finally:
         os.close(w)
@@ -546,6 +547,23 @@ def test_stdout_reaches_the_pipe_and_eof_follows_the_exit(container: Container) 
         data = out.read()  # returns at EOF: when the last writer is gone
     assert data == b"hello\nbye\n"
     assert run.lines()[1] == "exit 0 " + run.status().split()[1]
+    assert run.wait() == wrapper.EXIT_OK
+
+
+@needs_runc
+def test_stdin_and_stdout_pass_through(container: Container) -> None:
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        run = start(container, ["sh", "-c", "tr a-z A-Z; exit 4"], stdin=in_r, stdout=out_w)
+    finally:
+        os.close(in_r)
+        os.close(out_w)
+    os.write(in_w, b"probe\n")
+    os.close(in_w)  # the process sees EOF on its stdin: nobody else holds the write end
+    with os.fdopen(out_r, "rb") as out:
+        assert out.read() == b"PROBE\n"
+    assert _exit_line(run.lines()[1])[0] == 4
     assert run.wait() == wrapper.EXIT_OK
 
 
