@@ -240,3 +240,10 @@ def test_delete_subcommand_after_daemon_crash(containerd: Containerd, busybox: s
     )
     assert out.stdout.strip() == ""
     events.kill()
+
+
+def test_container_starts_with_no_signal_ignored(containerd: Containerd, busybox: str) -> None:
+    """Nothing the daemon inherited or spawned with leaks into the container: glibc's
+    posix_spawn, for one, would leave its signals 32 and 33 ignored."""
+    r = containerd.run(RUNTIME, busybox, "sigs", "grep", "SigIgn", "/proc/self/status")
+    assert r.stdout.split() == ["SigIgn:", "0000000000000000"], r.stdout

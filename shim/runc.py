@@ -13,12 +13,35 @@ import json
 import os
 import shutil
 import signal
+import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from shim.reaper import Reaper
 
 DEFAULT_TIMEOUT = 30.0
+
+
+def spawn(argv: list[str], stdio: tuple[int, int, int], env: dict[str, str], path: str) -> int:
+    """Start a child whose exit only our reaper collects.
+
+    fork+exec through subprocess, not posix_spawn: glibc's posix_spawn leaves its reserved
+    signals 32 and 33 ignored in the child, and runc would pass that on to the container.
+    The Popen object is told the child is none of its business (a returncode is set), so it
+    never waits for it and cannot steal the status from the reaper.
+    """
+    proc = subprocess.Popen(
+        argv,
+        executable=path,
+        stdin=stdio[0],
+        stdout=stdio[1],
+        stderr=stdio[2],
+        env=env,
+        close_fds=True,
+        restore_signals=True,
+    )
+    proc.returncode = 0
+    return proc.pid
 
 
 class RuncError(Exception):
@@ -72,7 +95,6 @@ class Runc:
         args: Sequence[str],
         *,
         stdio: tuple[int, int, int] | None = None,
-        extra_fds: dict[int, int] | None = None,
         log_path: str | None = None,
         timeout: float | None = None,
     ) -> bytes:
@@ -88,19 +110,7 @@ class Runc:
             if stdio is None:
                 out_r, out_w = os.pipe()
                 stdio = (devnull, out_w, out_w)
-            actions: list[tuple[int, int, int]] = [
-                (os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)
-            ]
-            for target, fd in (extra_fds or {}).items():
-                actions.append((os.POSIX_SPAWN_DUP2, fd, target))
-            pid = os.posix_spawn(
-                path,
-                self._argv(args, log_path),
-                self.env,
-                file_actions=actions,
-                setsigdef=(signal.SIGPIPE, signal.SIGXFSZ),
-                setsigmask=(),
-            )
+            pid = spawn(self._argv(args, log_path), stdio, self.env, path)
             exited = self.reaper.watch(pid)
         finally:
             os.close(devnull)

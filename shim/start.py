@@ -13,6 +13,7 @@ import fcntl
 import os
 import select
 import shutil
+import subprocess
 import sys
 import time
 
@@ -70,17 +71,19 @@ def spawn_daemon(paths: DaemonPaths, flags: Flags, ttrpc_address: str) -> None:
         if flags.debug:
             argv.append("-debug")
         argv += ["-ready-fd", str(w), "daemon"]
-        devnull = os.open(os.devnull, os.O_RDWR)
-        try:
-            os.posix_spawn(
-                exe,
-                argv,
-                os.environ,
-                file_actions=[(os.POSIX_SPAWN_DUP2, devnull, fd) for fd in (0, 1, 2)],
-                setsid=True,
-            )
-        finally:
-            os.close(devnull)
+        # fork+exec (not posix_spawn, which leaves glibc's signals 32/33 ignored in the child
+        # and so in every container); stdio to /dev/null so containerd, which reads start's
+        # output to EOF, does not wait for the daemon.
+        subprocess.Popen(
+            argv,
+            executable=exe,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            pass_fds=(w,),
+            start_new_session=True,
+            restore_signals=True,
+        ).returncode = 0  # never waited for: it outlives us
     finally:
         os.close(w)
     try:
