@@ -13,6 +13,7 @@ import os
 import select
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -298,6 +299,35 @@ def test_deadline_carries_over(sock_path: str) -> None:
             assert info.value.code == Code.DEADLINE_EXCEEDED
             assert h.count("B", "Slow") == 1  # run again, and timed out at once
             assert await client.call(SVC, "Fast", b"x") == b"B:fast:x"
+        await b.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize("spins", range(6))
+def test_connection_accepted_as_quiesce_starts(sock_path: str, spins: int) -> None:
+    """Accepted but not yet made (or made but not yet read) when quiesce() begins: kept."""
+    h = Handlers()
+
+    async def main() -> None:
+        a = h.server("A")
+        await a.start_unix(sock_path)
+        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        peer.connect(sock_path)  # complete at once: it waits in the listen backlog
+        peer.sendall(request_frame(1, "Fast", b"early"))
+        for _ in range(spins):
+            await asyncio.sleep(0)  # let A get as far as it will into accepting it
+        await a.quiesce(keep=lambda ctx: False)
+        handoff = a.handoff()
+        b = h.server("B")
+        await b.adopt(handoff)
+        reader, writer = await asyncio.open_unix_connection(sock=peer)
+        sid, response = await read_response(reader)
+        assert sid == 1 and response.payload in (b"A:fast:early", b"B:fast:early")
+        writer.write(request_frame(3, "Fast", b"next"))
+        assert await read_response(reader) == (3, Response(payload=b"B:fast:next"))
+        assert h.count("A", "Fast") + h.count("B", "Fast") == 2
+        writer.close()
         await b.close()
 
     run(main())

@@ -15,13 +15,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno
+import functools
 import json
 import logging
 import os
 import socket
 import stat
 import struct
-import weakref
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -56,6 +57,11 @@ __all__ = [
 logger = logging.getLogger(__package__ or "ttrpc")
 
 _UCRED = struct.Struct("iII")  # struct ucred: pid_t, uid_t, gid_t
+
+#: Connections accepted per wake-up of the listening socket, as asyncio's own servers do.
+_ACCEPT_BATCH = 128
+#: After running out of descriptors (EMFILE and kin), how long to stop accepting.
+_ACCEPT_RETRY_DELAY = 1.0
 
 #: How long :meth:`Server.quiesce` gives cancelled handlers to unwind and the last responses
 #: to reach the kernel once its ``timeout`` is used up.
@@ -137,18 +143,20 @@ class Server:
         self._max_in_flight = max_in_flight
         self._max_in_flight_bytes = max_in_flight_bytes
         self._services: dict[str, dict[str, Handler]] = {}
-        self._server: asyncio.Server | None = None
+        # Our own accept loop, not asyncio's Server: that one drops a socket accepted just
+        # before its close() (3.11 asserts in Server._attach), and quiesce() must not.
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._sock: socket.socket | None = None
+        self._accepting = False  # the listening socket is registered with the loop
+        # Accepted sockets on their way to connection_made().
+        self._accept_tasks: set[asyncio.Task[None]] = set()
         self._unlink: tuple[str, int, int] | None = None
         self._connections: set[_ServerProtocol] = set()
-        # Protocols made for an accepted socket whose connection_made has not run yet.
-        self._accepting: weakref.WeakSet[_ServerProtocol] = weakref.WeakSet()
         self._handlers: dict[asyncio.Task[None], _ServerProtocol] = {}
         self._closing = False
         self._closed = asyncio.Event()
         self._quiescing = False
         self._quiesced = False
-        self._listen_keep: socket.socket | None = None
         self._handed_off = False
 
     def register(self, service: str, methods: Mapping[str, Handler]) -> None:
@@ -173,7 +181,7 @@ class Server:
         An existing file at ``path`` is not removed: deciding that a socket is stale is the
         caller's business. The socket file is unlinked again by :meth:`close`.
         """
-        if self._server is not None or self._closing:
+        if self._sock is not None or self._closing or self._quiescing:
             raise RuntimeError("server already started or closed")
         address = parse_address(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -193,12 +201,12 @@ class Server:
 
     async def start_sock(self, sock: socket.socket) -> None:
         """Serve on an already-listening socket, e.g. one inherited across exec."""
-        if self._server is not None or self._closing:
+        if self._sock is not None or self._closing or self._quiescing:
             raise RuntimeError("server already started or closed")
         sock.setblocking(False)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_unix_server(lambda: _ServerProtocol(self), sock=sock)
+        self._loop = asyncio.get_running_loop()
         self._sock = sock
+        self._start_accepting()
 
     async def close(self) -> None:
         """Stop accepting, drop every connection and cancel the handlers still running."""
@@ -207,12 +215,15 @@ class Server:
             return
         self._closing = True
         try:
-            if self._server is not None:
-                self._server.close()
-            if self._listen_keep is not None:
-                self._listen_keep.close()
-                self._listen_keep = None
+            self._stop_accepting()
+            if self._sock is not None:
+                self._sock.close()
             self._remove_socket_file()
+            accepting = list(self._accept_tasks)
+            for task in accepting:
+                task.cancel()
+            if accepting:
+                await asyncio.gather(*accepting, return_exceptions=True)
             for conn in list(self._connections):
                 conn.abort()
             handlers = list(self._handlers)
@@ -220,8 +231,6 @@ class Server:
                 task.cancel()
             if handlers:
                 await asyncio.gather(*handlers, return_exceptions=True)
-            if self._server is not None:
-                await self._server.wait_closed()
         finally:
             self._closed.set()
 
@@ -269,18 +278,12 @@ class Server:
         self._quiescing = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        if self._server is not None:
-            assert self._sock is not None
-            # Closing the asyncio server closes its socket; keep a duplicate to hand over.
-            self._listen_keep = self._sock.dup()
-            self._server.close()
-        # A connection accepted just before is made one or two loop iterations later.
-        for _ in range(100):
-            await asyncio.sleep(0)
-            if not self._accepting:
-                break
+        self._stop_accepting()
         for conn in list(self._connections):
             conn.quiesce()
+        # Sockets already accepted are quiesced as their connection_made() runs.
+        if self._accept_tasks:
+            await asyncio.wait(self._accept_tasks, timeout=max(0.0, deadline - loop.time()))
 
         for task, conn in list(self._handlers.items()):
             ctx = conn.context_of(task)
@@ -289,7 +292,11 @@ class Server:
         running = set(self._handlers)
         if running:
             await asyncio.wait(running, timeout=max(0.0, deadline - loop.time()))
-        late = [task for task in self._handlers if not task.done()]
+        late = [
+            task
+            for task, conn in self._handlers.items()
+            if not task.done() and not conn.abandoned(task)
+        ]
         for task in late:
             ctx = self._handlers[task].context_of(task)
             logger.warning(
@@ -352,10 +359,14 @@ class Server:
                 os.close(fd)
             raise
         listen_fd = -1
-        if self._listen_keep is not None:
-            listen_fd = self._listen_keep.detach()
-            self._listen_keep = None
-            os.set_inheritable(listen_fd, True)
+        if self._sock is not None:
+            try:
+                listen_fd = _inheritable_dup(self._sock.fileno())
+            except BaseException:
+                for fd in fds:
+                    os.close(fd)
+                raise
+            self._sock.close()
         now = asyncio.get_running_loop().time()
         handoff = ServerHandoff(
             listen_fd, [conn.hand_off(fd, now) for conn, fd in zip(conns, fds, strict=True)]
@@ -380,7 +391,7 @@ class Server:
         descriptor is unusable is logged and skipped. The server must be fresh (handlers may
         be registered; it must not be started).
         """
-        if self._server is not None or self._closing or self._quiescing or self._connections:
+        if self._sock is not None or self._closing or self._quiescing or self._connections:
             raise RuntimeError("adopt() needs a fresh server")
         for fd in handoff.fds():
             with contextlib.suppress(OSError):
@@ -411,18 +422,67 @@ class Server:
                     sock.close()
                 raise
             self._unlink = handoff.socket_file
-        loop = asyncio.get_running_loop()
         for index, (conn, sock) in enumerate(usable):
             try:
-                sock.setblocking(False)
-                await loop.connect_accepted_socket(_adopter(self, conn), sock)
-            except Exception as exc:
-                logger.error("ttrpc handed-over connection fd %d not adopted: %s", conn.fd, exc)
-                sock.close()
+                await self._connect(sock, conn)
             except BaseException:
-                for _, rest in usable[index:]:
+                for _, rest in usable[index + 1 :]:
                     rest.close()
                 raise
+
+    # Accepting -----------------------------------------------------------------------------
+
+    def _start_accepting(self) -> None:
+        if self._accepting or self._closing or self._quiescing or self._sock is None:
+            return
+        assert self._loop is not None
+        self._loop.add_reader(self._sock.fileno(), self._accept_ready)
+        self._accepting = True
+
+    def _stop_accepting(self) -> None:
+        """Stop taking connections; new ones wait in the kernel's listen backlog."""
+        if self._accepting:
+            assert self._loop is not None and self._sock is not None
+            self._loop.remove_reader(self._sock.fileno())
+            self._accepting = False
+
+    def _accept_ready(self) -> None:
+        assert self._loop is not None and self._sock is not None
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue
+            except OSError as exc:
+                if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    raise
+                logger.error(
+                    "ttrpc accept failed: %s; not accepting for %.0fs", exc, _ACCEPT_RETRY_DELAY
+                )
+                self._stop_accepting()
+                self._loop.call_later(_ACCEPT_RETRY_DELAY, self._start_accepting)
+                return
+            task = self._loop.create_task(self._connect(conn, None))
+            self._accept_tasks.add(task)
+            task.add_done_callback(functools.partial(self._accepted, conn))
+
+    def _accepted(self, sock: socket.socket, task: asyncio.Task[None]) -> None:
+        self._accept_tasks.discard(task)
+        if task.cancelled():
+            sock.close()  # by close(), maybe before the task ever ran: nobody else will
+
+    async def _connect(self, sock: socket.socket, adopted: ConnectionHandoff | None) -> None:
+        """Put an accepted (or handed-over) socket under a transport; returns once made."""
+        loop = asyncio.get_running_loop()
+        try:
+            sock.setblocking(False)
+            await loop.connect_accepted_socket(lambda: _ServerProtocol(self, adopted), sock)
+        except Exception as exc:
+            what = f"handed-over connection fd {adopted.fd}" if adopted else "connection"
+            logger.error("ttrpc %s not taken: %s", what, exc)
+            sock.close()
 
     def _keep(self, keep: Callable[[Context], bool], ctx: Context) -> bool:
         try:
@@ -492,10 +552,6 @@ def _error(code: Code, message: str) -> Response:
     return Response(Status(code, message))
 
 
-def _adopter(server: Server, conn: ConnectionHandoff) -> Callable[[], _ServerProtocol]:
-    return lambda: _ServerProtocol(server, conn)
-
-
 def _inheritable_dup(fd: int) -> int:
     new = os.dup(fd)
     os.set_inheritable(new, True)
@@ -554,13 +610,11 @@ class _ServerProtocol(asyncio.Protocol):
         self._read_paused = False
         self._quiesced = False
         self._flushed = asyncio.Event()
-        server._accepting.add(self)
 
     # asyncio callbacks -----------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
-        self._server._accepting.discard(self)
         self._transport = transport
         self._peer = _peer_cred(transport.get_extra_info("socket"))
         adopted, self._adopted = self._adopted, None
@@ -572,7 +626,7 @@ class _ServerProtocol(asyncio.Protocol):
         if adopted is not None:
             self._resume(adopted)
         if self._server._quiescing:
-            self.quiesce()  # accepted just before quiesce() closed the listener
+            self.quiesce()  # accepted just before quiesce() stopped accepting
         self._start_backlog()
         self._update_reading()
 
@@ -643,6 +697,10 @@ class _ServerProtocol(asyncio.Protocol):
             # With both marks at zero, pause_writing/resume_writing say exactly whether
             # anything is still buffered, so drain() can wait for the buffer to empty.
             transport.set_write_buffer_limits(high=0, low=0)
+
+    def abandoned(self, task: asyncio.Task[None]) -> bool:
+        call = self._tasks.get(task)
+        return call is not None and call.stream_id in self._abandoned
 
     def abandon(self, task: asyncio.Task[None]) -> None:
         """Cancel a handler without answering; its call is run again after the handoff."""
