@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from shim import errors, log, procinfo
 from shim.api import events_pb2
-from shim.exittrack import process_start_boottime
+from shim.exittrack import TICK_NS
 from shim.reaper import Exit
 from shim.runc import RuncError, is_not_found
 from shim.statestore import ProcessRecord
@@ -174,7 +174,7 @@ class Process:
         if tracker is None:
             return
         try:
-            tracker.register(self.pid, self.trace_id, process_start_boottime(self.pid))
+            tracker.register(self.pid, self.trace_id, self.start_time * TICK_NS)
         except OSError as exc:
             # The reaper and the pidfd still see this exit while the daemon runs.
             log.event("BPF registration failed", logging.ERROR, **self.fields(), error=exc)

@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError, Message
 
 from shim import errors, log, wire
 from shim.api import shim_pb2
+from shim.execprocess import ExecProcess
 from shim.process import STATUS_NUMBER
 from shim.runc import RuncError
 from shim.statestore import StoreError
@@ -36,7 +37,6 @@ NOT_YET = {
     "Pause": "Pause",
     "Resume": "Resume",
     "Checkpoint": "Checkpoint",
-    "Exec": "Exec",
     "ResizePty": "ResizePty",
     "Update": "Update",
     "Stats": "Stats",
@@ -76,6 +76,7 @@ class TaskService:
             "Connect": self.connect,
             "Shutdown": self.shutdown,
             "CloseIO": self.close_io,
+            "Exec": self.exec,
         }
         for name in NOT_YET:
             table[name] = self._unimplemented(name)
@@ -128,9 +129,11 @@ class TaskService:
         req = _parse(shim_pb2.StartRequest, payload)
         task = self.tasks.get(self._namespace(ctx, req.id), req.id)
         if req.exec_id:
-            task.process(req.exec_id)
-            raise errors.unimplemented("embedshim: exec processes are not implemented yet")
-        pid = await task.init.start()
+            p = task.process(req.exec_id)
+            assert isinstance(p, ExecProcess)
+            pid = await p.start()
+        else:
+            pid = await task.init.start()
         return shim_pb2.StartResponse(pid=pid).SerializeToString()
 
     async def state(self, ctx: Context, payload: bytes) -> bytes:
@@ -163,12 +166,14 @@ class TaskService:
     async def kill(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.KillRequest, payload)
         task = self.tasks.get(self._namespace(ctx, req.id), req.id)
-        if req.exec_id:
-            task.process(req.exec_id)
-            raise errors.unimplemented("embedshim: exec processes are not implemented yet")
         if not 0 < req.signal < 65:
             raise errors.invalid(f"signal: {req.signal} is not a valid signal number")
-        await task.init.kill(req.signal, req.all)
+        if req.exec_id:
+            p = task.process(req.exec_id)
+            assert isinstance(p, ExecProcess)
+            await p.kill(req.signal)
+        else:
+            await task.init.kill(req.signal, req.all)
         return EMPTY
 
     async def delete(self, ctx: Context, payload: bytes) -> bytes:
@@ -198,6 +203,11 @@ class TaskService:
         return shim_pb2.ConnectResponse(
             shim_pid=os.getpid(), task_pid=task.init.pid if task else 0, version=VERSION
         ).SerializeToString()
+
+    async def exec(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.ExecProcessRequest, payload)
+        self.tasks.add_exec(self._namespace(ctx, req.id), req)
+        return EMPTY
 
     async def shutdown(self, ctx: Context, payload: bytes) -> bytes:
         _parse(shim_pb2.ShutdownRequest, payload)

@@ -43,6 +43,11 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE process ADD COLUMN exit_published INTEGER NOT NULL DEFAULT 0;
     """,
+    # The runc_exec wrapper of an exec (its status file outlives a daemon restart).
+    """
+    ALTER TABLE process ADD COLUMN helper_pid INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE process ADD COLUMN helper_start INTEGER NOT NULL DEFAULT 0;
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -70,6 +75,8 @@ class ProcessRecord:
     options: bytes | None = None
     created_at: int = field(default_factory=time.time_ns)
     exit_published: bool = False
+    helper_pid: int = 0
+    helper_start: int = 0
 
 
 _COLUMNS = [f.name for f in fields(ProcessRecord)]

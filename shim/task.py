@@ -18,6 +18,7 @@ from shim import errors, identifiers, log, procinfo
 from shim.api import events_pb2, mount_pb2, runc_options_pb2, shim_pb2
 from shim.bundle import Bundle
 from shim.events import Publisher
+from shim.execprocess import ExecProcess, parse_spec
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitWatch
 from shim.mount import Mount, mount, unmount_all
@@ -320,12 +321,39 @@ class Tasks:
             return 255, time.time_ns()
         return record.exit_status, record.exited_at_wall_ns()
 
+    def add_exec(self, namespace: str, req: shim_pb2.ExecProcessRequest) -> ExecProcess:
+        task = self.get(namespace, req.id)
+        identifiers.validate("exec_id", req.exec_id)
+        if req.exec_id in task.execs:
+            raise errors.already_exists(f"exec {req.exec_id!r} of {req.id} already exists")
+        if req.terminal:
+            raise errors.unimplemented("terminal (tty) exec processes are not supported yet")
+        if task.init.exited or task.init.status != Status.RUNNING:
+            raise errors.precondition(f"container {req.id} is not running")
+        spec = parse_spec(req.spec.value)
+        io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        p = ExecProcess(task, req.exec_id, io, spec)
+        task.execs[req.exec_id] = p
+        p.added()
+        log.event("exec added", **p.fields())
+        return p
+
     async def delete(self, namespace: str, id: str, exec_id: str) -> tuple[int, int, int]:
         task = self.get(namespace, id)
         if exec_id:
-            raise errors.not_found(f"exec {exec_id!r} of {id} not found")
-        if any(p.status != Status.DELETED for p in task.execs.values()):
-            raise errors.precondition(f"container {id} still has exec processes")
+            p = task.process(exec_id)
+            assert isinstance(p, ExecProcess)
+            result = await p.delete()
+            task.execs.pop(exec_id, None)
+            log.event("exec deleted", **p.fields(), exit_status=result[1])
+            return result
+        running = [e for e, p in task.execs.items() if not p.exited and p.status == Status.RUNNING]
+        if running:
+            raise errors.precondition(f"container {id} still has running exec processes {running}")
+        for p in list(task.execs.values()):
+            assert isinstance(p, ExecProcess)
+            await p.delete()
+        task.execs.clear()
         pid, status, exited_at = await task.init.delete()
         try:
             unmount_all(task.bundle.rootfs)

@@ -1,0 +1,130 @@
+"""Exec processes through the runc_exec wrapper: statuses, events, signals, many in a row."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import pytest
+
+from integration.embed import RUNTIME, bpf_pin_root
+from integration.harness import Containerd, parse_event, wait_for
+from integration.test_exits import Events, events  # noqa: F401  (fixture)
+from shim.exittrack import ExitTracker
+
+
+@pytest.fixture
+def box(containerd: Containerd, busybox: str) -> str:
+    containerd.run(RUNTIME, busybox, "box", "sleep", "100000", detach=True)
+    return "box"
+
+
+@pytest.mark.parametrize("code", [0, 1, 42, 255])
+def test_exec_exit_codes(containerd: Containerd, box: str, events: Events, code: int) -> None:
+    r = containerd.ctr(
+        "task", "exec", "--exec-id", f"x{code}", box, "sh", "-c", f"exit {code}", check=False
+    )
+    assert r.returncode == code, r.stderr
+    payloads = wait_for(lambda: events.payloads("/tasks/exit", box)[-1:], what="exec exit")
+    assert f'"id":"x{code}"' in payloads[0]
+    if code:
+        assert f'"exit_status":{code}' in payloads[0]
+
+
+def test_exec_events_in_order_and_output(containerd: Containerd, box: str, events: Events) -> None:
+    r = containerd.ctr("task", "exec", "--exec-id", "ev", box, "sh", "-c", "echo out; echo err >&2")
+    assert (r.stdout, r.stderr) == ("out\n", "err\n")
+    wait_for(lambda: events.payloads("/tasks/exit", box), what="exit")
+    topics = [
+        t
+        for t in ("/tasks/exec-added", "/tasks/exec-started", "/tasks/exit")
+        for _ in events.payloads(t, box)
+    ]
+    assert topics == ["/tasks/exec-added", "/tasks/exec-started", "/tasks/exit"]
+    order = [ev[1] for ev in map(parse_event, list(events.lines)) if ev and '"box"' in ev[2]]
+    assert order.index("/tasks/exec-added") < order.index("/tasks/exec-started")
+    assert order.index("/tasks/exec-started") < order.index("/tasks/exit")
+
+
+@pytest.mark.parametrize(("sig", "want"), [("KILL", 137), ("TERM", 143)])
+def test_exec_killed_by_signal(containerd: Containerd, box: str, sig: str, want: int) -> None:
+    proc = subprocess.Popen(
+        containerd.ctr_argv("task", "exec", "--exec-id", "long", box, "sleep", "1000"),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for(
+            lambda: (
+                "long" in containerd.ctr("task", "ps", box).stdout or _pids(containerd, box) > 1
+            ),
+            what="exec running",
+        )
+        time.sleep(0.2)
+        containerd.ctr("task", "kill", "--exec-id", "long", "-s", sig, box)
+        assert proc.wait(timeout=20) == want
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def _pids(c: Containerd, cid: str) -> int:
+    out = c.ctr("task", "ps", cid, check=False).stdout
+    return max(0, len(out.strip().splitlines()) - 1)
+
+
+def test_exec_running_for_seconds(containerd: Containerd, box: str) -> None:
+    t0 = time.monotonic()
+    r = containerd.ctr(
+        "task", "exec", "--exec-id", "slow", box, "sh", "-c", "sleep 2; exit 6", check=False
+    )
+    assert r.returncode == 6 and time.monotonic() - t0 >= 2
+
+
+def test_exec_true_is_reliable_200_times(containerd: Containerd, box: str) -> None:
+    failures = []
+    for i in range(200):
+        r = containerd.ctr("task", "exec", "--exec-id", f"t{i}", box, "true", check=False)
+        if r.returncode != 0:
+            failures.append((i, r.returncode, r.stderr))
+    assert failures == []
+    tracker = ExitTracker.open_existing(bpf_pin_root(containerd))
+    assert tracker is not None
+    try:
+        assert list(tracker.exits()) == []  # every record consumed
+        assert len(tracker.tracked()) == 1  # only the container's init
+    finally:
+        tracker.close()
+
+
+def test_exec_errors(containerd: Containerd, box: str, busybox: str) -> None:
+    r = containerd.ctr("task", "exec", "--exec-id", "nf", box, "/no/such/binary", check=False)
+    assert r.returncode != 0 and "no such file" in r.stderr.lower(), r.stderr
+    # The container is untouched.
+    assert (
+        containerd.ctr("task", "exec", "--exec-id", "ok", box, "true", check=False).returncode == 0
+    )
+    # Exec in a stopped container is refused.
+    containerd.run(RUNTIME, busybox, "done", "true", detach=True)
+    wait_for(lambda: "STOPPED" in containerd.ctr("task", "ls").stdout, what="stopped")
+    r = containerd.ctr("task", "exec", "--exec-id", "late", "done", "true", check=False)
+    assert r.returncode != 0 and "not running" in r.stderr, r.stderr
+
+
+def test_concurrent_execs(containerd: Containerd, box: str) -> None:
+    results: dict[int, int] = {}
+
+    def one(i: int) -> None:
+        r = containerd.ctr(
+            "task", "exec", "--exec-id", f"c{i}", box, "sh", "-c", f"exit {i}", check=False
+        )
+        results[i] = r.returncode
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == {i: i for i in range(20)}

@@ -1,0 +1,281 @@
+"""Exec processes, run through the runc_exec wrapper so no exit can be missed.
+
+``runc exec --detach`` re-parents the exec'd process as soon as it forks it, so a fast exit
+could be gone before anyone had a pidfd or a map entry for it.  The wrapper is a child
+subreaper: the process becomes its child, stays its zombie until the wrapper has written the
+status to a file, and the wrapper tells us ``pid``/``exit``/``error`` over a pipe.  The status
+file outlives a daemon restart; the pinned BPF map is the backup if the wrapper itself dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+from shim import errors, log, procinfo
+from shim.api import events_pb2
+from shim.process import Process, Status
+from shim.reaper import Exit
+from shim.statestore import ProcessRecord
+from shim.stdio import OpenedStdio, Stdio
+
+if TYPE_CHECKING:
+    from shim.task import Task
+
+START_TIMEOUT = 30.0
+UNKNOWN = 255
+
+
+def _wrapper_script() -> str:
+    import runc_exec
+
+    return runc_exec.fast_script()
+
+
+class ExecProcess(Process):
+    def __init__(self, task: Task, exec_id: str, io: Stdio, spec: bytes) -> None:
+        super().__init__(task, exec_id, io)
+        self.spec = spec
+        self.helper_pid = 0
+        self.helper_start = 0
+        self._pidfd: int | None = None
+
+    @property
+    def dir(self) -> str:
+        """Where the process spec, pid file and status file live (ours, not the bundle)."""
+        t = self.task
+        return os.path.join(t.deps.paths.dir, "exec", t.namespace, t.id, self.exec_id)
+
+    @property
+    def status_file(self) -> str:
+        return os.path.join(self.dir, "status")
+
+    def record(self) -> ProcessRecord:
+        rec = super().record()
+        rec.options = self.spec
+        rec.helper_pid = self.helper_pid
+        rec.helper_start = self.helper_start
+        return rec
+
+    def added(self) -> None:
+        """Persisted, then announced (TaskExecAdded)."""
+        self.task.deps.store.put(self.record())
+        self.task.deps.events.publish(
+            self.task.namespace,
+            events_pb2.TaskExecAdded(container_id=self.task.id, exec_id=self.exec_id),
+        )
+
+    async def start(self) -> int:
+        if self.status != Status.CREATED:
+            raise errors.precondition(f"exec {self.exec_id} is {self.status}, not created")
+        init = self.task.init
+        if init.exited or init.status not in (Status.RUNNING,):
+            raise errors.precondition(f"container {self.task.id} is not running")
+        async with self.start_lock:
+            os.makedirs(self.dir, mode=0o700, exist_ok=True)
+            with open(os.path.join(self.dir, "process.json"), "wb") as f:
+                f.write(self.spec)
+            script = _wrapper_script()
+            stdio = OpenedStdio(self.io)
+            r, w = os.pipe()
+            try:
+                self.helper_pid = self._spawn_wrapper(script, stdio.triple, w)
+                self.helper_start = procinfo.start_time(self.helper_pid)
+                helper_exit = self.task.deps.reaper.watch(self.helper_pid)
+            except BaseException:
+                os.close(r)
+                raise
+            finally:
+                stdio.close()
+                os.close(w)
+            lines = _LineReader(r)
+            try:
+                async with asyncio.timeout(START_TIMEOUT):
+                    first = await lines.next()
+            except TimeoutError:
+                first = "error runc_exec gave no pid in time"
+            word, _, rest = first.partition(" ")
+            if word != "pid":
+                lines.close()
+                await helper_exit
+                self._remove_files()
+                self.status = Status.STOPPED
+                self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id)
+                message = rest if word == "error" else "runc_exec exited without a pid"
+                raise errors.internal(f"exec {self.exec_id}: {message}")
+            pid_s, _, start_s = rest.partition(" ")
+            self.pid, self.start_time = int(pid_s), int(start_s or 0)
+            self._pidfd = procinfo.open_pidfd(self.pid, self.start_time)
+            self.trace_id = self.task.deps.store.next_trace_id()
+            self.track()
+            self.status = Status.RUNNING
+            self.task.deps.store.put(self.record())
+            self.task.deps.events.publish(
+                self.task.namespace,
+                events_pb2.TaskExecStarted(
+                    container_id=self.task.id, exec_id=self.exec_id, pid=self.pid
+                ),
+            )
+            self.task.spawn(self._await_exit(lines, helper_exit), f"exit-{self.id}")
+        log.event("exec started", **self.fields())
+        return self.pid
+
+    def _spawn_wrapper(self, script: str, stdio: tuple[int, int, int], sync_fd: int) -> int:
+        runc = self.task.runc
+        binary = shutil.which(runc.binary, path=runc.env.get("PATH")) or runc.binary
+        argv = [
+            sys.executable, "-S", "-E", script,
+            "--sync-fd", str(sync_fd),
+            "--status-file", self.status_file,
+            "--runc", binary,
+            "--root", runc.root,
+            "--log", os.path.join(self.dir, "runc.log"),
+            "--timeout", str(int(runc.timeout)),
+            "--pid-file", os.path.join(self.dir, "pid"),
+            "--process", os.path.join(self.dir, "process.json"),
+        ]  # fmt: skip
+        if runc.systemd_cgroup:
+            argv.append("--systemd-cgroup")
+        argv.append(self.task.id)
+        proc = subprocess.Popen(
+            argv,
+            stdin=stdio[0],
+            stdout=stdio[1],
+            stderr=stdio[2],
+            pass_fds=(sync_fd,),
+            env=runc.env,
+            restore_signals=True,
+        )
+        proc.returncode = 0  # the reaper, not Popen, collects it
+        return proc.pid
+
+    async def _await_exit(self, lines: _LineReader, helper_exit: asyncio.Future[Exit]) -> None:
+        line = await lines.next()
+        lines.close()
+        word, _, rest = line.partition(" ")
+        if word == "exit":
+            status_s, _, at_s = rest.partition(" ")
+            status, at = int(status_s), int(at_s or time.time_ns())
+        else:
+            await helper_exit
+            status, at = self.status_from_elsewhere()
+        async with self.start_lock:
+            self.set_exited(status, at)
+        self._close_pidfd()
+
+    def status_from_elsewhere(self) -> tuple[int, int]:
+        """The wrapper said no ``exit``: its status file, else the pinned BPF record."""
+        found = read_status_file(self.status_file)
+        if found is not None:
+            return found
+        tracker = self.task.deps.tracker
+        record = tracker.lookup_exit(self.trace_id) if tracker and self.trace_id else None
+        if record is not None:
+            return record.exit_status, record.exited_at_wall_ns()
+        log.event("exec exit status unknown", logging.WARNING, **self.fields())
+        return UNKNOWN, time.time_ns()
+
+    async def kill(self, sig: int) -> None:
+        self.signal_check()
+        fd = self._pidfd
+        if fd is None:
+            raise errors.not_found(f"process {self.id} already finished")
+        try:
+            signal.pidfd_send_signal(fd, sig)
+        except ProcessLookupError:
+            raise errors.not_found(f"process {self.id} already finished") from None
+
+    async def delete(self) -> tuple[int, int, int]:
+        if self.status == Status.RUNNING and not self.exited:
+            raise errors.precondition(f"cannot delete a running process: exec {self.exec_id}")
+        self.status = Status.DELETED
+        self.untrack()
+        self._close_pidfd()
+        self._remove_files()
+        self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id)
+        return self.pid, self.exit_status, self.exited_at or time.time_ns()
+
+    def _close_pidfd(self) -> None:
+        if self._pidfd is not None:
+            os.close(self._pidfd)
+            self._pidfd = None
+
+    def _remove_files(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+        for d in (os.path.dirname(self.dir), os.path.dirname(os.path.dirname(self.dir))):
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+
+
+def read_status_file(path: str) -> tuple[int, int] | None:
+    try:
+        with open(path) as f:
+            status_s, _, at_s = f.read().strip().partition(" ")
+        return int(status_s), int(at_s or time.time_ns())
+    except (OSError, ValueError):
+        return None
+
+
+def parse_spec(value: bytes) -> bytes:
+    """The OCI Process JSON containerd sends for an exec, checked enough for runc."""
+    try:
+        spec = json.loads(value)
+    except ValueError as exc:
+        raise errors.invalid(f"spec: not valid JSON: {exc}") from None
+    if not isinstance(spec, dict):
+        raise errors.invalid("spec: not a JSON object")
+    args = spec.get("args")
+    if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
+        raise errors.invalid("spec: args must be a non-empty list of strings")
+    if spec.get("terminal"):
+        raise errors.unimplemented("terminal (tty) exec processes are not supported yet")
+    return value
+
+
+class _LineReader:
+    """Lines from the wrapper's sync pipe, read on the event loop."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buf = b""
+        self._eof = False
+        self._loop = asyncio.get_running_loop()
+        self._waiter: asyncio.Future[None] | None = None
+        os.set_blocking(fd, False)
+        self._loop.add_reader(fd, self._readable)
+
+    def _readable(self) -> None:
+        try:
+            chunk = os.read(self._fd, 4096)
+        except BlockingIOError:
+            return
+        if not chunk:
+            self._eof = True
+            self._loop.remove_reader(self._fd)
+        self._buf += chunk
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    async def next(self) -> str:
+        """The next line, or '' at EOF."""
+        while b"\n" not in self._buf and not self._eof:
+            self._waiter = self._loop.create_future()
+            await self._waiter
+        line, sep, self._buf = self._buf.partition(b"\n")
+        return line.decode(errors="replace") if sep or line else ""
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
