@@ -182,21 +182,43 @@ def parse_event_time_ns(line: str) -> int | None:
 # /proc
 
 
-def smaps_rollup_kib(pid: int) -> tuple[int, int] | None:
-    """(PSS, RSS) of ``pid`` in KiB from /proc/PID/smaps_rollup; None if it is gone."""
-    pss = rss = -1
+def smaps_rollup_kib(pid: int) -> tuple[int, int, int] | None:
+    """(PSS, RSS, USS) of ``pid`` in KiB from /proc/PID/smaps_rollup (USS = private clean +
+    private dirty: what its exit would free); None if it is gone."""
+    vals = {"Pss:": -1, "Rss:": -1, "Private_Clean:": -1, "Private_Dirty:": -1}
     try:
         with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
-                if line.startswith("Pss:"):
-                    pss = int(line.split()[1])
-                elif line.startswith("Rss:"):
-                    rss = int(line.split()[1])
-    except (OSError, ValueError):
+                key, _, rest = line.partition(" ")
+                if key in vals:
+                    vals[key] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
         return None
-    if pss < 0 or rss < 0:
+    if min(vals.values()) < 0:
         return None
-    return pss, rss
+    return vals["Pss:"], vals["Rss:"], vals["Private_Clean:"] + vals["Private_Dirty:"]
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def system_cpu_s() -> float:
+    """CPU seconds spent busy by the whole machine so far (all cores; /proc/stat)."""
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    # user nice system idle iowait irq softirq steal ...: all but idle and iowait
+    busy = sum(int(x) for i, x in enumerate(fields[:8]) if i not in (3, 4))
+    return busy / _CLK_TCK
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds; 0 if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(rest[11]) + int(rest[12])) / _CLK_TCK
 
 
 def _address_arg(cmdline: Sequence[str]) -> str:
@@ -612,30 +634,35 @@ class Bench:
     # -- memory -------------------------------------------------------------------
 
     def measure(self, rt: str) -> dict[str, Any]:
-        """Median of 3 samples of the shim processes' PSS/RSS sums and containerd's RSS."""
-        samples: list[tuple[int, int, int, int]] = []
+        """Median of 3 samples of the shim processes' PSS/RSS/USS sums and containerd's
+        RSS."""
+        samples: list[tuple[int, int, int, int, int]] = []
         pids: list[int] = []
         for k in range(3):
             if k:
                 time.sleep(0.25)
             pids = shim_pids(rt, self.c.address)
-            pss = rss = 0
+            pss = rss = uss = 0
             for pid in pids:
                 m = smaps_rollup_kib(pid)
                 if m is not None:
-                    pss += m[0]
-                    rss += m[1]
+                    pss, rss, uss = pss + m[0], rss + m[1], uss + m[2]
             ctrd = smaps_rollup_kib(self.c.pid or 0)
-            samples.append((pss, rss, len(pids), ctrd[1] if ctrd else 0))
+            samples.append((pss, rss, uss, len(pids), ctrd[1] if ctrd else 0))
         samples.sort()
-        pss, rss, nprocs, ctrd_rss = samples[1]
+        pss, rss, uss, nprocs, ctrd_rss = samples[1]
         return {
             "shim_pss_kib": pss,
             "shim_rss_kib": rss,
+            "shim_uss_kib": uss,
             "shim_procs": nprocs,
             "shim_pids": pids if rt == EMBED else len(pids),
             "containerd_rss_kib": ctrd_rss,
         }
+
+    def shim_cpu_s(self, rt: str) -> float:
+        """CPU seconds (user + system) used so far by the live shim processes."""
+        return sum(process_cpu_s(pid) for pid in shim_pids(rt, self.c.address))
 
     def phase_memory(self) -> None:
         self.progress("memory", force=True)
@@ -647,19 +674,28 @@ class Bench:
                 def start(cid: str, rt: str = rt) -> float | None:
                     return self.start_one(rt, cid, *SLEEP)
 
+                cpu0, shim0 = system_cpu_s(), self.shim_cpu_s(rt)
                 starts, start_wall = self.parallel(start, ids, f"memory N={n} {rt}: start")
+                cpu1, shim1 = system_cpu_s(), self.shim_cpu_s(rt)
                 running = self.wait_running(ids, 60 + n)
                 if running != n:
                     self.error(f"memory N={n} {rt}: only {running}/{n} RUNNING")
                 time.sleep(self.cfg.settle)
                 self.progress(f"memory N={n} {rt}: measuring")
                 row: dict[str, Any] = {"n": n, "running": running, **self.measure(rt)}
+                cpu2, shim2 = system_cpu_s(), self.shim_cpu_s(rt)
                 teardowns, teardown_wall = self.parallel(
                     self.teardown_one, ids, f"memory N={n} {rt}: teardown"
                 )
+                cpu3, shim3 = system_cpu_s(), self.shim_cpu_s(rt)
                 row.update(
                     start_wall_s=round(start_wall, 4),
                     teardown_wall_s=round(teardown_wall, 4),
+                    start_cpu_s=round(cpu1 - cpu0, 2),
+                    teardown_cpu_s=round(cpu3 - cpu2, 2),
+                    shim_cpu_start_s=round(shim1 - shim0, 2),
+                    # runc-v2 shims exit during teardown, taking their counters with them
+                    shim_cpu_teardown_s=round(shim3 - shim2, 2) if rt == EMBED else None,
                     start_ms=_ms(starts),
                     teardown_ms=_ms(teardowns),
                 )
@@ -668,13 +704,15 @@ class Bench:
                 if left:
                     self.error(f"memory N={n} {rt}: tasks left after teardown: {left}")
         marginal: dict[str, float | None] = {}
+        marginal_uss: dict[str, float | None] = {}
         for rt, rs in rows.items():
             xs = [float(r["running"]) for r in rs]
-            ys = [float(r["shim_pss_kib"]) for r in rs]
-            try:
-                marginal[rt] = round(slope(xs, ys), 1)
-            except ValueError:
-                marginal[rt] = None
+            for key, dest in (("shim_pss_kib", marginal), ("shim_uss_kib", marginal_uss)):
+                try:
+                    dest[rt] = round(slope(xs, [float(r[key]) for r in rs]), 1)
+                except ValueError:
+                    dest[rt] = None
+        self.results["marginal_uss_kib_per_container"] = marginal_uss
         concurrent: dict[str, Any] = {}
         for rt, rs in rows.items():
             concurrent[rt] = {
@@ -960,7 +998,12 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
     out.append(
         Target(name, None, "not measured")
         if marg is None
-        else Target(name, marg < MARGINAL_TARGET_KIB, f"{marg:.0f} KiB/container")
+        else Target(
+            name,
+            marg < MARGINAL_TARGET_KIB,
+            f"{marg:.0f} KiB/container"
+            + (" (negative: noise outweighs growth over this range of N)" if marg < 0 else ""),
+        )
     )
     e, r = (
         _get(results, "start", EMBED, "summary", "p50"),
@@ -1007,9 +1050,9 @@ def table(results: dict[str, Any], targets: Sequence[Target]) -> str:
         f"shim @ {meta.get('commit')}",
         "",
         "Memory (KiB; shim = sum over shim processes)",
-        f"{'N':>5} | {'embed PSS':>10} {'RSS':>8} {'procs':>5} {'ctrd RSS':>9} "
-        f"{'start+down s':>12} | {'runc-v2 PSS':>11} {'RSS':>8} {'procs':>5} {'ctrd RSS':>9} "
-        f"{'start+down s':>12}",
+        f"{'N':>5} | {'embed PSS':>10} {'RSS':>8} {'USS':>8} {'procs':>5} {'ctrd RSS':>9} "
+        f"{'start+down s':>12} | {'runc-v2 PSS':>11} {'RSS':>8} {'USS':>8} {'procs':>5} "
+        f"{'ctrd RSS':>9} {'start+down s':>12}",
     ]
     mem = results.get("memory") or {}
     by_n: dict[int, dict[str, Any]] = {}
@@ -1021,19 +1064,36 @@ def table(results: dict[str, Any], targets: Sequence[Target]) -> str:
         for rt, w in ((EMBED, 10), (RUNC, 11)):
             r = by_n[n].get(rt)
             if r is None:
-                cells.append(" " * (w + 40))
+                cells.append(" " * (w + 49))
                 continue
             run = "" if r["running"] == n else f" ({r['running']} up)"
             cells.append(
-                f"{r['shim_pss_kib']:>{w}} {r['shim_rss_kib']:>8} {r['shim_procs']:>5} "
+                f"{r['shim_pss_kib']:>{w}} {r['shim_rss_kib']:>8} "
+                f"{r.get('shim_uss_kib', '-'):>8} {r['shim_procs']:>5} "
                 f"{r['containerd_rss_kib']:>9} "
                 f"{r['start_wall_s']:>5.2f}+{r['teardown_wall_s']:<6.2f}{run}"
             )
         lines.append(f"{n:>5} | {cells[0]} | {cells[1]}")
+    for n in sorted(by_n):
+        cells = []
+        for rt in (EMBED, RUNC):
+            r = by_n[n].get(rt) or {}
+            cells.append(
+                f"{rt}: machine {_fmt(r.get('start_cpu_s'), digits=2)} + "
+                f"{_fmt(r.get('teardown_cpu_s'), digits=2)} s, shims "
+                f"{_fmt(r.get('shim_cpu_start_s'), digits=2)} + "
+                f"{_fmt(r.get('shim_cpu_teardown_s'), digits=2)} s"
+            )
+        lines.append(f"  CPU for N={n} start + teardown: {cells[0]}; {cells[1]}")
     marg = results.get("marginal_pss_kib_per_container") or {}
     lines.append(
         f"marginal PSS per container (least-squares slope): embed {_fmt(marg.get(EMBED))} KiB, "
         f"runc-v2 {_fmt(marg.get(RUNC))} KiB"
+    )
+    marg_uss = results.get("marginal_uss_kib_per_container") or {}
+    lines.append(
+        f"marginal USS per container (least-squares slope): embed "
+        f"{_fmt(marg_uss.get(EMBED))} KiB, runc-v2 {_fmt(marg_uss.get(RUNC))} KiB"
     )
     lines += ["", f"Latency (ms){'':<27} {'embed':>22} {'runc-v2':>22} {'runc floor':>22}"]
 
@@ -1085,6 +1145,12 @@ def table(results: dict[str, Any], targets: Sequence[Target]) -> str:
     for t in targets:
         mark = {True: "MET    ", False: "NOT MET", None: "n/a    "}[t.met]
         lines.append(f"  [{mark}] {t.name}: {t.detail}")
+    logs = results.get("logs") or {}
+    if logs.get("daemon_errors") or logs.get("daemon_warnings"):
+        lines.append(
+            f"our daemon logged {logs.get('daemon_errors')} error(s) and "
+            f"{logs.get('daemon_warnings')} warning(s): {logs.get('daemon_log')}"
+        )
     errs = results.get("errors") or []
     if errs:
         lines += ["", f"Errors ({len(errs)}):"] + [f"  {e}" for e in errs[:20]]
@@ -1241,6 +1307,28 @@ def machine() -> dict[str, Any]:
     }
 
 
+def keep_logs(c: Containerd, json_path: Path) -> dict[str, Any]:
+    """Copy containerd's and our daemon's logs next to the JSON (the temp dir is about to
+    go) and count the daemon's warnings and errors."""
+    from integration.embed import daemon_paths
+
+    out: dict[str, Any] = {}
+    daemon_log = daemon_paths(c).log
+    for name, src in (("containerd", c.log_path), ("daemon", daemon_log)):
+        if os.path.exists(src):
+            dst = json_path.with_suffix(f".{name}.log")
+            shutil.copyfile(src, dst)
+            out[f"{name}_log"] = str(dst)
+    if os.path.exists(daemon_log):
+        with open(daemon_log, errors="replace") as f:
+            text = f.read().splitlines()
+        errors = [ln for ln in text if "level=error" in ln]
+        out["daemon_warnings"] = sum(1 for ln in text if "level=warn" in ln)
+        out["daemon_errors"] = len(errors)
+        out["daemon_first_errors"] = errors[:5]
+    return out
+
+
 def _shared_run_dirs() -> list[str]:
     """Dirs under /run/containerd that stock shims/runc create and never remove."""
     dirs = [f"{RUN_CONTAINERD}/fifo", f"{RUN_CONTAINERD}/s"]
@@ -1332,6 +1420,8 @@ def run(
         if bench.pool is not None:
             bench.pool.shutdown(wait=False, cancel_futures=True)
         progress("cleaning up", force=True)
+        with contextlib.suppress(Exception):
+            results["logs"] = keep_logs(c, json_path)
         try:
             try:
                 c.cleanup()
@@ -1382,9 +1472,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         progress.note("interrupted; everything was cleaned up (partial results were written)")
         return 130
-    print(table(results, targets))
     png = json_path.with_suffix(".png")
     why_not = plot(results, png)
+    print(table(results, targets))
     print(f"\nresults: {json_path}")
     print(f"plot:    {png}" if why_not is None else f"plot:    none: {why_not}")
     return 0 if results.get("complete") else 1
