@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from integration.embed import embedshim_env, remove_bpf_pins
+from integration.embed import Events, embedshim_env, remove_bpf_pins
 from integration.harness import (
     DEFAULT_NAMESPACE,
     DEFAULT_RUNC_ROOT,
@@ -111,3 +111,10 @@ def containerd(busybox: str) -> Iterator[Containerd]:
 def busybox_image(containerd: Containerd, busybox: str) -> str:
     """Ref of a busybox image imported into ``containerd`` (built offline)."""
     return import_busybox_image(containerd, rootfs=busybox)
+
+
+@pytest.fixture
+def events(containerd: Containerd) -> Iterator[Events]:
+    ev = Events(containerd)
+    yield ev
+    ev.close()

@@ -6,10 +6,12 @@ import asyncio
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
-from integration.harness import Containerd, ProcInfo, processes_matching
+from integration.harness import Containerd, ProcInfo, parse_event, processes_matching, wait_for
 from shim.paths import DaemonPaths
 
 RUNTIME = "io.containerd.embed.v1"
@@ -88,3 +90,35 @@ def start_daemon(c: Containerd, bundle: str, namespace: str = "test", id: str = 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
+
+
+class Events:
+    """A `ctr events` subscriber collecting lines in the background."""
+
+    def __init__(self, c: Containerd) -> None:
+        self.proc = c.ctr_async("events")
+        self.lines: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        time.sleep(0.3)
+
+    def _read(self) -> None:
+        for line in self.proc.stdout or []:
+            self.lines.append(line)
+
+    def payloads(self, topic: str, cid: str) -> list[str]:
+        out = []
+        for line in list(self.lines):
+            ev = parse_event(line)
+            if ev and ev[1] == topic and f'"container_id":"{cid}"' in ev[2].replace(" ", ""):
+                out.append(ev[2].replace(" ", ""))
+        return out
+
+    def exit_status(self, cid: str, timeout: float = 15) -> int:
+        found = wait_for(lambda: self.payloads("/tasks/exit", cid), timeout, what=f"exit {cid}")
+        payload = found[-1]
+        if '"exit_status":' not in payload:
+            return 0  # proto3 JSON omits zero
+        return int(payload.split('"exit_status":')[1].split(",")[0].split("}")[0])
+
+    def close(self) -> None:
+        self.proc.kill()

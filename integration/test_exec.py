@@ -8,9 +8,8 @@ import time
 
 import pytest
 
-from integration.embed import RUNTIME, bpf_pin_root
+from integration.embed import RUNTIME, Events, bpf_pin_root
 from integration.harness import Containerd, parse_event, wait_for
-from integration.test_exits import Events, events  # noqa: F401  (fixture)
 from shim.exittrack import ExitTracker
 
 

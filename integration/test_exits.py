@@ -4,57 +4,16 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from integration.embed import RUNTIME, bpf_pin_root, daemon_paths, daemons
-from integration.harness import Containerd, parse_event, task_list, wait_for
+from integration.embed import RUNTIME, Events, bpf_pin_root, daemon_paths, daemons
+from integration.harness import Containerd, task_list, wait_for
 from shim.exittrack import ExitTracker
 from shim.statestore import StateStore
 
 HOST_PID_NS = ("--with-ns", f"pid:/proc/{os.getpid()}/ns/pid")
-
-
-class Events:
-    """A `ctr events` subscriber collecting lines in the background."""
-
-    def __init__(self, c: Containerd) -> None:
-        self.proc = c.ctr_async("events")
-        self.lines: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        time.sleep(0.3)
-
-    def _read(self) -> None:
-        for line in self.proc.stdout or []:
-            self.lines.append(line)
-
-    def payloads(self, topic: str, cid: str) -> list[str]:
-        out = []
-        for line in list(self.lines):
-            ev = parse_event(line)
-            if ev and ev[1] == topic and f'"container_id":"{cid}"' in ev[2].replace(" ", ""):
-                out.append(ev[2].replace(" ", ""))
-        return out
-
-    def exit_status(self, cid: str, timeout: float = 15) -> int:
-        found = wait_for(lambda: self.payloads("/tasks/exit", cid), timeout, what=f"exit {cid}")
-        payload = found[-1]
-        if '"exit_status":' not in payload:
-            return 0  # proto3 JSON omits zero
-        return int(payload.split('"exit_status":')[1].split(",")[0].split("}")[0])
-
-    def close(self) -> None:
-        self.proc.kill()
-
-
-@pytest.fixture
-def events(containerd: Containerd) -> Events:
-    ev = Events(containerd)
-    yield ev  # type: ignore[misc]
-    ev.close()
 
 
 CASES = [
