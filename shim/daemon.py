@@ -80,6 +80,12 @@ class Daemon:
 
             await server.adopt(ServerHandoff.from_json(str(handoff["server"])))
         else:
+            # A socket file left by a daemon that died: `start` holds the start lock while
+            # it runs us, so nobody else can be listening on it.
+            try:
+                os.unlink(self.paths.socket)
+            except FileNotFoundError:
+                pass
             await server.start_unix(self.paths.socket, mode=0o600)
         with open(self.paths.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")

@@ -48,6 +48,38 @@ class ExecProcess(Process):
         self.helper_start = 0
         self._pidfd: int | None = None
 
+    @classmethod
+    def restore(cls, task: Task, rec: ProcessRecord) -> ExecProcess:
+        """Take back an exec a previous daemon image started.  Its wrapper (still our child
+        after a re-exec) writes the status file; the pipe to it did not survive the exec."""
+        p = cls(
+            task,
+            rec.exec_id,
+            Stdio(rec.stdin, rec.stdout, rec.stderr, rec.terminal),
+            rec.options or b"{}",
+        )
+        p.pid, p.start_time, p.trace_id = rec.pid, rec.start_time, rec.trace_id
+        p.helper_pid, p.helper_start = rec.helper_pid, rec.helper_start
+        p.status = Status(rec.status)
+        if rec.exit_status is not None:
+            p.restore_exited(rec.exit_status, rec.exited_at, rec.exit_published)
+        elif p.status == Status.RUNNING:
+            p._pidfd = procinfo.open_pidfd(p.pid, p.start_time)
+            task.spawn(p._await_helper(), f"exit-{p.id}")
+        return p
+
+    async def _await_helper(self) -> None:
+        """Wait for the wrapper (or, if it is not ours any more, the process) to finish."""
+        exits = self.task.deps.exits
+        if procinfo.is_same(self.helper_pid, self.helper_start):
+            await exits.watch(self.helper_pid, self.helper_start)
+        elif procinfo.is_same(self.pid, self.start_time):
+            await exits.watch(self.pid, self.start_time, self.trace_id)
+        status, at = self.status_from_elsewhere()
+        async with self.start_lock:
+            self.set_exited(status, at)
+        self._close_pidfd()
+
     @property
     def dir(self) -> str:
         """Where the process spec, pid file and status file live (ours, not the bundle)."""

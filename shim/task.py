@@ -260,13 +260,19 @@ class Tasks:
         """Take back every task a previous daemon persisted (after a crash or a re-exec):
         running ones are watched again, exits that happened meanwhile are reported (unless
         ``queued_exits`` says the event is already queued to go out)."""
-        for rec in self.deps.store.all():
+        records = list(self.deps.store.all())
+        for rec in records:
             if rec.exec_id:
                 continue
             if (rec.namespace, rec.id, "") in queued_exits:
                 rec.exit_published = True
             try:
                 task = self._restore(rec)
+                for erec in records:
+                    if erec.exec_id and (erec.namespace, erec.id) == (rec.namespace, rec.id):
+                        if (erec.namespace, erec.id, erec.exec_id) in queued_exits:
+                            erec.exit_published = True
+                        task.execs[erec.exec_id] = ExecProcess.restore(task, erec)
             except Exception as exc:
                 log.event(
                     "cannot restore task",
