@@ -71,6 +71,9 @@ RUNC = "runc-v2"
 FLOOR = "runc-floor"
 RUNTIMES = {EMBED: EMBED_RUNTIME, RUNC: RUNC_RUNTIME}
 
+#: our daemon lingers 10 s (EMBEDSHIM_IDLE_EXIT) after its last task; wait this long for it
+IDLE_WAIT = 30.0
+
 # Targets (the brief): PSS ratio, marginal memory.
 PSS_RATIO_TARGET = 20.0
 MARGINAL_TARGET_KIB = 200.0
@@ -664,6 +667,19 @@ class Bench:
         """CPU seconds (user + system) used so far by the live shim processes."""
         return sum(process_cpu_s(pid) for pid in shim_pids(rt, self.c.address))
 
+    def wait_daemon_gone(self, what: str) -> bool:
+        """Let the idle daemon exit (it lingers IDLE_EXIT s after its last task), so every
+        memory round measures a daemon that served only its own N containers.  False (and
+        an error) if it is still there after IDLE_WAIT s."""
+        deadline = time.monotonic() + IDLE_WAIT
+        while shim_pids(EMBED, self.c.address):
+            if time.monotonic() > deadline:
+                self.error(f"{what}: the idle daemon did not exit within {IDLE_WAIT:.0f} s")
+                return False
+            self.progress(f"{what}: waiting for the idle daemon to exit")
+            time.sleep(0.2)
+        return True
+
     def phase_memory(self) -> None:
         self.progress("memory", force=True)
         rows: dict[str, list[dict[str, Any]]] = {EMBED: [], RUNC: []}
@@ -674,6 +690,7 @@ class Bench:
                 def start(cid: str, rt: str = rt) -> float | None:
                     return self.start_one(rt, cid, *SLEEP)
 
+                fresh = rt != EMBED or self.wait_daemon_gone(f"memory N={n} {rt}")
                 cpu0, shim0 = system_cpu_s(), self.shim_cpu_s(rt)
                 starts, start_wall = self.parallel(start, ids, f"memory N={n} {rt}: start")
                 cpu1, shim1 = system_cpu_s(), self.shim_cpu_s(rt)
@@ -682,7 +699,12 @@ class Bench:
                     self.error(f"memory N={n} {rt}: only {running}/{n} RUNNING")
                 time.sleep(self.cfg.settle)
                 self.progress(f"memory N={n} {rt}: measuring")
-                row: dict[str, Any] = {"n": n, "running": running, **self.measure(rt)}
+                row: dict[str, Any] = {
+                    "n": n,
+                    "running": running,
+                    "fresh_daemon": fresh,
+                    **self.measure(rt),
+                }
                 cpu2, shim2 = system_cpu_s(), self.shim_cpu_s(rt)
                 teardowns, teardown_wall = self.parallel(
                     self.teardown_one, ids, f"memory N={n} {rt}: teardown"
@@ -1001,7 +1023,8 @@ def evaluate(results: dict[str, Any]) -> list[Target]:
         else Target(
             name,
             marg < MARGINAL_TARGET_KIB,
-            f"{marg:.0f} KiB/container"
+            f"{marg:.0f} KiB/container (PSS slope; USS slope "
+            f"{_fmt(_get(results, 'marginal_uss_kib_per_container', EMBED), digits=0)} KiB)"
             + (" (negative: noise outweighs growth over this range of N)" if marg < 0 else ""),
         )
     )
