@@ -25,8 +25,19 @@ BPF_TEST_ROOT = "/sys/fs/bpf/embedshim-test"
 
 def embedshim_env() -> dict[str, str]:
     """The environment that keeps a test's daemon files in its containerd's temp dir and its
-    BPF pins in a bpffs dir of its own (removed by remove_bpf_pins)."""
-    return {"EMBEDSHIM_ROOT": "{tmp}/embedshim", "EMBEDSHIM_BPF_ROOT": BPF_TEST_ROOT}
+    BPF pins in a bpffs dir of its own (removed by remove_bpf_pins), and lets the daemon
+    take bundles from that containerd's state dir."""
+    return {
+        "EMBEDSHIM_ROOT": "{tmp}/embedshim",
+        "EMBEDSHIM_BPF_ROOT": BPF_TEST_ROOT,
+        "EMBEDSHIM_BUNDLE_ROOTS": "{tmp}/state",
+    }
+
+
+def bundle_dir(c: Containerd, namespace: str, id: str) -> str:
+    """Where containerd would put the bundle of (namespace, id): the only place the daemon
+    accepts one from."""
+    return os.path.join(c.state, "io.containerd.runtime.v2.task", namespace, id)
 
 
 def daemon_paths(c: Containerd) -> DaemonPaths:

@@ -15,6 +15,7 @@ import pytest
 from integration.embed import (
     RUNTIME,
     TASK_SERVICE,
+    bundle_dir,
     daemon_paths,
     daemons,
     run,
@@ -116,7 +117,7 @@ def test_events_in_order_with_exit_status(containerd: Containerd, busybox: str) 
 
 
 def _bundle(containerd: Containerd, busybox: str, ns: str, cid: str, config: object) -> str:
-    bundle = os.path.join(containerd.tmp, "bundles", ns, cid)
+    bundle = bundle_dir(containerd, ns, cid)
     os.makedirs(bundle)
     with open(os.path.join(bundle, "config.json"), "w") as f:
         f.write(config if isinstance(config, str) else json.dumps(config))

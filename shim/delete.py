@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from shim import procinfo, wire
+from shim import identifiers, procinfo, wire
 from shim.cli import Flags
 from shim.paths import DaemonPaths
 from shim.ttrpc.blocking import BlockingClient
@@ -102,6 +102,7 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
 
     pid = 0
     status = UNKNOWN
+    checked = False
     exited_at = time.time_ns()
     runc_root = paths.runc_root_for(namespace)
     binary = "runc"
@@ -117,7 +118,8 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
             pid = rec.pid
             runc_root = rec.runc_root or runc_root
             binary = _runc_binary(rec.options)
-            bundle = bundle or rec.bundle
+            bundle = rec.bundle or bundle  # checked when the task was created
+            checked = bool(rec.bundle)
             if rec.exit_status is not None:
                 status = rec.exit_status
                 exited_at = rec.exited_at or exited_at
@@ -143,6 +145,15 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         sys.stderr.write(f"runc delete {id}: {exc}\n")
+    if bundle and not checked:
+        from shim.bundle import check_path
+        from shim.ttrpc.errors import TTRPCError
+
+        try:
+            check_path(bundle, namespace, id)
+        except TTRPCError as exc:
+            sys.stderr.write(f"not cleaning up the bundle: {exc.message}\n")
+            bundle = ""
     if bundle:
         from shim.mount import unmount_all
 
@@ -166,6 +177,12 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
 def main(flags: Flags) -> int:
     if not flags.address or not flags.id:
         sys.stderr.write("delete: -address and -id are required\n")
+        return 1
+    problem = identifiers.problem("namespace", flags.namespace) or identifiers.problem(
+        "id", flags.id
+    )
+    if problem is not None:
+        sys.stderr.write(f"delete: {problem}\n")
         return 1
     paths = DaemonPaths.for_containerd(flags.address)
     bundle = flags.bundle or os.getcwd()

@@ -170,7 +170,7 @@ class ExecProcess(Process):
             "--runc", binary,
             "--root", runc.root,
             "--log", os.path.join(self.dir, "runc.log"),
-            "--timeout", str(int(runc.timeout)),
+            "--timeout", str(max(1, round(runc.timeout))),
             "--pid-file", os.path.join(self.dir, "pid"),
             "--process", os.path.join(self.dir, "process.json"),
         ]  # fmt: skip

@@ -14,11 +14,20 @@ MAX_LENGTH = 76
 _PATTERN = re.compile(r"[A-Za-z0-9]+(?:[._-][A-Za-z0-9]+)*")
 
 
-def validate(field: str, value: str) -> str:
+def problem(field: str, value: str) -> str | None:
+    """What is wrong with ``value`` as an identifier (naming ``field``), or None."""
     if not value:
-        raise errors.invalid(f"{field}: must not be empty")
+        return f"{field}: must not be empty"
     if len(value) > MAX_LENGTH:
-        raise errors.invalid(f"{field}: longer than {MAX_LENGTH} characters")
+        return f"{field}: longer than {MAX_LENGTH} characters"
     if not _PATTERN.fullmatch(value):
-        raise errors.invalid(f"{field}: {value[:MAX_LENGTH]!r} is not a valid identifier")
+        return f"{field}: {value!r} is not a valid identifier"
+    return None
+
+
+def validate(field: str, value: str) -> str:
+    """``value``, or InvalidArgument naming ``field``."""
+    message = problem(field, value)
+    if message is not None:
+        raise errors.invalid(message)
     return value

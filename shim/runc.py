@@ -20,6 +20,16 @@ from dataclasses import dataclass, field
 from shim.reaper import Reaper
 
 DEFAULT_TIMEOUT = 30.0
+TIMEOUT_ENV = "EMBEDSHIM_RUNC_TIMEOUT"
+
+
+def default_timeout() -> float:
+    """Seconds any runc command may take (``EMBEDSHIM_RUNC_TIMEOUT``, default 30)."""
+    try:
+        value = float(os.environ.get(TIMEOUT_ENV, ""))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return value if value > 0 else DEFAULT_TIMEOUT
 
 
 def spawn(argv: list[str], stdio: tuple[int, int, int], env: dict[str, str], path: str) -> int:
@@ -78,7 +88,7 @@ class Runc:
     reaper: Reaper
     root: str
     binary: str = "runc"
-    timeout: float = DEFAULT_TIMEOUT
+    timeout: float = field(default_factory=default_timeout)
     systemd_cgroup: bool = False
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
 
@@ -147,7 +157,7 @@ class Runc:
             except ProcessLookupError:
                 pass
             await exited
-            raise RuncError(command, f"timed out after {limit:.0f}s") from None
+            raise RuncError(command, f"timed out after {limit:g}s; killed it") from None
         finally:
             if out_r >= 0:
                 loop.remove_reader(out_r)

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from shim import errors, log, wire
+from shim import errors, identifiers, log, wire
 from shim.api import shim_pb2
 from shim.execprocess import ExecProcess
 from shim.process import STATUS_NUMBER
@@ -29,6 +29,9 @@ TASK_SERVICE = "containerd.task.v2.Task"
 DAEMON_SERVICE = "embedshim.v1.Daemon"
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 VERSION = "embedshim 0.1.0"
+# Reservations `start` made that no Create has claimed yet; each expires after a while
+# (daemon.RESERVATION_TTL), and past this many the oldest go first.
+MAX_RESERVATIONS = 4096
 
 M = TypeVar("M", bound=Message)
 EMPTY = b""
@@ -225,7 +228,10 @@ class TaskService:
     async def reserve(self, ctx: Context, payload: bytes) -> bytes:
         """``start`` reserves the daemon for a task containerd is about to create, so an
         idle daemon does not exit between ``start`` and ``Create``."""
-        ns, _, id = payload.decode(errors="replace").partition("\0")
+        ns, id = _ns_and_id(payload)
+        self.reservations.pop((ns, id), None)
+        while len(self.reservations) >= MAX_RESERVATIONS:
+            del self.reservations[next(iter(self.reservations))]
         self.reservations[(ns, id)] = time.monotonic()
         return str(os.getpid()).encode()
 
@@ -235,7 +241,7 @@ class TaskService:
 
     async def cleanup(self, ctx: Context, payload: bytes) -> bytes:
         """``delete``: containerd gave up on one task; kill and remove it if we have it."""
-        ns, _, id = payload.decode(errors="replace").partition("\0")
+        ns, id = _ns_and_id(payload)
         self.reservations.pop((ns, id), None)
         task = self.tasks.get(ns, id)
         p = task.init
@@ -247,6 +253,16 @@ class TaskService:
             await p.wait()
         pid, status, exited_at = await self.tasks.delete(ns, id, "")
         return wire.delete_response(pid, status, exited_at)
+
+
+def _ns_and_id(payload: bytes) -> tuple[str, str]:
+    """The ``namespace\\0id`` payload of the daemon's own service, both checked."""
+    try:
+        text = payload.decode()
+    except UnicodeDecodeError:
+        raise errors.invalid("payload: not UTF-8") from None
+    ns, _, id = text.partition("\0")
+    return identifiers.validate("namespace", ns), identifiers.validate("id", id)
 
 
 def _set_time(ts: object, ns: int | None) -> None:

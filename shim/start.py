@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+from shim import identifiers
 from shim.cli import NAME, Flags
 from shim.fsutil import write_address
 from shim.paths import DaemonPaths
@@ -105,6 +106,12 @@ def spawn_daemon(paths: DaemonPaths, flags: Flags, ttrpc_address: str) -> None:
 def main(flags: Flags) -> int:
     if not flags.address:
         sys.stderr.write("start: -address (containerd's address) is required\n")
+        return 1
+    problem = identifiers.problem("namespace", flags.namespace) or identifiers.problem(
+        "id", flags.id
+    )
+    if problem is not None:
+        sys.stdout.write(f"embedshim start: {problem}\n")
         return 1
     stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
     ttrpc_address = os.environ.get("TTRPC_ADDRESS") or ttrpc_address_from(stdin)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Any
 
 from shim import errors, identifiers, log, procinfo
 from shim.api import events_pb2, mount_pb2, runc_options_pb2, shim_pb2
-from shim.bundle import Bundle
+from shim.bundle import PATH_MAX, Bundle, check_path
 from shim.events import Publisher
 from shim.execprocess import ExecProcess, parse_spec
 from shim.exittrack import ExitTracker
@@ -65,6 +66,15 @@ def decode_options(type_url: str, value: bytes) -> RuncOptions:
             opts.ParseFromString(value)
         except Exception as exc:
             raise errors.invalid(f"options: bad {RUNC_OPTIONS}: {exc}") from None
+        if opts.binary_name and not (
+            _is_clean_absolute(opts.binary_name) or _is_plain_name(opts.binary_name)
+        ):
+            raise errors.invalid(
+                f"options.binary_name: {opts.binary_name[:100]!r} is neither a command name "
+                "nor a clean absolute path"
+            )
+        if opts.root and not _is_clean_absolute(opts.root):
+            raise errors.invalid(f"options.root: {opts.root[:100]!r} is not a clean absolute path")
         return RuncOptions(
             root=opts.root,
             binary=opts.binary_name or "runc",
@@ -74,7 +84,33 @@ def decode_options(type_url: str, value: bytes) -> RuncOptions:
         )
     if name == RUNTIME_OPTIONS:
         return RuncOptions()
-    raise errors.invalid(f"options: unsupported type {type_url!r}")
+    raise errors.invalid(f"options: unsupported type {type_url[:200]!r}")
+
+
+def _is_clean_absolute(path: str) -> bool:
+    return (
+        os.path.isabs(path)
+        and "\0" not in path
+        and len(path) <= PATH_MAX
+        and os.path.normpath(path) == path
+        and not path.startswith("//")
+    )
+
+
+def _is_plain_name(name: str) -> bool:
+    return name not in (".", "..") and "/" not in name and "\0" not in name and len(name) <= 255
+
+
+def find_runc(runc: Runc, from_options: bool) -> str:
+    """runc's path, or an error that says which setting points nowhere."""
+    path = shutil.which(runc.binary, path=runc.env.get("PATH"))
+    if path is not None:
+        return path
+    if from_options:
+        raise errors.invalid(f"options.binary_name: {runc.binary!r} not found or not executable")
+    raise errors.precondition(
+        f"runc: {runc.binary!r} not found in the daemon's PATH ({runc.env.get('PATH', '')})"
+    )
 
 
 class Task:
@@ -193,7 +229,8 @@ class Tasks:
             raise errors.unimplemented("terminal (tty) tasks are not supported yet")
         if req.checkpoint:
             raise errors.unimplemented("restoring from a checkpoint is not supported yet")
-        bundle = Bundle.load(req.bundle)
+        bundle = Bundle.load(check_path(req.bundle, namespace, req.id))
+        bundle.check_rootfs()
         opts = decode_options(req.options.type_url, req.options.value)
         runc = Runc(
             self.deps.reaper,
@@ -201,7 +238,9 @@ class Tasks:
             binary=opts.binary,
             systemd_cgroup=opts.systemd_cgroup,
         )
+        find_runc(runc, from_options=opts.binary != "runc")
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        io.check()
         blob = req.options.SerializeToString() if req.options.type_url else None
         task = Task(namespace, req.id, bundle, runc, self.deps, io, blob)
         task.rootfs = list(req.rootfs)
@@ -338,6 +377,7 @@ class Tasks:
             raise errors.precondition(f"container {req.id} is not running")
         spec = parse_spec(req.spec.value)
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        io.check()
         p = ExecProcess(task, req.exec_id, io, spec)
         task.execs[req.exec_id] = p
         p.added()

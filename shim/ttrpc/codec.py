@@ -542,6 +542,11 @@ class ServerConnection:
         return self._decoder.mid_frame
 
     @property
+    def buffered(self) -> int:
+        """Bytes held for the frame in progress (what a slow or stalled peer costs us)."""
+        return self._decoder.buffered
+
+    @property
     def last_stream_id(self) -> int:
         """The highest stream id accepted so far (0 before the first request)."""
         return self._last_stream_id

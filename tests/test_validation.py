@@ -1,0 +1,205 @@
+"""What the daemon refuses before anything reaches runc or the filesystem: bundle paths,
+stdio names, runtime options.  Each refusal is InvalidArgument naming the field."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+
+import pytest
+
+from shim import bundle, stdio
+from shim.api import runc_options_pb2
+from shim.task import RUNC_OPTIONS, decode_options
+from shim.ttrpc import Code, TTRPCError
+
+
+def _refused(field: str, fn: object, *args: object) -> str:
+    with pytest.raises(TTRPCError) as info:
+        fn(*args)  # type: ignore[operator]
+    assert info.value.code == Code.INVALID_ARGUMENT, info.value
+    assert info.value.message.startswith(field + ":"), info.value.message
+    return info.value.message
+
+
+@pytest.fixture
+def state(tmp_path: object) -> Iterator[str]:
+    """A containerd state dir with one real bundle, test/c1, as containerd lays it out."""
+    root = os.path.realpath(str(tmp_path))
+    state = os.path.join(root, "state")
+    os.makedirs(os.path.join(state, bundle.TASK_DIR, "test", "c1"))
+    yield state
+
+
+def _path(state: str, ns: str = "test", id: str = "c1") -> str:
+    return os.path.join(state, bundle.TASK_DIR, ns, id)
+
+
+def test_bundle_where_containerd_puts_it_is_accepted(state: str) -> None:
+    assert bundle.check_path(_path(state), "test", "c1", (state,)) == _path(state)
+
+
+def test_bundle_roots_come_from_the_environment(
+    state: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(bundle.ROOTS_ENV, raising=False)
+    assert bundle.allowed_roots() == ("/run/containerd",)
+    message = _refused("bundle", bundle.check_path, _path(state), "test", "c1")
+    assert bundle.ROOTS_ENV in message and "/run/containerd" in message
+    monkeypatch.setenv(bundle.ROOTS_ENV, f"/run/k3s/containerd:{state}/:relative")
+    assert bundle.allowed_roots() == ("/run/k3s/containerd", state)
+    assert bundle.check_path(_path(state), "test", "c1") == _path(state)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda s: "",
+        lambda s: "relative/io.containerd.runtime.v2.task/test/c1",
+        lambda s: _path(s) + "/",
+        lambda s: _path(s) + "/.",
+        lambda s: os.path.join(s, bundle.TASK_DIR, "test", "x", "..", "c1"),
+        lambda s: "/" + _path(s),
+        lambda s: _path(s) + "\0",
+        lambda s: _path(s) + "/" + "a" * 5000,
+        lambda s: _path(s, "other"),  # namespace of the request is test
+        lambda s: _path(s, "test", "c2"),  # id of the request is c1
+        lambda s: os.path.join(s, "somewhere-else", "test", "c1"),
+        lambda s: os.path.join(s, "sub", bundle.TASK_DIR, "test", "c1"),  # root not allowed
+        lambda s: "/etc",
+    ],
+    ids=[
+        "empty",
+        "relative",
+        "trailing-slash",
+        "dot",
+        "dotdot",
+        "double-slash",
+        "nul",
+        "10k",
+        "other-namespace",
+        "other-id",
+        "not-task-dir",
+        "outside-roots",
+        "etc",
+    ],
+)
+def test_bundle_paths_refused(state: str, make: object) -> None:
+    path = make(state)  # type: ignore[operator]
+    _refused("bundle", bundle.check_path, path, "test", "c1", (state,))
+
+
+def test_symlinked_bundle_refused(state: str) -> None:
+    target = os.path.join(os.path.dirname(state), "elsewhere")
+    os.makedirs(target)
+    os.symlink(target, _path(state, "test", "c2"))
+    message = _refused(
+        "bundle", bundle.check_path, _path(state, "test", "c2"), "test", "c2", (state,)
+    )
+    assert "symbolic link" in message
+    # A symlinked namespace directory is refused the same way.
+    os.symlink(os.path.join(state, bundle.TASK_DIR, "test"), _path(state, "ns2", "")[:-1])
+    _refused("bundle", bundle.check_path, _path(state, "ns2", "c1"), "ns2", "c1", (state,))
+
+
+def test_symlinked_rootfs_and_config_refused(state: str) -> None:
+    path = _path(state)
+    os.symlink("/etc/hostname", os.path.join(path, "config.json"))
+    _refused("bundle", bundle.Bundle.load, path)
+    os.unlink(os.path.join(path, "config.json"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        f.write("{}")
+    b = bundle.Bundle.load(path)
+    b.check_rootfs()  # no rootfs yet: fine, it is created as a directory
+    os.symlink("/", b.rootfs)
+    _refused("bundle", b.check_rootfs)
+
+
+# -- stdio ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "uri"),
+    [
+        ("stdout", "relative/fifo"),
+        ("stdout", "/a/../etc/passwd"),
+        ("stdout", "/a//b"),
+        ("stdout", "/a/b\0"),
+        ("stdout", "http://example.com/x"),
+        ("stdout", "file://host/var/log/x"),
+        ("stdout", "file:///var/log/x?q=1"),
+        ("stderr", "fifo://relative"),
+        ("stderr", "/" + "x" * 5000),
+        ("stdin", "file:///etc/shadow"),
+        ("stdin", "../fifo"),
+    ],
+)
+def test_stdio_refused(field: str, uri: str) -> None:
+    io = stdio.Stdio(**{field: uri})  # type: ignore[arg-type]
+    _refused(field, io.check)
+
+
+def test_stdio_accepted_forms() -> None:
+    assert stdio.parse("stdout", "/run/containerd/fifo/1/c-stdout") == (
+        "fifo",
+        "/run/containerd/fifo/1/c-stdout",
+    )
+    assert stdio.parse("stdout", "fifo:///f") == ("fifo", "/f")
+    assert stdio.parse("stderr", "file:///var/log/c.log") == ("file", "/var/log/c.log")
+    with pytest.raises(TTRPCError) as info:
+        stdio.parse("stdout", "binary:///usr/bin/logger")
+    assert info.value.code == Code.UNIMPLEMENTED
+
+
+def test_stdio_opens_only_fifos_and_never_through_symlinks(tmp_path: object) -> None:
+    d = str(tmp_path)
+    fifo = os.path.join(d, "out")
+    os.mkfifo(fifo)
+    regular = os.path.join(d, "regular")
+    open(regular, "w").close()
+    link = os.path.join(d, "link")
+    os.symlink(fifo, link)
+    opened = stdio.OpenedStdio(stdio.Stdio(stdin=fifo, stdout=fifo))
+    try:
+        assert stat.S_ISFIFO(os.fstat(opened.triple[1]).st_mode)
+        assert os.get_blocking(opened.triple[0])
+    finally:
+        opened.close()
+    for io, field in [
+        (stdio.Stdio(stdout=regular), "stdout"),  # a plain path names a FIFO
+        (stdio.Stdio(stdout=link), "stdout"),
+        (stdio.Stdio(stdin=link), "stdin"),
+        (stdio.Stdio(stdout=os.path.join(d, "missing")), "stdout"),
+        (stdio.Stdio(stderr="file://" + link), "stderr"),
+    ]:
+        _refused(field, stdio.OpenedStdio, io)
+    # file:// creates the log file (and its directory).
+    log = os.path.join(d, "logs", "c.log")
+    opened = stdio.OpenedStdio(stdio.Stdio(stdout="file://" + log, stderr="file://" + log))
+    opened.close()
+    assert os.path.isfile(log)
+
+
+# -- runtime options --------------------------------------------------------------------------
+
+
+def test_options_of_unknown_type_refused() -> None:
+    message = _refused("options", decode_options, "example.com/Evil", b"\x01")
+    assert "example.com/Evil" in message
+
+
+@pytest.mark.parametrize(
+    ("options", "field"),
+    [
+        (runc_options_pb2.Options(binary_name="../runc"), "options.binary_name"),
+        (runc_options_pb2.Options(binary_name="bin/runc"), "options.binary_name"),
+        (runc_options_pb2.Options(binary_name="/usr/bin/../bin/runc"), "options.binary_name"),
+        (runc_options_pb2.Options(binary_name="runc\0x"), "options.binary_name"),
+        (runc_options_pb2.Options(root="relative"), "options.root"),
+        (runc_options_pb2.Options(root="/run/../etc"), "options.root"),
+    ],
+)
+def test_runc_options_refused(options: runc_options_pb2.Options, field: str) -> None:
+    _refused(field, decode_options, RUNC_OPTIONS, options.SerializeToString())
+    _refused("options", decode_options, RUNC_OPTIONS, b"\xff\xff\xff")
