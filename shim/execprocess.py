@@ -24,7 +24,7 @@ from shim import errors, log, procinfo
 from shim.api import events_pb2
 from shim.process import Process, Status
 from shim.reaper import Exit
-from shim.statestore import ProcessRecord
+from shim.statestore import ProcessRecord, StoreError, best_effort
 from shim.stdio import OpenedStdio, Stdio
 
 if TYPE_CHECKING:
@@ -140,16 +140,30 @@ class ExecProcess(Process):
                 await helper_exit
                 self._remove_files()
                 self.status = Status.STOPPED
-                self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id)
+                best_effort(
+                    lambda: self.task.deps.store.delete(
+                        self.task.namespace, self.task.id, self.exec_id
+                    ),
+                    "exec failed",
+                    **self.fields(),
+                )
                 message = rest if word == "error" else "runc_exec exited without a pid"
                 raise errors.internal(f"exec {self.exec_id}: {message}")
             pid_s, _, start_s = rest.partition(" ")
             self.pid, self.start_time = int(pid_s), int(start_s or 0)
             self._pidfd = procinfo.open_pidfd(self.pid, self.start_time)
-            self.trace_id = self.task.deps.store.next_trace_id()
-            self.track()
+            # The process runs: from here on a store that cannot be written costs only the
+            # record (and the BPF backup, which needs a trace id), not the exec.
+            try:
+                self.trace_id = self.task.deps.store.next_trace_id()
+            except StoreError as exc:
+                log.event("no trace id", logging.ERROR, **self.fields(), error=exc)
+            if self.trace_id:
+                self.track()
             self.status = Status.RUNNING
-            self.task.deps.store.put(self.record())
+            best_effort(
+                lambda: self.task.deps.store.put(self.record()), "exec started", **self.fields()
+            )
             self.task.deps.events.publish(
                 self.task.namespace,
                 events_pb2.TaskExecStarted(
@@ -232,7 +246,11 @@ class ExecProcess(Process):
         self.untrack()
         self._close_pidfd()
         self._remove_files()
-        self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id)
+        best_effort(
+            lambda: self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id),
+            "exec deleted",
+            **self.fields(),
+        )
         return self.pid, self.exit_status, self.exited_at or time.time_ns()
 
     def _close_pidfd(self) -> None:

@@ -25,7 +25,7 @@ from shim.api import events_pb2
 from shim.exittrack import TICK_NS
 from shim.reaper import Exit
 from shim.runc import RuncError, is_not_found
-from shim.statestore import ProcessRecord
+from shim.statestore import ProcessRecord, best_effort
 from shim.stdio import OpenedStdio, Stdio
 
 if TYPE_CHECKING:
@@ -132,13 +132,17 @@ class Process:
         self.exited_at = at
         if self.status != Status.DELETED:
             self.status = Status.STOPPED
-        self.task.deps.store.update(
-            self.task.namespace,
-            self.task.id,
-            self.exec_id,
-            status=str(Status.STOPPED),
-            exit_status=status,
-            exited_at=at,
+        best_effort(
+            lambda: self.task.deps.store.update(
+                self.task.namespace,
+                self.task.id,
+                self.exec_id,
+                status=str(Status.STOPPED),
+                exit_status=status,
+                exited_at=at,
+            ),
+            "exit",
+            **self.fields(),
         )
         self.publish_exit()
         self.untrack()
@@ -164,9 +168,16 @@ class Process:
             container_id=id, id=self.id, pid=self.pid, exit_status=self.exit_status
         )
         event.exited_at.FromNanoseconds(self.exited_at or 0)
-        self.task.deps.events.publish(
-            ns, event, on_sent=lambda: store.update(ns, id, exec_id, exit_published=True)
-        )
+        fields = self.fields()
+
+        def sent() -> None:
+            best_effort(
+                lambda: store.update(ns, id, exec_id, exit_published=True),
+                "exit published",
+                **fields,
+            )
+
+        self.task.deps.events.publish(ns, event, on_sent=sent)
 
     def track(self) -> None:
         """Register the process with the pinned BPF exit map (when BPF is on)."""
@@ -215,11 +226,13 @@ class InitProcess(Process):
         self.pid = task.bundle.read_pid()
         self.start_time = procinfo.start_time(self.pid)
         self.trace_id = task.deps.store.next_trace_id()
+        # Persisted before anything watches it: if the store refuses (disk full), the create
+        # is undone and no exit of this never-announced task is ever published.
+        task.deps.store.put(self.record())
         # The init waits in `runc init` until `runc start`: registering it now means no exit,
-        # however early, can go unrecorded.
+        # however early, can go unrecorded (the reaper keeps one that comes before the watch).
         self.track()
         self.watch_exit(self.kill_all_if_shared_pidns)
-        task.deps.store.put(self.record())
 
     async def kill_all_if_shared_pidns(self) -> None:
         # Without its own pid namespace the container's other processes outlive the init.
@@ -241,8 +254,12 @@ class InitProcess(Process):
             except RuncError as exc:
                 raise errors.internal(str(exc)) from None
             self.status = Status.RUNNING
-            self.task.deps.store.update(
-                self.task.namespace, self.task.id, status=str(Status.RUNNING)
+            best_effort(
+                lambda: self.task.deps.store.update(
+                    self.task.namespace, self.task.id, status=str(Status.RUNNING)
+                ),
+                "started",
+                **self.fields(),
             )
             self.task.deps.events.publish(
                 self.task.namespace, events_pb2.TaskStart(container_id=self.task.id, pid=self.pid)

@@ -27,7 +27,7 @@ from shim.paths import DaemonPaths
 from shim.process import InitProcess, Process, Status
 from shim.reaper import Reaper
 from shim.runc import Runc, RuncError
-from shim.statestore import ProcessRecord, StateStore
+from shim.statestore import ProcessRecord, StateStore, StoreError, best_effort
 from shim.stdio import OpenedStdio, Stdio
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
@@ -193,6 +193,9 @@ class Tasks:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
         self._tasks: dict[tuple[str, str], Task | None] = {}  # None: being created
+        # Tasks deleted while the store could not be written (disk full): their records
+        # are removed at the next create or delete that finds the store writable.
+        self._forget_later: set[tuple[str, str]] = set()
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -215,6 +218,7 @@ class Tasks:
         key = (namespace, req.id)
         if key in self._tasks:
             raise errors.already_exists(f"container {req.id!r} already exists in {namespace!r}")
+        self._forget_pending()
         self._tasks[key] = None
         try:
             task = await self._create(namespace, req)
@@ -291,9 +295,27 @@ class Tasks:
                 unmount_all(task.bundle.rootfs)
             except OSError as exc:
                 log.event("unmount failed", logging.ERROR, ns=task.namespace, id=task.id, error=exc)
-        self.deps.store.delete(task.namespace, task.id)
+        self._forget(task.namespace, task.id, "undo create")
         task.init.cleanup_files()
         task.close()
+
+    def _forget(self, namespace: str, id: str, what: str) -> None:
+        self._forget_pending()
+        store = self.deps.store
+        if not best_effort(lambda: store.delete(namespace, id), what, ns=namespace, id=id):
+            self._forget_later.add((namespace, id))
+
+    def _forget_pending(self) -> None:
+        for namespace, id in list(self._forget_later):
+            if (namespace, id) in self._tasks:
+                self._forget_later.discard((namespace, id))  # a new task of that name
+                continue
+            try:
+                self.deps.store.delete(namespace, id)
+            except StoreError:
+                return
+            self._forget_later.discard((namespace, id))
+            log.event("state record removed at last", ns=namespace, id=id)
 
     def restore(self, queued_exits: set[tuple[str, str, str]] = frozenset()) -> None:  # type: ignore[assignment]
         """Take back every task a previous daemon persisted (after a crash or a re-exec):
@@ -379,8 +401,8 @@ class Tasks:
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         io.check()
         p = ExecProcess(task, req.exec_id, io, spec)
+        p.added()  # persisted first: if the store refuses, there is no exec
         task.execs[req.exec_id] = p
-        p.added()
         log.event("exec added", **p.fields())
         return p
 
@@ -406,7 +428,7 @@ class Tasks:
         except OSError as exc:
             log.event("unmount failed", logging.ERROR, ns=namespace, id=id, error=exc)
         task.init.cleanup_files()
-        self.deps.store.delete(namespace, id)
+        self._forget(namespace, id, "delete")
         event = events_pb2.TaskDelete(container_id=id, pid=pid, exit_status=status)
         event.exited_at.FromNanoseconds(exited_at)
         self.deps.events.publish(namespace, event)
