@@ -249,14 +249,13 @@ class Tasks:
         task = Task(namespace, req.id, bundle, runc, self.deps, io, blob)
         task.rootfs = list(req.rootfs)
         mounted = False
-        stdio: OpenedStdio | None = None
+        stdio = OpenedStdio(io)  # a stdio refused here leaves nothing to undo
         try:
             if req.rootfs:
                 os.makedirs(bundle.rootfs, mode=0o711, exist_ok=True)
                 for m in req.rootfs:
                     mounted = True
                     mount(Mount(m.type, m.source, tuple(m.options)), bundle.rootfs)
-            stdio = OpenedStdio(io)
             await task.init.create(stdio, opts.no_pivot, opts.no_new_keyring)
         except BaseException as exc:
             await self._undo_create(task, mounted)
@@ -266,8 +265,7 @@ class Tasks:
                 raise errors.internal(str(exc)) from None
             raise
         finally:
-            if stdio is not None:
-                stdio.close()
+            stdio.close()
         task.open_log()
         event = events_pb2.TaskCreate(
             container_id=task.id,
