@@ -83,6 +83,18 @@ def _last_error(log_path: str | None) -> str:
     return ""
 
 
+def _disk_full_hint(root: str) -> str:
+    """runc 1.1 reports a full state directory as "unable to store init state: %!w(<nil>)";
+    say what it means."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return ""
+    if st.f_bavail == 0 or st.f_favail == 0:
+        return f" (no space left on device for runc's state in {root})"
+    return ""
+
+
 @dataclass
 class Runc:
     reaper: Reaper
@@ -164,7 +176,8 @@ class Runc:
                 os.close(out_r)
         if ex.status != 0:
             text = _last_error(log_path) or bytes(output).decode(errors="replace").strip()
-            raise RuncError(command, text or f"exit status {ex.status}", ex.status)
+            text = (text or f"exit status {ex.status}") + _disk_full_hint(self.root)
+            raise RuncError(command, text, ex.status)
         return bytes(output)
 
     async def create(

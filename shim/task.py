@@ -258,6 +258,7 @@ class Tasks:
                     mount(Mount(m.type, m.source, tuple(m.options)), bundle.rootfs)
             await task.init.create(stdio, opts.no_pivot, opts.no_new_keyring)
         except BaseException as exc:
+            log.event("create failed", logging.ERROR, ns=namespace, id=req.id, error=exc)
             await self._undo_create(task, mounted)
             if isinstance(exc, OSError):
                 raise errors.internal(f"create {req.id}: {exc}") from None
