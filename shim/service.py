@@ -7,6 +7,7 @@ subcommands (reserve a slot before containerd connects; clean up one task).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -34,6 +35,7 @@ VERSION = "embedshim 0.1.0"
 MAX_RESERVATIONS = 4096
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 EMPTY = b""
 
 NOT_YET = {
@@ -161,7 +163,7 @@ class TaskService:
     async def wait(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.WaitRequest, payload)
         p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
-        status, exited_at = await p.wait()
+        status, exited_at = await _unless_gone(ctx, p.wait())
         resp = shim_pb2.WaitResponse(exit_status=status)
         _set_time(resp.exited_at, exited_at)
         return resp.SerializeToString()
@@ -263,6 +265,22 @@ def _ns_and_id(payload: bytes) -> tuple[str, str]:
         raise errors.invalid("payload: not UTF-8") from None
     ns, _, id = text.partition("\0")
     return identifiers.validate("namespace", ns), identifiers.validate("id", id)
+
+
+async def _unless_gone(ctx: Context, waiting: Awaitable[T]) -> T:
+    """``waiting``, given up once the caller has disconnected: a Wait nobody will read must
+    not outlive its connection (or a peer could pile them up without bound)."""
+    task = asyncio.ensure_future(waiting)
+    gone = asyncio.ensure_future(ctx.gone.wait())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise TTRPCError(Code.CANCELLED, "the caller went away")
+    return task.result()
 
 
 def _set_time(ts: object, ns: int | None) -> None:

@@ -668,3 +668,25 @@ def test_unfinished_frames_of_all_peers_are_bounded(sock_path: str) -> None:
                 assert server.buffered_bytes == 0
 
     run(main())
+
+
+def test_context_gone_is_set_when_the_peer_leaves(sock_path: str) -> None:
+    seen: list[Context] = []
+
+    async def hold(ctx: Context, payload: bytes) -> bytes:
+        seen.append(ctx)
+        await ctx.gone.wait()
+        return b"nobody reads this"
+
+    async def main() -> None:
+        async with serving(sock_path, {"Hold": hold}) as server:
+            _, writer = await raw_connect(sock_path)
+            writer.write(request_frame(1, "Hold"))
+            await writer.drain()
+            await _wait_until(lambda: bool(seen))
+            assert not seen[0].gone.is_set()
+            writer.close()
+            await _wait_until(lambda: seen[0].gone.is_set())
+            await _wait_until(lambda: not server._handlers)
+
+    run(main())

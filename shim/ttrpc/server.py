@@ -102,6 +102,9 @@ class Context:
     #: learned about the peer, e.g. which tenant the connection serves). It survives a
     #: :meth:`Server.handoff` as JSON, so keep it to JSON types (str keys).
     connection: dict[str, object] = field(default_factory=dict)
+    #: Set once the connection is gone. Handlers are not cancelled when their peer leaves
+    #: (see :class:`Server`); one that only waits on the peer's behalf may watch this.
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     def get(self, key: str) -> str | None:
         """First value of a metadata key (keys are case-insensitive), or None."""
@@ -655,6 +658,7 @@ class _ServerProtocol(asyncio.Protocol):
         self._quiesced = False
         self._flushed = asyncio.Event()
         self._counted = 0  # our unfinished-frame bytes, as added to the server's total
+        self._gone = asyncio.Event()
         self._frame_timer: asyncio.TimerHandle | None = None
 
     # asyncio callbacks -----------------------------------------------------------------
@@ -692,6 +696,7 @@ class _ServerProtocol(asyncio.Protocol):
         self._transport = None
         self._cancel_frame_timer()
         self._release_buffered()
+        self._gone.set()
         # Requests not yet started are dropped; running handlers finish, unanswered.
         self._backlog.clear()
         self._flushed.set()
@@ -844,6 +849,7 @@ class _ServerProtocol(asyncio.Protocol):
             peer=self._peer,
             stream_id=call.stream_id,
             connection=self._state,
+            gone=self._gone,
         )
         call.ctx = ctx
         self._in_flight_bytes += len(request.payload)
