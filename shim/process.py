@@ -67,6 +67,8 @@ class Process:
         self.exited_at: int | None = None  # wall clock ns
         self._exited = asyncio.Event()
         # Held while starting, so that a fast exit's event cannot overtake the start event.
+        # It is this process's alone: held across its own runc start (bounded by the runc
+        # timeout), it delays only this process's exit report, never another container.
         self.start_lock = asyncio.Lock()
 
     @property
