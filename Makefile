@@ -6,7 +6,7 @@ DEB_PACKAGES := python3-venv containerd runc busybox-static libbpf1 clang llvm b
 	iproute2 containernetworking-plugins procps util-linux
 PROTOS := $(wildcard proto/*.proto)
 
-.PHONY: setup demo test unit integration lint proto bpf bench soak clean
+.PHONY: setup demo test unit integration lint proto bpf bench soak fuzz clean
 
 setup: .setup-debs $(VENV)/.installed
 	@$(PY) -m shim.setupcheck
@@ -50,6 +50,14 @@ demo: setup
 
 bench: setup
 	$(PY) -m integration.bench.bench $(BENCH_ARGS)
+
+# 1,000 create/start/exit/delete cycles (half with an exec); prints the before/after figures.
+soak: setup
+	EMBEDSHIM_SOAK_CYCLES=$${EMBEDSHIM_SOAK_CYCLES:-1000} $(PY) -m pytest -q -s integration/test_soak.py
+
+# The live-daemon fuzz test, twenty times longer than in `make test`; prints the inputs tried.
+fuzz: setup
+	EMBEDSHIM_FUZZ_SCALE=$${EMBEDSHIM_FUZZ_SCALE:-20} $(PY) -m pytest -q -s integration/test_fuzz.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache
