@@ -84,7 +84,7 @@ class Bundle:
                 config = json.loads(f.read(MAX_CONFIG + 1))
         except FileNotFoundError:
             raise errors.invalid(f"bundle: {cfg_path} does not exist") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise errors.invalid(f"bundle: {cfg_path} is not valid JSON: {exc}") from None
         if not isinstance(config, dict):
             raise errors.invalid(f"bundle: {cfg_path} is not a JSON object")

@@ -280,7 +280,7 @@ def parse_spec(value: bytes) -> bytes:
     """The OCI Process JSON containerd sends for an exec, checked enough for runc."""
     try:
         spec = json.loads(value)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise errors.invalid(f"spec: not valid JSON: {exc}") from None
     if not isinstance(spec, dict):
         raise errors.invalid("spec: not a JSON object")

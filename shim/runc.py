@@ -76,9 +76,9 @@ def _last_error(log_path: str | None) -> str:
     for raw in reversed(lines):
         try:
             entry = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if entry.get("level") in ("error", "fatal"):
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
             return str(entry.get("msg", "")).strip()
     return ""
 

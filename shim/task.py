@@ -22,7 +22,7 @@ from shim.events import Publisher
 from shim.execprocess import ExecProcess, parse_spec
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitWatch
-from shim.mount import Mount, mount, unmount_all
+from shim.mount import MAX_MOUNTS, Mount, mount, unmount_all
 from shim.paths import DaemonPaths
 from shim.process import InitProcess, Process, Status
 from shim.reaper import Reaper
@@ -111,6 +111,18 @@ def find_runc(runc: Runc, from_options: bool) -> str:
     raise errors.precondition(
         f"runc: {runc.binary!r} not found in the daemon's PATH ({runc.env.get('PATH', '')})"
     )
+
+
+def _rootfs_mounts(req: shim_pb2.CreateTaskRequest) -> list[Mount]:
+    """The rootfs mounts containerd asked for, each one checked before any is made."""
+    if len(req.rootfs) > MAX_MOUNTS:
+        raise errors.invalid(f"rootfs: {len(req.rootfs)} mounts, more than {MAX_MOUNTS}")
+    mounts = [Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
+    for i, m in enumerate(mounts):
+        problem = m.problem()
+        if problem is not None:
+            raise errors.invalid(f"rootfs[{i}]: {problem}")
+    return mounts
 
 
 class Task:
@@ -245,6 +257,7 @@ class Tasks:
         find_runc(runc, from_options=opts.binary != "runc")
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         io.check()
+        mounts = _rootfs_mounts(req)
         blob = req.options.SerializeToString() if req.options.type_url else None
         task = Task(namespace, req.id, bundle, runc, self.deps, io, blob)
         task.rootfs = list(req.rootfs)
@@ -253,9 +266,9 @@ class Tasks:
         try:
             if req.rootfs:
                 os.makedirs(bundle.rootfs, mode=0o711, exist_ok=True)
-                for m in req.rootfs:
+                for m in mounts:
                     mounted = True
-                    mount(Mount(m.type, m.source, tuple(m.options)), bundle.rootfs)
+                    mount(m, bundle.rootfs)
             await task.init.create(stdio, opts.no_pivot, opts.no_new_keyring)
         except BaseException as exc:
             log.event("create failed", logging.ERROR, ns=namespace, id=req.id, error=exc)
@@ -276,8 +289,8 @@ class Tasks:
             ),
             pid=task.init.pid,
         )
-        for m in req.rootfs:
-            event.rootfs.add(type=m.type, source=m.source, target=m.target, options=m.options)
+        for rm in req.rootfs:
+            event.rootfs.add(type=rm.type, source=rm.source, target=rm.target, options=rm.options)
         self.deps.events.publish(namespace, event)
         log.event("container created", ns=namespace, id=task.id, pid=task.init.pid)
         task.log_line("container created", pid=task.init.pid)

@@ -11,6 +11,8 @@ import pytest
 
 from shim import bundle, stdio
 from shim.api import runc_options_pb2
+from shim.execprocess import parse_spec
+from shim.mount import Mount
 from shim.task import RUNC_OPTIONS, decode_options
 from shim.ttrpc import Code, TTRPCError
 
@@ -203,3 +205,35 @@ def test_options_of_unknown_type_refused() -> None:
 def test_runc_options_refused(options: runc_options_pb2.Options, field: str) -> None:
     _refused(field, decode_options, RUNC_OPTIONS, options.SerializeToString())
     _refused("options", decode_options, RUNC_OPTIONS, b"\xff\xff\xff")
+
+
+# -- rootfs mounts and exec specs -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("m", "ok"),
+    [
+        (Mount("overlay", "overlay", ("lowerdir=/a", "upperdir=/b", "workdir=/c")), True),
+        (Mount("bind", "/var/lib/x", ("rbind", "ro")), True),
+        (Mount("", "/x"), False),
+        (Mount("Overlay;rm", "/x"), False),
+        (Mount("bind", ""), False),
+        (Mount("bind", "/x\0/y"), False),
+        (Mount("bind", "/x", ("ro\0", "rw")), False),
+        (Mount("bind", "/x", ("o" * 70_000,)), False),
+    ],
+)
+def test_mount_descriptions(m: Mount, ok: bool) -> None:
+    assert (m.problem() is None) == ok
+
+
+def test_exec_spec_refused_without_a_stack_overflow() -> None:
+    for value in (
+        b"[" * 100_000,
+        b'{"args": ' + b"[" * 100_000,
+        b"not json",
+        b"[]",
+        b'{"args": []}',
+    ):
+        _refused("spec", parse_spec, value)
+    assert parse_spec(b'{"args": ["true"]}') == b'{"args": ["true"]}'
