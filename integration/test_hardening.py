@@ -270,5 +270,14 @@ def test_stdio_and_options_refused(live: Live) -> None:
     assert "not found" in message
     req.options.value = runc_options_pb2.Options(root="run/../x").SerializeToString()
     live.invalid("options.root", "Create", req)
+    req = shim_pb2.CreateTaskRequest(id="s1", bundle=b)
+    req.rootfs.add(type="bind", source=live.busybox, options=["rbind"])
+    req.rootfs.add(type="evil;type", source="/")
+    live.invalid("rootfs[1]", "Create", req)
+    assert mounts_under(c.tmp) == []
+    # An exec spec nested deep enough to overflow a parser's stack.
+    ex = shim_pb2.ExecProcessRequest(id="keep", exec_id="deep")
+    ex.spec.value = b'{"args": ' + b"[" * 200_000
+    live.invalid("spec", "Exec", ex)
     assert live.runc_ids() == ["keep"]
     assert sorted(os.listdir(b)) == ["config.json"]

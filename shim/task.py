@@ -402,16 +402,17 @@ class Tasks:
 
     def add_exec(self, namespace: str, req: shim_pb2.ExecProcessRequest) -> ExecProcess:
         task = self.get(namespace, req.id)
+        # The request itself first, then whether it can be done now.
         identifiers.validate("exec_id", req.exec_id)
-        if req.exec_id in task.execs:
-            raise errors.already_exists(f"exec {req.exec_id!r} of {req.id} already exists")
         if req.terminal:
             raise errors.unimplemented("terminal (tty) exec processes are not supported yet")
-        if task.init.exited or task.init.status != Status.RUNNING:
-            raise errors.precondition(f"container {req.id} is not running")
         spec = parse_spec(req.spec.value)
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         io.check()
+        if req.exec_id in task.execs:
+            raise errors.already_exists(f"exec {req.exec_id!r} of {req.id} already exists")
+        if task.init.exited or task.init.status != Status.RUNNING:
+            raise errors.precondition(f"container {req.id} is not running")
         p = ExecProcess(task, req.exec_id, io, spec)
         p.added()  # persisted first: if the store refuses, there is no exec
         task.execs[req.exec_id] = p
