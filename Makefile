@@ -24,9 +24,18 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -m compileall -q shim runc_exec >/dev/null
 	@touch $@
 
+TEST_PROTOS := $(wildcard integration/proto/*.proto)
+
+# shim/api: the messages the daemon speaks.  integration/api: containerd's gRPC services the
+# tests call directly (with grpc stubs; grpcio is a dev dependency only).
 proto:
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=shim/api --pyi_out=shim/api $(PROTOS)
 	sed -i -E 's/^import ([a-z_]+_pb2) as /from . import \1 as /' shim/api/*_pb2.py shim/api/*_pb2.pyi
+	$(PY) -m grpc_tools.protoc -Iproto -Iintegration/proto --python_out=integration/api \
+		--pyi_out=integration/api --grpc_python_out=integration/api $(TEST_PROTOS)
+	sed -i -E -e 's/^import (task_types_pb2) as /from shim.api import \1 as /' \
+		-e 's/^import ([a-z_]+_pb2) as /from . import \1 as /' \
+		integration/api/*_pb2*.py integration/api/*_pb2.pyi
 
 bpf:
 	$(MAKE) -C bpf
