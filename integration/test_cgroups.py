@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import time
 import grpc
 import pytest
 
-from integration.embed import RUNTIME, SHIM, Events
+from integration.embed import RUNTIME, SHIM, Events, daemons
 from integration.harness import Containerd, parse_event, task_list, wait_for
 from integration.tasks_grpc import code_of, tasks_client
 
@@ -291,3 +292,17 @@ def test_metrics_of_a_restored_and_a_stopped_task(containerd: Containerd, box: s
     containerd.ctr("task", "delete", box)
     r = containerd.ctr("task", "metrics", box, check=False)
     assert r.returncode != 0 and "not found" in r.stderr, r.stderr
+
+
+def test_a_paused_container_is_ended_when_the_daemon_dies(
+    containerd: Containerd, counter: str, events: Events
+) -> None:
+    """containerd runs ``delete`` for every task of a dead daemon; a frozen container must
+    still die of it (a v1-frozen process ignores SIGKILL until thawed) and report 137."""
+    pid = task_list(containerd)[counter][0]
+    containerd.ctr("task", "pause", counter)
+    (daemon,) = daemons(containerd)
+    os.kill(daemon.pid, signal.SIGKILL)
+    wait_for(lambda: not task_list(containerd), timeout=30, what="the task dropped")
+    assert events.exit_status(counter) == 137
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="the container gone")
