@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return check.main(flags)
     if command == "daemon":
+        # The daemon never speaks TLS: keep asyncio from loading ssl (OpenSSL costs ~4 MB).
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
         from shim import daemon
 
         return daemon.main(
