@@ -16,7 +16,6 @@ import enum
 import logging
 import os
 import signal
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
@@ -332,7 +331,9 @@ class InitProcess(Process):
         task = self.task
         if self.exited or self.status in (Status.STOPPED, Status.DELETED):
             raise errors.precondition(f"cannot update a stopped container: {task.id}")
-        fd, path = tempfile.mkstemp(prefix="update-", suffix=".json", dir=task.deps.paths.dir)
+        # Our own temp file (tempfile would pull shutil, bz2 and lzma into the daemon).
+        path = os.path.join(task.deps.paths.dir, f"update-{os.urandom(8).hex()}.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(resources)
