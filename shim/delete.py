@@ -81,15 +81,8 @@ def _wait_gone(pid: int, start_time: int, timeout: float) -> bool:
     return True
 
 
-def _thaw(binary: str, runc_root: str, id: str, pid: int) -> None:
+def _thaw(binary: str, runc_root: str, id: str) -> None:
     """Resume a paused container: on cgroup v1 a frozen process does not die of SIGKILL."""
-    from shim.cgroups import Cgroup, CgroupError
-
-    try:
-        if not Cgroup.of_pid(pid).frozen():
-            return
-    except CgroupError:
-        return
     try:
         subprocess.run(
             [binary, "--root", runc_root, "resume", id],
@@ -166,7 +159,8 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
             else:
                 if procinfo.is_running(rec.pid, rec.start_time):
                     # Still running and nobody will manage it any more: end it.
-                    _thaw(binary, runc_root, id, rec.pid)
+                    if rec.status == "paused":
+                        _thaw(binary, runc_root, id)
                     _kill(rec.pid, rec.start_time)
                     if _wait_gone(rec.pid, rec.start_time, KILL_WAIT):
                         status = 128 + signal.SIGKILL
