@@ -4,9 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := python3-venv containerd runc busybox-static libbpf1 clang llvm bpftool libbpf-dev crun criu \
 	iproute2 containernetworking-plugins procps util-linux
-PROTOS := $(wildcard proto/*.proto)
+CRI_PROTO := proto/cri_api.proto
+PROTOS := $(filter-out $(CRI_PROTO),$(wildcard proto/*.proto))
+CRI_API := integration/cri/api
 
-.PHONY: setup demo test unit integration lint proto bpf bench soak clean
+.PHONY: setup demo test unit integration cri lint proto bpf bench soak clean
 
 setup: .setup-debs $(VENV)/.installed
 	@$(PY) -m shim.setupcheck
@@ -36,6 +38,9 @@ proto:
 	sed -i -E -e 's/^import (task_types_pb2) as /from shim.api import \1 as /' \
 		-e 's/^import ([a-z_]+_pb2) as /from . import \1 as /' \
 		integration/api/*_pb2*.py integration/api/*_pb2.pyi
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$(CRI_API) --pyi_out=$(CRI_API) \
+		--grpc_python_out=$(CRI_API) $(CRI_PROTO)
+	sed -i -E 's/^import ([a-z_]+_pb2) as /from . import \1 as /' $(CRI_API)/*_pb2*.py*
 
 bpf:
 	$(MAKE) -C bpf
@@ -50,6 +55,10 @@ unit: setup
 
 integration: setup
 	$(PY) -m pytest -q integration
+
+# the CRI suite alone (also part of `integration` and `test`): both runtime handlers
+cri: setup
+	$(PY) -m pytest -q integration/cri
 
 test: setup lint
 	$(PY) -m pytest -q tests integration

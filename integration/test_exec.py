@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import threading
 import time
@@ -10,11 +12,12 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from integration.embed import RUNTIME, Events, bpf_pin_root
+from integration.embed import RUNTIME, TASK_SERVICE, Events, bpf_pin_root, daemon_paths
 from integration.harness import Containerd, parse_event, task_list, wait_for
 from integration.tasks_grpc import code_of, tasks_client
-from shim.api import runc_options_pb2
+from shim.api import runc_options_pb2, shim_pb2
 from shim.exittrack import ExitTracker
+from shim.ttrpc import Client, Code, TTRPCError
 
 
 @pytest.fixture
@@ -205,3 +208,55 @@ def test_kill_wait_and_delete_of_one_exec(containerd: Containerd, box: str, even
     assert '"id":"two"' in exits[1] and '"exit_status":137' in exits[1]
     assert set(_ps(containerd, box).values()) == {""}
     assert task_list(containerd)[box][1] == "RUNNING"
+
+
+def test_failed_exec_start_releases_wait(containerd: Containerd, box: str, events: Events) -> None:
+    """CRI's ExecSync defers containerd's WithProcessKill, which calls Wait, then Kill, and
+    on NotFound waits for that Wait: after a Start that ran nothing, Wait must end at once
+    (else ExecSync of a missing binary hangs a minute), with no exit event for it."""
+    spec = {"args": ["/no/such/binary"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+    exec_req = shim_pb2.ExecProcessRequest(id=box, exec_id="bad")
+    exec_req.spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+    exec_req.spec.value = json.dumps(spec).encode()
+    meta = {"containerd-namespace-ttrpc": containerd.namespace}
+
+    async def scenario() -> tuple[Code, float, shim_pb2.WaitResponse, Code]:
+        async with await Client.connect(daemon_paths(containerd).address) as client:
+
+            async def call(method: str, msg: object) -> bytes:
+                payload = msg.SerializeToString()  # type: ignore[attr-defined]
+                return await client.call(TASK_SERVICE, method, payload, metadata=meta, timeout=30)
+
+            await call("Exec", exec_req)
+            # containerd's order: Wait is in flight before Start
+            waiting = asyncio.ensure_future(
+                call("Wait", shim_pb2.WaitRequest(id=box, exec_id="bad"))
+            )
+            await asyncio.sleep(0.1)
+            try:
+                await call("Start", shim_pb2.StartRequest(id=box, exec_id="bad"))
+                start_code = Code.OK
+            except TTRPCError as exc:
+                start_code = exc.code
+            t = time.monotonic()
+            waited = shim_pb2.WaitResponse.FromString(await asyncio.wait_for(waiting, 5))
+            took = time.monotonic() - t
+            try:
+                await call("Kill", shim_pb2.KillRequest(id=box, exec_id="bad", signal=9))
+                kill_code = Code.OK
+            except TTRPCError as exc:
+                kill_code = exc.code
+            await call("Delete", shim_pb2.DeleteRequest(id=box, exec_id="bad"))
+            return start_code, took, waited, kill_code
+
+    start_code, took, waited, kill_code = asyncio.run(scenario())
+    assert start_code != Code.OK
+    assert took < 1, took
+    assert waited.exit_status == 255
+    assert kill_code == Code.NOT_FOUND
+    time.sleep(0.3)
+    assert not [p for p in events.payloads("/tasks/exit", box) if '"id":"bad"' in p]
+    # the container is untouched
+    assert (
+        containerd.ctr("task", "exec", "--exec-id", "ok", box, "true", check=False).returncode == 0
+    )

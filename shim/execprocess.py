@@ -148,8 +148,8 @@ class ExecProcess(Process):
                 lines.close()
                 await helper_exit
                 self._remove_files()
-                self.status = Status.STOPPED
                 self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id)
+                self.start_failed(UNKNOWN)
                 message = rest if word == "error" else "runc_exec exited without a pid"
                 raise errors.internal(f"exec {self.exec_id}: {message}")
             pid_s, _, start_s = rest.partition(" ")

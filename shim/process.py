@@ -152,6 +152,16 @@ class Process:
         log.event("process exited", **self.fields(), exit_status=status)
         self.task.log_line("process exited", exec_id=self.exec_id, exit_status=status)
 
+    def start_failed(self, status: int) -> None:
+        """No process ran, so there is no exit to persist or publish; but a Wait already
+        in flight must end.  containerd's ``WithProcessKill`` (what CRI's ExecSync defers)
+        waits for the process after Kill answers NotFound, so an unreleased Wait would hang
+        it until its deadline."""
+        self.status = Status.STOPPED
+        self.exit_status = status
+        self.exited_at = time.time_ns()
+        self._exited.set()
+
     def restore_exited(self, status: int, at: int | None, published: bool) -> None:
         """A restarted daemon takes back an exit its predecessor persisted; the event goes
         out again only if containerd never got it."""
