@@ -19,7 +19,7 @@ from shim import identifiers, procinfo, wire
 from shim.cli import Flags
 from shim.paths import DaemonPaths
 from shim.ttrpc.blocking import BlockingClient
-from shim.ttrpc.errors import TTRPCError
+from shim.ttrpc.errors import Code, TTRPCError
 
 DAEMON_SERVICE = "embedshim.v1.Daemon"
 KILL_WAIT = 2.0
@@ -27,13 +27,33 @@ RUNC_TIMEOUT = 2.0
 UNKNOWN = 255
 
 
+class AlreadyGone(Exception):
+    """The live daemon does not know the task: containerd deleted it through the daemon."""
+
+
 def via_daemon(paths: DaemonPaths, namespace: str, id: str) -> bytes | None:
-    """Ask the running daemon to kill and delete the task; None if it cannot."""
+    """Ask the running daemon to kill and delete the task; None if no daemon answers."""
     try:
         with BlockingClient(paths.address, timeout=4.0) as client:
             return client.call(DAEMON_SERVICE, "Cleanup", f"{namespace}\0{id}".encode())
-    except (OSError, TTRPCError):
+    except TTRPCError as exc:
+        if exc.code == Code.NOT_FOUND:
+            raise AlreadyGone from None
         return None
+    except OSError:
+        return None
+
+
+def _leftovers(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bool:
+    """Anything of the task still on the host (runc state, a rootfs mount)?"""
+    if os.path.exists(os.path.join(paths.runc_root_for(namespace), id)):
+        return True
+    rootfs = os.path.join(bundle, "rootfs")
+    if not os.path.isdir(rootfs):
+        return False
+    from shim.mount import is_mountpoint
+
+    return is_mountpoint(rootfs)
 
 
 def _runc_binary(options: bytes | None) -> str:
@@ -59,6 +79,21 @@ def _wait_gone(pid: int, start_time: int, timeout: float) -> bool:
             return False
         time.sleep(0.01)
     return True
+
+
+def _thaw(binary: str, runc_root: str, id: str) -> None:
+    """Resume a paused container: on cgroup v1 a frozen process does not die of SIGKILL."""
+    try:
+        subprocess.run(
+            [binary, "--root", runc_root, "resume", id],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=RUNC_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        sys.stderr.write(f"runc resume {id}: {exc}\n")
 
 
 def _kill(pid: int, start_time: int) -> None:
@@ -126,6 +161,8 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
             else:
                 if procinfo.is_running(rec.pid, rec.start_time):
                     # Still running and nobody will manage it any more: end it.
+                    if rec.status == "paused":
+                        _thaw(binary, runc_root, id)
                     _kill(rec.pid, rec.start_time)
                     if _wait_gone(rec.pid, rec.start_time, KILL_WAIT):
                         status = 128 + signal.SIGKILL
@@ -186,7 +223,15 @@ def main(flags: Flags) -> int:
         return 1
     paths = DaemonPaths.for_containerd(flags.address)
     bundle = flags.bundle or os.getcwd()
-    out = via_daemon(paths, flags.namespace, flags.id)
+    try:
+        out = via_daemon(paths, flags.namespace, flags.id)
+    except AlreadyGone:
+        # The normal case: containerd runs `delete` after every task deletion, which the
+        # daemon has already done in full.  Only clean up if something is somehow left.
+        if _leftovers(paths, flags.namespace, flags.id, bundle):
+            out = offline(paths, flags.namespace, flags.id, bundle)
+        else:
+            out = wire.delete_response(0, 0, time.time_ns())
     if out is None:
         out = offline(paths, flags.namespace, flags.id, bundle)
     sys.stdout.buffer.write(out)
