@@ -696,6 +696,7 @@ class _ServerProtocol(asyncio.Protocol):
         self._transport = None
         self._cancel_frame_timer()
         self._release_buffered()
+        self._conn.release()  # up to a whole frame's memory, back at once
         self._gone.set()
         # Requests not yet started are dropped; running handlers finish, unanswered.
         self._backlog.clear()
