@@ -116,12 +116,12 @@ try:
 except PermissionError:
     print("EACCES"); sys.exit(0)
 req = b"\n\x13embedshim.v1.Daemon\x12\x04Info"
-s.sendall(struct.pack(">IIBB", len(req), 1, 1, 0) + req)
 s.settimeout(5)
 try:
+    s.sendall(struct.pack(">IIBB", len(req), 1, 1, 0) + req)
     data = s.recv(4096)
-except ConnectionResetError:
-    data = b""
+except (BrokenPipeError, ConnectionResetError):
+    data = b""  # dropped before (or while) we asked
 print("answered" if data else "dropped")
 """
 
