@@ -7,9 +7,10 @@ and no ``start`` has reserved it for a task on its way.
 
 SIGHUP upgrades it in place: it stops reading requests, lets the short ones finish, writes a
 handoff (listening socket, containerd's connections with their unread bytes and pending
-Waits, unsent events) and re-execs itself with the same pid, so its containers stay its
-children and containerd keeps its connections.  The new image takes everything back from the
-handoff, the state store and the pinned BPF maps.
+Waits, unsent events, terminal copies with their fds and logging programs) and re-execs
+itself with the same pid, so its containers stay its children and containerd keeps its
+connections.  The new image takes everything back from the handoff, the state store and the
+pinned BPF maps.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import signal
 import sys
 import time
 
-from shim import log
+from shim import consolesocket, log
 from shim.api import events_pb2, events_service_pb2
 from shim.events import Publisher
 from shim.exittrack import ExitTracker
@@ -68,7 +69,9 @@ class Daemon:
         exits = ExitWatch(loop, reaper, exit_record_lookup(tracker) if tracker else None)
         self.tasks = Tasks(Deps(self.paths, reaper, exits, store, publisher, tracker))
         queued_exits = _requeue_events(publisher, store, handoff)
-        self.tasks.restore(queued_exits)
+        consolesocket.clear(self.paths.console_dir)  # no runc is connecting now
+        io_state = handoff.get("io") if handoff is not None else None
+        self.tasks.restore(queued_exits, io_state if isinstance(io_state, dict) else None)
         reaper.reap()  # children that exited while no handler was installed (re-exec)
         publisher.start()
         self.service = TaskService(self.tasks, self._on_shutdown, self.info)
@@ -146,6 +149,7 @@ class Daemon:
         await server.quiesce(keep=lambda ctx: ctx.method in LONG_CALLS, timeout=QUIESCE_TIMEOUT)
         unsent = await publisher.detach()
         state = server.handoff()
+        io_state = self.tasks.handoff_io()  # terminal copies stop here, their fds inherited
         exits.close()
         if tracker is not None:
             tracker.close()
@@ -160,6 +164,7 @@ class Daemon:
                         [ns, topic, base64.b64encode(payload).decode(), marked]
                         for ns, topic, payload, marked in unsent
                     ],
+                    "io": io_state,
                 },
                 f,
             )

@@ -71,6 +71,11 @@ class DaemonPaths:
         """runc's --root for our containers; one subdirectory per namespace."""
         return os.path.join(self.dir, "runc")
 
+    @property
+    def console_dir(self) -> str:
+        """runc's console sockets (terminal processes); short names, like daemon.sock's."""
+        return os.path.join(self.dir, "c")
+
     def runc_root_for(self, namespace: str) -> str:
         return os.path.join(self.runc_root, namespace)
 

@@ -23,10 +23,11 @@ from typing import TYPE_CHECKING
 from shim import errors, log, procinfo
 from shim.api import events_pb2
 from shim.exittrack import TICK_NS
+from shim.procio import ProcessIO
 from shim.reaper import Exit
 from shim.runc import RuncError, is_not_found
 from shim.statestore import ProcessRecord
-from shim.stdio import OpenedStdio, Stdio
+from shim.stdio import Stdio
 
 if TYPE_CHECKING:
     from shim.task import Task
@@ -65,6 +66,7 @@ class Process:
         self.status = Status.CREATED
         self.exit_status = 0
         self.exited_at: int | None = None  # wall clock ns
+        self.pio: ProcessIO | None = None  # what the daemon holds of its stdio
         self._exited = asyncio.Event()
         # Held while starting, so that a fast exit's event cannot overtake the start event.
         self.start_lock = asyncio.Lock()
@@ -99,6 +101,24 @@ class Process:
             runc_root=self.task.runc.root,
             options=self.task.options_blob,
         )
+
+    def new_io(self) -> ProcessIO:
+        t = self.task
+        return ProcessIO(self.io, t.namespace, self.id, t.deps.reaper, t.deps.paths.console_dir)
+
+    def close_stdin(self) -> None:
+        if self.pio is not None:
+            self.pio.close_stdin()
+
+    def resize(self, width: int, height: int) -> None:
+        if self.pio is not None:
+            self.pio.resize(width, height)
+
+    async def close_io(self) -> None:
+        """At Delete: a terminal's last output, then the logging program, then nothing."""
+        if self.pio is not None:
+            await self.pio.close()
+            self.pio = None
 
     @property
     def exited(self) -> bool:
@@ -201,17 +221,26 @@ class Process:
 class InitProcess(Process):
     """The container's first process, driven through runc."""
 
-    async def create(self, stdio: OpenedStdio, no_pivot: bool, no_new_keyring: bool) -> None:
+    async def create(self, no_pivot: bool, no_new_keyring: bool) -> None:
+        """runc create with the process's stdio; on failure the caller undoes it (and
+        ``pio.abort()``)."""
         task = self.task
-        await task.runc.create(
-            task.id,
-            task.bundle.path,
-            task.bundle.pid_file,
-            stdio.triple,
-            no_pivot=no_pivot,
-            no_new_keyring=no_new_keyring,
-            log_path=task.bundle.runc_log,
-        )
+        pio = self.pio = self.new_io()
+        await pio.open()
+        try:
+            await task.runc.create(
+                task.id,
+                task.bundle.path,
+                task.bundle.pid_file,
+                pio.triple,
+                no_pivot=no_pivot,
+                no_new_keyring=no_new_keyring,
+                console_socket=pio.console_path,
+                log_path=task.bundle.runc_log,
+            )
+        finally:
+            pio.runc_done()
+        await pio.attach_console()
         self.pid = task.bundle.read_pid()
         self.start_time = procinfo.start_time(self.pid)
         self.trace_id = task.deps.store.next_trace_id()

@@ -166,9 +166,12 @@ class Runc:
         *,
         no_pivot: bool = False,
         no_new_keyring: bool = False,
+        console_socket: str | None = None,
         log_path: str | None = None,
     ) -> None:
         args = ["create", "--bundle", bundle, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
         if no_pivot:
             args.append("--no-pivot")
         if no_new_keyring:

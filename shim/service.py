@@ -37,7 +37,6 @@ NOT_YET = {
     "Pause": "Pause",
     "Resume": "Resume",
     "Checkpoint": "Checkpoint",
-    "ResizePty": "ResizePty",
     "Update": "Update",
     "Stats": "Stats",
 }
@@ -76,6 +75,7 @@ class TaskService:
             "Connect": self.connect,
             "Shutdown": self.shutdown,
             "CloseIO": self.close_io,
+            "ResizePty": self.resize_pty,
             "Exec": self.exec,
         }
         for name in NOT_YET:
@@ -216,8 +216,17 @@ class TaskService:
 
     async def close_io(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.CloseIORequest, payload)
-        # stdin is handed to the process directly; the daemon holds no end of it to close.
-        self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
+        p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
+        if req.stdin:
+            p.close_stdin()
+        return EMPTY
+
+    async def resize_pty(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.ResizePtyRequest, payload)
+        p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
+        if req.width > 0xFFFF or req.height > 0xFFFF:
+            raise errors.invalid(f"ResizePty: {req.width}x{req.height} is not a terminal size")
+        p.resize(req.width, req.height)
         return EMPTY
 
     # --- the daemon's own service, for the start and delete subcommands ---

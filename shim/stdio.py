@@ -1,10 +1,16 @@
-"""Opening the stdio containerd names for a process, to hand straight to it.
+"""The stdio URIs containerd names for a process, and opening them.
 
-The daemon copies no bytes: the FIFOs (or files) are opened here and become the process's
-fds 0, 1 and 2 through runc, and the daemon closes its copies once runc has them.  So output
-keeps flowing when the daemon restarts.  stdout/stderr FIFOs are opened read-write, which
-never blocks and keeps a reader on them, so a container never dies of SIGPIPE while
-containerd (the real reader) restarts.
+containerd decides by stdout's URI (stderr follows it unless both are FIFOs):
+
+* a path, or ``fifo://path``: FIFOs (or plain files).  Not copied: opened here and handed
+  straight to the process as its fds, so output keeps flowing while the daemon restarts.
+  stdout/stderr FIFOs are opened read-write, which never blocks and keeps a reader on them,
+  so a process never dies of SIGPIPE while containerd (the real reader) restarts.
+* ``file:///path``: stdout and stderr appended to that file, by the process itself.
+* ``binary:///path?args``: a logging program reads both (shim/logbinary.py).
+* nothing at all: /dev/null.
+
+A terminal process's output goes through the daemon instead (shim/ptycopy.py).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from shim import errors
+
+SCHEMES = ("fifo", "file", "binary")
 
 
 @dataclass
@@ -28,20 +36,40 @@ class Stdio:
         return not (self.stdin or self.stdout or self.stderr)
 
 
-def _path_of(field: str, uri: str) -> str:
-    """A plain path or a file:// / fifo:// URI; anything else is refused."""
+def scheme(field: str, uri: str) -> str:
+    """``fifo`` (a plain path too), ``file`` or ``binary``; anything else is refused."""
+    if "://" not in uri:
+        return "fifo"
+    name = urlparse(uri).scheme
+    if name not in SCHEMES:
+        raise errors.invalid(f"{field}: unknown stdio scheme {name!r} in {uri!r}")
+    return name
+
+
+def output_scheme(io: Stdio) -> str:
+    """How output is delivered: '' (nowhere), 'fifo', 'file' or 'binary'."""
+    out = scheme("stdout", io.stdout) if io.stdout else ""
+    err = scheme("stderr", io.stderr) if io.stderr else ""
+    if err not in ("", "fifo") and io.stderr != io.stdout:
+        raise errors.invalid(f"stderr: {io.stderr!r} must be a FIFO or the same URI as stdout")
+    return out or ("fifo" if err else "")
+
+
+def path_of(field: str, uri: str) -> str:
+    """A plain path or a file:// / fifo:// URI's path, which must be absolute."""
     if "://" in uri:
         parsed = urlparse(uri)
         if parsed.scheme not in ("file", "fifo"):
-            raise errors.unimplemented(f"{field}: {parsed.scheme}:// stdio is not supported yet")
+            raise errors.invalid(f"{field}: {parsed.scheme}:// is not a path")
         uri = parsed.path
     if not os.path.isabs(uri) or "\0" in uri:
         raise errors.invalid(f"{field}: {uri!r} is not an absolute path")
     return uri
 
 
-def _open_output(field: str, uri: str) -> int:
-    path = _path_of(field, uri)
+def open_output(field: str, uri: str) -> int:
+    """A FIFO opened read-write (never blocks, never EPIPE), or a file opened to append."""
+    path = path_of(field, uri)
     try:
         st = os.stat(path)
     except FileNotFoundError:
@@ -55,8 +83,9 @@ def _open_output(field: str, uri: str) -> int:
         raise errors.invalid(f"{field}: cannot open {path}: {exc.strerror}") from exc
 
 
-def _open_input(uri: str) -> int:
-    path = _path_of("stdin", uri)
+def open_input(uri: str) -> int:
+    """stdin for the process itself: EOF when the last client writer closes."""
+    path = path_of("stdin", uri)
     try:
         # Non-blocking so the open does not wait for a writer, then blocking again for the
         # process that reads it.
@@ -67,35 +96,19 @@ def _open_input(uri: str) -> int:
     return fd
 
 
-class OpenedStdio:
-    """The three fds for a process; close() once the process holds them."""
-
-    def __init__(self, io: Stdio) -> None:
-        self.fds: list[int] = []
-        try:
-            null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-            self.fds.append(null)
-            stdin = _open_input(io.stdin) if io.stdin else null
-            if stdin != null:
-                self.fds.append(stdin)
-            stdout = _open_output("stdout", io.stdout) if io.stdout else null
-            if stdout != null:
-                self.fds.append(stdout)
-            if io.stderr and io.stderr == io.stdout:
-                stderr = stdout
-            else:
-                stderr = _open_output("stderr", io.stderr) if io.stderr else null
-                if stderr != null:
-                    self.fds.append(stderr)
-        except BaseException:
-            self.close()
-            raise
-        self.triple = (stdin, stdout, stderr)
-
-    def close(self) -> None:
-        for fd in self.fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.fds = []
+def open_console_input(uri: str) -> tuple[int, int]:
+    """stdin for a terminal's copy: the FIFO's read end and a writer the daemon keeps, so a
+    client that has not opened it yet, or went away, is not taken for EOF."""
+    path = path_of("stdin", uri)
+    try:
+        if not stat.S_ISFIFO(os.stat(path).st_mode):
+            raise errors.invalid(f"stdin: {path} is not a FIFO (a terminal's stdin must be)")
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise errors.invalid(f"stdin: cannot open {path}: {exc.strerror}") from exc
+    try:
+        hold = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        os.close(reader)
+        raise errors.invalid(f"stdin: cannot open {path}: {exc.strerror}") from exc
+    return reader, hold

@@ -24,10 +24,11 @@ from shim.exitwatch import ExitWatch
 from shim.mount import Mount, mount, unmount_all
 from shim.paths import DaemonPaths
 from shim.process import InitProcess, Process, Status
+from shim.procio import ProcessIO
 from shim.reaper import Reaper
 from shim.runc import Runc, RuncError
 from shim.statestore import ProcessRecord, StateStore
-from shim.stdio import OpenedStdio, Stdio
+from shim.stdio import Stdio
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
@@ -189,8 +190,6 @@ class Tasks:
         return task
 
     async def _create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> Task:
-        if req.terminal:
-            raise errors.unimplemented("terminal (tty) tasks are not supported yet")
         if req.checkpoint:
             raise errors.unimplemented("restoring from a checkpoint is not supported yet")
         bundle = Bundle.load(req.bundle)
@@ -206,25 +205,20 @@ class Tasks:
         task = Task(namespace, req.id, bundle, runc, self.deps, io, blob)
         task.rootfs = list(req.rootfs)
         mounted = False
-        stdio: OpenedStdio | None = None
         try:
             if req.rootfs:
                 os.makedirs(bundle.rootfs, mode=0o711, exist_ok=True)
                 for m in req.rootfs:
                     mounted = True
                     mount(Mount(m.type, m.source, tuple(m.options)), bundle.rootfs)
-            stdio = OpenedStdio(io)
-            await task.init.create(stdio, opts.no_pivot, opts.no_new_keyring)
+            await task.init.create(opts.no_pivot, opts.no_new_keyring)
         except BaseException as exc:
             await self._undo_create(task, mounted)
-            if isinstance(exc, OSError):
-                raise errors.internal(f"create {req.id}: {exc}") from None
+            if isinstance(exc, OSError | TimeoutError):
+                raise errors.internal(f"create {req.id}: {exc!r}") from None
             if isinstance(exc, RuncError):
                 raise errors.internal(str(exc)) from None
             raise
-        finally:
-            if stdio is not None:
-                stdio.close()
         task.open_log()
         event = events_pb2.TaskCreate(
             container_id=task.id,
@@ -242,11 +236,13 @@ class Tasks:
         return task
 
     async def _undo_create(self, task: Task, mounted: bool) -> None:
-        """Leave no runc state, mount, record or fd behind after a failed create."""
+        """Leave no runc state, mount, record, fd or logging program behind after a failed
+        create."""
         try:
             await task.runc.delete(task.id, force=True)
         except RuncError:
             pass
+        await task.init.close_io()
         if mounted:
             try:
                 unmount_all(task.bundle.rootfs)
@@ -256,10 +252,48 @@ class Tasks:
         task.init.cleanup_files()
         task.close()
 
-    def restore(self, queued_exits: set[tuple[str, str, str]] = frozenset()) -> None:  # type: ignore[assignment]
+    def restore(
+        self,
+        queued_exits: set[tuple[str, str, str]] = frozenset(),  # type: ignore[assignment]
+        io_state: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         """Take back every task a previous daemon persisted (after a crash or a re-exec):
         running ones are watched again, exits that happened meanwhile are reported (unless
-        ``queued_exits`` says the event is already queued to go out)."""
+        ``queued_exits`` says the event is already queued to go out).  ``io_state`` is what
+        a re-exec handed over of the processes' stdio (terminal copies, logging programs)."""
+        io_state = dict(io_state or {})
+        try:
+            self._restore_all(queued_exits, io_state)
+        finally:
+            for key, state in io_state.items():  # nobody took these: close their fds
+                log.event("stdio state not taken back", logging.WARNING, process=key)
+                for fd in ProcessIO.handoff_fds(state):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+
+    def handoff_io(self) -> dict[str, dict[str, Any]]:
+        """Every process's stdio state that must survive the daemon's re-exec."""
+        out: dict[str, dict[str, Any]] = {}
+        for task in self.all():
+            for p in (task.init, *task.execs.values()):
+                state = p.pio.handoff() if p.pio is not None else None
+                if state is not None:
+                    out[_io_key(task.namespace, task.id, p.exec_id)] = state
+        return out
+
+    def _adopt_io(self, p: Process, io_state: dict[str, dict[str, Any]]) -> None:
+        state = io_state.pop(_io_key(p.task.namespace, p.task.id, p.exec_id), None)
+        if state is not None:
+            p.pio = p.new_io()
+            p.pio.adopt(state)
+        elif p.io.terminal and not p.exited:
+            log.event("terminal lost with the previous daemon", logging.WARNING, **p.fields())
+
+    def _restore_all(
+        self, queued_exits: set[tuple[str, str, str]], io_state: dict[str, dict[str, Any]]
+    ) -> None:
         records = list(self.deps.store.all())
         for rec in records:
             if rec.exec_id:
@@ -273,6 +307,8 @@ class Tasks:
                         if (erec.namespace, erec.id, erec.exec_id) in queued_exits:
                             erec.exit_published = True
                         task.execs[erec.exec_id] = ExecProcess.restore(task, erec)
+                for p in (task.init, *task.execs.values()):
+                    self._adopt_io(p, io_state)
             except Exception as exc:
                 log.event(
                     "cannot restore task",
@@ -332,8 +368,6 @@ class Tasks:
         identifiers.validate("exec_id", req.exec_id)
         if req.exec_id in task.execs:
             raise errors.already_exists(f"exec {req.exec_id!r} of {req.id} already exists")
-        if req.terminal:
-            raise errors.unimplemented("terminal (tty) exec processes are not supported yet")
         if task.init.exited or task.init.status != Status.RUNNING:
             raise errors.precondition(f"container {req.id} is not running")
         spec = parse_spec(req.spec.value)
@@ -350,6 +384,7 @@ class Tasks:
             p = task.process(exec_id)
             assert isinstance(p, ExecProcess)
             result = await p.delete()
+            await p.close_io()
             task.execs.pop(exec_id, None)
             log.event("exec deleted", **p.fields(), exit_status=result[1])
             return result
@@ -359,8 +394,10 @@ class Tasks:
         for p in list(task.execs.values()):
             assert isinstance(p, ExecProcess)
             await p.delete()
+            await p.close_io()
         task.execs.clear()
         pid, status, exited_at = await task.init.delete()
+        await task.init.close_io()
         try:
             unmount_all(task.bundle.rootfs)
         except OSError as exc:
@@ -375,3 +412,7 @@ class Tasks:
         task.close()
         self._tasks.pop((namespace, id), None)
         return pid, status, exited_at
+
+
+def _io_key(namespace: str, id: str, exec_id: str) -> str:
+    return f"{namespace}/{id}/{exec_id}"
