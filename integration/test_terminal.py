@@ -232,11 +232,16 @@ def test_reader_that_stops_reading_stalls_only_its_own_terminal(
         stdout.close()
 
 
-def test_tty_session_survives_daemon_reload(containerd: Containerd, busybox: str) -> None:
+def test_tty_sessions_survive_daemon_reload(containerd: Containerd, busybox: str) -> None:
     s = _run_tty(containerd, busybox, "keep", "sh")
+    e: PtySession | None = None
     try:
         s.expect(PROMPT, 20)
         _answer(s, b"echo $((6*7))", b"42")
+        e = _exec_tty(containerd, "keep", "sh2", "sh")
+        e.expect(PROMPT, 20)
+        e.write(b"printf 'half '")  # a command line half typed across the reload
+        e.expect(b"half '")
         (daemon,) = daemons(containerd)
         log_path = daemon_paths(containerd).log
         reloads = open(log_path).read().count("daemon reloaded")
@@ -250,7 +255,15 @@ def test_tty_session_survives_daemon_reload(containerd: Containerd, busybox: str
         _answer(s, b"echo $((9*9))", b"81")
         s.resize(30, 90)
         _size_seen(s, 30, 90)
+        e.write(b"; echo done\r")
+        e.expect(rb"half done\r+\n")
+        e.resize(50, 150)
+        _size_seen(e, 50, 150)
+        e.write(b"exit 6\r")
+        assert e.wait() == 6
         s.write(b"exit 4\r")
         assert s.wait() == 4
     finally:
         s.close()
+        if e is not None:
+            e.close()
