@@ -170,7 +170,8 @@ def test_close_io_ends_stdin_of_a_tty_exec(
         # The test keeps its stdin writer open: nothing but CloseIO can end cat's input.
         with pytest.raises(grpc.RpcError) as err:
             tasks.wait(box, "cat1", timeout=0.7)
-        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Our deadline, or containerd's answer when the deadline it passed on hit first.
+        assert "deadline exceeded" in str(err.value).lower(), err.value
         # A partial line: the first VEOF hands "partial" to cat, the second is its EOF.
         os.write(stdin.fd, b"partial")
         stdout.read_until(b"partial")
