@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 
 def write_atomic(path: str, data: str | bytes, mode: int = 0o644) -> None:
     """Write ``path`` through a temporary file and a rename, so a reader never sees half."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.getpid()}-{os.path.basename(path)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
