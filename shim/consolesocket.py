@@ -13,7 +13,6 @@ import array
 import asyncio
 import errno
 import os
-import secrets
 import socket
 
 RECEIVE_TIMEOUT = 10.0
@@ -38,7 +37,7 @@ class ConsoleSocket:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             while True:
-                self.path = os.path.join(directory, secrets.token_hex(4))
+                self.path = os.path.join(directory, os.urandom(4).hex())
                 try:
                     self.sock.bind(self.path)
                     break
