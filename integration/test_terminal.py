@@ -17,7 +17,7 @@ import pytest
 
 from integration.embed import RUNTIME, daemon_paths, daemons
 from integration.harness import Containerd, wait_for
-from integration.taskapi import Tasks
+from integration.tasks_grpc import Tasks, tasks_client
 from integration.tty import PtySession
 
 PROMPT = rb"[#$] "
@@ -31,9 +31,8 @@ def box(containerd: Containerd, busybox: str) -> str:
 
 @pytest.fixture
 def tasks(containerd: Containerd) -> Iterator[Tasks]:
-    t = Tasks(containerd.address, containerd.namespace)
-    yield t
-    t.close()
+    with tasks_client(containerd) as t:
+        yield t
 
 
 def _run_tty(c: Containerd, busybox: str, cid: str, *cmd: str) -> PtySession:
