@@ -2,12 +2,11 @@
 
 containerd calls it with Go-style flags (``-namespace ns -address a -id x start``).  Each
 subcommand imports only what it needs: ``start`` and ``delete`` run once per container and
-must be quick.
+must be quick.  The installed launcher (``shim.launcher``) runs Python without ``site`` for
+them; every other subcommand turns it on first (the daemon needs protobuf from
+site-packages).  This module imports only ``sys`` (no ``os``, no ``__future__``).
 """
 
-from __future__ import annotations
-
-import os
 import sys
 
 VERSION = "0.1.0"
@@ -90,6 +89,14 @@ def parse(argv: list[str]) -> tuple[Flags, list[str]]:
     return flags, rest
 
 
+def _enable_site() -> None:
+    """What ``python`` without ``-S`` would have done at start-up: site-packages on sys.path."""
+    if sys.flags.no_site and "site" not in sys.modules:
+        import site
+
+        site.main()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     try:
@@ -104,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write(USAGE)
         return 0 if (flags.h or flags.help) else 2
     command = rest[0]
+    if command not in ("start", "delete"):
+        _enable_site()
     if command == "start":
         from shim import start
 
@@ -121,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return check.main(flags)
     if command == "daemon":
+        import os
+
         from shim import daemon
 
         return daemon.main(
