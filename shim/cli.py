@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     if command == "daemon":
         import os
 
+        # The daemon never speaks TLS: keep asyncio from loading ssl (OpenSSL costs ~4 MB).
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
         from shim import daemon
 
         return daemon.main(

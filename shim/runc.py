@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -20,6 +19,17 @@ from dataclasses import dataclass, field
 from shim.reaper import Reaper
 
 DEFAULT_TIMEOUT = 30.0
+
+
+def find_executable(name: str, path: str) -> str | None:
+    """``shutil.which`` without importing shutil (and bz2, lzma, fnmatch) into the daemon."""
+    if "/" in name:
+        return name if os.access(name, os.X_OK) and not os.path.isdir(name) else None
+    for directory in path.split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 def spawn(argv: list[str], stdio: tuple[int, int, int], env: dict[str, str], path: str) -> int:
@@ -101,7 +111,7 @@ class Runc:
         """Run ``runc <args>``; return its stdout (unless ``stdio`` replaces it)."""
         loop = asyncio.get_running_loop()
         command = args[0] if args else ""
-        path = shutil.which(self.binary, path=self.env.get("PATH"))
+        path = find_executable(self.binary, self.env.get("PATH", ""))
         if path is None:
             raise RuncError(command, f"{self.binary} not found in PATH")
         out_r = out_w = -1
@@ -183,6 +193,16 @@ class Runc:
 
     async def delete(self, id: str, force: bool = False) -> None:
         await self.run(["delete", *(["--force"] if force else []), id])
+
+    async def pause(self, id: str, log_path: str | None = None) -> None:
+        await self.run(["pause", id], log_path=log_path)
+
+    async def resume(self, id: str, log_path: str | None = None) -> None:
+        await self.run(["resume", id], log_path=log_path)
+
+    async def update(self, id: str, resources_file: str, log_path: str | None = None) -> None:
+        """Apply an OCI LinuxResources JSON file to the running container's cgroup."""
+        await self.run(["update", "--resources", resources_file, id], log_path=log_path)
 
     async def state(self, id: str) -> dict[str, object]:
         out = await self.run(["state", id])
