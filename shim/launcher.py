@@ -21,8 +21,10 @@ see ``shim.cli``.  The daemon therefore shows in ``ps`` as ``<venv>/bin/python -
 <venv>/bin/containerd-shim-embed-v1 -address ... daemon``.
 
 ``pip install`` writes its own script again; ``make setup`` (through ``shim.setupcheck``)
-puts this one back, and leaves it alone when it is already there.  Nothing is written when
-the interpreter's path cannot go on a ``#!`` line (spaces, too long): pip's script stays.
+puts this one back, and leaves it alone when it is already there; ``deploy/install.sh`` runs
+this after installing the wheel (the path entry is then the venv's site-packages).  Nothing
+is written when the interpreter's path cannot go on a ``#!`` line (spaces, too long): pip's
+script stays.
 """
 
 from __future__ import annotations
@@ -55,8 +57,8 @@ def render(python: str, path_entry: str) -> str | None:
         return None
     return (
         f"{shebang}\n"
-        f"# {NAME}: written by `make setup` (python -m shim.launcher) in place of pip's\n"
-        "# console script; no site, for a quick start.  See shim/launcher.py.\n"
+        f"# {NAME}: written by python -m shim.launcher (make setup, deploy/install.sh) in\n"
+        "# place of pip's console script; no site, for a quick start.  See shim/launcher.py.\n"
         "import sys\n"
         f"sys.path[0] = {path_entry!r}\n"
         "from shim.cli import main\n"
