@@ -64,6 +64,20 @@ def test_start_and_delete_import_nothing_heavy() -> None:
     assert r.stdout.strip() == "[]", f"imported by start/delete: {r.stdout.strip()}"
 
 
+def test_start_and_delete_exit_at_once_with_output_flushed() -> None:
+    """As the program, they skip the interpreter's finalisation, but not their output."""
+    code = (
+        "sys.argv = ['shim', 'start']; from shim.cli import main; main(); "
+        "sys.stdout.write('returned')"
+    )
+    r = _run_bare(code)
+    assert (r.returncode, r.stdout) == (1, "")
+    assert r.stderr == "start: -address (containerd's address) is required\n"
+    code = "sys.argv = ['shim', 'version']; from shim.cli import main; main(); print('returned')"
+    r = _run_bare(code)
+    assert r.returncode == 0 and "Version" in r.stdout and "returned" in r.stdout
+
+
 def test_other_commands_get_site_packages() -> None:
     """The daemon needs protobuf, which lives in site-packages: cli turns site on for it."""
     assert _run_bare("import google.protobuf").returncode != 0
