@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     command = rest[0]
     if command not in ("start", "delete"):
         _enable_site()
-    if command == "start" or command == "delete":
+    if command in ("start", "delete"):
         if command == "start":
             from shim.start import main as run
         else:
