@@ -177,7 +177,7 @@ class Daemon:
         argv = _daemon_argv()
         log.event("re-executing", pid=os.getpid(), argv=" ".join(argv))
         logging.shutdown()
-        os.execve(sys.executable, [sys.executable, *argv], env)
+        os.execve(sys.executable, [sys.executable, *_interpreter_options(), *argv], env)
 
     def _on_shutdown(self) -> None:
         self._last_shutdown = time.monotonic()
@@ -224,6 +224,15 @@ class Daemon:
             self._stop.set()
         finally:
             os.close(lock_fd)
+
+
+def _interpreter_options() -> list[str]:
+    """The options Python itself was started with (``-SE`` from the launcher; see
+    shim/launcher.py), so the re-executed daemon starts the same way."""
+    count = len(sys.orig_argv) - len(sys.argv)
+    if count < 1 or sys.orig_argv[count] != sys.argv[0]:
+        return []  # not started as a script (python -m shim): as before, no options
+    return list(sys.orig_argv[1:count])
 
 
 def _daemon_argv() -> list[str]:

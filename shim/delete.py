@@ -5,18 +5,19 @@ dead shim) and for every task when the daemon's connection drops.  So it must be
 touch no other task, finish well inside containerd's 5 s, and report the real exit status
 when one is known.  If the daemon answers, it does the work (it owns the task); otherwise
 this process cleans up from the daemon's state store and runc's state.
+
+The daemon answering NotFound is the usual case, so that path imports little (not even
+``os``; see ``shim.fsutil``): what only the offline clean-up needs (os, subprocess, signal,
+procinfo, the store, mount) is imported there.
 """
 
-from __future__ import annotations
-
-import os
-import signal
-import subprocess
+import posix
 import sys
 import time
 
-from shim import procinfo, wire
+from shim import wire
 from shim.cli import Flags
+from shim.fsutil import exists, is_mountpoint, join
 from shim.paths import DaemonPaths
 from shim.ttrpc.blocking import BlockingClient
 from shim.ttrpc.errors import Code, TTRPCError
@@ -46,14 +47,9 @@ def via_daemon(paths: DaemonPaths, namespace: str, id: str) -> bytes | None:
 
 def _leftovers(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bool:
     """Anything of the task still on the host (runc state, a rootfs mount)?"""
-    if os.path.exists(os.path.join(paths.runc_root_for(namespace), id)):
+    if exists(join(paths.runc_root_for(namespace), id)):
         return True
-    rootfs = os.path.join(bundle, "rootfs")
-    if not os.path.isdir(rootfs):
-        return False
-    from shim.mount import is_mountpoint
-
-    return is_mountpoint(rootfs)
+    return is_mountpoint(join(bundle, "rootfs"))
 
 
 def _runc_binary(options: bytes | None) -> str:
@@ -73,6 +69,8 @@ def _runc_binary(options: bytes | None) -> str:
 
 
 def _wait_gone(pid: int, start_time: int, timeout: float) -> bool:
+    from shim import procinfo
+
     deadline = time.monotonic() + timeout
     while procinfo.is_running(pid, start_time):
         if time.monotonic() > deadline:
@@ -83,6 +81,8 @@ def _wait_gone(pid: int, start_time: int, timeout: float) -> bool:
 
 def _thaw(binary: str, runc_root: str, id: str) -> None:
     """Resume a paused container: on cgroup v1 a frozen process does not die of SIGKILL."""
+    import subprocess
+
     try:
         subprocess.run(
             [binary, "--root", runc_root, "resume", id],
@@ -97,6 +97,11 @@ def _thaw(binary: str, runc_root: str, id: str) -> None:
 
 
 def _kill(pid: int, start_time: int) -> None:
+    import os
+    import signal
+
+    from shim import procinfo
+
     fd = procinfo.open_pidfd(pid, start_time)
     if fd is None:
         return
@@ -133,6 +138,11 @@ def _exit_from_bpf(paths: DaemonPaths, pid: int, trace_id: int) -> tuple[int, in
 
 def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
     """Clean up without the daemon, from what it persisted."""
+    import os
+    import signal
+    import subprocess
+
+    from shim import procinfo
     from shim.statestore import StateStore, StoreError
 
     pid = 0
@@ -205,7 +215,7 @@ def main(flags: Flags) -> int:
         sys.stderr.write("delete: -address and -id are required\n")
         return 1
     paths = DaemonPaths.for_containerd(flags.address)
-    bundle = flags.bundle or os.getcwd()
+    bundle = flags.bundle or posix.getcwd()
     try:
         out = via_daemon(paths, flags.namespace, flags.id)
     except AlreadyGone:
