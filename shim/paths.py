@@ -111,7 +111,7 @@ class DaemonPaths:
     @property
     def console_dir(self) -> str:
         """runc's console sockets (terminal processes); short names, like daemon.sock's."""
-        return os.path.join(self.dir, "c")
+        return join(self.dir, "c")
 
     def runc_root_for(self, namespace: str) -> str:
         return join(self.runc_root, namespace)
