@@ -1,0 +1,319 @@
+"""OOM kills of a container, as counted by the kernel in the container's memory cgroup.
+
+Design.  The truth is the cgroup's own kill counter: ``oom_kill N`` in ``memory.oom_control``
+(cgroup v1, Linux 4.13+) or in ``memory.events`` (cgroup v2).  The kernel increments it for
+the memory cgroup of each process the OOM killer kills, keeps it for as long as the cgroup
+exists (until ``runc delete``, which only we run), and needs nothing of ours to be running
+to do so.  The daemon persists the last count it saw (state store), so an OOM kill that
+happened while no daemon ran (a SIGHUP re-exec, a crash and restore, the offline ``delete``)
+is found by comparing the two when it looks again.  Live, the kernel tells us when to look:
+cgroup v1 signals an eventfd registered through ``cgroup.event_control`` for
+``memory.oom_control``; cgroup v2 modifies ``memory.events``, watched with inotify (one
+inotify fd for all containers).  Those wake-ups only say "read the counter again".
+
+Why not BPF (the ``oom:mark_victim`` tracepoint into a pinned map): the tracepoint names the
+victim's pid, not its container; matching a victim that is not the init (any process of
+the container) to a task needs its cgroup id, read in the program, and another pinned map
+kept in step with every task.  The cgroup counter already is that record, kept by the
+kernel per container, surviving us, and it is what containerd's own shims read.
+
+One wrinkle: cgroup v1 signals the eventfd when the cgroup *enters* OOM, before the victim
+is chosen and counted, so after a v1 wake-up the counter is read again a few times over
+the next seconds (``RECHECK``).  And the counter is always read once more just before a
+process's exit is published, so /tasks/oom goes out before the /tasks/exit it caused.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from shim import log
+
+if TYPE_CHECKING:
+    import asyncio
+
+V1 = "v1"
+V2 = "v2"
+# Seconds after a cgroup v1 OOM notification at which the counter is read again.
+RECHECK = (0.05, 0.25, 1.0, 3.0)
+
+IN_MODIFY = 0x00000002
+IN_IGNORED = 0x00008000
+IN_NONBLOCK = os.O_NONBLOCK
+IN_CLOEXEC = os.O_CLOEXEC
+_EVENT = struct.Struct("iIII")
+
+
+@dataclass(frozen=True)
+class MemoryCgroup:
+    """A container's memory cgroup: ``version`` (v1 or v2) and its directory."""
+
+    version: str
+    path: str
+
+    @property
+    def counter_file(self) -> str:
+        name = "memory.oom_control" if self.version == V1 else "memory.events"
+        return os.path.join(self.path, name)
+
+    def oom_kills(self) -> int | None:
+        """The kernel's count of OOM kills in this cgroup; None if it cannot be read (the
+        cgroup is gone, or the kernel is older than 4.13 and has no such line)."""
+        try:
+            with open(self.counter_file, "rb") as f:
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return None
+        return parse_oom_kills(text)
+
+    def exists(self) -> bool:
+        return os.path.isdir(self.path)
+
+    def encode(self) -> str:
+        """The form kept in the state store: ``v1:/sys/fs/cgroup/memory/...``."""
+        return f"{self.version}:{self.path}"
+
+    @classmethod
+    def decode(cls, text: str) -> MemoryCgroup | None:
+        version, sep, path = text.partition(":")
+        if not sep or version not in (V1, V2) or not path:
+            return None
+        return cls(version, path)
+
+
+def parse_oom_kills(text: str) -> int | None:
+    """The ``oom_kill N`` line of memory.oom_control or memory.events."""
+    for line in text.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "oom_kill":
+            try:
+                return int(value.strip())
+            except ValueError:
+                return None
+    return None
+
+
+def _unescape(s: str) -> str:
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and s[i + 1 : i + 4].isdigit():
+            out.append(chr(int(s[i + 1 : i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
+def cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str, str]]:
+    """(fstype, root within the hierarchy, mount point, super options) of each cgroup fs."""
+    out: list[tuple[str, str, str, str]] = []
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        left, _, right = line.partition(" - ")
+        fields, rfields = left.split(" "), right.split(" ")
+        if len(fields) < 5 or len(rfields) < 3 or rfields[0] not in ("cgroup", "cgroup2"):
+            continue
+        out.append((rfields[0], _unescape(fields[3]), _unescape(fields[4]), rfields[2]))
+    return out
+
+
+def _join(mountpoint: str, mount_root: str, cgpath: str) -> str | None:
+    """Where the cgroup ``cgpath`` (as /proc/<pid>/cgroup names it) is under a mount of the
+    hierarchy whose own root is ``mount_root``."""
+    root = mount_root.rstrip("/")
+    if root and not (cgpath == root or cgpath.startswith(root + "/")):
+        return None
+    rel = cgpath[len(root) :].lstrip("/")
+    return os.path.join(mountpoint, rel) if rel else mountpoint
+
+
+def memory_cgroup_of(
+    pid: int, mountinfo: str = "/proc/self/mountinfo", proc: str = "/proc"
+) -> MemoryCgroup | None:
+    """The memory cgroup ``pid`` is in: v1 where the memory controller is mounted as v1
+    (also on hybrid hosts, whose v2 hierarchy has no memory controller), else v2 when the
+    cgroup has ``memory.events``; None if neither (no memory controller, or pid gone)."""
+    try:
+        with open(os.path.join(proc, str(pid), "cgroup")) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    v1_path = v2_path = None
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        if parts[0] == "0" and parts[1] == "":
+            v2_path = parts[2]
+        elif "memory" in parts[1].split(","):
+            v1_path = parts[2]
+    mounts = cgroup_mounts(mountinfo)
+    if v1_path is not None:
+        for fstype, root, mp, opts in mounts:
+            if fstype == "cgroup" and "memory" in opts.split(","):
+                path = _join(mp, root, v1_path)
+                if path and os.path.exists(os.path.join(path, "memory.oom_control")):
+                    return MemoryCgroup(V1, path)
+    if v2_path is not None:
+        for fstype, root, mp, _ in mounts:
+            if fstype == "cgroup2":
+                path = _join(mp, root, v2_path)
+                if path and os.path.exists(os.path.join(path, "memory.events")):
+                    return MemoryCgroup(V2, path)
+    return None
+
+
+class _Inotify:
+    """The one inotify fd that watches every v2 ``memory.events`` (ctypes over libc)."""
+
+    def __init__(self) -> None:
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        fd = self._libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_init1: {os.strerror(err)}")
+        self.fd: int = fd
+
+    def add(self, path: str) -> int:
+        wd: int = self._libc.inotify_add_watch(self.fd, os.fsencode(path), IN_MODIFY)
+        if wd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"inotify_add_watch {path}: {os.strerror(err)}")
+        return wd
+
+    def remove(self, wd: int) -> None:
+        self._libc.inotify_rm_watch(self.fd, wd)
+
+    def read(self) -> list[tuple[int, int]]:
+        """(wd, mask) of every pending event."""
+        try:
+            data = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return []
+        out, off = [], 0
+        while off + _EVENT.size <= len(data):
+            wd, mask, _cookie, length = _EVENT.unpack_from(data, off)
+            out.append((wd, mask))
+            off += _EVENT.size + length
+        return out
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+Key = tuple[str, str]
+
+
+class OOMWatcher:
+    """Wakes a callback when a watched cgroup may have had an OOM kill.
+
+    The callback only has to read the counter again (``MemoryCgroup.oom_kills``) and compare
+    it with the last count it saw; it may be called when nothing changed.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._v1: dict[Key, tuple[int, Callable[[], None]]] = {}  # eventfd, callback
+        self._inotify: _Inotify | None = None
+        self._v2: dict[Key, tuple[int, Callable[[], None]]] = {}  # wd, callback
+        self._timers: dict[Key, list[asyncio.TimerHandle]] = {}
+
+    def watch(self, key: Key, cg: MemoryCgroup, callback: Callable[[], None]) -> None:
+        """Start watching ``cg`` for the task ``key``; errors are logged, not raised (the
+        exit-time check still finds a kill)."""
+        self.unwatch(key)
+        try:
+            if cg.version == V1:
+                self._v1[key] = (self._register_v1(cg), callback)
+                self._loop.add_reader(self._v1[key][0], self._on_v1, key)
+            else:
+                if self._inotify is None:
+                    self._inotify = _Inotify()
+                    self._loop.add_reader(self._inotify.fd, self._on_inotify)
+                self._v2[key] = (self._inotify.add(cg.counter_file), callback)
+        except OSError as exc:
+            log.event(
+                "cannot watch for OOM kills", logging.WARNING, ns=key[0], id=key[1], error=exc
+            )
+
+    @staticmethod
+    def _register_v1(cg: MemoryCgroup) -> int:
+        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        try:
+            cfd = os.open(cg.counter_file, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                ctl = os.open(os.path.join(cg.path, "cgroup.event_control"), os.O_WRONLY)
+                try:
+                    os.write(ctl, f"{efd} {cfd}".encode())
+                finally:
+                    os.close(ctl)
+            finally:
+                os.close(cfd)
+        except OSError:
+            os.close(efd)
+            raise
+        return efd
+
+    def _on_v1(self, key: Key) -> None:
+        efd, callback = self._v1[key]
+        try:
+            os.eventfd_read(efd)
+        except BlockingIOError:
+            return
+        callback()
+        # Signalled on entering OOM (and on rmdir): the victim is counted just after.
+        timers = self._timers.setdefault(key, [])
+        for t in timers:
+            t.cancel()
+        timers[:] = [self._loop.call_later(d, self._recheck, key) for d in RECHECK]
+
+    def _recheck(self, key: Key) -> None:
+        entry = self._v1.get(key)
+        if entry is not None:
+            entry[1]()
+
+    def _on_inotify(self) -> None:
+        assert self._inotify is not None
+        by_wd: dict[int, list[Key]] = {}
+        for key, (wd, _) in self._v2.items():
+            by_wd.setdefault(wd, []).append(key)
+        for wd, mask in self._inotify.read():
+            for key in by_wd.get(wd, []):
+                if mask & IN_IGNORED:  # the cgroup was removed
+                    self._v2.pop(key, None)
+                elif key in self._v2:
+                    self._v2[key][1]()
+
+    def unwatch(self, key: Key) -> None:
+        for t in self._timers.pop(key, []):
+            t.cancel()
+        v1 = self._v1.pop(key, None)
+        if v1 is not None:
+            self._loop.remove_reader(v1[0])
+            os.close(v1[0])  # the kernel drops the registration with the eventfd
+        v2 = self._v2.pop(key, None)
+        if v2 is not None and self._inotify is not None:
+            if not any(wd == v2[0] for wd, _ in self._v2.values()):
+                self._inotify.remove(v2[0])
+
+    def __len__(self) -> int:
+        return len(self._v1) + len(self._v2)
+
+    def close(self) -> None:
+        for key in list(self._v1) + list(self._v2):
+            self.unwatch(key)
+        if self._inotify is not None:
+            self._loop.remove_reader(self._inotify.fd)
+            self._inotify.close()
+            self._inotify = None
