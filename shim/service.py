@@ -18,6 +18,7 @@ from google.protobuf.message import DecodeError, Message
 
 from shim import errors, log, wire
 from shim.api import shim_pb2
+from shim.checkpoint import decode_options as decode_checkpoint_options
 from shim.execprocess import ExecProcess
 from shim.process import STATUS_NUMBER
 from shim.runc import RuncError
@@ -36,7 +37,6 @@ EMPTY = b""
 NOT_YET = {
     "Pause": "Pause",
     "Resume": "Resume",
-    "Checkpoint": "Checkpoint",
     "ResizePty": "ResizePty",
     "Update": "Update",
     "Stats": "Stats",
@@ -77,6 +77,7 @@ class TaskService:
             "Shutdown": self.shutdown,
             "CloseIO": self.close_io,
             "Exec": self.exec,
+            "Checkpoint": self.checkpoint,
         }
         for name in NOT_YET:
             table[name] = self._unimplemented(name)
@@ -207,6 +208,13 @@ class TaskService:
     async def exec(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.ExecProcessRequest, payload)
         self.tasks.add_exec(self._namespace(ctx, req.id), req)
+        return EMPTY
+
+    async def checkpoint(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.CheckpointTaskRequest, payload)
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
+        opts = decode_checkpoint_options(req.options.type_url, req.options.value)
+        await task.init.checkpoint(req.path, opts)
         return EMPTY
 
     async def shutdown(self, ctx: Context, payload: bytes) -> bytes:

@@ -17,11 +17,13 @@ from typing import Any
 from shim import errors, identifiers, log, procinfo
 from shim.api import events_pb2, mount_pb2, runc_options_pb2, shim_pb2
 from shim.bundle import Bundle
+from shim.checkpoint import WORK_DIR, RestoreSpec, require_criu
 from shim.events import Publisher
 from shim.execprocess import ExecProcess, parse_spec
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitWatch
 from shim.mount import Mount, mount, unmount_all
+from shim.oom import MemoryCgroup, OOMWatcher, memory_cgroup_of
 from shim.paths import DaemonPaths
 from shim.process import InitProcess, Process, Status
 from shim.reaper import Reaper
@@ -43,6 +45,7 @@ class Deps:
     store: StateStore
     events: Publisher
     tracker: ExitTracker | None = None
+    oom: OOMWatcher | None = None
 
 
 @dataclass
@@ -52,6 +55,8 @@ class RuncOptions:
     systemd_cgroup: bool = False
     no_pivot: bool = False
     no_new_keyring: bool = False
+    criu: str = ""
+    criu_work_path: str = ""
 
 
 def decode_options(type_url: str, value: bytes) -> RuncOptions:
@@ -71,6 +76,8 @@ def decode_options(type_url: str, value: bytes) -> RuncOptions:
             systemd_cgroup=opts.systemd_cgroup,
             no_pivot=opts.no_pivot_root,
             no_new_keyring=opts.no_new_keyring,
+            criu=opts.criu_path,
+            criu_work_path=opts.criu_work_path,
         )
     if name == RUNTIME_OPTIONS:
         return RuncOptions()
@@ -99,6 +106,11 @@ class Task:
         self.rootfs: list[mount_pb2.Mount] = []
         self._bg: set[asyncio.Task[Any]] = set()
         self._log_fd = -1
+        # OOM kills (shim/oom.py): the memory cgroup, the kernel's count last seen there,
+        # and the count containerd has received /tasks/oom for.
+        self.memcg: MemoryCgroup | None = None
+        self.oom_kills = 0
+        self.oom_published = 0
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``coro`` in the background, keeping a reference and logging a failure."""
@@ -142,7 +154,45 @@ class Task:
         except OSError:
             pass
 
+    def watch_oom(self, pid: int) -> None:
+        """Watch the container's memory cgroup for OOM kills, once ``pid`` (its init) is in
+        it.  Kills counted there before the container existed are not its own."""
+        if self.memcg is None:
+            self.memcg = memory_cgroup_of(pid)
+            if self.memcg is None:
+                log.event("no memory cgroup, no OOM events", ns=self.namespace, id=self.id)
+                return
+            self.oom_kills = self.oom_published = self.memcg.oom_kills() or 0
+        if self.deps.oom is not None:
+            self.deps.oom.watch((self.namespace, self.id), self.memcg, self.check_oom)
+
+    def unwatch_oom(self) -> None:
+        if self.deps.oom is not None:
+            self.deps.oom.unwatch((self.namespace, self.id))
+
+    def check_oom(self) -> None:
+        """Publish /tasks/oom if the kernel counted a kill we have not seen yet."""
+        count = self.memcg.oom_kills() if self.memcg is not None else None
+        if count is None or count <= self.oom_kills:
+            return
+        self.oom_kills = count
+        self.deps.store.update(self.namespace, self.id, oom_kills=count)
+        self.publish_oom()
+
+    def publish_oom(self) -> None:
+        """/tasks/oom for the count last seen; persisted as published once containerd has it."""
+        store, ns, id, count = self.deps.store, self.namespace, self.id, self.oom_kills
+
+        def sent() -> None:
+            self.oom_published = max(self.oom_published, count)
+            store.update(ns, id, oom_published=self.oom_published)
+
+        self.deps.events.publish(ns, events_pb2.TaskOOM(container_id=id), on_sent=sent)
+        log.event("OOM kill", logging.WARNING, ns=ns, id=id, oom_kills=count)
+        self.log_line("OOM kill", oom_kills=count)
+
     def close(self) -> None:
+        self.unwatch_oom()
         if self._log_fd >= 0:
             os.close(self._log_fd)
             self._log_fd = -1
@@ -191,15 +241,27 @@ class Tasks:
     async def _create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> Task:
         if req.terminal:
             raise errors.unimplemented("terminal (tty) tasks are not supported yet")
-        if req.checkpoint:
-            raise errors.unimplemented("restoring from a checkpoint is not supported yet")
         bundle = Bundle.load(req.bundle)
         opts = decode_options(req.options.type_url, req.options.value)
+        restore: RestoreSpec | None = None
+        if req.checkpoint:
+            await require_criu(
+                self.deps.reaper, f"restore of {req.id} from {req.checkpoint}", opts.criu
+            )
+            if not os.path.isabs(req.checkpoint) or not os.path.isdir(req.checkpoint):
+                raise errors.invalid(f"checkpoint: {req.checkpoint!r} is not a directory")
+            restore = RestoreSpec(
+                image=req.checkpoint,
+                work=opts.criu_work_path or os.path.join(bundle.path, WORK_DIR),
+                parent=req.parent_checkpoint,
+                no_pivot=opts.no_pivot,
+            )
         runc = Runc(
             self.deps.reaper,
             root=opts.root or self.deps.paths.runc_root_for(namespace),
             binary=opts.binary,
             systemd_cgroup=opts.systemd_cgroup,
+            criu=opts.criu,
         )
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         blob = req.options.SerializeToString() if req.options.type_url else None
@@ -213,8 +275,11 @@ class Tasks:
                 for m in req.rootfs:
                     mounted = True
                     mount(Mount(m.type, m.source, tuple(m.options)), bundle.rootfs)
-            stdio = OpenedStdio(io)
-            await task.init.create(stdio, opts.no_pivot, opts.no_new_keyring)
+            if restore is not None:
+                task.init.prepare_restore(restore)
+            else:
+                stdio = OpenedStdio(io)
+                await task.init.create(stdio, opts.no_pivot, opts.no_new_keyring)
         except BaseException as exc:
             await self._undo_create(task, mounted)
             if isinstance(exc, OSError):
@@ -233,6 +298,7 @@ class Tasks:
                 stdin=io.stdin, stdout=io.stdout, stderr=io.stderr, terminal=io.terminal
             ),
             pid=task.init.pid,
+            checkpoint=req.checkpoint,
         )
         for m in req.rootfs:
             event.rootfs.add(type=m.type, source=m.source, target=m.target, options=m.options)
@@ -256,16 +322,23 @@ class Tasks:
         task.init.cleanup_files()
         task.close()
 
-    def restore(self, queued_exits: set[tuple[str, str, str]] = frozenset()) -> None:  # type: ignore[assignment]
+    def restore(
+        self,
+        queued_exits: set[tuple[str, str, str]] = frozenset(),  # type: ignore[assignment]
+        queued_ooms: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
+    ) -> None:
         """Take back every task a previous daemon persisted (after a crash or a re-exec):
-        running ones are watched again, exits that happened meanwhile are reported (unless
-        ``queued_exits`` says the event is already queued to go out)."""
+        running ones are watched again, OOM kills and exits that happened meanwhile are
+        reported, in that order (unless ``queued_exits`` / ``queued_ooms`` say the event is
+        already queued to go out)."""
         records = list(self.deps.store.all())
         for rec in records:
             if rec.exec_id:
                 continue
             if (rec.namespace, rec.id, "") in queued_exits:
                 rec.exit_published = True
+            if (rec.namespace, rec.id) in queued_ooms:
+                rec.oom_published = rec.oom_kills
             try:
                 task = self._restore(rec)
                 for erec in records:
@@ -302,6 +375,7 @@ class Tasks:
             root=rec.runc_root or self.deps.paths.runc_root_for(rec.namespace),
             binary=opts.binary,
             systemd_cgroup=opts.systemd_cgroup,
+            criu=opts.criu,
         )
         io = Stdio(rec.stdin, rec.stdout, rec.stderr, rec.terminal)
         task = Task(rec.namespace, rec.id, bundle, runc, self.deps, io, rec.options)
@@ -309,15 +383,30 @@ class Tasks:
         p = task.init
         p.pid, p.start_time, p.trace_id = rec.pid, rec.start_time, rec.trace_id
         p.status = Status(rec.status)
+        self._restore_oom(task, rec)
+        spec = RestoreSpec.decode(rec.checkpoint)
         if rec.exit_status is not None:
             p.restore_exited(rec.exit_status, rec.exited_at, rec.exit_published)
+        elif spec is not None and p.status == Status.CREATED and not p.pid:
+            p.restore_from = spec  # created from a checkpoint, not started yet
         elif procinfo.is_same(p.pid, p.start_time):
             # Still there (maybe a zombie child of ours): the watcher gets its exit.
             p.watch_exit(p.kill_all_if_shared_pidns)
+            task.watch_oom(p.pid)
         else:
             # It exited while no daemon watched; the pinned BPF map saw it.
             p.set_exited(*self._exit_from_bpf(p.trace_id))
         return task
+
+    @staticmethod
+    def _restore_oom(task: Task, rec: ProcessRecord) -> None:
+        """OOM kills the previous daemon saw but containerd never got, then those the
+        kernel counted while no daemon watched: both before any exit of this task."""
+        task.memcg = MemoryCgroup.decode(rec.memcg)
+        task.oom_kills, task.oom_published = rec.oom_kills, rec.oom_published
+        if task.oom_published < task.oom_kills:
+            task.publish_oom()
+        task.check_oom()
 
     def _exit_from_bpf(self, trace_id: int) -> tuple[int, int]:
         tracker = self.deps.tracker
