@@ -131,7 +131,7 @@ class RestoreSpec:
 _ERROR = re.compile(r"^\s*Error \([^)]*\):\s*")
 
 
-def _reason(output: str) -> str:
+def reason(output: str) -> str:
     """CRIU's own words from ``criu check``: its error lines, without the source location."""
     lines = [ln.strip() for ln in output.splitlines() if ln.strip()]
     errs = [_ERROR.sub("", ln) for ln in lines if _ERROR.match(ln)]
@@ -154,7 +154,7 @@ async def criu_problem(reaper: Reaper, criu: str = "", env: dict[str, str] | Non
     if status == 0:
         return ""
     text = out.decode(errors="replace")
-    return f"`{path} check` failed (exit status {status}): {_reason(text) or 'no output'}"
+    return f"`{path} check` failed (exit status {status}): {reason(text) or 'no output'}"
 
 
 async def require_criu(reaper: Reaper, what: str, criu: str = "") -> None:

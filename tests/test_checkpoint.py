@@ -115,3 +115,43 @@ def test_require_criu_is_a_failed_precondition(tmp_path: Path) -> None:
 
 def test_options_type_name() -> None:
     assert CHECKPOINT_OPTIONS == runc_options_pb2.CheckpointOptions.DESCRIPTOR.full_name
+
+
+def test_a_task_created_from_a_checkpoint_is_still_to_restore_after_a_daemon_restart(
+    tmp_path: Path,
+) -> None:
+    from shim.paths import DaemonPaths
+    from shim.process import Status
+    from shim.statestore import ProcessRecord, StateStore
+    from shim.task import Deps, Tasks
+
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.json").write_text('{"root": {"path": "rootfs"}}')
+    store = StateStore(str(tmp_path / "state.db"))
+    spec = RestoreSpec(image="/ck", work=str(bundle / "criu-work"))
+    store.put(ProcessRecord(namespace="ns", id="c1", bundle=str(bundle), trace_id=3,
+                            checkpoint=spec.encode()))  # fmt: skip
+
+    class Events:
+        sent: list[object] = []
+
+        def publish(self, ns: str, event: object, on_sent: object = None) -> None:
+            self.sent.append(event)
+
+    async def main() -> None:
+        reaper = Reaper(asyncio.get_running_loop())
+        deps = Deps(DaemonPaths(str(tmp_path)), reaper, None, store, Events())  # type: ignore[arg-type]
+        tasks = Tasks(deps)
+        tasks.restore()
+        init = tasks.get("ns", "c1").init
+        assert init.restore_from == spec and init.status == Status.CREATED
+        assert not init.exited and init.pid == 0
+        assert init.record().checkpoint == spec.encode()
+        for t in tasks.all():
+            t.close()
+        reaper.close()
+
+    asyncio.run(main())
+    assert Events.sent == []  # no exit made up for it
+    store.close()
