@@ -8,8 +8,9 @@ to do so.  The daemon persists the last count it saw (state store), so an OOM ki
 happened while no daemon ran (a SIGHUP re-exec, a crash and restore, the offline ``delete``)
 is found by comparing the two when it looks again.  Live, the kernel tells us when to look:
 cgroup v1 signals an eventfd registered through ``cgroup.event_control`` for
-``memory.oom_control``; cgroup v2 modifies ``memory.events``, watched with inotify (one
-inotify fd for all containers).  Those wake-ups only say "read the counter again".
+``memory.oom_control``; cgroup v2 modifies ``memory.events``, watched with inotify.  One
+eventfd and one inotify fd serve all containers.  Those wake-ups only say "read the
+counters again".
 
 Why not BPF (the ``oom:mark_victim`` tracepoint into a pinned map): the tracepoint names the
 victim's pid, not its container; matching a victim that is not the init (any process of
@@ -158,7 +159,22 @@ def memory_cgroup_of(
             v2_path = parts[2]
         elif "memory" in parts[1].split(","):
             v1_path = parts[2]
-    mounts = cgroup_mounts(mountinfo)
+    # The cgroup mounts hardly ever change: read once, again only when nothing matches.
+    for fresh in (False, True):
+        if fresh or mountinfo not in _MOUNTS:
+            _MOUNTS[mountinfo] = cgroup_mounts(mountinfo)
+        found = _find(_MOUNTS[mountinfo], v1_path, v2_path)
+        if found is not None:
+            return found
+    return None
+
+
+_MOUNTS: dict[str, list[tuple[str, str, str, str]]] = {}
+
+
+def _find(
+    mounts: list[tuple[str, str, str, str]], v1_path: str | None, v2_path: str | None
+) -> MemoryCgroup | None:
     if v1_path is not None:
         for fstype, root, mp, opts in mounts:
             if fstype == "cgroup" and "memory" in opts.split(","):
@@ -219,15 +235,20 @@ class OOMWatcher:
     """Wakes a callback when a watched cgroup may have had an OOM kill.
 
     The callback only has to read the counter again (``MemoryCgroup.oom_kills``) and compare
-    it with the last count it saw; it may be called when nothing changed.
+    it with the last count it saw; it may be called when nothing changed.  Two fds serve
+    every container, however many: one eventfd registered with each v1 cgroup (a wake-up
+    reads all v1 counters: cheap, and OOMs are rare), and one inotify fd for v2.  A v1
+    registration cannot be withdrawn short of closing the eventfd; the kernel drops it with
+    the cgroup (``runc delete``), and until then ``unwatch`` just stops the callbacks.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._v1: dict[Key, tuple[int, Callable[[], None]]] = {}  # eventfd, callback
+        self._efd = -1
+        self._v1: dict[Key, Callable[[], None]] = {}
+        self._rechecks: list[asyncio.TimerHandle] = []
         self._inotify: _Inotify | None = None
         self._v2: dict[Key, tuple[int, Callable[[], None]]] = {}  # wd, callback
-        self._timers: dict[Key, list[asyncio.TimerHandle]] = {}
 
     def watch(self, key: Key, cg: MemoryCgroup, callback: Callable[[], None]) -> None:
         """Start watching ``cg`` for the task ``key``; errors are logged, not raised (the
@@ -235,8 +256,8 @@ class OOMWatcher:
         self.unwatch(key)
         try:
             if cg.version == V1:
-                self._v1[key] = (self._register_v1(cg), callback)
-                self._loop.add_reader(self._v1[key][0], self._on_v1, key)
+                self._register_v1(cg)
+                self._v1[key] = callback
             else:
                 if self._inotify is None:
                     self._inotify = _Inotify()
@@ -247,41 +268,34 @@ class OOMWatcher:
                 "cannot watch for OOM kills", logging.WARNING, ns=key[0], id=key[1], error=exc
             )
 
-    @staticmethod
-    def _register_v1(cg: MemoryCgroup) -> int:
-        efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    def _register_v1(self, cg: MemoryCgroup) -> None:
+        if self._efd < 0:
+            self._efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+            self._loop.add_reader(self._efd, self._on_v1)
+        cfd = os.open(cg.counter_file, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            cfd = os.open(cg.counter_file, os.O_RDONLY | os.O_CLOEXEC)
+            ctl = os.open(os.path.join(cg.path, "cgroup.event_control"), os.O_WRONLY)
             try:
-                ctl = os.open(os.path.join(cg.path, "cgroup.event_control"), os.O_WRONLY)
-                try:
-                    os.write(ctl, f"{efd} {cfd}".encode())
-                finally:
-                    os.close(ctl)
+                os.write(ctl, f"{self._efd} {cfd}".encode())
             finally:
-                os.close(cfd)
-        except OSError:
-            os.close(efd)
-            raise
-        return efd
+                os.close(ctl)
+        finally:
+            os.close(cfd)
 
-    def _on_v1(self, key: Key) -> None:
-        efd, callback = self._v1[key]
+    def _on_v1(self) -> None:
         try:
-            os.eventfd_read(efd)
+            os.eventfd_read(self._efd)
         except BlockingIOError:
             return
-        callback()
+        self._check_v1()
         # Signalled on entering OOM (and on rmdir): the victim is counted just after.
-        timers = self._timers.setdefault(key, [])
-        for t in timers:
+        for t in self._rechecks:
             t.cancel()
-        timers[:] = [self._loop.call_later(d, self._recheck, key) for d in RECHECK]
+        self._rechecks = [self._loop.call_later(d, self._check_v1) for d in RECHECK]
 
-    def _recheck(self, key: Key) -> None:
-        entry = self._v1.get(key)
-        if entry is not None:
-            entry[1]()
+    def _check_v1(self) -> None:
+        for callback in list(self._v1.values()):
+            callback()
 
     def _on_inotify(self) -> None:
         assert self._inotify is not None
@@ -296,12 +310,7 @@ class OOMWatcher:
                     self._v2[key][1]()
 
     def unwatch(self, key: Key) -> None:
-        for t in self._timers.pop(key, []):
-            t.cancel()
-        v1 = self._v1.pop(key, None)
-        if v1 is not None:
-            self._loop.remove_reader(v1[0])
-            os.close(v1[0])  # the kernel drops the registration with the eventfd
+        self._v1.pop(key, None)
         v2 = self._v2.pop(key, None)
         if v2 is not None and self._inotify is not None:
             if not any(wd == v2[0] for wd, _ in self._v2.values()):
@@ -311,7 +320,16 @@ class OOMWatcher:
         return len(self._v1) + len(self._v2)
 
     def close(self) -> None:
-        for key in list(self._v1) + list(self._v2):
+        """Stop watching; closing the eventfd withdraws every v1 registration."""
+        for t in self._rechecks:
+            t.cancel()
+        self._rechecks = []
+        self._v1.clear()
+        if self._efd >= 0:
+            self._loop.remove_reader(self._efd)
+            os.close(self._efd)
+            self._efd = -1
+        for key in list(self._v2):
             self.unwatch(key)
         if self._inotify is not None:
             self._loop.remove_reader(self._inotify.fd)
