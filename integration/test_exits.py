@@ -161,6 +161,8 @@ def test_maps_empty_after_delete(containerd: Containerd, busybox: str) -> None:
         wait_for(lambda: task_list(containerd)["live"][1] == "STOPPED")
         containerd.ctr("task", "delete", "live")
         assert list(tracker.exits()) == [] and tracker.tracked() == {}
+        stats = tracker.stats()
+        assert stats["exits_full"] == 0 and stats["ring_drop"] == 0, stats  # the daemon drains
     finally:
         tracker.close()
 

@@ -18,13 +18,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import asdict, dataclass, field
 
 from shim import errors
 from shim.api import runc_options_pb2
 from shim.reaper import Reaper
-from shim.runc import execute
+from shim.runc import execute, find_executable
 
 CHECKPOINT_OPTIONS = "containerd.runc.v1.CheckpointOptions"
 CRIU_CHECK_TIMEOUT = 30.0
@@ -142,7 +141,7 @@ async def criu_problem(reaper: Reaper, criu: str = "", env: dict[str, str] | Non
     """Why CRIU cannot checkpoint or restore here ('' if ``criu check`` passes)."""
     binary = criu or DEFAULT_CRIU
     env = dict(os.environ) if env is None else env
-    path = shutil.which(binary, path=env.get("PATH"))
+    path = find_executable(binary, env.get("PATH", ""))
     if path is None:
         return f"{binary} is not installed (not found on PATH; Debian package: criu)"
     try:
@@ -168,7 +167,8 @@ def keep_dump_log(work: str, bundle: str) -> str:
     """Copy CRIU's dump log next to the bundle (the work dir may be removed); its path."""
     dest = os.path.join(bundle, DUMP_LOG)
     try:
-        shutil.copyfile(os.path.join(work, "dump.log"), dest)
+        with open(os.path.join(work, "dump.log"), "rb") as src, open(dest, "wb") as out:
+            out.write(src.read())
     except OSError:
         return ""
     return dest

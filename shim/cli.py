@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 
 VERSION = "0.1.0"
 NAME = "containerd-shim-embed-v1"
@@ -39,22 +38,24 @@ flags (as containerd passes them):
 """
 
 
-@dataclass
 class Flags:
-    namespace: str = ""
-    address: str = ""
-    publish_binary: str = ""
-    id: str = ""
-    bundle: str = ""
-    socket: str = ""
-    ttrpc_address: str = ""
-    ready_fd: str = ""
-    debug: bool = False
-    v: bool = False
-    version: bool = False
-    info: bool = False
-    h: bool = False
-    help: bool = False
+    """The flags containerd passes (Go ``flag`` names, dashes as underscores)."""
+
+    def __init__(self) -> None:
+        self.namespace = ""
+        self.address = ""
+        self.publish_binary = ""
+        self.id = ""
+        self.bundle = ""
+        self.socket = ""
+        self.ttrpc_address = ""
+        self.ready_fd = ""
+        self.debug = False
+        self.v = False
+        self.version = False
+        self.info = False
+        self.h = False
+        self.help = False
 
 
 class UsageError(Exception):
@@ -120,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return check.main(flags)
     if command == "daemon":
+        # The daemon never speaks TLS: keep asyncio from loading ssl (OpenSSL costs ~4 MB).
+        sys.modules.setdefault("ssl", None)  # type: ignore[arg-type]
         from shim import daemon
 
         return daemon.main(

@@ -69,6 +69,8 @@ class Daemon:
         publisher = Publisher(self.ttrpc_address)
         tracker = open_tracker(self.paths)
         exits = ExitWatch(loop, reaper, exit_record_lookup(tracker) if tracker else None)
+        if tracker is not None:
+            drain_ring(loop, tracker)
         oom = OOMWatcher(loop)
         self.tasks = Tasks(Deps(self.paths, reaper, exits, store, publisher, tracker, oom))
         queued_exits, queued_ooms = _requeue_events(publisher, store, handoff)
@@ -118,6 +120,7 @@ class Daemon:
         exits.close()
         oom.close()
         if tracker is not None:
+            loop.remove_reader(tracker.ring_fd())
             tracker.close()  # the pinned program stays attached and keeps recording
         reaper.close()
         store.close()
@@ -155,6 +158,7 @@ class Daemon:
         exits.close()
         oom.close()  # kills from now on are counted by the kernel; the new image looks
         if tracker is not None:
+            asyncio.get_running_loop().remove_reader(tracker.ring_fd())
             tracker.close()
         reaper.close()
         store.close()
@@ -295,6 +299,24 @@ def open_tracker(paths: DaemonPaths) -> ExitTracker | None:
         return None
     log.event("BPF exit tracking on", pins=tracker.pin_dir, link_id=tracker.link_id)
     return tracker
+
+
+def drain_ring(loop: asyncio.AbstractEventLoop, tracker: ExitTracker) -> None:
+    """Consume the BPF ring buffer's wake-ups as they come, so it never fills.
+
+    They are only a hint: an exit is published once the process is really gone (the reaper
+    collected it, or its pidfd became readable), with its status from the exits map."""
+    try:
+        fd = tracker.ring_fd()
+    except OSError as exc:
+        log.event("BPF ring buffer unavailable", logging.WARNING, error=exc)
+        return
+
+    def readable() -> None:
+        for trace_id in tracker.poll_ring():
+            log.event("exit noticed by BPF", logging.DEBUG, trace_id=trace_id)
+
+    loop.add_reader(fd, readable)
 
 
 def exit_record_lookup(tracker: ExitTracker) -> ExitRecordLookup:

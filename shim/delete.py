@@ -14,13 +14,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from shim import procinfo, wire
 from shim.cli import Flags
 from shim.paths import DaemonPaths
 from shim.ttrpc.blocking import BlockingClient
-from shim.ttrpc.errors import TTRPCError
+from shim.ttrpc.errors import Code, TTRPCError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 DAEMON_SERVICE = "embedshim.v1.Daemon"
 KILL_WAIT = 2.0
@@ -30,13 +33,33 @@ RUNC_TIMEOUT = 2.0
 UNKNOWN = 255
 
 
+class AlreadyGone(Exception):
+    """The live daemon does not know the task: containerd deleted it through the daemon."""
+
+
 def via_daemon(paths: DaemonPaths, namespace: str, id: str) -> bytes | None:
-    """Ask the running daemon to kill and delete the task; None if it cannot."""
+    """Ask the running daemon to kill and delete the task; None if no daemon answers."""
     try:
         with BlockingClient(paths.address, timeout=4.0) as client:
             return client.call(DAEMON_SERVICE, "Cleanup", f"{namespace}\0{id}".encode())
-    except (OSError, TTRPCError):
+    except TTRPCError as exc:
+        if exc.code == Code.NOT_FOUND:
+            raise AlreadyGone from None
         return None
+    except OSError:
+        return None
+
+
+def _leftovers(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bool:
+    """Anything of the task still on the host (runc state, a rootfs mount)?"""
+    if os.path.exists(os.path.join(paths.runc_root_for(namespace), id)):
+        return True
+    rootfs = os.path.join(bundle, "rootfs")
+    if not os.path.isdir(rootfs):
+        return False
+    from shim.mount import is_mountpoint
+
+    return is_mountpoint(rootfs)
 
 
 def _runc_binary(options: bytes | None) -> str:
@@ -245,7 +268,15 @@ def main(flags: Flags) -> int:
         return 1
     paths = DaemonPaths.for_containerd(flags.address)
     bundle = flags.bundle or os.getcwd()
-    out = via_daemon(paths, flags.namespace, flags.id)
+    try:
+        out = via_daemon(paths, flags.namespace, flags.id)
+    except AlreadyGone:
+        # The normal case: containerd runs `delete` after every task deletion, which the
+        # daemon has already done in full.  Only clean up if something is somehow left.
+        if _leftovers(paths, flags.namespace, flags.id, bundle):
+            out = offline(paths, flags.namespace, flags.id, bundle)
+        else:
+            out = wire.delete_response(0, 0, time.time_ns())
     if out is None:
         out = offline(paths, flags.namespace, flags.id, bundle)
     sys.stdout.buffer.write(out)

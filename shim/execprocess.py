@@ -13,7 +13,6 @@ import asyncio
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from shim import errors, log, procinfo
 from shim.api import events_pb2
 from shim.process import Process, Status
 from shim.reaper import Exit
+from shim.runc import find_executable
 from shim.statestore import ProcessRecord
 from shim.stdio import OpenedStdio, Stdio
 
@@ -162,7 +162,7 @@ class ExecProcess(Process):
 
     def _spawn_wrapper(self, script: str, stdio: tuple[int, int, int], sync_fd: int) -> int:
         runc = self.task.runc
-        binary = shutil.which(runc.binary, path=runc.env.get("PATH")) or runc.binary
+        binary = find_executable(runc.binary, runc.env.get("PATH", "")) or runc.binary
         argv = [
             sys.executable, "-S", "-E", script,
             "--sync-fd", str(sync_fd),
@@ -241,7 +241,13 @@ class ExecProcess(Process):
             self._pidfd = None
 
     def _remove_files(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        try:
+            with os.scandir(self.dir) as entries:  # a flat directory of our own files
+                for entry in entries:
+                    os.unlink(entry.path)
+            os.rmdir(self.dir)
+        except OSError:
+            pass
         for d in (os.path.dirname(self.dir), os.path.dirname(os.path.dirname(self.dir))):
             try:
                 os.rmdir(d)

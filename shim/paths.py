@@ -8,9 +8,7 @@ This module is imported by the short-lived ``start`` and ``delete`` subcommands:
 
 from __future__ import annotations
 
-import hashlib
 import os
-from dataclasses import dataclass
 
 DEFAULT_ROOT = "/run/embedshim"
 ROOT_ENV = "EMBEDSHIM_ROOT"
@@ -20,14 +18,30 @@ BPF_ROOT_ENV = "EMBEDSHIM_BPF_ROOT"
 
 def instance_key(containerd_address: str) -> str:
     """A short, stable name for the containerd instance at ``containerd_address``."""
-    return hashlib.sha256(containerd_address.encode()).hexdigest()[:16]
+    try:
+        from _sha256 import sha256  # type: ignore[import-not-found]  # builtin: no OpenSSL
+    except ImportError:  # pragma: no cover
+        from hashlib import sha256
+    digest: str = sha256(containerd_address.encode()).hexdigest()
+    return digest[:16]
 
 
-@dataclass(frozen=True)
 class DaemonPaths:
     """The files of the daemon that serves one containerd instance."""
 
-    dir: str
+    __slots__ = ("dir",)
+
+    def __init__(self, dir: str) -> None:
+        self.dir = dir
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, DaemonPaths) and other.dir == self.dir
+
+    def __hash__(self) -> int:
+        return hash(self.dir)
+
+    def __repr__(self) -> str:
+        return f"DaemonPaths({self.dir!r})"
 
     @classmethod
     def for_containerd(cls, containerd_address: str, root: str | None = None) -> DaemonPaths:

@@ -15,7 +15,6 @@ import asyncio
 import enum
 import logging
 import os
-import shutil
 import signal
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from shim import checkpoint, errors, log, procinfo
 from shim.api import events_pb2
 from shim.checkpoint import CheckpointOptions, RestoreSpec
 from shim.exittrack import TICK_NS
+from shim.fsutil import remove_tree
 from shim.reaper import Exit
 from shim.runc import RuncError, is_not_found
 from shim.statestore import ProcessRecord
@@ -326,7 +326,7 @@ class InitProcess(Process):
             raise errors.internal(f"checkpoint of {task.id}: {exc}") from None
         finally:
             if not opts.work_path:
-                shutil.rmtree(work, ignore_errors=True)
+                remove_tree(work)
         task.deps.events.publish(
             task.namespace, events_pb2.TaskCheckpointed(container_id=task.id, checkpoint=image)
         )

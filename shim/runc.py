@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import shutil
 import signal
 import subprocess
 from collections.abc import Sequence
@@ -20,6 +19,17 @@ from dataclasses import dataclass, field
 from shim.reaper import Reaper
 
 DEFAULT_TIMEOUT = 30.0
+
+
+def find_executable(name: str, path: str) -> str | None:
+    """``shutil.which`` without importing shutil (and bz2, lzma, fnmatch) into the daemon."""
+    if "/" in name:
+        return name if os.access(name, os.X_OK) and not os.path.isdir(name) else None
+    for directory in path.split(os.pathsep):
+        candidate = os.path.join(directory or ".", name)
+        if os.access(candidate, os.X_OK) and not os.path.isdir(candidate):
+            return candidate
+    return None
 
 
 def spawn(argv: list[str], stdio: tuple[int, int, int], env: dict[str, str], path: str) -> int:
@@ -57,7 +67,7 @@ async def execute(
     Raises FileNotFoundError if there is no such program, TimeoutError (after killing it)
     when it runs past ``timeout``."""
     loop = asyncio.get_running_loop()
-    path = shutil.which(argv[0], path=env.get("PATH"))
+    path = find_executable(argv[0], env.get("PATH", ""))
     if path is None:
         raise FileNotFoundError(argv[0])
     out_r = out_w = -1

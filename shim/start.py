@@ -12,8 +12,6 @@ from __future__ import annotations
 import fcntl
 import os
 import select
-import shutil
-import subprocess
 import sys
 import time
 
@@ -56,6 +54,8 @@ def _executable() -> str:
     exe = sys.argv[0]
     if os.path.isabs(exe) and os.access(exe, os.X_OK):
         return exe
+    import shutil
+
     found = shutil.which(NAME)
     if found is None:
         raise RuntimeError(f"cannot find {NAME} to start the daemon")
@@ -63,6 +63,8 @@ def _executable() -> str:
 
 
 def spawn_daemon(paths: DaemonPaths, flags: Flags, ttrpc_address: str) -> None:
+    import subprocess  # only when no daemon answers: most starts never need it
+
     r, w = os.pipe()
     try:
         os.set_inheritable(w, True)
