@@ -45,7 +45,7 @@ def _cgroups() -> str:
 
 
 def _oom() -> tuple[bool, str]:
-    from shim.oom import cgroup_mounts
+    from shim.memcg import cgroup_mounts
 
     for fstype, _, mp, opts in cgroup_mounts():
         if fstype == "cgroup" and "memory" in opts.split(","):

@@ -162,7 +162,7 @@ def _report_oom(namespace: str, id: str, memcg: str, published: int) -> None:
     before it listens on its ttrpc socket: then a detached child keeps trying for
     ``OOM_RETRY_FOR`` seconds, and the event arrives after the exit containerd publishes
     itself (CRI marks the container OOMKilled either way)."""
-    from shim.oom import MemoryCgroup
+    from shim.memcg import MemoryCgroup
 
     cg = MemoryCgroup.decode(memcg)
     count = cg.oom_kills() if cg is not None else None

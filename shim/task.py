@@ -22,8 +22,9 @@ from shim.events import Publisher
 from shim.execprocess import ExecProcess, parse_spec
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitWatch
+from shim.memcg import MemoryCgroup, memory_cgroup_of
 from shim.mount import Mount, mount, unmount_all
-from shim.oom import MemoryCgroup, OOMWatcher, memory_cgroup_of
+from shim.oom import OOMWatcher
 from shim.paths import DaemonPaths
 from shim.process import InitProcess, Process, Status
 from shim.reaper import Reaper

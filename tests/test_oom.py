@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.oom import V1, V2, MemoryCgroup, OOMWatcher, memory_cgroup_of, parse_oom_kills
+from shim.memcg import V1, V2, MemoryCgroup, memory_cgroup_of, parse_oom_kills
+from shim.oom import OOMWatcher
 
 V1_MOUNTINFO = """\
 25 1 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw
