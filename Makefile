@@ -4,9 +4,11 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := python3-venv containerd runc busybox-static libbpf1 clang llvm bpftool libbpf-dev crun criu \
 	iproute2 containernetworking-plugins procps util-linux
-PROTOS := $(wildcard proto/*.proto)
+CRI_PROTO := proto/cri_api.proto
+PROTOS := $(filter-out $(CRI_PROTO),$(wildcard proto/*.proto))
+CRI_API := integration/cri/api
 
-.PHONY: setup demo test unit integration lint proto bpf bench soak clean
+.PHONY: setup demo test unit integration cri lint proto bpf bench soak clean
 
 setup: .setup-debs $(VENV)/.installed
 	@$(PY) -m shim.setupcheck
@@ -24,9 +26,21 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -m compileall -q shim runc_exec >/dev/null
 	@touch $@
 
+TEST_PROTOS := $(wildcard integration/proto/*.proto)
+
+# shim/api: the messages the daemon speaks.  integration/api: containerd's gRPC services the
+# tests call directly (with grpc stubs; grpcio is a dev dependency only).
 proto:
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=shim/api --pyi_out=shim/api $(PROTOS)
 	sed -i -E 's/^import ([a-z_]+_pb2) as /from . import \1 as /' shim/api/*_pb2.py shim/api/*_pb2.pyi
+	$(PY) -m grpc_tools.protoc -Iproto -Iintegration/proto --python_out=integration/api \
+		--pyi_out=integration/api --grpc_python_out=integration/api $(TEST_PROTOS)
+	sed -i -E -e 's/^import (task_types_pb2) as /from shim.api import \1 as /' \
+		-e 's/^import ([a-z_]+_pb2) as /from . import \1 as /' \
+		integration/api/*_pb2*.py integration/api/*_pb2.pyi
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=$(CRI_API) --pyi_out=$(CRI_API) \
+		--grpc_python_out=$(CRI_API) $(CRI_PROTO)
+	sed -i -E 's/^import ([a-z_]+_pb2) as /from . import \1 as /' $(CRI_API)/*_pb2*.py*
 
 bpf:
 	$(MAKE) -C bpf
@@ -41,6 +55,10 @@ unit: setup
 
 integration: setup
 	$(PY) -m pytest -q integration
+
+# the CRI suite alone (also part of `integration` and `test`): both runtime handlers
+cri: setup
+	$(PY) -m pytest -q integration/cri
 
 test: setup lint
 	$(PY) -m pytest -q tests integration

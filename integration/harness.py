@@ -55,6 +55,10 @@ REQUIRED_PLUGINS = [
     "io.containerd.runtime.v2.task",
 ]
 START_TIMEOUT = 20.0
+CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+#: Debian's containernetworking-plugins install the CNI plugins here.
+CNI_BIN_DIR = "/usr/lib/cni"
+_CLONE_NEWNET = 0x40000000
 
 _SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _MNT_DETACH = 2
@@ -145,6 +149,20 @@ def mounts_under(path: str, mountinfo: str = "/proc/self/mountinfo") -> list[str
     # deepest first; among equal depth the most recent mount first
     found.sort(key=lambda t: (t[0], t[1]), reverse=True)
     return [mp for _, _, mp in found]
+
+
+def persistent_netns(path: str) -> str:
+    """A new network namespace kept alive by a bind mount on ``path`` (its loopback up);
+    ``umount_all_under`` of the parent dir ends it once no process is left in it."""
+    with open(path, "a"):
+        pass
+    subprocess.run(["unshare", f"--net={path}", "true"], check=True, capture_output=True)
+    subprocess.run(
+        ["nsenter", f"--net={path}", "ip", "link", "set", "lo", "up"],
+        check=True,
+        capture_output=True,
+    )
+    return path
 
 
 def _umount(path: str, flags: int = 0) -> int:
@@ -502,8 +520,15 @@ class Containerd:
         start: bool = True,
         tmp_dir: str | None = None,
         start_timeout: float = START_TIMEOUT,
+        sandbox_image: str = "",
+        netns: str | None = None,
     ) -> None:
         self.cri = cri
+        #: CRI's pause image (``sandbox_image``); must be imported before the first pod.
+        self.sandbox_image = sandbox_image
+        #: a persistent network namespace (bind-mounted file) containerd runs in, so CNI
+        #: bridges, veths and the streaming server stay off the host's network.
+        self.netns = netns
         self.log_level = log_level
         self.namespace = namespace
         self.start_timeout = start_timeout
@@ -530,6 +555,8 @@ class Containerd:
         self.fifo_dir = f"{self.tmp}/fifo"
         self.runc_root = f"{self.tmp}/runc"
         self.embedshim_root = f"{self.tmp}/embedshim"
+        #: CRI's CNI configuration dir (the CRI suite writes its network config there)
+        self.cni_conf_dir = f"{self.tmp}/cni/net.d"
         #: cgroup parent used by :meth:`run_args` (unique, so concurrent instances using
         #: the same namespace/container ids never share a cgroup).
         self.cgroup_parent = os.path.basename(self.tmp)
@@ -579,8 +606,11 @@ class Containerd:
             # would create /opt/containerd
             "io.containerd.internal.v1.opt",
         ]
-        if not self.cri:
-            disabled.append("io.containerd.grpc.v1.cri")
+        required = list(REQUIRED_PLUGINS)
+        if self.cri:
+            required.append(CRI_PLUGIN)
+        else:
+            disabled.append(CRI_PLUGIN)
         lines = [
             "version = 2",
             f'root = "{self.root}"',
@@ -588,7 +618,7 @@ class Containerd:
             f'temp = "{self.temp}"',
             "oom_score = 0",
             f"disabled_plugins = {json.dumps(disabled)}",
-            f"required_plugins = {json.dumps(REQUIRED_PLUGINS)}",
+            f"required_plugins = {json.dumps(required)}",
             "",
             "[grpc]",
             f'  address = "{self.address}"',
@@ -613,6 +643,15 @@ class Containerd:
                 "  disable_tcp_service = true",
                 '  stream_server_address = "127.0.0.1"',
                 '  stream_server_port = "0"',
+                # no CAP_SYS_RESOURCE here: containers may not lower their oom_score_adj
+                "  restrict_oom_score_adj = true",
+                # pod netns under the state dir (not /var/run/netns): cleanup finds them
+                "  netns_mounts_under_state_dir = true",
+                "  enable_selinux = false",
+                *([f'  sandbox_image = "{self.sandbox_image}"'] if self.sandbox_image else []),
+                '[plugins."io.containerd.grpc.v1.cri".cni]',
+                f'  bin_dir = "{CNI_BIN_DIR}"',
+                f'  conf_dir = "{self.cni_conf_dir}"',
                 '[plugins."io.containerd.grpc.v1.cri".containerd]',
                 '  snapshotter = "overlayfs"',
                 '  default_runtime_name = "runc"',
@@ -626,11 +665,15 @@ class Containerd:
             ]
         return "\n".join(lines)
 
-    @staticmethod
-    def _preexec() -> None:  # pragma: no cover - runs in the child
+    def _preexec(self) -> None:  # pragma: no cover - runs in the child
         # containerd dies with the test runner (shims outlive it by design; cleanup/reap)
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        if self.netns is not None:
+            fd = os.open(self.netns, os.O_RDONLY)
+            if libc.setns(fd, _CLONE_NEWNET) != 0:
+                os._exit(121)
+            os.close(fd)
 
     def start(self) -> None:
         """Start containerd (again) on this instance's dirs and wait until it answers."""
@@ -638,6 +681,8 @@ class Containerd:
             return
         for d in (self.root, self.state, self.temp, self.fifo_dir):
             os.makedirs(d, exist_ok=True)
+        if self.cri:
+            os.makedirs(self.cni_conf_dir, exist_ok=True)
         with open(self.config_path, "w") as f:
             f.write(self.config_toml())
         if self._log_file is None:
@@ -1087,8 +1132,15 @@ def _layer(rootfs: str) -> tuple[bytes, bytes]:
     return _LAYERS[rootfs]
 
 
-def build_busybox_oci_archive(rootfs: str, ref: str, out: str) -> str:
-    """Write an OCI image-layout tarball (one gzip layer) of ``rootfs`` to ``out``."""
+def build_busybox_oci_archive(
+    rootfs: str,
+    ref: str,
+    out: str,
+    entrypoint: Sequence[str] = (),
+    cmd: Sequence[str] = ("sh",),
+) -> str:
+    """Write an OCI image-layout tarball (one gzip layer) of ``rootfs`` to ``out``; the image
+    config runs ``entrypoint + cmd`` (what CRI runs when a container names no command)."""
     raw, layer = _layer(os.path.realpath(rootfs))
     diff_id = "sha256:" + hashlib.sha256(raw).hexdigest()
 
@@ -1101,7 +1153,12 @@ def build_busybox_oci_archive(rootfs: str, ref: str, out: str) -> str:
             "created": "1970-01-01T00:00:00Z",
             "architecture": arch,
             "os": "linux",
-            "config": {"Env": [f"PATH={CONTAINER_PATH}"], "Cmd": ["sh"], "WorkingDir": "/"},
+            "config": {
+                "Env": [f"PATH={CONTAINER_PATH}"],
+                **({"Entrypoint": list(entrypoint)} if entrypoint else {}),
+                "Cmd": list(cmd),
+                "WorkingDir": "/",
+            },
             "rootfs": {"type": "layers", "diff_ids": [diff_id]},
             "history": [{"created": "1970-01-01T00:00:00Z", "created_by": "embedshim harness"}],
         },
@@ -1171,17 +1228,29 @@ DEFAULT_IMAGE = "docker.io/library/esh-busybox:latest"
 
 
 def import_busybox_image(
-    ctrd: Containerd, ref: str = DEFAULT_IMAGE, rootfs: str | None = None
+    ctrd: Containerd,
+    ref: str = DEFAULT_IMAGE,
+    rootfs: str | None = None,
+    *,
+    namespace: str | None = None,
+    entrypoint: Sequence[str] = (),
+    cmd: Sequence[str] = ("sh",),
 ) -> str:
     """Import a busybox image (built offline) into ``ctrd`` as ``ref``; return ``ref``."""
     if rootfs is None:
         rootfs = busybox_rootfs(os.path.join(ctrd.tmp, "bb"))
-    archive = build_busybox_oci_archive(rootfs, ref, os.path.join(ctrd.tmp, "image.tar"))
+    archive = build_busybox_oci_archive(
+        rootfs,
+        ref,
+        os.path.join(ctrd.tmp, f"image-{hashlib.sha256(ref.encode()).hexdigest()[:12]}.tar"),
+        entrypoint=entrypoint,
+        cmd=cmd,
+    )
     try:
-        ctrd.ctr("images", "import", archive, timeout=120)
+        ctrd.ctr("images", "import", archive, timeout=120, namespace=namespace)
     finally:
         os.unlink(archive)
-    names = ctrd.ctr("images", "ls", "-q").stdout.split()
+    names = ctrd.ctr("images", "ls", "-q", namespace=namespace).stdout.split()
     if ref not in names:
         raise HarnessError(f"import of {ref} produced images {names}")
     return ref

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import subprocess
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
-from integration.embed import RUNTIME, Events, bpf_pin_root
-from integration.harness import Containerd, parse_event, wait_for
+from integration.embed import RUNTIME, TASK_SERVICE, Events, bpf_pin_root, daemon_paths
+from integration.harness import Containerd, parse_event, task_list, wait_for
+from integration.tasks_grpc import code_of, tasks_client
+from shim.api import runc_options_pb2, shim_pb2
 from shim.exittrack import ExitTracker
+from shim.ttrpc import Client, Code, TTRPCError
 
 
 @pytest.fixture
@@ -127,3 +134,129 @@ def test_concurrent_execs(containerd: Containerd, box: str) -> None:
     for t in threads:
         t.join()
     assert results == {i: i for i in range(20)}
+
+
+def _ps(c: Containerd, cid: str) -> dict[int, str]:
+    """``ctr task ps`` as {pid: exec id, or "" for the container's own processes}."""
+    out = {}
+    for line in c.ctr("task", "ps", cid).stdout.splitlines()[1:]:
+        pid, _, info = line.strip().partition(" ")
+        out[int(pid)] = info.split("ExecID:")[1].split(",")[0] if "ExecID:" in info else ""
+    return out
+
+
+def test_ps_names_the_exec_of_each_pid(containerd: Containerd, box: str) -> None:
+    containerd.ctr("task", "exec", "-d", "--exec-id", "sl1", box, "sleep", "1000")
+    containerd.ctr("task", "exec", "-d", "--exec-id", "sl2", box, "sleep", "2000")
+    init_pid = task_list(containerd)[box][0]
+    ps = _ps(containerd, box)
+    assert ps[init_pid] == ""
+    by_exec = {e: pid for pid, e in ps.items() if e}
+    assert set(by_exec) == {"sl1", "sl2"}
+    with open(f"/proc/{by_exec['sl2']}/cmdline") as f:
+        assert f.read().split("\0")[:2] == ["sleep", "2000"]
+    with tasks_client(containerd) as tasks:
+        infos = {p.pid: p.info for p in tasks.pids(box).processes}
+        assert infos[by_exec["sl1"]].type_url == "containerd.runc.v1.ProcessDetails"
+        details = runc_options_pb2.ProcessDetails()
+        details.ParseFromString(infos[by_exec["sl1"]].value)
+        assert details.exec_id == "sl1"
+        assert not infos[init_pid].type_url
+        for exec_id in by_exec:
+            tasks.kill(box, 9, exec_id)
+            assert tasks.wait(box, exec_id) == 137
+    assert set(_ps(containerd, box).values()) == {""}  # exited execs are not named
+
+
+def test_kill_wait_and_delete_of_one_exec(containerd: Containerd, box: str, events: Events) -> None:
+    containerd.ctr("task", "exec", "-d", "--exec-id", "one", box, "sleep", "1000")
+    containerd.ctr("task", "exec", "-d", "--exec-id", "two", box, "sleep", "1000")
+    with tasks_client(containerd) as tasks, ThreadPoolExecutor(1) as pool:
+        waiter = pool.submit(tasks.wait, box, "one", 30)
+        time.sleep(0.3)
+        assert not waiter.done()  # Wait blocks while the exec runs
+        with pytest.raises(grpc.RpcError) as info:
+            tasks.delete_process(box, "one")
+        assert code_of(info.value) == grpc.StatusCode.FAILED_PRECONDITION
+        containerd.ctr("task", "kill", "--exec-id", "one", "-s", "TERM", box)
+        assert waiter.result(timeout=20) == 143
+        assert tasks.wait(box, "one") == 143  # again, at once
+        # Only that exec ended.
+        assert "two" in _ps(containerd, box).values()
+        assert task_list(containerd)[box][1] == "RUNNING"
+        r = containerd.ctr("task", "delete", "--exec-id", "one", box, check=False)
+        assert r.returncode == 143, r.stderr  # ctr exits with the deleted process's status
+        for call in (
+            lambda: tasks.wait(box, "one", 5),
+            lambda: tasks.kill(box, 9, "one"),
+            lambda: tasks.delete_process(box, "one"),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert code_of(info.value) == grpc.StatusCode.NOT_FOUND
+        tasks.kill(box, 9, "two")
+        assert tasks.wait(box, "two") == 137
+        resp = tasks.delete_process(box, "two")
+        assert (resp.id, resp.exit_status) == ("two", 137) and resp.pid > 0
+
+    def both_exits() -> list[str] | None:
+        found = events.payloads("/tasks/exit", box)
+        return found if len(found) == 2 else None
+
+    exits = wait_for(both_exits, what="both exec exits")
+    assert '"id":"one"' in exits[0] and '"exit_status":143' in exits[0]
+    assert '"id":"two"' in exits[1] and '"exit_status":137' in exits[1]
+    assert set(_ps(containerd, box).values()) == {""}
+    assert task_list(containerd)[box][1] == "RUNNING"
+
+
+def test_failed_exec_start_releases_wait(containerd: Containerd, box: str, events: Events) -> None:
+    """CRI's ExecSync defers containerd's WithProcessKill, which calls Wait, then Kill, and
+    on NotFound waits for that Wait: after a Start that ran nothing, Wait must end at once
+    (else ExecSync of a missing binary hangs a minute), with no exit event for it."""
+    spec = {"args": ["/no/such/binary"], "cwd": "/", "user": {"uid": 0, "gid": 0}}
+    exec_req = shim_pb2.ExecProcessRequest(id=box, exec_id="bad")
+    exec_req.spec.type_url = "types.containerd.io/opencontainers/runtime-spec/1/Process"
+    exec_req.spec.value = json.dumps(spec).encode()
+    meta = {"containerd-namespace-ttrpc": containerd.namespace}
+
+    async def scenario() -> tuple[Code, float, shim_pb2.WaitResponse, Code]:
+        async with await Client.connect(daemon_paths(containerd).address) as client:
+
+            async def call(method: str, msg: object) -> bytes:
+                payload = msg.SerializeToString()  # type: ignore[attr-defined]
+                return await client.call(TASK_SERVICE, method, payload, metadata=meta, timeout=30)
+
+            await call("Exec", exec_req)
+            # containerd's order: Wait is in flight before Start
+            waiting = asyncio.ensure_future(
+                call("Wait", shim_pb2.WaitRequest(id=box, exec_id="bad"))
+            )
+            await asyncio.sleep(0.1)
+            try:
+                await call("Start", shim_pb2.StartRequest(id=box, exec_id="bad"))
+                start_code = Code.OK
+            except TTRPCError as exc:
+                start_code = exc.code
+            t = time.monotonic()
+            waited = shim_pb2.WaitResponse.FromString(await asyncio.wait_for(waiting, 5))
+            took = time.monotonic() - t
+            try:
+                await call("Kill", shim_pb2.KillRequest(id=box, exec_id="bad", signal=9))
+                kill_code = Code.OK
+            except TTRPCError as exc:
+                kill_code = exc.code
+            await call("Delete", shim_pb2.DeleteRequest(id=box, exec_id="bad"))
+            return start_code, took, waited, kill_code
+
+    start_code, took, waited, kill_code = asyncio.run(scenario())
+    assert start_code != Code.OK
+    assert took < 1, took
+    assert waited.exit_status == 255
+    assert kill_code == Code.NOT_FOUND
+    time.sleep(0.3)
+    assert not [p for p in events.payloads("/tasks/exit", box) if '"id":"bad"' in p]
+    # the container is untouched
+    assert (
+        containerd.ctr("task", "exec", "--exec-id", "ok", box, "true", check=False).returncode == 0
+    )

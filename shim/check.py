@@ -45,14 +45,15 @@ def _cgroups() -> str:
 
 
 def _oom() -> tuple[bool, str]:
-    from shim.memcg import cgroup_mounts
+    from shim.cgroups import cgroup_mounts
 
-    for fstype, _, mp, opts in cgroup_mounts():
-        if fstype == "cgroup" and "memory" in opts.split(","):
-            return True, f"cgroup v1 memory.oom_control oom_kill count, eventfd ({mp})"
-    for fstype, _, mp, _ in cgroup_mounts():
-        if fstype == "cgroup2" and "memory" in _read(os.path.join(mp, "cgroup.controllers")):
-            return True, f"cgroup v2 memory.events oom_kill count, inotify ({mp})"
+    mounts = cgroup_mounts(_read("/proc/self/mountinfo"))
+    for m in mounts:
+        if not m.v2 and "memory" in m.controllers:
+            return True, f"cgroup v1 memory.oom_control oom_kill count, eventfd ({m.point})"
+    for m in mounts:
+        if m.v2 and "memory" in _read(os.path.join(m.point, "cgroup.controllers")).split():
+            return True, f"cgroup v2 memory.events oom_kill count, inotify ({m.point})"
     return False, "no memory cgroup controller mounted"
 
 

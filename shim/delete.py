@@ -87,6 +87,21 @@ def _wait_gone(pid: int, start_time: int, timeout: float) -> bool:
     return True
 
 
+def _thaw(binary: str, runc_root: str, id: str) -> None:
+    """Resume a paused container: on cgroup v1 a frozen process does not die of SIGKILL."""
+    try:
+        subprocess.run(
+            [binary, "--root", runc_root, "resume", id],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            timeout=RUNC_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        sys.stderr.write(f"runc resume {id}: {exc}\n")
+
+
 def _kill(pid: int, start_time: int) -> None:
     fd = procinfo.open_pidfd(pid, start_time)
     if fd is None:
@@ -223,6 +238,8 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
             else:
                 if procinfo.is_running(rec.pid, rec.start_time):
                     # Still running and nobody will manage it any more: end it.
+                    if rec.status == "paused":
+                        _thaw(binary, runc_root, id)
                     _kill(rec.pid, rec.start_time)
                     if _wait_gone(rec.pid, rec.start_time, KILL_WAIT):
                         status = 128 + signal.SIGKILL

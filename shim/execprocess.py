@@ -80,6 +80,13 @@ class ExecProcess(Process):
             self.set_exited(status, at)
         self._close_pidfd()
 
+    def reported_status(self) -> Status:
+        """A running exec is as paused as its container (the runc shim says the same)."""
+        init = self.task.init
+        if self.status == Status.RUNNING and not self.exited and init.status == Status.PAUSED:
+            return Status.PAUSED
+        return self.status
+
     @property
     def dir(self) -> str:
         """Where the process spec, pid file and status file live (ours, not the bundle)."""
@@ -109,6 +116,8 @@ class ExecProcess(Process):
         if self.status != Status.CREATED:
             raise errors.precondition(f"exec {self.exec_id} is {self.status}, not created")
         init = self.task.init
+        if not init.exited and init.status == Status.PAUSED:
+            raise errors.precondition(f"cannot start an exec in a paused container {self.task.id}")
         if init.exited or init.status not in (Status.RUNNING,):
             raise errors.precondition(f"container {self.task.id} is not running")
         async with self.start_lock:
@@ -139,8 +148,8 @@ class ExecProcess(Process):
                 lines.close()
                 await helper_exit
                 self._remove_files()
-                self.status = Status.STOPPED
                 self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id)
+                self.start_failed(UNKNOWN)
                 message = rest if word == "error" else "runc_exec exited without a pid"
                 raise errors.internal(f"exec {self.exec_id}: {message}")
             pid_s, _, start_s = rest.partition(" ")

@@ -1,13 +1,17 @@
 """A container's memory cgroup and the kernel's count of OOM kills in it.
 
-Stdlib ``os`` only: the ``delete`` subcommand reads the count too (see shim/oom.py for the
-design).
+The directory comes from the container's cgroup (shim/cgroups.py); the ``delete``
+subcommand reads the count too, so this stays light.  See shim/oom.py for the design.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from shim.cgroups import Cgroup
 
 V1 = "v1"
 V2 = "v2"
@@ -19,6 +23,17 @@ class MemoryCgroup:
 
     version: str
     path: str
+
+    @classmethod
+    def of(cls, cgroup: Cgroup) -> MemoryCgroup | None:
+        """The memory controller's directory of ``cgroup``, if it has one with a kill
+        counter (v1 ``memory.oom_control``; v2 ``memory.events``, only where the memory
+        controller is enabled)."""
+        path = cgroup.dir("memory")
+        if path is None:
+            return None
+        found = cls(V2 if cgroup.unified else V1, path)
+        return found if os.path.exists(found.counter_file) else None
 
     @property
     def counter_file(self) -> str:
@@ -34,9 +49,6 @@ class MemoryCgroup:
         except OSError:
             return None
         return parse_oom_kills(text)
-
-    def exists(self) -> bool:
-        return os.path.isdir(self.path)
 
     def encode(self) -> str:
         """The form kept in the state store: ``v1:/sys/fs/cgroup/memory/...``."""
@@ -59,94 +71,4 @@ def parse_oom_kills(text: str) -> int | None:
                 return int(value.strip())
             except ValueError:
                 return None
-    return None
-
-
-def _unescape(s: str) -> str:
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and s[i + 1 : i + 4].isdigit():
-            out.append(chr(int(s[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
-
-
-def cgroup_mounts(mountinfo: str = "/proc/self/mountinfo") -> list[tuple[str, str, str, str]]:
-    """(fstype, root within the hierarchy, mount point, super options) of each cgroup fs."""
-    out: list[tuple[str, str, str, str]] = []
-    try:
-        with open(mountinfo) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return out
-    for line in lines:
-        left, _, right = line.partition(" - ")
-        fields, rfields = left.split(" "), right.split(" ")
-        if len(fields) < 5 or len(rfields) < 3 or rfields[0] not in ("cgroup", "cgroup2"):
-            continue
-        out.append((rfields[0], _unescape(fields[3]), _unescape(fields[4]), rfields[2]))
-    return out
-
-
-def _join(mountpoint: str, mount_root: str, cgpath: str) -> str | None:
-    """Where the cgroup ``cgpath`` (as /proc/<pid>/cgroup names it) is under a mount of the
-    hierarchy whose own root is ``mount_root``."""
-    root = mount_root.rstrip("/")
-    if root and not (cgpath == root or cgpath.startswith(root + "/")):
-        return None
-    rel = cgpath[len(root) :].lstrip("/")
-    return os.path.join(mountpoint, rel) if rel else mountpoint
-
-
-def memory_cgroup_of(
-    pid: int, mountinfo: str = "/proc/self/mountinfo", proc: str = "/proc"
-) -> MemoryCgroup | None:
-    """The memory cgroup ``pid`` is in: v1 where the memory controller is mounted as v1
-    (also on hybrid hosts, whose v2 hierarchy has no memory controller), else v2 when the
-    cgroup has ``memory.events``; None if neither (no memory controller, or pid gone)."""
-    try:
-        with open(os.path.join(proc, str(pid), "cgroup")) as f:
-            lines = f.read().splitlines()
-    except OSError:
-        return None
-    v1_path = v2_path = None
-    for line in lines:
-        parts = line.split(":", 2)
-        if len(parts) != 3:
-            continue
-        if parts[0] == "0" and parts[1] == "":
-            v2_path = parts[2]
-        elif "memory" in parts[1].split(","):
-            v1_path = parts[2]
-    # The cgroup mounts hardly ever change: read once, again only when nothing matches.
-    for fresh in (False, True):
-        if fresh or mountinfo not in _MOUNTS:
-            _MOUNTS[mountinfo] = cgroup_mounts(mountinfo)
-        found = _find(_MOUNTS[mountinfo], v1_path, v2_path)
-        if found is not None:
-            return found
-    return None
-
-
-_MOUNTS: dict[str, list[tuple[str, str, str, str]]] = {}
-
-
-def _find(
-    mounts: list[tuple[str, str, str, str]], v1_path: str | None, v2_path: str | None
-) -> MemoryCgroup | None:
-    if v1_path is not None:
-        for fstype, root, mp, opts in mounts:
-            if fstype == "cgroup" and "memory" in opts.split(","):
-                path = _join(mp, root, v1_path)
-                if path and os.path.exists(os.path.join(path, "memory.oom_control")):
-                    return MemoryCgroup(V1, path)
-    if v2_path is not None:
-        for fstype, root, mp, _ in mounts:
-            if fstype == "cgroup2":
-                path = _join(mp, root, v2_path)
-                if path and os.path.exists(os.path.join(path, "memory.events")):
-                    return MemoryCgroup(V2, path)
     return None

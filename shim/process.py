@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from shim import checkpoint, errors, log, procinfo
 from shim.api import events_pb2
+from shim.cgroups import Cgroup, CgroupError
 from shim.checkpoint import CheckpointOptions, RestoreSpec
 from shim.exittrack import TICK_NS
 from shim.fsutil import remove_tree
@@ -68,7 +69,8 @@ class Process:
         self.exit_status = 0
         self.exited_at: int | None = None  # wall clock ns
         self._exited = asyncio.Event()
-        # Held while starting, so that a fast exit's event cannot overtake the start event.
+        # Held across every transition (start, pause, resume, exit), so that the events leave
+        # in the order the transitions happened: a fast exit cannot overtake its start.
         self.start_lock = asyncio.Lock()
 
     @property
@@ -105,6 +107,10 @@ class Process:
     @property
     def exited(self) -> bool:
         return self._exited.is_set()
+
+    def reported_status(self) -> Status:
+        """The status State answers with."""
+        return self.status
 
     async def wait(self) -> tuple[int, int | None]:
         await self._exited.wait()
@@ -151,6 +157,16 @@ class Process:
         self._exited.set()
         log.event("process exited", **self.fields(), exit_status=status)
         self.task.log_line("process exited", exec_id=self.exec_id, exit_status=status)
+
+    def start_failed(self, status: int) -> None:
+        """No process ran, so there is no exit to persist or publish; but a Wait already
+        in flight must end.  containerd's ``WithProcessKill`` (what CRI's ExecSync defers)
+        waits for the process after Kill answers NotFound, so an unreleased Wait would hang
+        it until its deadline."""
+        self.status = Status.STOPPED
+        self.exit_status = status
+        self.exited_at = time.time_ns()
+        self._exited.set()
 
     def restore_exited(self, status: int, at: int | None, published: bool) -> None:
         """A restarted daemon takes back an exit its predecessor persisted; the event goes
@@ -235,9 +251,17 @@ class InitProcess(Process):
         # The init waits in `runc init` until `runc start`: registering it now means no exit,
         # however early, can go unrecorded.
         self.track()
-        self.watch_exit(self.kill_all_if_shared_pidns)
-        task.watch_oom(self.pid)
+        self.watch_exit(self.before_exit)
+        self._find_cgroup()
         task.deps.store.put(self.record())
+
+    def _find_cgroup(self) -> None:
+        """The container's cgroup (for stats, the freezer, OOM kills), from its live init."""
+        try:
+            self.task.cgroup = Cgroup.of_pid(self.pid)
+        except CgroupError as exc:
+            log.event("cgroup not found", logging.WARNING, **self.fields(), error=exc)
+        self.task.watch_oom()
 
     def prepare_restore(self, spec: RestoreSpec) -> None:
         """Created from a checkpoint: nothing runs until start restores it."""
@@ -263,11 +287,22 @@ class InitProcess(Process):
         self.pid = task.bundle.read_pid()
         self.start_time = procinfo.start_time(self.pid)
         self.track()
-        self.watch_exit(self.kill_all_if_shared_pidns)
-        task.watch_oom(self.pid)
+        self.watch_exit(self.before_exit)
+        self._find_cgroup()
         self.restore_from = None
         self.status = Status.RUNNING
         task.deps.store.put(self.record())
+
+    async def before_exit(self) -> None:
+        """What must happen before the init's exit is reported."""
+        if self.status == Status.PAUSED:
+            # Thaw what is left (other processes, a shared pid namespace) so that runc can
+            # kill and delete it; the runc shim does the same.
+            try:
+                await self.task.runc.resume(self.task.id, log_path=self.task.bundle.runc_log)
+            except RuncError as exc:
+                log.event("resume after exit failed", logging.DEBUG, **self.fields(), error=exc)
+        await self.kill_all_if_shared_pidns()
 
     async def kill_all_if_shared_pidns(self) -> None:
         # Without its own pid namespace the container's other processes outlive the init.
@@ -334,6 +369,78 @@ class InitProcess(Process):
         task.log_line("container checkpointed", image=image)
         return image
 
+    def _persist_status(self, status: Status) -> None:
+        self.status = status
+        self.task.deps.store.update(self.task.namespace, self.task.id, status=str(status))
+
+    async def pause(self) -> None:
+        """Freeze the container's cgroup (runc pause): RUNNING -> PAUSED, /tasks/paused."""
+        task = self.task
+        async with self.start_lock:
+            if self.exited or self.status in (Status.STOPPED, Status.DELETED):
+                raise errors.precondition(f"cannot pause a stopped container: {task.id}")
+            if self.status == Status.CREATED:
+                raise errors.precondition(f"cannot pause task in created state: {task.id}")
+            if self.status == Status.PAUSED:
+                raise errors.precondition(f"cannot pause a paused container: {task.id}")
+            try:
+                await task.runc.pause(task.id, log_path=task.bundle.runc_log)
+            except RuncError as exc:
+                raise errors.internal(f"OCI runtime pause failed: {exc}") from None
+            self._persist_status(Status.PAUSED)
+            task.deps.events.publish(task.namespace, events_pb2.TaskPaused(container_id=task.id))
+        log.event("container paused", **self.fields())
+
+    async def resume(self) -> None:
+        """Thaw the container's cgroup (runc resume): PAUSED -> RUNNING, /tasks/resumed."""
+        task = self.task
+        async with self.start_lock:
+            if self.exited or self.status in (Status.STOPPED, Status.DELETED):
+                raise errors.precondition(f"cannot resume a stopped container: {task.id}")
+            if self.status == Status.CREATED:
+                raise errors.precondition(f"cannot resume task in created state: {task.id}")
+            if self.status == Status.RUNNING:
+                raise errors.precondition(f"cannot resume a running process: {task.id}")
+            try:
+                await task.runc.resume(task.id, log_path=task.bundle.runc_log)
+            except RuncError as exc:
+                raise errors.internal(f"OCI runtime resume failed: {exc}") from None
+            self._persist_status(Status.RUNNING)
+            task.deps.events.publish(task.namespace, events_pb2.TaskResumed(container_id=task.id))
+        log.event("container resumed", **self.fields())
+
+    def reconcile_freezer(self) -> None:
+        """After a restart, believe the freezer over the record: a daemon that died between
+        ``runc pause`` (or resume) and persisting it left the record one step behind."""
+        cg = self.task.cgroup
+        if cg is None or self.status not in (Status.RUNNING, Status.PAUSED):
+            return
+        frozen = cg.frozen()
+        if frozen is None:
+            return
+        actual = Status.PAUSED if frozen else Status.RUNNING
+        if actual != self.status:
+            log.event("status corrected from the freezer", **self.fields(), status=str(actual))
+            self._persist_status(actual)
+
+    async def update(self, resources: bytes) -> None:
+        """Apply new OCI LinuxResources (JSON) to the container's cgroup (runc update)."""
+        task = self.task
+        if self.exited or self.status in (Status.STOPPED, Status.DELETED):
+            raise errors.precondition(f"cannot update a stopped container: {task.id}")
+        # Our own temp file (tempfile would pull shutil, bz2 and lzma into the daemon).
+        path = os.path.join(task.deps.paths.dir, f"update-{os.urandom(8).hex()}.json")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(resources)
+            await task.runc.update(task.id, path, log_path=task.bundle.runc_log)
+        except RuncError as exc:
+            raise errors.internal(f"OCI runtime update failed: {exc}") from None
+        finally:
+            os.unlink(path)
+        log.event("container updated", **self.fields())
+
     async def kill(self, sig: int, all: bool) -> None:
         if not all:
             self.signal_check()
@@ -347,7 +454,9 @@ class InitProcess(Process):
     async def delete(self) -> tuple[int, int, int]:
         """Remove the container; returns (pid, exit status, exited_at ns)."""
         task = self.task
-        if self.status in (Status.RUNNING, Status.PAUSED) and not self.exited:
+        if self.status == Status.PAUSED and not self.exited:
+            raise errors.precondition(f"cannot delete a paused process: {task.id}")
+        if self.status == Status.RUNNING and not self.exited:
             raise errors.precondition(f"cannot delete a running process: {task.id}")
         try:
             await task.runc.delete(task.id, force=True)

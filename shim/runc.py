@@ -220,6 +220,16 @@ class Runc:
     async def delete(self, id: str, force: bool = False) -> None:
         await self.run(["delete", *(["--force"] if force else []), id])
 
+    async def pause(self, id: str, log_path: str | None = None) -> None:
+        await self.run(["pause", id], log_path=log_path)
+
+    async def resume(self, id: str, log_path: str | None = None) -> None:
+        await self.run(["resume", id], log_path=log_path)
+
+    async def update(self, id: str, resources_file: str, log_path: str | None = None) -> None:
+        """Apply an OCI LinuxResources JSON file to the running container's cgroup."""
+        await self.run(["update", "--resources", resources_file, id], log_path=log_path)
+
     async def state(self, id: str) -> dict[str, object]:
         out = await self.run(["state", id])
         result: dict[str, object] = json.loads(out)

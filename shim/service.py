@@ -16,8 +16,9 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from shim import errors, log, wire
-from shim.api import shim_pb2
+from shim import errors, log, metrics, wire
+from shim.api import runc_options_pb2, shim_pb2
+from shim.cgroups import CgroupError
 from shim.checkpoint import decode_options as decode_checkpoint_options
 from shim.execprocess import ExecProcess
 from shim.process import STATUS_NUMBER
@@ -35,12 +36,12 @@ M = TypeVar("M", bound=Message)
 EMPTY = b""
 
 NOT_YET = {
-    "Pause": "Pause",
-    "Resume": "Resume",
     "ResizePty": "ResizePty",
-    "Update": "Update",
-    "Stats": "Stats",
 }
+# The Any types of Update's resources and of an exec's entry in Pids (bare type URLs, as
+# containerd's typeurl registry names them).
+LINUX_RESOURCES = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+PROCESS_DETAILS = runc_options_pb2.ProcessDetails.DESCRIPTOR.full_name
 
 
 def _parse(cls: type[M], payload: bytes) -> M:
@@ -78,6 +79,10 @@ class TaskService:
             "CloseIO": self.close_io,
             "Exec": self.exec,
             "Checkpoint": self.checkpoint,
+            "Pause": self.pause,
+            "Resume": self.resume,
+            "Update": self.update,
+            "Stats": self.stats,
         }
         for name in NOT_YET:
             table[name] = self._unimplemented(name)
@@ -145,7 +150,7 @@ class TaskService:
             id=p.id,
             bundle=task.bundle.path,
             pid=p.pid,
-            status=STATUS_NUMBER[p.status],  # type: ignore[arg-type]
+            status=STATUS_NUMBER[p.reported_status()],  # type: ignore[arg-type]
             stdin=p.io.stdin,
             stdout=p.io.stdout,
             stderr=p.io.stderr,
@@ -193,9 +198,46 @@ class TaskService:
             pids = await task.runc.ps(task.id)
         except RuncError as exc:
             raise errors.internal(str(exc)) from None
+        execs = {p.pid: p.exec_id for p in task.execs.values() if p.pid and not p.exited}
         resp = shim_pb2.PidsResponse()
         for pid in pids:
-            resp.processes.add(pid=pid)
+            info = resp.processes.add(pid=pid)
+            exec_id = execs.get(pid)
+            if exec_id:
+                info.info.type_url = PROCESS_DETAILS
+                info.info.value = runc_options_pb2.ProcessDetails(
+                    exec_id=exec_id
+                ).SerializeToString()
+        return resp.SerializeToString()
+
+    async def pause(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.PauseRequest, payload)
+        await self.tasks.get(self._namespace(ctx, req.id), req.id).init.pause()
+        return EMPTY
+
+    async def resume(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.ResumeRequest, payload)
+        await self.tasks.get(self._namespace(ctx, req.id), req.id).init.resume()
+        return EMPTY
+
+    async def update(self, ctx: Context, payload: bytes) -> bytes:
+        """New resource limits (CRI's UpdateContainerResources); annotations are ignored."""
+        req = _parse(shim_pb2.UpdateTaskRequest, payload)
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
+        await task.init.update(_linux_resources(req.resources.type_url, req.resources.value))
+        return EMPTY
+
+    async def stats(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.StatsRequest, payload)
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
+        cgroup = task.cgroup_of_init()
+        try:
+            type_url, value = metrics.collect(cgroup)
+        except CgroupError as exc:
+            raise errors.not_found(f"stats of {task.id}: {exc}") from None
+        resp = shim_pb2.StatsResponse()
+        resp.stats.type_url = type_url
+        resp.stats.value = value
         return resp.SerializeToString()
 
     async def connect(self, ctx: Context, payload: bytes) -> bytes:
@@ -255,6 +297,21 @@ class TaskService:
             await p.wait()
         pid, status, exited_at = await self.tasks.delete(ns, id, "")
         return wire.delete_response(pid, status, exited_at)
+
+
+def _linux_resources(type_url: str, value: bytes) -> bytes:
+    """The OCI LinuxResources JSON of an Update, checked enough to hand to runc."""
+    if not type_url and not value:
+        raise errors.invalid("resources: missing")
+    if type_url and type_url.rsplit("/", 1)[-1] != LINUX_RESOURCES.rsplit("/", 1)[-1]:
+        raise errors.invalid(f"resources: unsupported type {type_url!r}, want {LINUX_RESOURCES}")
+    try:
+        resources = json.loads(value)
+    except ValueError as exc:
+        raise errors.invalid(f"resources: not valid JSON: {exc}") from None
+    if not isinstance(resources, dict):
+        raise errors.invalid("resources: not a JSON object")
+    return value
 
 
 def _set_time(ts: object, ns: int | None) -> None:

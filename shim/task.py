@@ -17,12 +17,13 @@ from typing import Any
 from shim import errors, identifiers, log, procinfo
 from shim.api import events_pb2, mount_pb2, runc_options_pb2, shim_pb2
 from shim.bundle import Bundle
+from shim.cgroups import Cgroup, CgroupError
 from shim.checkpoint import WORK_DIR, RestoreSpec, require_criu
 from shim.events import Publisher
 from shim.execprocess import ExecProcess, parse_spec
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitWatch
-from shim.memcg import MemoryCgroup, memory_cgroup_of
+from shim.memcg import MemoryCgroup
 from shim.mount import Mount, mount, unmount_all
 from shim.oom import OOMWatcher
 from shim.paths import DaemonPaths
@@ -105,6 +106,7 @@ class Task:
         self.init = InitProcess(self, "", io)
         self.execs: dict[str, Process] = {}
         self.rootfs: list[mount_pb2.Mount] = []
+        self.cgroup: Cgroup | None = None  # found from the init once it exists
         self._bg: set[asyncio.Task[Any]] = set()
         self._log_fd = -1
         # OOM kills (shim/oom.py): the memory cgroup, the kernel's count last seen there,
@@ -140,6 +142,18 @@ class Task:
         except KeyError:
             raise errors.not_found(f"exec {exec_id!r} of {self.id} not found") from None
 
+    def cgroup_of_init(self) -> Cgroup:
+        """The container's cgroup; after a restart, found again from the live init."""
+        if self.cgroup is None:
+            p = self.init
+            if p.exited or not p.pid_is_ours():
+                raise errors.not_found(f"container {self.id} has no cgroup: its init has exited")
+            try:
+                self.cgroup = Cgroup.of_pid(p.pid)
+            except CgroupError as exc:
+                raise errors.not_found(f"container {self.id}: {exc}") from None
+        return self.cgroup
+
     def open_log(self) -> None:
         """Open the bundle's ``log`` FIFO, which containerd copies into its own log."""
         try:
@@ -155,11 +169,11 @@ class Task:
         except OSError:
             pass
 
-    def watch_oom(self, pid: int) -> None:
-        """Watch the container's memory cgroup for OOM kills, once ``pid`` (its init) is in
-        it.  Kills counted there before the container existed are not its own."""
+    def watch_oom(self) -> None:
+        """Watch the container's memory cgroup for OOM kills (once its cgroup is known).
+        Kills counted there before the container existed are not its own."""
         if self.memcg is None:
-            self.memcg = memory_cgroup_of(pid)
+            self.memcg = MemoryCgroup.of(self.cgroup) if self.cgroup is not None else None
             if self.memcg is None:
                 log.event("no memory cgroup, no OOM events", ns=self.namespace, id=self.id)
                 return
@@ -392,8 +406,13 @@ class Tasks:
             p.restore_from = spec  # created from a checkpoint, not started yet
         elif procinfo.is_same(p.pid, p.start_time):
             # Still there (maybe a zombie child of ours): the watcher gets its exit.
-            p.watch_exit(p.kill_all_if_shared_pidns)
-            task.watch_oom(p.pid)
+            p.watch_exit(p.before_exit)
+            try:
+                task.cgroup = Cgroup.of_pid(p.pid)
+            except CgroupError:
+                pass
+            p.reconcile_freezer()
+            task.watch_oom()
         else:
             # It exited while no daemon watched; the pinned BPF map saw it.
             p.set_exited(*self._exit_from_bpf(p.trace_id))
@@ -424,6 +443,8 @@ class Tasks:
             raise errors.already_exists(f"exec {req.exec_id!r} of {req.id} already exists")
         if req.terminal:
             raise errors.unimplemented("terminal (tty) exec processes are not supported yet")
+        if not task.init.exited and task.init.status == Status.PAUSED:
+            raise errors.precondition(f"cannot exec in a paused state: container {req.id}")
         if task.init.exited or task.init.status != Status.RUNNING:
             raise errors.precondition(f"container {req.id} is not running")
         spec = parse_spec(req.spec.value)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.memcg import V1, V2, MemoryCgroup, memory_cgroup_of, parse_oom_kills
+from shim.cgroups import Cgroup, cgroup_mounts
+from shim.memcg import V1, V2, MemoryCgroup, parse_oom_kills
 from shim.oom import OOMWatcher
 
 V1_MOUNTINFO = """\
@@ -20,17 +21,14 @@ V1_MOUNTINFO = """\
 V2_MOUNTINFO = "28 1 0:26 / /sys/fs/cgroup rw,relatime - cgroup2 cgroup2 rw,nsdelegate\n"
 
 
-def _fake(tmp: Path, mountinfo: str, cgroup: str, files: dict[str, str]) -> tuple[str, str]:
-    """A /proc with one pid (42) and the cgroup files the lookup probes, under ``tmp``."""
-    (tmp / "proc" / "42").mkdir(parents=True)
-    (tmp / "proc" / "42" / "cgroup").write_text(cgroup)
-    mi = tmp / "mountinfo"
-    mi.write_text(mountinfo.replace("/sys/fs/cgroup", str(tmp / "cg")))
-    for rel, text in files.items():
+def _memcg(tmp: Path, mountinfo: str, proc_cgroup: str, files: list[str]) -> MemoryCgroup | None:
+    """The memory cgroup of a process in ``proc_cgroup``, with cgroup files under ``tmp``."""
+    for rel in files:
         p = tmp / "cg" / rel
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-    return str(mi), str(tmp / "proc")
+        p.write_text("")
+    mounts = cgroup_mounts(mountinfo.replace("/sys/fs/cgroup", str(tmp / "cg")))
+    return MemoryCgroup.of(Cgroup.resolve(proc_cgroup, mounts))
 
 
 def test_counter_lines() -> None:
@@ -40,26 +38,22 @@ def test_counter_lines() -> None:
     assert parse_oom_kills("oom_kill_disable 0\nunder_oom 0\n") is None  # before 4.13
 
 
-def test_v1_memory_cgroup_found_on_a_hybrid_host(tmp_path: Path) -> None:
+def test_v1_memory_cgroup_on_a_hybrid_host(tmp_path: Path) -> None:
     cgroup = "12:memory:/ns/c1\n4:cpu,cpuacct:/ns/c1\n0::/ns/c1\n"
-    mi, proc = _fake(tmp_path, V1_MOUNTINFO, cgroup, {"memory/ns/c1/memory.oom_control": ""})
-    got = memory_cgroup_of(42, mountinfo=mi, proc=proc)
+    got = _memcg(tmp_path, V1_MOUNTINFO, cgroup, ["memory/ns/c1/memory.oom_control"])
     assert got == MemoryCgroup(V1, str(tmp_path / "cg/memory/ns/c1"))
     assert got.counter_file.endswith("/ns/c1/memory.oom_control")
     assert MemoryCgroup.decode(got.encode()) == got
-    assert memory_cgroup_of(43, mountinfo=mi, proc=proc) is None  # no such pid
 
 
 def test_v2_memory_cgroup(tmp_path: Path) -> None:
-    mi, proc = _fake(tmp_path, V2_MOUNTINFO, "0::/k8s/c2\n", {"k8s/c2/memory.events": ""})
-    got = memory_cgroup_of(42, mountinfo=mi, proc=proc)
+    got = _memcg(tmp_path, V2_MOUNTINFO, "0::/k8s/c2\n", ["k8s/c2/memory.events"])
     assert got == MemoryCgroup(V2, str(tmp_path / "cg/k8s/c2"))
     assert got.counter_file.endswith("/k8s/c2/memory.events")
 
 
 def test_v2_without_the_memory_controller_is_none(tmp_path: Path) -> None:
-    mi, proc = _fake(tmp_path, V2_MOUNTINFO, "0::/k8s/c3\n", {"k8s/c3/cgroup.procs": ""})
-    assert memory_cgroup_of(42, mountinfo=mi, proc=proc) is None
+    assert _memcg(tmp_path, V2_MOUNTINFO, "0::/k8s/c3\n", ["k8s/c3/cgroup.procs"]) is None
 
 
 @pytest.mark.parametrize("text", ["", "v3:/x", "v1:", "nonsense"])

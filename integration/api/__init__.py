@@ -1,0 +1,1 @@
+"""Generated from integration/proto by `make proto`: containerd gRPC services for tests."""

@@ -1,0 +1,99 @@
+"""Pod sandboxes: RunPodSandbox / PodSandboxStatus / StopPodSandbox / RemovePodSandbox,
+with the pod's own network (CNI bridge) and with the node's (hostNetwork)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import time
+
+import grpc
+import pytest
+
+from integration.cri.api import cri_api_pb2 as cri
+from integration.cri.node import HANDLERS, POD_SUBNET, CriNode, poll, rpc_code
+from integration.embed import daemons
+from integration.harness import _proc_info, processes_matching
+
+
+def _alive(pid: int) -> bool:
+    info = _proc_info(pid)
+    return info is not None and not info.zombie
+
+
+def serving_process(node: CriNode, handler: str) -> set[int]:
+    """The pids that serve this node's tasks for ``handler``: our one daemon, or runc.v2's
+    shims."""
+    if handler == "embed":
+        return {p.pid for p in daemons(node.ctrd)}
+    return {
+        p.pid
+        for p in processes_matching(
+            lambda p: (
+                not p.zombie
+                and p.cmdline[:1] == ["/usr/bin/containerd-shim-runc-v2"]
+                and node.ctrd.address in p.cmdline
+            )
+        )
+    }
+
+
+@pytest.mark.parametrize("host_network", [False, True], ids=["pod-network", "host-network"])
+def test_pod_sandbox_lifecycle(node: CriNode, handler: str, host_network: bool) -> None:
+    t0 = time.time_ns()
+    pod = node.run_pod(handler, host_network=host_network)
+    t1 = time.time_ns()
+
+    # PodSandboxStatus: what the kubelet reads back (state, ids, echoes, network)
+    st = node.pod_status(pod)
+    assert st.id == pod.id
+    assert st.state == cri.SANDBOX_READY
+    assert t0 <= st.created_at <= t1
+    assert st.metadata == pod.config.metadata
+    assert dict(st.labels) == dict(pod.config.labels)
+    assert dict(st.annotations) == dict(pod.config.annotations)
+    assert st.runtime_handler == handler
+    ns = st.linux.namespaces.options
+    assert ns.network == (cri.NODE if host_network else cri.POD)
+    if host_network:
+        assert st.network.ip == ""  # the kubelet uses the node's IP
+    else:
+        assert ipaddress.ip_address(st.network.ip) in ipaddress.ip_network(POD_SUBNET)
+    listed = node.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items
+    assert [p.id for p in listed] == [pod.id]
+    assert listed[0].runtime_handler == handler
+
+    # the pause container is a task of this handler's runtime
+    info = node.sandbox_info(pod)
+    assert info["runtimeType"] == HANDLERS[handler]
+    pause = _proc_info(int(info["pid"]))
+    assert pause is not None and pause.ppid in serving_process(node, handler), pause
+    netns = os.stat(f"/proc/{pause.pid}/ns/net").st_ino
+    assert (netns == node.netns_inode()) == host_network
+
+    # a container of the pod sees the pod's network: its IP, or the node's namespace
+    cid = node.run_container(pod, ["sleep", "1000"])
+    out = node.exec_sync(cid, ["sh", "-c", "readlink /proc/self/ns/net; ip -o -4 addr"])
+    assert out.exit_code == 0, out.stderr
+    assert out.stdout.decode().splitlines()[0] == f"net:[{netns}]"
+    if not host_network:
+        assert f"inet {st.network.ip}/" in out.stdout.decode()
+
+    # StopPodSandbox: NOTREADY, the pause and the containers are gone; idempotent
+    node.stop_pod(pod)
+    assert node.pod_status(pod).state == cri.SANDBOX_NOTREADY
+    assert node.status(cid).state == cri.CONTAINER_EXITED
+    poll(lambda: not _alive(pause.pid), what="pause process gone")
+    node.stop_pod(pod)
+    cni_netns = info["cniResult"]["Interfaces"]["eth0"]["Sandbox"] if not host_network else ""
+    if cni_netns:
+        assert not os.path.exists(cni_netns), "the pod netns outlived StopPodSandbox"
+
+    # RemovePodSandbox: gone for good (NotFound), containers too; idempotent
+    node.remove_pod(pod)
+    with pytest.raises(grpc.RpcError) as exc:
+        node.pod_status(pod)
+    assert rpc_code(exc.value) == grpc.StatusCode.NOT_FOUND
+    assert node.runtime.ListPodSandbox(cri.ListPodSandboxRequest()).items == []
+    assert node.containers() == []
+    node.remove_pod(pod)

@@ -1,0 +1,111 @@
+"""Exec and Attach through the streaming server, with and without a terminal.
+
+CRI answers Exec/Attach with a URL of the kubelet streaming server inside containerd; the
+client below speaks its WebSocket form (``v4.channel.k8s.io``, see wsstream.py), the same
+server code path ``kubectl exec`` reaches through the kubelet (which speaks SPDY to it)."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from integration.cri import crilog
+from integration.cri.api import cri_api_pb2 as cri
+from integration.cri.node import CriNode, xfail_unimplemented
+from integration.cri.wsstream import STDERR, STDOUT, StreamError
+
+
+def test_exec_stream(node: CriNode, handler: str) -> None:
+    pod = node.run_pod(handler)
+    cid = node.run_container(pod, ["sleep", "1000"])
+    s = node.exec_stream(
+        cid, ["sh", "-c", "echo out; echo err >&2; head -c 5; echo; exit 3"], stdin=True
+    )
+    try:
+        s.wait_output(b"out\n")
+        s.send_stdin(b"hello")
+        s.wait_closed()
+        assert s.buffers[STDOUT] == b"out\nhello\n"
+        assert s.buffers[STDERR] == b"err\n"
+        assert s.status()["reason"] == "NonZeroExitCode"
+        assert s.exit_code() == 3
+    finally:
+        s.close()
+    s = node.exec_stream(cid, ["true"])
+    s.wait_closed()
+    assert s.exit_code() == 0 and s.status()["status"] == "Success"
+    s.close()
+
+
+def test_exec_stream_tty(node: CriNode, handler: str) -> None:
+    pod = node.run_pod(handler)
+    cid = node.run_container(pod, ["sleep", "1000"])
+    script = "[ -t 0 ] && [ -t 1 ] && echo TTY; read l; stty size; echo got:$l; exit 4"
+    s = node.exec_stream(cid, ["sh", "-c", script], tty=True, stdin=True)
+    try:
+        try:
+            s.wait_output(b"TTY")
+        except StreamError:
+            xfail_unimplemented(handler, s.status().get("message", ""), "terminals (tty)")
+            raise
+        s.resize(100, 30)
+        time.sleep(0.3)  # resize and stdin travel on separate channels: let it land first
+        s.send_stdin(b"x\r")
+        s.wait_closed()
+        out = s.buffers[STDOUT]
+        assert b"x\r\n" in out  # the terminal echoes input
+        assert b"30 100\r\n" in out  # the resize reached the pty
+        assert b"got:x\r\n" in out  # and the terminal turns \n into \r\n
+        assert s.buffers.get(STDERR, b"") == b""  # a tty has one output stream
+        assert s.exit_code() == 4
+    finally:
+        s.close()
+
+
+def test_attach(node: CriNode, handler: str) -> None:
+    """stdin_once: when the attach session ends the container's stdin closes (EOF)."""
+    pod = node.run_pod(handler)
+    cid = node.run_container(
+        pod,
+        ["sh", "-c", "read l; echo got:$l; echo warn >&2; cat; echo eof; exit 4"],
+        name="attached",
+        stdin=True,
+        stdin_once=True,
+    )
+    s = node.attach_stream(cid)
+    try:
+        s.send_stdin(b"abc\n")
+        s.wait_output(b"got:abc\n")
+        s.wait_output(b"warn\n", channel=STDERR)
+        s.send_stdin(b"line2\n")
+        s.wait_output(b"line2\n")
+    finally:
+        s.close()
+    st = node.wait_exited(cid, timeout=15)
+    assert st.exit_code == 4  # cat saw EOF, so the script ran to its end
+    records = crilog.parse(open(f"{pod.log_dir}/attached/0.log").read())
+    assert crilog.lines(records, "stdout") == ["got:abc", "line2", "eof"]
+    assert crilog.lines(records, "stderr") == ["warn"]
+
+
+def test_attach_tty(node: CriNode, handler: str) -> None:
+    pod = node.run_pod(handler)
+    try:
+        cid = node.run_container(pod, ["sh"], name="shell", tty=True, stdin=True)
+    except grpc.RpcError as exc:
+        xfail_unimplemented(handler, exc, "terminals (tty)")
+        raise
+    s = node.attach_stream(cid, tty=True)
+    try:
+        s.resize(120, 40)
+        s.send_stdin(b"echo hi-$((40+2)); stty size\r")
+        s.wait_output(b"hi-42\r\n")
+        s.wait_output(b"40 120\r\n")
+        s.send_stdin(b"exit 5\r")
+        s.wait_closed()
+    finally:
+        s.close()
+    st = node.wait_exited(cid, timeout=15)
+    assert st.exit_code == 5
+    assert st.state == cri.CONTAINER_EXITED
