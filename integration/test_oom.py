@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -202,4 +203,7 @@ def test_oom_while_no_daemon_runs_is_reported_by_delete(
     wait_for(lambda: _pid_gone(pid), what="container OOM-killed")
     c.start()
     wait_for(lambda: "gone" not in task_list(c), timeout=20, what="task cleaned up")
+    # Sent from the background once containerd listens (it ran `delete` while starting).
+    wait_for(lambda: "/tasks/oom" in _forwarded(c), timeout=20, what="/tasks/oom forwarded")
+    time.sleep(0.5)
     assert _forwarded(c).count("/tasks/oom") == 1
