@@ -22,8 +22,14 @@ from shim.paths import DaemonPaths
 from shim.ttrpc.blocking import BlockingClient
 from shim.ttrpc.errors import Code, TTRPCError
 
+TYPE_CHECKING = False  # not typing's: importing typing costs more than delete itself
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 DAEMON_SERVICE = "embedshim.v1.Daemon"
 KILL_WAIT = 2.0
+FORWARD_TIMEOUT = 2.0
+OOM_RETRY_FOR = 30.0
 RUNC_TIMEOUT = 2.0
 UNKNOWN = 255
 
@@ -136,6 +142,81 @@ def _exit_from_bpf(paths: DaemonPaths, pid: int, trace_id: int) -> tuple[int, in
         tracker.close()
 
 
+def _forward(address: str, namespace: str, payload: bytes) -> None:
+    from shim.events import NAMESPACE_METADATA, SERVICE
+
+    with BlockingClient(address, timeout=FORWARD_TIMEOUT) as client:
+        client.call(
+            SERVICE,
+            "Forward",
+            payload,
+            metadata={NAMESPACE_METADATA: namespace},
+            timeout=FORWARD_TIMEOUT,
+        )
+
+
+def _in_background(fn: "Callable[[], None]") -> None:
+    """Run ``fn`` in a detached grandchild with stdio on /dev/null (containerd reads our
+    stdout to its end, so nothing may keep it open), and return at once."""
+    import os
+
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        fn()
+    finally:
+        os._exit(0)
+
+
+def _report_oom(namespace: str, id: str, memcg: str, published: int) -> None:
+    """An OOM kill the kernel counted in the container's memory cgroup that containerd
+    never heard of (the daemon died first): /tasks/oom, before ``runc delete`` removes the
+    cgroup and its count.  containerd runs ``delete`` both while it serves (the daemon's
+    connection dropped: the event goes out now, before the exit) and while it starts up,
+    before it listens on its ttrpc socket: then a detached child keeps trying for
+    ``OOM_RETRY_FOR`` seconds, and the event arrives after the exit containerd publishes
+    itself (CRI marks the container OOMKilled either way)."""
+    import os
+
+    from shim.memcg import MemoryCgroup
+
+    cg = MemoryCgroup.decode(memcg)
+    count = cg.oom_kills() if cg is not None else None
+    address = os.environ.get("TTRPC_ADDRESS", "")
+    if count is None or count <= published or not address:
+        return
+    from shim.api import events_pb2
+    from shim.events import envelope
+
+    payload = envelope(namespace, events_pb2.TaskOOM(container_id=id))
+    try:
+        _forward(address, namespace, payload)
+        return
+    except (OSError, TTRPCError) as exc:
+        sys.stderr.write(f"publish /tasks/oom for {id}: {exc}; retrying in the background\n")
+
+    def retry() -> None:
+        deadline = time.monotonic() + OOM_RETRY_FOR
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                _forward(address, namespace, payload)
+                return
+            except (OSError, TTRPCError):
+                continue
+
+    sys.stderr.flush()
+    _in_background(retry)
+
+
 def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
     """Clean up without the daemon, from what it persisted."""
     import os
@@ -163,6 +244,8 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
             runc_root = rec.runc_root or runc_root
             binary = _runc_binary(rec.options)
             bundle = bundle or rec.bundle
+            if rec.memcg:
+                _report_oom(namespace, id, rec.memcg, rec.oom_published)
             if rec.exit_status is not None:
                 status = rec.exit_status
                 exited_at = rec.exited_at or exited_at

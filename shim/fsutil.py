@@ -85,3 +85,22 @@ def is_mountpoint(path: str) -> bool:
     except OSError:
         return False
     return here != parent
+
+
+def remove_tree(path: str) -> None:
+    """``rm -rf path`` without importing shutil into the daemon; errors are ignored."""
+    import os  # the daemon's path only; start/delete stay on posix
+
+    try:
+        for root, dirs, files in os.walk(path, topdown=False):
+            for name in files:
+                os.unlink(os.path.join(root, name))
+            for name in dirs:
+                full = os.path.join(root, name)
+                if os.path.islink(full):
+                    os.unlink(full)
+                else:
+                    os.rmdir(full)
+        os.rmdir(path)
+    except OSError:
+        pass

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError, Message
 from shim import errors, log, metrics, wire
 from shim.api import runc_options_pb2, shim_pb2
 from shim.cgroups import CgroupError
+from shim.checkpoint import decode_options as decode_checkpoint_options
 from shim.execprocess import ExecProcess
 from shim.process import STATUS_NUMBER
 from shim.runc import RuncError
@@ -34,9 +35,7 @@ VERSION = "embedshim 0.1.0"
 M = TypeVar("M", bound=Message)
 EMPTY = b""
 
-NOT_YET = {
-    "Checkpoint": "Checkpoint",
-}
+NOT_YET: dict[str, str] = {}  # RPCs still answered Unimplemented: none
 # The Any types of Update's resources and of an exec's entry in Pids (bare type URLs, as
 # containerd's typeurl registry names them).
 LINUX_RESOURCES = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
@@ -78,6 +77,7 @@ class TaskService:
             "CloseIO": self.close_io,
             "ResizePty": self.resize_pty,
             "Exec": self.exec,
+            "Checkpoint": self.checkpoint,
             "Pause": self.pause,
             "Resume": self.resume,
             "Update": self.update,
@@ -249,6 +249,13 @@ class TaskService:
     async def exec(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.ExecProcessRequest, payload)
         self.tasks.add_exec(self._namespace(ctx, req.id), req)
+        return EMPTY
+
+    async def checkpoint(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.CheckpointTaskRequest, payload)
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
+        opts = decode_checkpoint_options(req.options.type_url, req.options.value)
+        await task.init.checkpoint(req.path, opts)
         return EMPTY
 
     async def shutdown(self, ctx: Context, payload: bytes) -> bytes:

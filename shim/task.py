@@ -18,11 +18,14 @@ from shim import errors, identifiers, log, procinfo
 from shim.api import events_pb2, mount_pb2, runc_options_pb2, shim_pb2
 from shim.bundle import Bundle
 from shim.cgroups import Cgroup, CgroupError
+from shim.checkpoint import WORK_DIR, RestoreSpec, require_criu
 from shim.events import Publisher
 from shim.execprocess import ExecProcess, parse_spec
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitWatch
+from shim.memcg import MemoryCgroup
 from shim.mount import Mount, mount, unmount_all
+from shim.oom import OOMWatcher
 from shim.paths import DaemonPaths
 from shim.process import InitProcess, Process, Status
 from shim.procio import ProcessIO
@@ -45,6 +48,7 @@ class Deps:
     store: StateStore
     events: Publisher
     tracker: ExitTracker | None = None
+    oom: OOMWatcher | None = None
 
 
 @dataclass
@@ -54,6 +58,8 @@ class RuncOptions:
     systemd_cgroup: bool = False
     no_pivot: bool = False
     no_new_keyring: bool = False
+    criu: str = ""
+    criu_work_path: str = ""
 
 
 def decode_options(type_url: str, value: bytes) -> RuncOptions:
@@ -73,6 +79,8 @@ def decode_options(type_url: str, value: bytes) -> RuncOptions:
             systemd_cgroup=opts.systemd_cgroup,
             no_pivot=opts.no_pivot_root,
             no_new_keyring=opts.no_new_keyring,
+            criu=opts.criu_path,
+            criu_work_path=opts.criu_work_path,
         )
     if name == RUNTIME_OPTIONS:
         return RuncOptions()
@@ -102,6 +110,11 @@ class Task:
         self.cgroup: Cgroup | None = None  # found from the init once it exists
         self._bg: set[asyncio.Task[Any]] = set()
         self._log_fd = -1
+        # OOM kills (shim/oom.py): the memory cgroup, the kernel's count last seen there,
+        # and the count containerd has received /tasks/oom for.
+        self.memcg: MemoryCgroup | None = None
+        self.oom_kills = 0
+        self.oom_published = 0
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``coro`` in the background, keeping a reference and logging a failure."""
@@ -157,7 +170,45 @@ class Task:
         except OSError:
             pass
 
+    def watch_oom(self) -> None:
+        """Watch the container's memory cgroup for OOM kills (once its cgroup is known).
+        Kills counted there before the container existed are not its own."""
+        if self.memcg is None:
+            self.memcg = MemoryCgroup.of(self.cgroup) if self.cgroup is not None else None
+            if self.memcg is None:
+                log.event("no memory cgroup, no OOM events", ns=self.namespace, id=self.id)
+                return
+            self.oom_kills = self.oom_published = self.memcg.oom_kills() or 0
+        if self.deps.oom is not None:
+            self.deps.oom.watch((self.namespace, self.id), self.memcg, self.check_oom)
+
+    def unwatch_oom(self) -> None:
+        if self.deps.oom is not None:
+            self.deps.oom.unwatch((self.namespace, self.id))
+
+    def check_oom(self) -> None:
+        """Publish /tasks/oom if the kernel counted a kill we have not seen yet."""
+        count = self.memcg.oom_kills() if self.memcg is not None else None
+        if count is None or count <= self.oom_kills:
+            return
+        self.oom_kills = count
+        self.deps.store.update(self.namespace, self.id, oom_kills=count)
+        self.publish_oom()
+
+    def publish_oom(self) -> None:
+        """/tasks/oom for the count last seen; persisted as published once containerd has it."""
+        store, ns, id, count = self.deps.store, self.namespace, self.id, self.oom_kills
+
+        def sent() -> None:
+            self.oom_published = max(self.oom_published, count)
+            store.update(ns, id, oom_published=self.oom_published)
+
+        self.deps.events.publish(ns, events_pb2.TaskOOM(container_id=id), on_sent=sent)
+        log.event("OOM kill", logging.WARNING, ns=ns, id=id, oom_kills=count)
+        self.log_line("OOM kill", oom_kills=count)
+
     def close(self) -> None:
+        self.unwatch_oom()
         if self._log_fd >= 0:
             os.close(self._log_fd)
             self._log_fd = -1
@@ -204,15 +255,27 @@ class Tasks:
         return task
 
     async def _create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> Task:
-        if req.checkpoint:
-            raise errors.unimplemented("restoring from a checkpoint is not supported yet")
         bundle = Bundle.load(req.bundle)
         opts = decode_options(req.options.type_url, req.options.value)
+        restore: RestoreSpec | None = None
+        if req.checkpoint:
+            await require_criu(
+                self.deps.reaper, f"restore of {req.id} from {req.checkpoint}", opts.criu
+            )
+            if not os.path.isabs(req.checkpoint) or not os.path.isdir(req.checkpoint):
+                raise errors.invalid(f"checkpoint: {req.checkpoint!r} is not a directory")
+            restore = RestoreSpec(
+                image=req.checkpoint,
+                work=opts.criu_work_path or os.path.join(bundle.path, WORK_DIR),
+                parent=req.parent_checkpoint,
+                no_pivot=opts.no_pivot,
+            )
         runc = Runc(
             self.deps.reaper,
             root=opts.root or self.deps.paths.runc_root_for(namespace),
             binary=opts.binary,
             systemd_cgroup=opts.systemd_cgroup,
+            criu=opts.criu,
         )
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         blob = req.options.SerializeToString() if req.options.type_url else None
@@ -225,7 +288,10 @@ class Tasks:
                 for m in req.rootfs:
                     mounted = True
                     mount(Mount(m.type, m.source, tuple(m.options)), bundle.rootfs)
-            await task.init.create(opts.no_pivot, opts.no_new_keyring)
+            if restore is not None:
+                task.init.prepare_restore(restore)
+            else:
+                await task.init.create(opts.no_pivot, opts.no_new_keyring)
         except BaseException as exc:
             await self._undo_create(task, mounted)
             if isinstance(exc, OSError | TimeoutError):
@@ -241,6 +307,7 @@ class Tasks:
                 stdin=io.stdin, stdout=io.stdout, stderr=io.stderr, terminal=io.terminal
             ),
             pid=task.init.pid,
+            checkpoint=req.checkpoint,
         )
         for m in req.rootfs:
             event.rootfs.add(type=m.type, source=m.source, target=m.target, options=m.options)
@@ -269,15 +336,17 @@ class Tasks:
     def restore(
         self,
         queued_exits: set[tuple[str, str, str]] = frozenset(),  # type: ignore[assignment]
+        queued_ooms: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
         io_state: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """Take back every task a previous daemon persisted (after a crash or a re-exec):
-        running ones are watched again, exits that happened meanwhile are reported (unless
-        ``queued_exits`` says the event is already queued to go out).  ``io_state`` is what
-        a re-exec handed over of the processes' stdio (terminal copies, logging programs)."""
+        running ones are watched again, OOM kills and exits that happened meanwhile are
+        reported, in that order (unless ``queued_exits`` / ``queued_ooms`` say the event is
+        already queued to go out).  ``io_state`` is what a re-exec handed over of the
+        processes' stdio (terminal copies, logging programs)."""
         io_state = dict(io_state or {})
         try:
-            self._restore_all(queued_exits, io_state)
+            self._restore_all(queued_exits, queued_ooms, io_state)
         finally:
             for key, state in io_state.items():  # nobody took these: close their fds
                 log.event("stdio state not taken back", logging.WARNING, process=key)
@@ -306,7 +375,10 @@ class Tasks:
             log.event("terminal lost with the previous daemon", logging.WARNING, **p.fields())
 
     def _restore_all(
-        self, queued_exits: set[tuple[str, str, str]], io_state: dict[str, dict[str, Any]]
+        self,
+        queued_exits: set[tuple[str, str, str]],
+        queued_ooms: set[tuple[str, str]],
+        io_state: dict[str, dict[str, Any]],
     ) -> None:
         records = list(self.deps.store.all())
         for rec in records:
@@ -314,6 +386,8 @@ class Tasks:
                 continue
             if (rec.namespace, rec.id, "") in queued_exits:
                 rec.exit_published = True
+            if (rec.namespace, rec.id) in queued_ooms:
+                rec.oom_published = rec.oom_kills
             try:
                 task = self._restore(rec)
                 for erec in records:
@@ -352,6 +426,7 @@ class Tasks:
             root=rec.runc_root or self.deps.paths.runc_root_for(rec.namespace),
             binary=opts.binary,
             systemd_cgroup=opts.systemd_cgroup,
+            criu=opts.criu,
         )
         io = Stdio(rec.stdin, rec.stdout, rec.stderr, rec.terminal)
         task = Task(rec.namespace, rec.id, bundle, runc, self.deps, io, rec.options)
@@ -359,8 +434,12 @@ class Tasks:
         p = task.init
         p.pid, p.start_time, p.trace_id = rec.pid, rec.start_time, rec.trace_id
         p.status = Status(rec.status)
+        self._restore_oom(task, rec)
+        spec = RestoreSpec.decode(rec.checkpoint)
         if rec.exit_status is not None:
             p.restore_exited(rec.exit_status, rec.exited_at, rec.exit_published)
+        elif spec is not None and p.status == Status.CREATED and not p.pid:
+            p.restore_from = spec  # created from a checkpoint, not started yet
         elif procinfo.is_same(p.pid, p.start_time):
             # Still there (maybe a zombie child of ours): the watcher gets its exit.
             p.watch_exit(p.before_exit)
@@ -369,10 +448,21 @@ class Tasks:
             except CgroupError:
                 pass
             p.reconcile_freezer()
+            task.watch_oom()
         else:
             # It exited while no daemon watched; the pinned BPF map saw it.
             p.set_exited(*self._exit_from_bpf(p.trace_id))
         return task
+
+    @staticmethod
+    def _restore_oom(task: Task, rec: ProcessRecord) -> None:
+        """OOM kills the previous daemon saw but containerd never got, then those the
+        kernel counted while no daemon watched: both before any exit of this task."""
+        task.memcg = MemoryCgroup.decode(rec.memcg)
+        task.oom_kills, task.oom_published = rec.oom_kills, rec.oom_published
+        if task.oom_published < task.oom_kills:
+            task.publish_oom()
+        task.check_oom()
 
     def _exit_from_bpf(self, trace_id: int) -> tuple[int, int]:
         tracker = self.deps.tracker
