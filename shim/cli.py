@@ -95,7 +95,7 @@ def parse(argv: list[str]) -> tuple[Flags, list[str]]:
     return flags, rest
 
 
-def _enable_site() -> None:
+def enable_site() -> None:
     """What ``python`` without ``-S`` would have done at start-up: site-packages on sys.path."""
     if sys.flags.no_site and "site" not in sys.modules:
         import site
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if (flags.h or flags.help) else 2
     command = rest[0]
     if command not in ("start", "delete"):
-        _enable_site()
+        enable_site()
     if command in ("start", "delete"):
         if command == "start":
             from shim.start import main as run

@@ -193,6 +193,9 @@ def _report_oom(namespace: str, id: str, memcg: str, published: int) -> None:
     address = os.environ.get("TTRPC_ADDRESS", "")
     if count is None or count <= published or not address:
         return
+    from shim.cli import enable_site
+
+    enable_site()  # the rare OOM path needs protobuf from site-packages (the launcher's -S)
     from shim.api import events_pb2
     from shim.events import envelope
 

@@ -81,7 +81,7 @@ def test_start_and_delete_exit_at_once_with_output_flushed() -> None:
 def test_other_commands_get_site_packages() -> None:
     """The daemon needs protobuf, which lives in site-packages: cli turns site on for it."""
     assert _run_bare("import google.protobuf").returncode != 0
-    r = _run_bare("from shim import cli; cli._enable_site(); import google.protobuf")
+    r = _run_bare("from shim import cli; cli.enable_site(); import google.protobuf")
     assert r.returncode == 0, r.stderr
 
 
