@@ -61,6 +61,8 @@ if [ -n "$DIST" ]; then
     [ -x "$HOST$PREFIX/venv/bin/python" ] || on_host python3 -m venv "$PREFIX/venv"
     on_host "$PREFIX/venv/bin/pip" install --quiet --no-index --upgrade \
         --find-links "$PREFIX/dist" embedshim
+    # the quicker launcher (python -SE) in place of pip's console script: shim/launcher.py
+    on_host "$PREFIX/venv/bin/python" -m shim.launcher || say "kept pip's console script"
     SHIM=$PREFIX/venv/bin/containerd-shim-embed-v1
 fi
 [ -x "$HOST$SHIM" ] || die "$SHIM is not an executable on the node"

@@ -10,6 +10,12 @@ from pathlib import Path
 
 import pytest
 
+# grpcio (the CRI and Tasks API tests) otherwise runs its fork handlers in every child the
+# harness forks; a child forked while a call is in flight may restart the poller and die of
+# the fds Popen closes before exec (grpc issue 43055): "containerd exited with -6 during
+# startup".  We only fork to exec.  Read when grpc is first imported, so set here.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 from integration.embed import Events, embedshim_env, remove_bpf_pins
 from integration.harness import (
     DEFAULT_NAMESPACE,

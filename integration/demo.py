@@ -173,7 +173,7 @@ def daemons_for(address: str) -> list[int]:
         argv = cmdline(int(name))
         if (
             argv
-            and any(os.path.basename(a) == SHIM for a in argv[:2])
+            and any(os.path.basename(a) == SHIM for a in argv[:3])  # [python, -SE,] script
             and argv[-1] == "daemon"
             and _flag(argv, "address") == address
             and alive(int(name))

@@ -1,5 +1,6 @@
-"""containerd's gRPC Tasks service, for what ctr 1.6 cannot do (Update) or cannot watch
-(Wait on one exec): a stub on the instance's socket, the namespace in the metadata."""
+"""containerd's gRPC Tasks service, for what ctr 1.6 cannot do (Update, CloseIO of a terminal
+exec, an exec on FIFOs the test owns) or cannot watch (Wait on one exec): a stub on the
+instance's socket, the namespace in the metadata."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from integration.api import tasks_service_pb2_grpc as pb_grpc
 from integration.harness import Containerd
 
 LINUX_RESOURCES = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
+PROCESS_SPEC = "types.containerd.io/opencontainers/runtime-spec/1/Process"
 
 
 class Tasks:
@@ -42,6 +44,37 @@ class Tasks:
         req = pb.DeleteProcessRequest(container_id=cid, exec_id=exec_id)
         resp: pb.DeleteResponse = self.stub.DeleteProcess(req, metadata=self.metadata, timeout=30)
         return resp
+
+    def exec(
+        self,
+        cid: str,
+        exec_id: str,
+        process: dict[str, Any],
+        *,
+        stdin: str = "",
+        stdout: str = "",
+        stderr: str = "",
+        terminal: bool = False,
+    ) -> None:
+        req = pb.ExecProcessRequest(
+            container_id=cid, exec_id=exec_id, stdin=stdin, stdout=stdout, stderr=stderr,
+            terminal=terminal,
+        )  # fmt: skip
+        req.spec.type_url = PROCESS_SPEC
+        req.spec.value = json.dumps(process).encode()
+        self.stub.Exec(req, metadata=self.metadata, timeout=30)
+
+    def start(self, cid: str, exec_id: str = "") -> int:
+        req = pb.StartRequest(container_id=cid, exec_id=exec_id)
+        return int(self.stub.Start(req, metadata=self.metadata, timeout=30).pid)
+
+    def close_stdin(self, cid: str, exec_id: str = "") -> None:
+        req = pb.CloseIORequest(container_id=cid, exec_id=exec_id, stdin=True)
+        self.stub.CloseIO(req, metadata=self.metadata, timeout=30)
+
+    def resize(self, cid: str, exec_id: str, width: int, height: int) -> None:
+        req = pb.ResizePtyRequest(container_id=cid, exec_id=exec_id, width=width, height=height)
+        self.stub.ResizePty(req, metadata=self.metadata, timeout=30)
 
     def pids(self, cid: str) -> pb.ListPidsResponse:
         req = pb.ListPidsRequest(container_id=cid)

@@ -44,6 +44,45 @@ def _cgroups() -> str:
     return "v1"
 
 
+def _oom() -> tuple[bool, str]:
+    from shim.cgroups import cgroup_mounts
+
+    mounts = cgroup_mounts(_read("/proc/self/mountinfo"))
+    for m in mounts:
+        if not m.v2 and "memory" in m.controllers:
+            return True, f"cgroup v1 memory.oom_control oom_kill count, eventfd ({m.point})"
+    for m in mounts:
+        if m.v2 and "memory" in _read(os.path.join(m.point, "cgroup.controllers")).split():
+            return True, f"cgroup v2 memory.events oom_kill count, inotify ({m.point})"
+    return False, "no memory cgroup controller mounted"
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _criu() -> tuple[bool, str]:
+    """`criu check`, as the daemon runs it before a checkpoint or restore."""
+    import subprocess
+
+    from shim.checkpoint import DEFAULT_CRIU, reason
+
+    path = shutil.which(DEFAULT_CRIU)
+    if path is None:
+        return False, "criu not on PATH (Debian package: criu)"
+    try:
+        r = subprocess.run([path, "check"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return False, f"{path} check: {exc}"
+    if r.returncode == 0:
+        return True, f"{path} check passes"
+    return False, f"{path} check: {reason(r.stdout + r.stderr)}"
+
+
 def main(flags: Flags) -> int:
     from shim.exittrack import ExitTracker
 
@@ -64,6 +103,8 @@ def main(flags: Flags) -> int:
         found = shutil.which(tool)
         rows.append((tool, found is not None, found or "not on PATH"))
     rows.append(("root", os.geteuid() == 0, f"euid {os.geteuid()}"))
+    rows.append(("OOM events", *_oom()))
+    rows.append(("checkpoint (CRIU)", *_criu()))
     width = max(len(r[0]) for r in rows)
     for name, good, detail in rows:
         sys.stdout.write(f"{name:<{width}}  {'yes' if good else 'no ':<3}  {detail}\n")

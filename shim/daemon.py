@@ -7,9 +7,10 @@ and no ``start`` has reserved it for a task on its way.
 
 SIGHUP upgrades it in place: it stops reading requests, lets the short ones finish, writes a
 handoff (listening socket, containerd's connections with their unread bytes and pending
-Waits, unsent events) and re-execs itself with the same pid, so its containers stay its
-children and containerd keeps its connections.  The new image takes everything back from the
-handoff, the state store and the pinned BPF maps.
+Waits, unsent events, terminal copies with their fds and logging programs) and re-execs
+itself with the same pid, so its containers stay its children and containerd keeps its
+connections.  The new image takes everything back from the handoff, the state store and the
+pinned BPF maps.
 """
 
 from __future__ import annotations
@@ -17,18 +18,21 @@ from __future__ import annotations
 import asyncio
 import base64
 import fcntl
+import functools
 import json
 import logging
 import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 
-from shim import log
+from shim import consolesocket, log
 from shim.api import events_pb2, events_service_pb2
 from shim.events import Publisher
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitRecordLookup, ExitWatch
+from shim.oom import OOMWatcher
 from shim.paths import DaemonPaths
 from shim.reaper import Reaper, become_subreaper
 from shim.service import DAEMON_SERVICE, TASK_SERVICE, TaskService
@@ -69,9 +73,14 @@ class Daemon:
         exits = ExitWatch(loop, reaper, exit_record_lookup(tracker) if tracker else None)
         if tracker is not None:
             drain_ring(loop, tracker)
-        self.tasks = Tasks(Deps(self.paths, reaper, exits, store, publisher, tracker))
-        queued_exits = _requeue_events(publisher, store, handoff)
-        self.tasks.restore(queued_exits)
+        oom = OOMWatcher(loop)
+        self.tasks = Tasks(Deps(self.paths, reaper, exits, store, publisher, tracker, oom))
+        queued_exits, queued_ooms = _requeue_events(publisher, store, handoff)
+        consolesocket.clear(self.paths.console_dir)  # no runc is connecting now
+        io_state = handoff.get("io") if handoff is not None else None
+        self.tasks.restore(
+            queued_exits, queued_ooms, io_state if isinstance(io_state, dict) else None
+        )
         reaper.reap()  # children that exited while no handler was installed (re-exec)
         publisher.start()
         self.service = TaskService(self.tasks, self._on_shutdown, self.info)
@@ -108,13 +117,14 @@ class Daemon:
             os.close(ready_fd)
         await self._stop.wait()
         if self._reload:
-            await self._handoff_and_exec(server, publisher, exits, tracker, reaper, store)
+            await self._handoff_and_exec(server, publisher, exits, tracker, reaper, store, oom)
             return  # only if exec failed: keep serving is impossible now; exit
         log.event("daemon stopping", pid=os.getpid(), tasks=len(self.tasks))
         await server.close()
         await publisher.flush()
         await publisher.close()
         exits.close()
+        oom.close()
         if tracker is not None:
             loop.remove_reader(tracker.ring_fd())
             tracker.close()  # the pinned program stays attached and keeps recording
@@ -146,11 +156,14 @@ class Daemon:
         tracker: ExitTracker | None,
         reaper: Reaper,
         store: StateStore,
+        oom: OOMWatcher,
     ) -> None:
         await server.quiesce(keep=lambda ctx: ctx.method in LONG_CALLS, timeout=QUIESCE_TIMEOUT)
         unsent = await publisher.detach()
         state = server.handoff()
+        io_state = self.tasks.handoff_io()  # terminal copies stop here, their fds inherited
         exits.close()
+        oom.close()  # kills from now on are counted by the kernel; the new image looks
         if tracker is not None:
             asyncio.get_running_loop().remove_reader(tracker.ring_fd())
             tracker.close()
@@ -165,6 +178,7 @@ class Daemon:
                         [ns, topic, base64.b64encode(payload).decode(), marked]
                         for ns, topic, payload, marked in unsent
                     ],
+                    "io": io_state,
                 },
                 f,
             )
@@ -173,7 +187,7 @@ class Daemon:
         argv = _daemon_argv()
         log.event("re-executing", pid=os.getpid(), argv=" ".join(argv))
         logging.shutdown()
-        os.execve(sys.executable, [sys.executable, *argv], env)
+        os.execve(sys.executable, [sys.executable, *_interpreter_options(), *argv], env)
 
     def _on_shutdown(self) -> None:
         self._last_shutdown = time.monotonic()
@@ -220,6 +234,15 @@ class Daemon:
             self._stop.set()
         finally:
             os.close(lock_fd)
+
+
+def _interpreter_options() -> list[str]:
+    """The options Python itself was started with (``-SE`` from the launcher; see
+    shim/launcher.py), so the re-executed daemon starts the same way."""
+    count = len(sys.orig_argv) - len(sys.argv)
+    if count < 1 or sys.orig_argv[count] != sys.argv[0]:
+        return []  # not started as a script (python -m shim): as before, no options
+    return list(sys.orig_argv[1:count])
 
 
 def admit_peer(peer: PeerCred | None) -> bool:
@@ -269,17 +292,19 @@ def _read_handoff() -> dict[str, object] | None:
 
 def _requeue_events(
     publisher: Publisher, store: StateStore, handoff: dict[str, object] | None
-) -> set[tuple[str, str, str]]:
-    """Queue the previous image's unsent events, in order; returns the exits among them
-    (namespace, container id, exec id), which restore must not publish a second time."""
+) -> tuple[set[tuple[str, str, str]], set[tuple[str, str]]]:
+    """Queue the previous image's unsent events, in order; returns the exits (namespace,
+    container id, exec id) and OOMs (namespace, container id) among them, which restore
+    must not publish a second time."""
     exits: set[tuple[str, str, str]] = set()
+    ooms: set[tuple[str, str]] = set()
     if handoff is None:
-        return exits
+        return exits, ooms
     events = handoff.get("events")
     assert isinstance(events, list)
     for ns, topic, b64, marked in events:
         payload = base64.b64decode(b64)
-        on_sent = None
+        on_sent: Callable[[], None] | None = None
         if topic == "/tasks/exit":
             env = events_service_pb2.ForwardRequest.FromString(payload).envelope
             ev = events_pb2.TaskExit.FromString(env.event.value)
@@ -287,12 +312,16 @@ def _requeue_events(
             key = (ns, ev.container_id, exec_id)
             exits.add(key)
             if marked:
-
-                def on_sent(key: tuple[str, str, str] = key) -> None:
-                    store.update(*key, exit_published=True)
-
+                on_sent = functools.partial(store.update, *key, exit_published=True)
+        elif topic == "/tasks/oom":
+            env = events_service_pb2.ForwardRequest.FromString(payload).envelope
+            cid = events_pb2.TaskOOM.FromString(env.event.value).container_id
+            ooms.add((ns, cid))
+            rec = store.get(ns, cid)
+            if marked and rec is not None:
+                on_sent = functools.partial(store.update, ns, cid, oom_published=rec.oom_kills)
         publisher.requeue(ns, topic, payload, on_sent)
-    return exits
+    return exits, ooms
 
 
 def open_tracker(paths: DaemonPaths) -> ExitTracker | None:

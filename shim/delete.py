@@ -5,24 +5,31 @@ dead shim) and for every task when the daemon's connection drops.  So it must be
 touch no other task, finish well inside containerd's 5 s, and report the real exit status
 when one is known.  If the daemon answers, it does the work (it owns the task); otherwise
 this process cleans up from the daemon's state store and runc's state.
+
+The daemon answering NotFound is the usual case, so that path imports little (not even
+``os``; see ``shim.fsutil``): what only the offline clean-up needs (os, subprocess, signal,
+procinfo, the store, mount) is imported there.
 """
 
-from __future__ import annotations
-
-import os
-import signal
-import subprocess
+import posix
 import sys
 import time
 
-from shim import identifiers, procinfo, wire
+from shim import identifiers, wire
 from shim.cli import Flags
+from shim.fsutil import exists, is_mountpoint, join
 from shim.paths import DaemonPaths
 from shim.ttrpc.blocking import BlockingClient
 from shim.ttrpc.errors import Code, TTRPCError
 
+TYPE_CHECKING = False  # not typing's: importing typing costs more than delete itself
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 DAEMON_SERVICE = "embedshim.v1.Daemon"
 KILL_WAIT = 2.0
+FORWARD_TIMEOUT = 2.0
+OOM_RETRY_FOR = 30.0
 RUNC_TIMEOUT = 2.0
 UNKNOWN = 255
 
@@ -46,14 +53,9 @@ def via_daemon(paths: DaemonPaths, namespace: str, id: str) -> bytes | None:
 
 def _leftovers(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bool:
     """Anything of the task still on the host (runc state, a rootfs mount)?"""
-    if os.path.exists(os.path.join(paths.runc_root_for(namespace), id)):
+    if exists(join(paths.runc_root_for(namespace), id)):
         return True
-    rootfs = os.path.join(bundle, "rootfs")
-    if not os.path.isdir(rootfs):
-        return False
-    from shim.mount import is_mountpoint
-
-    return is_mountpoint(rootfs)
+    return is_mountpoint(join(bundle, "rootfs"))
 
 
 def _runc_binary(options: bytes | None) -> str:
@@ -73,6 +75,8 @@ def _runc_binary(options: bytes | None) -> str:
 
 
 def _wait_gone(pid: int, start_time: int, timeout: float) -> bool:
+    from shim import procinfo
+
     deadline = time.monotonic() + timeout
     while procinfo.is_running(pid, start_time):
         if time.monotonic() > deadline:
@@ -83,6 +87,8 @@ def _wait_gone(pid: int, start_time: int, timeout: float) -> bool:
 
 def _thaw(binary: str, runc_root: str, id: str) -> None:
     """Resume a paused container: on cgroup v1 a frozen process does not die of SIGKILL."""
+    import subprocess
+
     try:
         subprocess.run(
             [binary, "--root", runc_root, "resume", id],
@@ -97,6 +103,11 @@ def _thaw(binary: str, runc_root: str, id: str) -> None:
 
 
 def _kill(pid: int, start_time: int) -> None:
+    import os
+    import signal
+
+    from shim import procinfo
+
     fd = procinfo.open_pidfd(pid, start_time)
     if fd is None:
         return
@@ -131,8 +142,91 @@ def _exit_from_bpf(paths: DaemonPaths, pid: int, trace_id: int) -> tuple[int, in
         tracker.close()
 
 
+def _forward(address: str, namespace: str, payload: bytes) -> None:
+    from shim.events import NAMESPACE_METADATA, SERVICE
+
+    with BlockingClient(address, timeout=FORWARD_TIMEOUT) as client:
+        client.call(
+            SERVICE,
+            "Forward",
+            payload,
+            metadata={NAMESPACE_METADATA: namespace},
+            timeout=FORWARD_TIMEOUT,
+        )
+
+
+def _in_background(fn: "Callable[[], None]") -> None:
+    """Run ``fn`` in a detached grandchild with stdio on /dev/null (containerd reads our
+    stdout to its end, so nothing may keep it open), and return at once."""
+    import os
+
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        fn()
+    finally:
+        os._exit(0)
+
+
+def _report_oom(namespace: str, id: str, memcg: str, published: int) -> None:
+    """An OOM kill the kernel counted in the container's memory cgroup that containerd
+    never heard of (the daemon died first): /tasks/oom, before ``runc delete`` removes the
+    cgroup and its count.  containerd runs ``delete`` both while it serves (the daemon's
+    connection dropped: the event goes out now, before the exit) and while it starts up,
+    before it listens on its ttrpc socket: then a detached child keeps trying for
+    ``OOM_RETRY_FOR`` seconds, and the event arrives after the exit containerd publishes
+    itself (CRI marks the container OOMKilled either way)."""
+    import os
+
+    from shim.memcg import MemoryCgroup
+
+    cg = MemoryCgroup.decode(memcg)
+    count = cg.oom_kills() if cg is not None else None
+    address = os.environ.get("TTRPC_ADDRESS", "")
+    if count is None or count <= published or not address:
+        return
+    from shim.cli import enable_site
+
+    enable_site()  # the rare OOM path needs protobuf from site-packages (the launcher's -S)
+    from shim.api import events_pb2
+    from shim.events import envelope
+
+    payload = envelope(namespace, events_pb2.TaskOOM(container_id=id))
+    try:
+        _forward(address, namespace, payload)
+        return
+    except (OSError, TTRPCError) as exc:
+        sys.stderr.write(f"publish /tasks/oom for {id}: {exc}; retrying in the background\n")
+
+    def retry() -> None:
+        deadline = time.monotonic() + OOM_RETRY_FOR
+        while time.monotonic() < deadline:
+            time.sleep(0.1)
+            try:
+                _forward(address, namespace, payload)
+                return
+            except (OSError, TTRPCError):
+                continue
+
+    sys.stderr.flush()
+    _in_background(retry)
+
+
 def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
     """Clean up without the daemon, from what it persisted."""
+    import os
+    import signal
+    import subprocess
+
+    from shim import procinfo
     from shim.statestore import StateStore, StoreError
 
     pid = 0
@@ -155,6 +249,8 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
             binary = _runc_binary(rec.options)
             bundle = rec.bundle or bundle  # checked when the task was created
             checked = bool(rec.bundle)
+            if rec.memcg:
+                _report_oom(namespace, id, rec.memcg, rec.oom_published)
             if rec.exit_status is not None:
                 status = rec.exit_status
                 exited_at = rec.exited_at or exited_at
@@ -184,7 +280,6 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
         sys.stderr.write(f"runc delete {id}: {exc}\n")
     if bundle and not checked:
         from shim.bundle import check_path
-        from shim.ttrpc.errors import TTRPCError
 
         try:
             check_path(bundle, namespace, id)
@@ -222,7 +317,7 @@ def main(flags: Flags) -> int:
         sys.stderr.write(f"delete: {problem}\n")
         return 1
     paths = DaemonPaths.for_containerd(flags.address)
-    bundle = flags.bundle or os.getcwd()
+    bundle = flags.bundle or posix.getcwd()
     try:
         out = via_daemon(paths, flags.namespace, flags.id)
     except AlreadyGone:

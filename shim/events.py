@@ -22,6 +22,7 @@ from shim.api import events_service_pb2
 from shim.ttrpc import Client, TTRPCError
 
 SERVICE = "containerd.services.events.ttrpc.v1.Events"
+NAMESPACE_METADATA = "containerd-namespace-ttrpc"
 QUEUE_MAX = 4096
 SEND_TIMEOUT = 5.0
 # containerd may be down for a restart: keep an event (and those behind it, in order) for
@@ -137,7 +138,7 @@ class Publisher:
             "Forward",
             payload,
             timeout=SEND_TIMEOUT,
-            metadata={"containerd-namespace-ttrpc": namespace},
+            metadata={NAMESPACE_METADATA: namespace},
         )
 
     @staticmethod

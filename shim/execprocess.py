@@ -25,7 +25,7 @@ from shim.process import Process, Status
 from shim.reaper import Exit
 from shim.runc import find_executable
 from shim.statestore import ProcessRecord, StoreError, best_effort
-from shim.stdio import OpenedStdio, Stdio
+from shim.stdio import Stdio
 
 if TYPE_CHECKING:
     from shim.task import Task
@@ -125,17 +125,19 @@ class ExecProcess(Process):
             with open(os.path.join(self.dir, "process.json"), "wb") as f:
                 f.write(self.spec)
             script = _wrapper_script()
-            stdio = OpenedStdio(self.io)
+            pio = self.pio = self.new_io()
+            await pio.open()
             r, w = os.pipe()
             try:
-                self.helper_pid = self._spawn_wrapper(script, stdio.triple, w)
+                self.helper_pid = self._spawn_wrapper(script, pio.triple, w, pio.console_path)
                 self.helper_start = procinfo.start_time(self.helper_pid)
                 helper_exit = self.task.deps.reaper.watch(self.helper_pid)
             except BaseException:
                 os.close(r)
+                pio.abort()
                 raise
             finally:
-                stdio.close()
+                pio.runc_done()
                 os.close(w)
             lines = _LineReader(r)
             try:
@@ -145,22 +147,23 @@ class ExecProcess(Process):
                 first = "error runc_exec gave no pid in time"
             word, _, rest = first.partition(" ")
             if word != "pid":
-                lines.close()
-                await helper_exit
-                self._remove_files()
-                best_effort(
-                    lambda: self.task.deps.store.delete(
-                        self.task.namespace, self.task.id, self.exec_id
-                    ),
-                    "exec failed",
-                    **self.fields(),
-                )
-                self.start_failed(UNKNOWN)
                 message = rest if word == "error" else "runc_exec exited without a pid"
+                await self._failed(lines, helper_exit)
                 raise errors.internal(f"exec {self.exec_id}: {message}")
             pid_s, _, start_s = rest.partition(" ")
             self.pid, self.start_time = int(pid_s), int(start_s or 0)
             self._pidfd = procinfo.open_pidfd(self.pid, self.start_time)
+            try:
+                await pio.attach_console()
+            except (OSError, TimeoutError) as exc:
+                # A terminal nobody can reach: the process is of no use to anyone.
+                if self._pidfd is not None:
+                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
+                await lines.next()
+                self._close_pidfd()
+                await self._failed(lines, helper_exit)
+                message = f"exec {self.exec_id}: no terminal from runc: {exc!r}"
+                raise errors.internal(message) from None
             # The process runs: from here on a store that cannot be written costs only the
             # record (and the BPF backup, which needs a trace id), not the exec.
             try:
@@ -183,7 +186,22 @@ class ExecProcess(Process):
         log.event("exec started", **self.fields())
         return self.pid
 
-    def _spawn_wrapper(self, script: str, stdio: tuple[int, int, int], sync_fd: int) -> int:
+    async def _failed(self, lines: _LineReader, helper_exit: asyncio.Future[Exit]) -> None:
+        """No process to track after all: forget this exec's files, record and stdio."""
+        lines.close()
+        await helper_exit
+        await self.close_io()  # a logging program may still be writing runc's error down
+        self._remove_files()
+        best_effort(
+            lambda: self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id),
+            "exec failed",
+            **self.fields(),
+        )
+        self.start_failed(UNKNOWN)
+
+    def _spawn_wrapper(
+        self, script: str, stdio: tuple[int, int, int], sync_fd: int, console_socket: str | None
+    ) -> int:
         runc = self.task.runc
         binary = find_executable(runc.binary, runc.env.get("PATH", "")) or runc.binary
         argv = [
@@ -199,6 +217,8 @@ class ExecProcess(Process):
         ]  # fmt: skip
         if runc.systemd_cgroup:
             argv.append("--systemd-cgroup")
+        if console_socket:
+            argv += ["--console-socket", console_socket]
         argv.append(self.task.id)
         proc = subprocess.Popen(
             argv,
@@ -302,8 +322,6 @@ def parse_spec(value: bytes) -> bytes:
     args = spec.get("args")
     if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
         raise errors.invalid("spec: args must be a non-empty list of strings")
-    if spec.get("terminal"):
-        raise errors.unimplemented("terminal (tty) exec processes are not supported yet")
     return value
 
 

@@ -1,22 +1,48 @@
-"""Small filesystem helpers with no heavy imports (used by the short-lived subcommands)."""
+"""Small filesystem helpers for the short-lived subcommands.
 
-from __future__ import annotations
+``start`` and ``delete`` run once per container, so these use ``posix`` directly, not ``os``
+(whose import costs about 6M instructions, an eighth of ``start``), and make no syscall a
+plain implementation would not need.
+"""
 
-import os
+import posix
+
+_MNT_ID = b"\nmnt_id:"
+
+
+def join(head: str, tail: str) -> str:
+    """``os.path.join`` of two components."""
+    if tail.startswith("/") or not head:
+        return tail
+    return head + tail if head.endswith("/") else head + "/" + tail
+
+
+def exists(path: str) -> bool:
+    """``os.path.exists``."""
+    try:
+        posix.stat(path)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def write_atomic(path: str, data: str | bytes, mode: int = 0o644) -> None:
     """Write ``path`` through a temporary file and a rename, so a reader never sees half."""
-    tmp = os.path.join(os.path.dirname(path) or ".", f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    head, sep, name = path.rpartition("/")
+    tmp = f"{head}{sep}.tmp-{posix.getpid()}-{name}"
+    view = memoryview(data.encode() if isinstance(data, str) else data)
+    fd = posix.open(tmp, posix.O_WRONLY | posix.O_CREAT | posix.O_TRUNC | posix.O_CLOEXEC, 0o600)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-        os.chmod(tmp, mode)
-        os.rename(tmp, path)
+        try:
+            while view:
+                view = view[posix.write(fd, view) :]
+            posix.fchmod(fd, mode)
+        finally:
+            posix.close(fd)
+        posix.rename(tmp, path)
     except BaseException:
         try:
-            os.unlink(tmp)
+            posix.unlink(tmp)
         except OSError:
             pass
         raise
@@ -24,4 +50,57 @@ def write_atomic(path: str, data: str | bytes, mode: int = 0o644) -> None:
 
 def write_address(bundle: str, address: str) -> None:
     """The bundle's ``address`` file: how containerd 1.6 finds the daemon after it restarts."""
-    write_atomic(os.path.join(bundle, "address"), address)
+    write_atomic(join(bundle, "address"), address)
+
+
+def mount_id(path: str) -> int:
+    """The id of the mount that ``path`` (followed) is on: ``mnt_id`` in its fd's fdinfo."""
+    fd = posix.open(path, posix.O_PATH | posix.O_CLOEXEC)
+    try:
+        info_fd = posix.open(f"/proc/self/fdinfo/{fd}", posix.O_RDONLY | posix.O_CLOEXEC)
+        try:
+            info = b"\n" + posix.read(info_fd, 4096)
+        finally:
+            posix.close(info_fd)
+    finally:
+        posix.close(fd)
+    start = info.find(_MNT_ID)
+    if start < 0:
+        raise OSError(f"no mnt_id in /proc/self/fdinfo for {path}")
+    return int(info[start + len(_MNT_ID) :].split(b"\n", 1)[0])
+
+
+def is_mountpoint(path: str) -> bool:
+    """Whether something is mounted on ``path`` (followed): it is on another mount than its
+    parent (``..`` of a mount's root is on the mount below).  No reading of the whole
+    mountinfo, which grows with every container.  False if ``path`` does not exist."""
+    try:
+        here = mount_id(path)
+        try:
+            parent = mount_id(path + "/..")
+        except NotADirectoryError:  # a file bind-mounted: compare with its real directory
+            import os.path
+
+            parent = mount_id(os.path.dirname(os.path.realpath(path)))
+    except OSError:
+        return False
+    return here != parent
+
+
+def remove_tree(path: str) -> None:
+    """``rm -rf path`` without importing shutil into the daemon; errors are ignored."""
+    import os  # the daemon's path only; start/delete stay on posix
+
+    try:
+        for root, dirs, files in os.walk(path, topdown=False):
+            for name in files:
+                os.unlink(os.path.join(root, name))
+            for name in dirs:
+                full = os.path.join(root, name)
+                if os.path.islink(full):
+                    os.unlink(full)
+                else:
+                    os.rmdir(full)
+        os.rmdir(path)
+    except OSError:
+        pass

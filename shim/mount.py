@@ -2,7 +2,8 @@
 
 containerd hands the shim the snapshotter's mounts (overlay, or a bind of a native snapshot);
 the shim mounts them on ``<bundle>/rootfs`` and must unmount them on delete and on a failed
-create.  ``delete`` is short-lived, so this imports nothing heavy until used.
+create.  The short-lived ``delete`` imports this only to clean up without the daemon; the
+mount-point test it needs every time is ``shim.fsutil.is_mountpoint`` (re-exported here).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import errno
 import os
 import re
 from dataclasses import dataclass
+
+from shim.fsutil import is_mountpoint
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -152,16 +155,6 @@ def unmount(target: str) -> None:
         return
     err = ctypes.get_errno()
     raise OSError(err, f"umount {target}: {os.strerror(err)}")
-
-
-def is_mountpoint(path: str) -> bool:
-    real = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        for row in f:
-            mnt = row.split()[4].encode().decode("unicode_escape")
-            if mnt == real:
-                return True
-    return False
 
 
 def unmount_all(target: str) -> None:

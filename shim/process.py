@@ -20,14 +20,17 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
-from shim import errors, log, procinfo
+from shim import checkpoint, errors, log, procinfo
 from shim.api import events_pb2
 from shim.cgroups import Cgroup, CgroupError
+from shim.checkpoint import CheckpointOptions, RestoreSpec
 from shim.exittrack import TICK_NS
+from shim.fsutil import remove_tree
+from shim.procio import ProcessIO
 from shim.reaper import Exit
 from shim.runc import RuncError, is_not_found
 from shim.statestore import ProcessRecord, best_effort
-from shim.stdio import OpenedStdio, Stdio
+from shim.stdio import Stdio
 
 if TYPE_CHECKING:
     from shim.task import Task
@@ -66,6 +69,7 @@ class Process:
         self.status = Status.CREATED
         self.exit_status = 0
         self.exited_at: int | None = None  # wall clock ns
+        self.pio: ProcessIO | None = None  # what the daemon holds of its stdio
         self._exited = asyncio.Event()
         # Held across every transition (start, pause, resume, exit), so that the events leave
         # in the order the transitions happened: a fast exit cannot overtake its start.
@@ -104,6 +108,24 @@ class Process:
             options=self.task.options_blob,
         )
 
+    def new_io(self) -> ProcessIO:
+        t = self.task
+        return ProcessIO(self.io, t.namespace, self.id, t.deps.reaper, t.deps.paths.console_dir)
+
+    def close_stdin(self) -> None:
+        if self.pio is not None:
+            self.pio.close_stdin()
+
+    def resize(self, width: int, height: int) -> None:
+        if self.pio is not None:
+            self.pio.resize(width, height)
+
+    async def close_io(self) -> None:
+        """At Delete: a terminal's last output, then the logging program, then nothing."""
+        if self.pio is not None:
+            await self.pio.close()
+            self.pio = None
+
     @property
     def exited(self) -> bool:
         return self._exited.is_set()
@@ -133,9 +155,11 @@ class Process:
             self.set_exited(ex.status, ex.at)
 
     def set_exited(self, status: int, at: int) -> None:
-        """The exit transition: persisted, then published, exactly once."""
+        """The exit transition: persisted, then published, exactly once; an OOM kill the
+        kernel counted goes out first (it is usually what ended the process)."""
         if self.exited:
             return
+        self.task.check_oom()
         self.exit_status = status
         self.exited_at = at
         if self.status != Status.DELETED:
@@ -154,6 +178,8 @@ class Process:
         )
         self.publish_exit()
         self.untrack()
+        if not self.exec_id:
+            self.task.unwatch_oom()  # no process left in the container to be killed
         self._exited.set()
         log.event("process exited", **self.fields(), exit_status=status)
         self.task.log_line("process exited", exec_id=self.exec_id, exit_status=status)
@@ -230,31 +256,92 @@ class Process:
 class InitProcess(Process):
     """The container's first process, driven through runc."""
 
-    async def create(self, stdio: OpenedStdio, no_pivot: bool, no_new_keyring: bool) -> None:
+    # Set for a task created from a checkpoint until it starts (by `runc restore`).
+    restore_from: RestoreSpec | None = None
+
+    def record(self) -> ProcessRecord:
+        rec = super().record()
         task = self.task
-        await task.runc.create(
-            task.id,
-            task.bundle.path,
-            task.bundle.pid_file,
-            stdio.triple,
-            no_pivot=no_pivot,
-            no_new_keyring=no_new_keyring,
-            log_path=task.bundle.runc_log,
-        )
+        rec.memcg = task.memcg.encode() if task.memcg is not None else ""
+        rec.oom_kills, rec.oom_published = task.oom_kills, task.oom_published
+        rec.checkpoint = self.restore_from.encode() if self.restore_from is not None else ""
+        return rec
+
+    async def create(self, no_pivot: bool, no_new_keyring: bool) -> None:
+        """runc create with the process's stdio; on failure the caller undoes it (and
+        ``pio.abort()``)."""
+        task = self.task
+        pio = self.pio = self.new_io()
+        await pio.open()
+        try:
+            await task.runc.create(
+                task.id,
+                task.bundle.path,
+                task.bundle.pid_file,
+                pio.triple,
+                no_pivot=no_pivot,
+                no_new_keyring=no_new_keyring,
+                console_socket=pio.console_path,
+                log_path=task.bundle.runc_log,
+            )
+        finally:
+            pio.runc_done()
+        await pio.attach_console()
         self.pid = task.bundle.read_pid()
         self.start_time = procinfo.start_time(self.pid)
         self.trace_id = task.deps.store.next_trace_id()
-        # Persisted before anything watches it: if the store refuses (disk full), the create
-        # is undone and no exit of this never-announced task is ever published.
+        self._find_cgroup()
+        # Persisted before anything watches its exit: if the store refuses (disk full), the
+        # create is undone and no exit of this never-announced task is ever published.
         task.deps.store.put(self.record())
         # The init waits in `runc init` until `runc start`: registering it now means no exit,
         # however early, can go unrecorded (the reaper keeps one that comes before the watch).
         self.track()
         self.watch_exit(self.before_exit)
+
+    def _find_cgroup(self) -> None:
+        """The container's cgroup (for stats, the freezer, OOM kills), from its live init."""
         try:
-            task.cgroup = Cgroup.of_pid(self.pid)
+            self.task.cgroup = Cgroup.of_pid(self.pid)
         except CgroupError as exc:
             log.event("cgroup not found", logging.WARNING, **self.fields(), error=exc)
+        self.task.watch_oom()
+
+    def prepare_restore(self, spec: RestoreSpec) -> None:
+        """Created from a checkpoint: nothing runs until start restores it."""
+        self.restore_from = spec
+        self.trace_id = self.task.deps.store.next_trace_id()
+        self.task.deps.store.put(self.record())
+
+    async def _restore(self, spec: RestoreSpec) -> None:
+        """``runc restore`` instead of ``runc start``: the restored init becomes ours."""
+        task = self.task
+        await checkpoint.require_criu(task.deps.reaper, f"restore of {task.id}", task.runc.criu)
+        pio = self.pio = self.new_io()
+        await pio.open()
+        try:
+            await task.runc.restore(
+                task.id,
+                task.bundle.path,
+                spec.args(task.bundle.pid_file),
+                pio.triple,
+                log_path=task.bundle.runc_log,
+                console_socket=pio.console_path,
+            )
+        except BaseException:
+            pio.abort()
+            raise
+        finally:
+            pio.runc_done()
+        await pio.attach_console()
+        self.pid = task.bundle.read_pid()
+        self.start_time = procinfo.start_time(self.pid)
+        self.track()
+        self.watch_exit(self.before_exit)
+        self._find_cgroup()
+        self.restore_from = None
+        self.status = Status.RUNNING
+        task.deps.store.put(self.record())
 
     async def before_exit(self) -> None:
         """What must happen before the init's exit is reported."""
@@ -283,7 +370,10 @@ class InitProcess(Process):
             if self.exited:
                 raise errors.precondition(f"container {self.task.id} exited before it started")
             try:
-                await self.task.runc.start(self.task.id, log_path=self.task.bundle.runc_log)
+                if self.restore_from is not None:
+                    await self._restore(self.restore_from)
+                else:
+                    await self.task.runc.start(self.task.id, log_path=self.task.bundle.runc_log)
             except RuncError as exc:
                 raise errors.internal(str(exc)) from None
             self.status = Status.RUNNING
@@ -300,6 +390,38 @@ class InitProcess(Process):
         log.event("container started", **self.fields())
         self.task.log_line("container started", pid=self.pid)
         return self.pid
+
+    async def checkpoint(self, path: str, opts: CheckpointOptions) -> str:
+        """Dump the running (or paused) container with CRIU; returns the image path."""
+        task = self.task
+        if self.exited or self.status not in (Status.RUNNING, Status.PAUSED):
+            status = Status.STOPPED if self.exited else self.status
+            raise errors.precondition(f"cannot checkpoint container {task.id}: it is {status}")
+        image = opts.image_path or path
+        if not os.path.isabs(image):
+            raise errors.invalid(f"checkpoint: image path {image!r} is not an absolute path")
+        await checkpoint.require_criu(task.deps.reaper, f"checkpoint of {task.id}", task.runc.criu)
+        work = opts.work_path or os.path.join(task.bundle.path, checkpoint.WORK_DIR)
+        try:
+            os.makedirs(image, exist_ok=True)
+            os.makedirs(work, exist_ok=True)
+            await task.runc.checkpoint(
+                task.id, checkpoint.checkpoint_args(image, work, opts), task.bundle.runc_log
+            )
+        except RuncError as exc:
+            dump = checkpoint.keep_dump_log(work, task.bundle.path)
+            raise errors.internal(f"{exc} (CRIU log: {dump or 'none'})") from None
+        except OSError as exc:
+            raise errors.internal(f"checkpoint of {task.id}: {exc}") from None
+        finally:
+            if not opts.work_path:
+                remove_tree(work)
+        task.deps.events.publish(
+            task.namespace, events_pb2.TaskCheckpointed(container_id=task.id, checkpoint=image)
+        )
+        log.event("container checkpointed", **self.fields(), image=image, exit=opts.exit)
+        task.log_line("container checkpointed", image=image)
+        return image
 
     def _persist_status(self, status: Status) -> None:
         """After runc did it: a store that cannot be written costs the record, not the
@@ -403,6 +525,9 @@ class InitProcess(Process):
         except RuncError as exc:
             if not is_not_found(exc):
                 raise errors.internal(str(exc)) from None
+        if not self.exited and self.pid == 0:
+            # Created from a checkpoint and never restored: nothing ran.
+            self.set_exited(128 + signal.SIGKILL, time.time_ns())
         if not self.exited:
             # A created, never started init was just killed by `runc delete --force`.
             try:

@@ -64,6 +64,72 @@ def spawn(argv: list[str], stdio: tuple[int, int, int], env: dict[str, str], pat
     return proc.pid
 
 
+async def execute(
+    reaper: Reaper,
+    argv: list[str],
+    *,
+    env: dict[str, str],
+    stdio: tuple[int, int, int] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> tuple[int, bytes]:
+    """Run ``argv`` (its program looked up on ``env``'s PATH) to the end, its exit collected
+    by our reaper; returns (exit status, stdout and stderr) unless ``stdio`` replaces them.
+    Raises FileNotFoundError if there is no such program, TimeoutError (after killing it)
+    when it runs past ``timeout``."""
+    loop = asyncio.get_running_loop()
+    path = find_executable(argv[0], env.get("PATH", ""))
+    if path is None:
+        raise FileNotFoundError(argv[0])
+    out_r = out_w = -1
+    devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        if stdio is None:
+            out_r, out_w = os.pipe()
+            stdio = (devnull, out_w, out_w)
+        pid = spawn(argv, stdio, env, path)
+        exited = reaper.watch(pid)
+    finally:
+        os.close(devnull)
+        if out_w >= 0:
+            os.close(out_w)
+    output = bytearray()
+    reader_done: asyncio.Future[None] = loop.create_future()
+    if out_r >= 0:
+        os.set_blocking(out_r, False)
+
+        def _readable() -> None:
+            try:
+                chunk = os.read(out_r, 65536)
+            except BlockingIOError:
+                return
+            if chunk and len(output) < (4 << 20):
+                output.extend(chunk)
+            elif not chunk:
+                loop.remove_reader(out_r)
+                if not reader_done.done():
+                    reader_done.set_result(None)
+
+        loop.add_reader(out_r, _readable)
+    else:
+        reader_done.set_result(None)
+    try:
+        async with asyncio.timeout(timeout):
+            ex = await asyncio.shield(exited)
+            await reader_done
+    except TimeoutError:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        await exited
+        raise
+    finally:
+        if out_r >= 0:
+            loop.remove_reader(out_r)
+            os.close(out_r)
+    return ex.status, bytes(output)
+
+
 class RuncError(Exception):
     def __init__(self, command: str, message: str, status: int | None = None) -> None:
         super().__init__(f"runc {command}: {message}")
@@ -113,6 +179,7 @@ class Runc:
     timeout: float = field(default_factory=default_timeout)
     systemd_cgroup: bool = False
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    criu: str = ""  # runc's --criu: the CRIU binary for checkpoint and restore
 
     def _argv(self, args: Sequence[str], log_path: str | None) -> list[str]:
         argv = [self.binary, "--root", self.root]
@@ -120,6 +187,8 @@ class Runc:
             argv += ["--log", log_path, "--log-format", "json"]
         if self.systemd_cgroup:
             argv.append("--systemd-cgroup")
+        if self.criu:
+            argv += ["--criu", self.criu]
         return argv + list(args)
 
     async def run(
@@ -131,64 +200,21 @@ class Runc:
         timeout: float | None = None,
     ) -> bytes:
         """Run ``runc <args>``; return its stdout (unless ``stdio`` replaces it)."""
-        loop = asyncio.get_running_loop()
         command = args[0] if args else ""
-        path = find_executable(self.binary, self.env.get("PATH", ""))
-        if path is None:
-            raise RuncError(command, f"{self.binary} not found in PATH")
-        out_r = out_w = -1
-        devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            if stdio is None:
-                out_r, out_w = os.pipe()
-                stdio = (devnull, out_w, out_w)
-            pid = spawn(self._argv(args, log_path), stdio, self.env, path)
-            exited = self.reaper.watch(pid)
-        finally:
-            os.close(devnull)
-            if out_w >= 0:
-                os.close(out_w)
-        output = bytearray()
-        reader_done: asyncio.Future[None] = loop.create_future()
-        if out_r >= 0:
-            os.set_blocking(out_r, False)
-
-            def _readable() -> None:
-                try:
-                    chunk = os.read(out_r, 65536)
-                except BlockingIOError:
-                    return
-                if chunk and len(output) < (4 << 20):
-                    output.extend(chunk)
-                elif not chunk:
-                    loop.remove_reader(out_r)
-                    if not reader_done.done():
-                        reader_done.set_result(None)
-
-            loop.add_reader(out_r, _readable)
-        else:
-            reader_done.set_result(None)
         limit = timeout if timeout is not None else self.timeout
         try:
-            async with asyncio.timeout(limit):
-                ex = await asyncio.shield(exited)
-                await reader_done
+            status, output = await execute(
+                self.reaper, self._argv(args, log_path), env=self.env, stdio=stdio, timeout=limit
+            )
+        except FileNotFoundError:
+            raise RuncError(command, f"{self.binary} not found in PATH") from None
         except TimeoutError:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            await exited
             raise RuncError(command, f"timed out after {limit:g}s; killed it") from None
-        finally:
-            if out_r >= 0:
-                loop.remove_reader(out_r)
-                os.close(out_r)
-        if ex.status != 0:
-            text = _last_error(log_path) or bytes(output).decode(errors="replace").strip()
-            text = (text or f"exit status {ex.status}") + _disk_full_hint(self.root)
-            raise RuncError(command, text, ex.status)
-        return bytes(output)
+        if status != 0:
+            text = _last_error(log_path) or output.decode(errors="replace").strip()
+            text = (text or f"exit status {status}") + _disk_full_hint(self.root)
+            raise RuncError(command, text, status)
+        return output
 
     async def create(
         self,
@@ -199,9 +225,12 @@ class Runc:
         *,
         no_pivot: bool = False,
         no_new_keyring: bool = False,
+        console_socket: str | None = None,
         log_path: str | None = None,
     ) -> None:
         args = ["create", "--bundle", bundle, "--pid-file", pid_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
         if no_pivot:
             args.append("--no-pivot")
         if no_new_keyring:
@@ -231,6 +260,28 @@ class Runc:
         out = await self.run(["state", id])
         result: dict[str, object] = json.loads(out)
         return result
+
+    async def checkpoint(
+        self, id: str, args: Sequence[str], log_path: str | None = None, timeout: float = 600.0
+    ) -> None:
+        """``runc checkpoint <args> <id>`` (the CRIU options come from shim.checkpoint)."""
+        await self.run(["checkpoint", *args, id], log_path=log_path, timeout=timeout)
+
+    async def restore(
+        self,
+        id: str,
+        bundle: str,
+        args: Sequence[str],
+        stdio: tuple[int, int, int],
+        log_path: str | None = None,
+        timeout: float = 600.0,
+        console_socket: str | None = None,
+    ) -> None:
+        """``runc restore --detach <args> --bundle <bundle> <id>``: the restored init is left
+        running, re-parented to us (we are its subreaper)."""
+        console = ["--console-socket", console_socket] if console_socket else []
+        argv = ["restore", "--detach", *args, *console, "--bundle", bundle, id]
+        await self.run(argv, stdio=stdio, log_path=log_path, timeout=timeout)
 
     async def ps(self, id: str) -> list[int]:
         out = await self.run(["ps", "--format", "json", id])

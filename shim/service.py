@@ -20,6 +20,7 @@ from google.protobuf.message import DecodeError, Message
 from shim import errors, identifiers, log, metrics, wire
 from shim.api import runc_options_pb2, shim_pb2
 from shim.cgroups import CgroupError
+from shim.checkpoint import decode_options as decode_checkpoint_options
 from shim.execprocess import ExecProcess
 from shim.process import STATUS_NUMBER
 from shim.runc import RuncError
@@ -39,10 +40,7 @@ M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 EMPTY = b""
 
-NOT_YET = {
-    "Checkpoint": "Checkpoint",
-    "ResizePty": "ResizePty",
-}
+NOT_YET: dict[str, str] = {}  # RPCs still answered Unimplemented: none
 # The Any types of Update's resources and of an exec's entry in Pids (bare type URLs, as
 # containerd's typeurl registry names them).
 LINUX_RESOURCES = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
@@ -82,7 +80,9 @@ class TaskService:
             "Connect": self.connect,
             "Shutdown": self.shutdown,
             "CloseIO": self.close_io,
+            "ResizePty": self.resize_pty,
             "Exec": self.exec,
+            "Checkpoint": self.checkpoint,
             "Pause": self.pause,
             "Resume": self.resume,
             "Update": self.update,
@@ -256,6 +256,13 @@ class TaskService:
         self.tasks.add_exec(self._namespace(ctx, req.id), req)
         return EMPTY
 
+    async def checkpoint(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.CheckpointTaskRequest, payload)
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
+        opts = decode_checkpoint_options(req.options.type_url, req.options.value)
+        await task.init.checkpoint(req.path, opts)
+        return EMPTY
+
     async def shutdown(self, ctx: Context, payload: bytes) -> bytes:
         _parse(shim_pb2.ShutdownRequest, payload)
         self.on_shutdown()
@@ -263,8 +270,17 @@ class TaskService:
 
     async def close_io(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.CloseIORequest, payload)
-        # stdin is handed to the process directly; the daemon holds no end of it to close.
-        self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
+        p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
+        if req.stdin:
+            p.close_stdin()
+        return EMPTY
+
+    async def resize_pty(self, ctx: Context, payload: bytes) -> bytes:
+        req = _parse(shim_pb2.ResizePtyRequest, payload)
+        p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
+        if req.width > 0xFFFF or req.height > 0xFFFF:
+            raise errors.invalid(f"ResizePty: {req.width}x{req.height} is not a terminal size")
+        p.resize(req.width, req.height)
         return EMPTY
 
     # --- the daemon's own service, for the start and delete subcommands ---

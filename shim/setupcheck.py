@@ -1,5 +1,7 @@
 """``python -m shim.setupcheck``: the last step of ``make setup``.  Idempotent.
 
+0. Puts the fast launcher (``shim.launcher``: Python without ``site``) in place of pip's
+   console script, which ``pip install`` may have just written again.
 1. As root, links ``/usr/local/bin/containerd-shim-embed-v1`` to this environment's console
    script, so a containerd with the usual PATH finds the binary for io.containerd.embed.v1.
    A symlink that points elsewhere (stale, or another checkout) is replaced; a file that is
@@ -23,6 +25,8 @@ import sys
 import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+from shim import launcher
 
 NAME = "containerd-shim-embed-v1"
 LINK = "/usr/local/bin/" + NAME
@@ -160,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = ap.parse_args(argv)
     root = os.geteuid() == 0
     rows: list[tuple[str, Result]] = [
+        ("launcher", Result(*launcher.install(console_script()))),
         ("shim", ensure_link(args.link, console_script(), root=root)),
     ]
     fatal = []

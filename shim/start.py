@@ -5,15 +5,15 @@ those pipes has closed them, so the daemon is spawned with /dev/null for its std
 session, and signals readiness through a pipe of its own.  Concurrent starts (containerd
 creating many containers at once) serialise on a lock file; each one reserves the daemon for
 its task, so an idle daemon cannot exit between ``start`` and containerd's ``Create``.
+
+With a daemon up (the usual case) this connects, reserves, writes the bundle's address file
+and prints; that path imports no ``os`` (see ``shim.fsutil``), subprocess or select, and does
+not read stdin (containerd's TTRPC_ADDRESS is only needed to spawn a daemon).
 """
 
-from __future__ import annotations
-
 import fcntl
-import os
-import select
+import posix
 import sys
-import time
 
 from shim import identifiers
 from shim.cli import NAME, Flags
@@ -36,6 +36,18 @@ def reserve(paths: DaemonPaths, namespace: str, id: str) -> int | None:
     return int(out or b"0")
 
 
+def ttrpc_address() -> str:
+    """containerd's ttrpc address, for a daemon about to be spawned: every containerd since 1.6
+    sets TTRPC_ADDRESS, so stdin is read only without it (and only when spawning)."""
+    import os
+
+    address = os.environ.get("TTRPC_ADDRESS")
+    if address:
+        return address
+    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
+    return ttrpc_address_from(stdin)
+
+
 def ttrpc_address_from(stdin: bytes) -> str:
     """containerd 2.3+ passes BootstrapParams on stdin; its field 5 is the ttrpc address.
     Older versions pass the task options Any (whose field 1 is a type URL) or nothing."""
@@ -52,6 +64,8 @@ def ttrpc_address_from(stdin: bytes) -> str:
 
 
 def _executable() -> str:
+    import os
+
     exe = sys.argv[0]
     if os.path.isabs(exe) and os.access(exe, os.X_OK):
         return exe
@@ -64,7 +78,11 @@ def _executable() -> str:
 
 
 def spawn_daemon(paths: DaemonPaths, flags: Flags, ttrpc_address: str) -> None:
-    import subprocess  # only when no daemon answers: most starts never need it
+    # Only when no daemon answers: most starts never need these.
+    import os
+    import select
+    import subprocess
+    import time
 
     r, w = os.pipe()
     try:
@@ -115,21 +133,19 @@ def main(flags: Flags) -> int:
     if problem is not None:
         sys.stdout.write(f"embedshim start: {problem}\n")
         return 1
-    stdin = b"" if sys.stdin is None or sys.stdin.isatty() else sys.stdin.buffer.read()
-    ttrpc_address = os.environ.get("TTRPC_ADDRESS") or ttrpc_address_from(stdin)
     paths = DaemonPaths.for_containerd(flags.address)
     try:
         paths.ensure()
-        lock_fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        lock_fd = posix.open(paths.lock, posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
             if reserve(paths, flags.namespace, flags.id) is None:
-                spawn_daemon(paths, flags, ttrpc_address)
+                spawn_daemon(paths, flags, ttrpc_address())
                 if reserve(paths, flags.namespace, flags.id) is None:
                     raise RuntimeError(f"daemon does not answer on {paths.socket}")
         finally:
-            os.close(lock_fd)
-        write_address(flags.bundle or os.getcwd(), paths.address)
+            posix.close(lock_fd)
+        write_address(flags.bundle or posix.getcwd(), paths.address)
     except (OSError, RuntimeError) as exc:
         sys.stdout.write(f"embedshim start: {exc}\n")
         return 1

@@ -51,6 +51,16 @@ MIGRATIONS: list[str] = [
     ALTER TABLE process ADD COLUMN helper_pid INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE process ADD COLUMN helper_start INTEGER NOT NULL DEFAULT 0;
     """,
+    # OOM kills: the container's memory cgroup ("v1:/sys/fs/cgroup/memory/..."), the
+    # kernel's oom_kill count last seen there, and the count containerd was told of (so a
+    # kill while no daemon ran, or an event lost in a crash, is reported on restore); and
+    # the checkpoint a created task is to be restored from when it starts.
+    """
+    ALTER TABLE process ADD COLUMN memcg TEXT NOT NULL DEFAULT '';
+    ALTER TABLE process ADD COLUMN oom_kills INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE process ADD COLUMN oom_published INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE process ADD COLUMN checkpoint TEXT NOT NULL DEFAULT '';
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -80,6 +90,10 @@ class ProcessRecord:
     exit_published: bool = False
     helper_pid: int = 0
     helper_start: int = 0
+    memcg: str = ""
+    oom_kills: int = 0
+    oom_published: int = 0
+    checkpoint: str = ""
 
 
 _COLUMNS = [f.name for f in fields(ProcessRecord)]

@@ -18,17 +18,21 @@ from shim import errors, identifiers, log, procinfo
 from shim.api import events_pb2, mount_pb2, runc_options_pb2, shim_pb2
 from shim.bundle import PATH_MAX, Bundle, check_path
 from shim.cgroups import Cgroup, CgroupError
+from shim.checkpoint import WORK_DIR, RestoreSpec, require_criu
 from shim.events import Publisher
 from shim.execprocess import ExecProcess, parse_spec
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitWatch
+from shim.memcg import MemoryCgroup
 from shim.mount import MAX_MOUNTS, Mount, mount, unmount_all
+from shim.oom import OOMWatcher
 from shim.paths import DaemonPaths
 from shim.process import InitProcess, Process, Status
+from shim.procio import ProcessIO
 from shim.reaper import Reaper
 from shim.runc import Runc, RuncError, find_executable
 from shim.statestore import ProcessRecord, StateStore, StoreError, best_effort
-from shim.stdio import OpenedStdio, Stdio
+from shim.stdio import Stdio
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
 RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
@@ -44,6 +48,7 @@ class Deps:
     store: StateStore
     events: Publisher
     tracker: ExitTracker | None = None
+    oom: OOMWatcher | None = None
 
 
 @dataclass
@@ -53,6 +58,8 @@ class RuncOptions:
     systemd_cgroup: bool = False
     no_pivot: bool = False
     no_new_keyring: bool = False
+    criu: str = ""
+    criu_work_path: str = ""
 
 
 def decode_options(type_url: str, value: bytes) -> RuncOptions:
@@ -66,21 +73,25 @@ def decode_options(type_url: str, value: bytes) -> RuncOptions:
             opts.ParseFromString(value)
         except Exception as exc:
             raise errors.invalid(f"options: bad {RUNC_OPTIONS}: {exc}") from None
-        if opts.binary_name and not (
-            _is_clean_absolute(opts.binary_name) or _is_plain_name(opts.binary_name)
-        ):
-            raise errors.invalid(
-                f"options.binary_name: {opts.binary_name[:100]!r} is neither a command name "
-                "nor a clean absolute path"
-            )
-        if opts.root and not _is_clean_absolute(opts.root):
-            raise errors.invalid(f"options.root: {opts.root[:100]!r} is not a clean absolute path")
+        for field, name in (("binary_name", opts.binary_name), ("criu_path", opts.criu_path)):
+            if name and not (_is_clean_absolute(name) or _is_plain_name(name)):
+                raise errors.invalid(
+                    f"options.{field}: {name[:100]!r} is neither a command name "
+                    "nor a clean absolute path"
+                )
+        for field, path in (("root", opts.root), ("criu_work_path", opts.criu_work_path)):
+            if path and not _is_clean_absolute(path):
+                raise errors.invalid(
+                    f"options.{field}: {path[:100]!r} is not a clean absolute path"
+                )
         return RuncOptions(
             root=opts.root,
             binary=opts.binary_name or "runc",
             systemd_cgroup=opts.systemd_cgroup,
             no_pivot=opts.no_pivot_root,
             no_new_keyring=opts.no_new_keyring,
+            criu=opts.criu_path,
+            criu_work_path=opts.criu_work_path,
         )
     if name == RUNTIME_OPTIONS:
         return RuncOptions()
@@ -148,6 +159,11 @@ class Task:
         self.cgroup: Cgroup | None = None  # found from the init once it exists
         self._bg: set[asyncio.Task[Any]] = set()
         self._log_fd = -1
+        # OOM kills (shim/oom.py): the memory cgroup, the kernel's count last seen there,
+        # and the count containerd has received /tasks/oom for.
+        self.memcg: MemoryCgroup | None = None
+        self.oom_kills = 0
+        self.oom_published = 0
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run ``coro`` in the background, keeping a reference and logging a failure."""
@@ -203,7 +219,45 @@ class Task:
         except OSError:
             pass
 
+    def watch_oom(self) -> None:
+        """Watch the container's memory cgroup for OOM kills (once its cgroup is known).
+        Kills counted there before the container existed are not its own."""
+        if self.memcg is None:
+            self.memcg = MemoryCgroup.of(self.cgroup) if self.cgroup is not None else None
+            if self.memcg is None:
+                log.event("no memory cgroup, no OOM events", ns=self.namespace, id=self.id)
+                return
+            self.oom_kills = self.oom_published = self.memcg.oom_kills() or 0
+        if self.deps.oom is not None:
+            self.deps.oom.watch((self.namespace, self.id), self.memcg, self.check_oom)
+
+    def unwatch_oom(self) -> None:
+        if self.deps.oom is not None:
+            self.deps.oom.unwatch((self.namespace, self.id))
+
+    def check_oom(self) -> None:
+        """Publish /tasks/oom if the kernel counted a kill we have not seen yet."""
+        count = self.memcg.oom_kills() if self.memcg is not None else None
+        if count is None or count <= self.oom_kills:
+            return
+        self.oom_kills = count
+        self.deps.store.update(self.namespace, self.id, oom_kills=count)
+        self.publish_oom()
+
+    def publish_oom(self) -> None:
+        """/tasks/oom for the count last seen; persisted as published once containerd has it."""
+        store, ns, id, count = self.deps.store, self.namespace, self.id, self.oom_kills
+
+        def sent() -> None:
+            self.oom_published = max(self.oom_published, count)
+            store.update(ns, id, oom_published=self.oom_published)
+
+        self.deps.events.publish(ns, events_pb2.TaskOOM(container_id=id), on_sent=sent)
+        log.event("OOM kill", logging.WARNING, ns=ns, id=id, oom_kills=count)
+        self.log_line("OOM kill", oom_kills=count)
+
     def close(self) -> None:
+        self.unwatch_oom()
         if self._log_fd >= 0:
             os.close(self._log_fd)
             self._log_fd = -1
@@ -254,18 +308,32 @@ class Tasks:
         return task
 
     async def _create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> Task:
-        if req.terminal:
-            raise errors.unimplemented("terminal (tty) tasks are not supported yet")
-        if req.checkpoint:
-            raise errors.unimplemented("restoring from a checkpoint is not supported yet")
         bundle = Bundle.load(check_path(req.bundle, namespace, req.id))
         bundle.check_rootfs()
         opts = decode_options(req.options.type_url, req.options.value)
+        restore: RestoreSpec | None = None
+        if req.checkpoint:
+            await require_criu(
+                self.deps.reaper, f"restore of {req.id} from {req.checkpoint}", opts.criu
+            )
+            if not _is_clean_absolute(req.checkpoint) or not os.path.isdir(req.checkpoint):
+                raise errors.invalid(f"checkpoint: {req.checkpoint[:100]!r} is not a directory")
+            if req.parent_checkpoint and not _is_clean_absolute(req.parent_checkpoint):
+                raise errors.invalid(
+                    f"parent_checkpoint: {req.parent_checkpoint[:100]!r} is not a clean path"
+                )
+            restore = RestoreSpec(
+                image=req.checkpoint,
+                work=opts.criu_work_path or os.path.join(bundle.path, WORK_DIR),
+                parent=req.parent_checkpoint,
+                no_pivot=opts.no_pivot,
+            )
         runc = Runc(
             self.deps.reaper,
             root=opts.root or self.deps.paths.runc_root_for(namespace),
             binary=opts.binary,
             systemd_cgroup=opts.systemd_cgroup,
+            criu=opts.criu,
         )
         find_runc(runc, from_options=opts.binary != "runc")
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
@@ -275,24 +343,24 @@ class Tasks:
         task = Task(namespace, req.id, bundle, runc, self.deps, io, blob)
         task.rootfs = list(req.rootfs)
         mounted = False
-        stdio = OpenedStdio(io)  # a stdio refused here leaves nothing to undo
         try:
             if req.rootfs:
                 os.makedirs(bundle.rootfs, mode=0o711, exist_ok=True)
                 for m in mounts:
                     mounted = True
                     mount(m, bundle.rootfs)
-            await task.init.create(stdio, opts.no_pivot, opts.no_new_keyring)
+            if restore is not None:
+                task.init.prepare_restore(restore)
+            else:
+                await task.init.create(opts.no_pivot, opts.no_new_keyring)
         except BaseException as exc:
             log.event("create failed", logging.ERROR, ns=namespace, id=req.id, error=exc)
             await self._undo_create(task, mounted)
-            if isinstance(exc, OSError):
-                raise errors.internal(f"create {req.id}: {exc}") from None
+            if isinstance(exc, OSError | TimeoutError):
+                raise errors.internal(f"create {req.id}: {exc!r}") from None
             if isinstance(exc, RuncError):
                 raise errors.internal(str(exc)) from None
             raise
-        finally:
-            stdio.close()
         task.open_log()
         event = events_pb2.TaskCreate(
             container_id=task.id,
@@ -301,6 +369,7 @@ class Tasks:
                 stdin=io.stdin, stdout=io.stdout, stderr=io.stderr, terminal=io.terminal
             ),
             pid=task.init.pid,
+            checkpoint=req.checkpoint,
         )
         for rm in req.rootfs:
             event.rootfs.add(type=rm.type, source=rm.source, target=rm.target, options=rm.options)
@@ -310,11 +379,13 @@ class Tasks:
         return task
 
     async def _undo_create(self, task: Task, mounted: bool) -> None:
-        """Leave no runc state, mount, record or fd behind after a failed create."""
+        """Leave no runc state, mount, record, fd or logging program behind after a failed
+        create."""
         try:
             await task.runc.delete(task.id, force=True)
         except RuncError:
             pass
+        await task.init.close_io()
         if mounted:
             try:
                 unmount_all(task.bundle.rootfs)
@@ -342,16 +413,61 @@ class Tasks:
             self._forget_later.discard((namespace, id))
             log.event("state record removed at last", ns=namespace, id=id)
 
-    def restore(self, queued_exits: set[tuple[str, str, str]] = frozenset()) -> None:  # type: ignore[assignment]
+    def restore(
+        self,
+        queued_exits: set[tuple[str, str, str]] = frozenset(),  # type: ignore[assignment]
+        queued_ooms: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
+        io_state: dict[str, dict[str, Any]] | None = None,
+    ) -> None:
         """Take back every task a previous daemon persisted (after a crash or a re-exec):
-        running ones are watched again, exits that happened meanwhile are reported (unless
-        ``queued_exits`` says the event is already queued to go out)."""
+        running ones are watched again, OOM kills and exits that happened meanwhile are
+        reported, in that order (unless ``queued_exits`` / ``queued_ooms`` say the event is
+        already queued to go out).  ``io_state`` is what a re-exec handed over of the
+        processes' stdio (terminal copies, logging programs)."""
+        io_state = dict(io_state or {})
+        try:
+            self._restore_all(queued_exits, queued_ooms, io_state)
+        finally:
+            for key, state in io_state.items():  # nobody took these: close their fds
+                log.event("stdio state not taken back", logging.WARNING, process=key)
+                for fd in ProcessIO.handoff_fds(state):
+                    try:
+                        os.close(fd)
+                    except OSError:
+                        pass
+
+    def handoff_io(self) -> dict[str, dict[str, Any]]:
+        """Every process's stdio state that must survive the daemon's re-exec."""
+        out: dict[str, dict[str, Any]] = {}
+        for task in self.all():
+            for p in (task.init, *task.execs.values()):
+                state = p.pio.handoff() if p.pio is not None else None
+                if state is not None:
+                    out[_io_key(task.namespace, task.id, p.exec_id)] = state
+        return out
+
+    def _adopt_io(self, p: Process, io_state: dict[str, dict[str, Any]]) -> None:
+        state = io_state.pop(_io_key(p.task.namespace, p.task.id, p.exec_id), None)
+        if state is not None:
+            p.pio = p.new_io()
+            p.pio.adopt(state)
+        elif p.io.terminal and not p.exited:
+            log.event("terminal lost with the previous daemon", logging.WARNING, **p.fields())
+
+    def _restore_all(
+        self,
+        queued_exits: set[tuple[str, str, str]],
+        queued_ooms: set[tuple[str, str]],
+        io_state: dict[str, dict[str, Any]],
+    ) -> None:
         records = list(self.deps.store.all())
         for rec in records:
             if rec.exec_id:
                 continue
             if (rec.namespace, rec.id, "") in queued_exits:
                 rec.exit_published = True
+            if (rec.namespace, rec.id) in queued_ooms:
+                rec.oom_published = rec.oom_kills
             try:
                 task = self._restore(rec)
                 for erec in records:
@@ -359,6 +475,8 @@ class Tasks:
                         if (erec.namespace, erec.id, erec.exec_id) in queued_exits:
                             erec.exit_published = True
                         task.execs[erec.exec_id] = ExecProcess.restore(task, erec)
+                for p in (task.init, *task.execs.values()):
+                    self._adopt_io(p, io_state)
             except Exception as exc:
                 log.event(
                     "cannot restore task",
@@ -388,6 +506,7 @@ class Tasks:
             root=rec.runc_root or self.deps.paths.runc_root_for(rec.namespace),
             binary=opts.binary,
             systemd_cgroup=opts.systemd_cgroup,
+            criu=opts.criu,
         )
         io = Stdio(rec.stdin, rec.stdout, rec.stderr, rec.terminal)
         task = Task(rec.namespace, rec.id, bundle, runc, self.deps, io, rec.options)
@@ -395,8 +514,12 @@ class Tasks:
         p = task.init
         p.pid, p.start_time, p.trace_id = rec.pid, rec.start_time, rec.trace_id
         p.status = Status(rec.status)
+        self._restore_oom(task, rec)
+        spec = RestoreSpec.decode(rec.checkpoint)
         if rec.exit_status is not None:
             p.restore_exited(rec.exit_status, rec.exited_at, rec.exit_published)
+        elif spec is not None and p.status == Status.CREATED and not p.pid:
+            p.restore_from = spec  # created from a checkpoint, not started yet
         elif procinfo.is_same(p.pid, p.start_time):
             # Still there (maybe a zombie child of ours): the watcher gets its exit.
             p.watch_exit(p.before_exit)
@@ -405,10 +528,21 @@ class Tasks:
             except CgroupError:
                 pass
             p.reconcile_freezer()
+            task.watch_oom()
         else:
             # It exited while no daemon watched; the pinned BPF map saw it.
             p.set_exited(*self._exit_from_bpf(p.trace_id))
         return task
+
+    @staticmethod
+    def _restore_oom(task: Task, rec: ProcessRecord) -> None:
+        """OOM kills the previous daemon saw but containerd never got, then those the
+        kernel counted while no daemon watched: both before any exit of this task."""
+        task.memcg = MemoryCgroup.decode(rec.memcg)
+        task.oom_kills, task.oom_published = rec.oom_kills, rec.oom_published
+        if task.oom_published < task.oom_kills:
+            task.publish_oom()
+        task.check_oom()
 
     def _exit_from_bpf(self, trace_id: int) -> tuple[int, int]:
         tracker = self.deps.tracker
@@ -422,8 +556,6 @@ class Tasks:
         task = self.get(namespace, req.id)
         # The request itself first, then whether it can be done now.
         identifiers.validate("exec_id", req.exec_id)
-        if req.terminal:
-            raise errors.unimplemented("terminal (tty) exec processes are not supported yet")
         spec = parse_spec(req.spec.value)
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         io.check()
@@ -445,6 +577,7 @@ class Tasks:
             p = task.process(exec_id)
             assert isinstance(p, ExecProcess)
             result = await p.delete()
+            await p.close_io()
             task.execs.pop(exec_id, None)
             log.event("exec deleted", **p.fields(), exit_status=result[1])
             return result
@@ -454,8 +587,10 @@ class Tasks:
         for p in list(task.execs.values()):
             assert isinstance(p, ExecProcess)
             await p.delete()
+            await p.close_io()
         task.execs.clear()
         pid, status, exited_at = await task.init.delete()
+        await task.init.close_io()
         try:
             unmount_all(task.bundle.rootfs)
         except OSError as exc:
@@ -470,3 +605,7 @@ class Tasks:
         task.close()
         self._tasks.pop((namespace, id), None)
         return pid, status, exited_at
+
+
+def _io_key(namespace: str, id: str, exec_id: str) -> str:
+    return f"{namespace}/{id}/{exec_id}"

@@ -4,8 +4,6 @@
 more than the rest of the subcommand, so these few fields are written by hand.
 """
 
-from __future__ import annotations
-
 
 def varint(value: int) -> bytes:
     if value < 0:

@@ -134,6 +134,7 @@ def test_symlinked_rootfs_and_config_refused(state: str) -> None:
         ("stderr", "fifo://relative"),
         ("stderr", "/" + "x" * 5000),
         ("stdin", "file:///etc/shadow"),
+        ("stdin", "binary:///bin/sh"),
         ("stdin", "../fifo"),
     ],
 )
@@ -143,15 +144,18 @@ def test_stdio_refused(field: str, uri: str) -> None:
 
 
 def test_stdio_accepted_forms() -> None:
-    assert stdio.parse("stdout", "/run/containerd/fifo/1/c-stdout") == (
-        "fifo",
-        "/run/containerd/fifo/1/c-stdout",
-    )
-    assert stdio.parse("stdout", "fifo:///f") == ("fifo", "/f")
-    assert stdio.parse("stderr", "file:///var/log/c.log") == ("file", "/var/log/c.log")
-    with pytest.raises(TTRPCError) as info:
-        stdio.parse("stdout", "binary:///usr/bin/logger")
-    assert info.value.code == Code.UNIMPLEMENTED
+    stdio.Stdio(
+        stdin="/run/containerd/fifo/1/c-stdin",
+        stdout="/run/containerd/fifo/1/c-stdout",
+        stderr="fifo:///run/containerd/fifo/1/c-stderr",
+    ).check()
+    stdio.Stdio(stdout="file:///var/log/c.log", stderr="file:///var/log/c.log").check()
+    stdio.Stdio(
+        stdout="binary:///usr/bin/logger?tag=x", stderr="binary:///usr/bin/logger?tag=x"
+    ).check()
+    assert stdio.path_of("stdout", "fifo:///f") == "/f"
+    for uri in ("binary://host/usr/bin/logger", "binary:///usr/bin/../bin/sh"):
+        _refused("stdout", stdio.Stdio(stdout=uri).check)
 
 
 def test_stdio_opens_only_fifos_and_never_through_symlinks(tmp_path: object) -> None:
@@ -162,24 +166,25 @@ def test_stdio_opens_only_fifos_and_never_through_symlinks(tmp_path: object) -> 
     open(regular, "w").close()
     link = os.path.join(d, "link")
     os.symlink(fifo, link)
-    opened = stdio.OpenedStdio(stdio.Stdio(stdin=fifo, stdout=fifo))
+    fds = [stdio.open_input(fifo), stdio.open_output("stdout", fifo)]
     try:
-        assert stat.S_ISFIFO(os.fstat(opened.triple[1]).st_mode)
-        assert os.get_blocking(opened.triple[0])
+        assert stat.S_ISFIFO(os.fstat(fds[1]).st_mode)
+        assert os.get_blocking(fds[0]) and os.get_blocking(fds[1])
     finally:
-        opened.close()
-    for io, field in [
-        (stdio.Stdio(stdout=regular), "stdout"),  # a plain path names a FIFO
-        (stdio.Stdio(stdout=link), "stdout"),
-        (stdio.Stdio(stdin=link), "stdin"),
-        (stdio.Stdio(stdout=os.path.join(d, "missing")), "stdout"),
-        (stdio.Stdio(stderr="file://" + link), "stderr"),
+        for fd in fds:
+            os.close(fd)
+    for field, open_it in [
+        ("stdout", lambda: stdio.open_output("stdout", regular)),  # a plain path: a FIFO
+        ("stdout", lambda: stdio.open_output("stdout", link)),
+        ("stdin", lambda: stdio.open_input(link)),
+        ("stdin", lambda: stdio.open_input(regular)),
+        ("stdout", lambda: stdio.open_output("stdout", os.path.join(d, "missing"))),
+        ("stderr", lambda: stdio.open_output("stderr", "file://" + link)),
     ]:
-        _refused(field, stdio.OpenedStdio, io)
+        _refused(field, open_it)
     # file:// creates the log file (and its directory).
     log = os.path.join(d, "logs", "c.log")
-    opened = stdio.OpenedStdio(stdio.Stdio(stdout="file://" + log, stderr="file://" + log))
-    opened.close()
+    os.close(stdio.open_output("stdout", "file://" + log))
     assert os.path.isfile(log)
 
 

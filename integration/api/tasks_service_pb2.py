@@ -28,7 +28,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from shim.api import task_types_pb2 as task__types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13tasks_service.proto\x12\x1c\x63ontainerd.services.tasks.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x10task_types.proto\"m\n\x0e\x44\x65leteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x03 \x01(\r\x12-\n\texited_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"=\n\x14\x44\x65leteProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"Q\n\x0bKillRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"\'\n\x0fListPidsRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"G\n\x10ListPidsResponse\x12\x33\n\tprocesses\x18\x01 \x03(\x0b\x32 .containerd.v1.types.ProcessInfo\"\xdd\x01\n\x11UpdateTaskRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\'\n\tresources\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any\x12U\n\x0b\x61nnotations\x18\x03 \x03(\x0b\x32@.containerd.services.tasks.v1.UpdateTaskRequest.AnnotationsEntry\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x0bWaitRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"R\n\x0cWaitResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2\xe2\x03\n\x05Tasks\x12q\n\rDeleteProcess\x12\x32.containerd.services.tasks.v1.DeleteProcessRequest\x1a,.containerd.services.tasks.v1.DeleteResponse\x12I\n\x04Kill\x12).containerd.services.tasks.v1.KillRequest\x1a\x16.google.protobuf.Empty\x12i\n\x08ListPids\x12-.containerd.services.tasks.v1.ListPidsRequest\x1a..containerd.services.tasks.v1.ListPidsResponse\x12Q\n\x06Update\x12/.containerd.services.tasks.v1.UpdateTaskRequest\x1a\x16.google.protobuf.Empty\x12]\n\x04Wait\x12).containerd.services.tasks.v1.WaitRequest\x1a*.containerd.services.tasks.v1.WaitResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x13tasks_service.proto\x12\x1c\x63ontainerd.services.tasks.v1\x1a\x19google/protobuf/any.proto\x1a\x1bgoogle/protobuf/empty.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x10task_types.proto\"5\n\x0cStartRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"\x1c\n\rStartResponse\x12\x0b\n\x03pid\x18\x01 \x01(\r\"m\n\x0e\x44\x65leteResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03pid\x18\x02 \x01(\r\x12\x13\n\x0b\x65xit_status\x18\x03 \x01(\r\x12-\n\texited_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"=\n\x14\x44\x65leteProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"Q\n\x0bKillRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\x0e\n\x06signal\x18\x03 \x01(\r\x12\x0b\n\x03\x61ll\x18\x04 \x01(\x08\"\'\n\x0fListPidsRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\"G\n\x10ListPidsResponse\x12\x33\n\tprocesses\x18\x01 \x03(\x0b\x32 .containerd.v1.types.ProcessInfo\"\xdd\x01\n\x11UpdateTaskRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\'\n\tresources\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any\x12U\n\x0b\x61nnotations\x18\x03 \x03(\x0b\x32@.containerd.services.tasks.v1.UpdateTaskRequest.AnnotationsEntry\x1a\x32\n\x10\x41nnotationsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"4\n\x0bWaitRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\"R\n\x0cWaitResponse\x12\x13\n\x0b\x65xit_status\x18\x01 \x01(\r\x12-\n\texited_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xa0\x01\n\x12\x45xecProcessRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\r\n\x05stdin\x18\x02 \x01(\t\x12\x0e\n\x06stdout\x18\x03 \x01(\t\x12\x0e\n\x06stderr\x18\x04 \x01(\t\x12\x10\n\x08terminal\x18\x05 \x01(\x08\x12\"\n\x04spec\x18\x06 \x01(\x0b\x32\x14.google.protobuf.Any\x12\x0f\n\x07\x65xec_id\x18\x07 \x01(\t\"X\n\x10ResizePtyRequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\"F\n\x0e\x43loseIORequest\x12\x14\n\x0c\x63ontainer_id\x18\x01 \x01(\t\x12\x0f\n\x07\x65xec_id\x18\x02 \x01(\t\x12\r\n\x05stdin\x18\x03 \x01(\x08\x32\xbc\x06\n\x05Tasks\x12`\n\x05Start\x12*.containerd.services.tasks.v1.StartRequest\x1a+.containerd.services.tasks.v1.StartResponse\x12q\n\rDeleteProcess\x12\x32.containerd.services.tasks.v1.DeleteProcessRequest\x1a,.containerd.services.tasks.v1.DeleteResponse\x12I\n\x04Kill\x12).containerd.services.tasks.v1.KillRequest\x1a\x16.google.protobuf.Empty\x12i\n\x08ListPids\x12-.containerd.services.tasks.v1.ListPidsRequest\x1a..containerd.services.tasks.v1.ListPidsResponse\x12Q\n\x06Update\x12/.containerd.services.tasks.v1.UpdateTaskRequest\x1a\x16.google.protobuf.Empty\x12]\n\x04Wait\x12).containerd.services.tasks.v1.WaitRequest\x1a*.containerd.services.tasks.v1.WaitResponse\x12P\n\x04\x45xec\x12\x30.containerd.services.tasks.v1.ExecProcessRequest\x1a\x16.google.protobuf.Empty\x12S\n\tResizePty\x12..containerd.services.tasks.v1.ResizePtyRequest\x1a\x16.google.protobuf.Empty\x12O\n\x07\x43loseIO\x12,.containerd.services.tasks.v1.CloseIORequest\x1a\x16.google.protobuf.Emptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,24 +37,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_UPDATETASKREQUEST_ANNOTATIONSENTRY']._loaded_options = None
   _globals['_UPDATETASKREQUEST_ANNOTATIONSENTRY']._serialized_options = b'8\001'
-  _globals['_DELETERESPONSE']._serialized_start=160
-  _globals['_DELETERESPONSE']._serialized_end=269
-  _globals['_DELETEPROCESSREQUEST']._serialized_start=271
-  _globals['_DELETEPROCESSREQUEST']._serialized_end=332
-  _globals['_KILLREQUEST']._serialized_start=334
-  _globals['_KILLREQUEST']._serialized_end=415
-  _globals['_LISTPIDSREQUEST']._serialized_start=417
-  _globals['_LISTPIDSREQUEST']._serialized_end=456
-  _globals['_LISTPIDSRESPONSE']._serialized_start=458
-  _globals['_LISTPIDSRESPONSE']._serialized_end=529
-  _globals['_UPDATETASKREQUEST']._serialized_start=532
-  _globals['_UPDATETASKREQUEST']._serialized_end=753
-  _globals['_UPDATETASKREQUEST_ANNOTATIONSENTRY']._serialized_start=703
-  _globals['_UPDATETASKREQUEST_ANNOTATIONSENTRY']._serialized_end=753
-  _globals['_WAITREQUEST']._serialized_start=755
-  _globals['_WAITREQUEST']._serialized_end=807
-  _globals['_WAITRESPONSE']._serialized_start=809
-  _globals['_WAITRESPONSE']._serialized_end=891
-  _globals['_TASKS']._serialized_start=894
-  _globals['_TASKS']._serialized_end=1376
+  _globals['_STARTREQUEST']._serialized_start=160
+  _globals['_STARTREQUEST']._serialized_end=213
+  _globals['_STARTRESPONSE']._serialized_start=215
+  _globals['_STARTRESPONSE']._serialized_end=243
+  _globals['_DELETERESPONSE']._serialized_start=245
+  _globals['_DELETERESPONSE']._serialized_end=354
+  _globals['_DELETEPROCESSREQUEST']._serialized_start=356
+  _globals['_DELETEPROCESSREQUEST']._serialized_end=417
+  _globals['_KILLREQUEST']._serialized_start=419
+  _globals['_KILLREQUEST']._serialized_end=500
+  _globals['_LISTPIDSREQUEST']._serialized_start=502
+  _globals['_LISTPIDSREQUEST']._serialized_end=541
+  _globals['_LISTPIDSRESPONSE']._serialized_start=543
+  _globals['_LISTPIDSRESPONSE']._serialized_end=614
+  _globals['_UPDATETASKREQUEST']._serialized_start=617
+  _globals['_UPDATETASKREQUEST']._serialized_end=838
+  _globals['_UPDATETASKREQUEST_ANNOTATIONSENTRY']._serialized_start=788
+  _globals['_UPDATETASKREQUEST_ANNOTATIONSENTRY']._serialized_end=838
+  _globals['_WAITREQUEST']._serialized_start=840
+  _globals['_WAITREQUEST']._serialized_end=892
+  _globals['_WAITRESPONSE']._serialized_start=894
+  _globals['_WAITRESPONSE']._serialized_end=976
+  _globals['_EXECPROCESSREQUEST']._serialized_start=979
+  _globals['_EXECPROCESSREQUEST']._serialized_end=1139
+  _globals['_RESIZEPTYREQUEST']._serialized_start=1141
+  _globals['_RESIZEPTYREQUEST']._serialized_end=1229
+  _globals['_CLOSEIOREQUEST']._serialized_start=1231
+  _globals['_CLOSEIOREQUEST']._serialized_end=1301
+  _globals['_TASKS']._serialized_start=1304
+  _globals['_TASKS']._serialized_end=2132
 # @@protoc_insertion_point(module_scope)

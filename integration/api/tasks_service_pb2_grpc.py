@@ -35,6 +35,11 @@ class TasksStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Start = channel.unary_unary(
+                '/containerd.services.tasks.v1.Tasks/Start',
+                request_serializer=tasks__service__pb2.StartRequest.SerializeToString,
+                response_deserializer=tasks__service__pb2.StartResponse.FromString,
+                _registered_method=True)
         self.DeleteProcess = channel.unary_unary(
                 '/containerd.services.tasks.v1.Tasks/DeleteProcess',
                 request_serializer=tasks__service__pb2.DeleteProcessRequest.SerializeToString,
@@ -60,10 +65,31 @@ class TasksStub:
                 request_serializer=tasks__service__pb2.WaitRequest.SerializeToString,
                 response_deserializer=tasks__service__pb2.WaitResponse.FromString,
                 _registered_method=True)
+        self.Exec = channel.unary_unary(
+                '/containerd.services.tasks.v1.Tasks/Exec',
+                request_serializer=tasks__service__pb2.ExecProcessRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.ResizePty = channel.unary_unary(
+                '/containerd.services.tasks.v1.Tasks/ResizePty',
+                request_serializer=tasks__service__pb2.ResizePtyRequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
+        self.CloseIO = channel.unary_unary(
+                '/containerd.services.tasks.v1.Tasks/CloseIO',
+                request_serializer=tasks__service__pb2.CloseIORequest.SerializeToString,
+                response_deserializer=google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+                _registered_method=True)
 
 
 class TasksServicer:
     """Missing associated documentation comment in .proto file."""
+
+    def Start(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
 
     def DeleteProcess(self, request, context):
         """Missing associated documentation comment in .proto file."""
@@ -95,9 +121,32 @@ class TasksServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Exec(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResizePty(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CloseIO(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TasksServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Start': grpc.unary_unary_rpc_method_handler(
+                    servicer.Start,
+                    request_deserializer=tasks__service__pb2.StartRequest.FromString,
+                    response_serializer=tasks__service__pb2.StartResponse.SerializeToString,
+            ),
             'DeleteProcess': grpc.unary_unary_rpc_method_handler(
                     servicer.DeleteProcess,
                     request_deserializer=tasks__service__pb2.DeleteProcessRequest.FromString,
@@ -123,6 +172,21 @@ def add_TasksServicer_to_server(servicer, server):
                     request_deserializer=tasks__service__pb2.WaitRequest.FromString,
                     response_serializer=tasks__service__pb2.WaitResponse.SerializeToString,
             ),
+            'Exec': grpc.unary_unary_rpc_method_handler(
+                    servicer.Exec,
+                    request_deserializer=tasks__service__pb2.ExecProcessRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'ResizePty': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResizePty,
+                    request_deserializer=tasks__service__pb2.ResizePtyRequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
+            'CloseIO': grpc.unary_unary_rpc_method_handler(
+                    servicer.CloseIO,
+                    request_deserializer=tasks__service__pb2.CloseIORequest.FromString,
+                    response_serializer=google_dot_protobuf_dot_empty__pb2.Empty.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'containerd.services.tasks.v1.Tasks', rpc_method_handlers)
@@ -133,6 +197,33 @@ def add_TasksServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Tasks:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Start(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.tasks.v1.Tasks/Start',
+            tasks__service__pb2.StartRequest.SerializeToString,
+            tasks__service__pb2.StartResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def DeleteProcess(request,
@@ -259,6 +350,87 @@ class Tasks:
             '/containerd.services.tasks.v1.Tasks/Wait',
             tasks__service__pb2.WaitRequest.SerializeToString,
             tasks__service__pb2.WaitResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Exec(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.tasks.v1.Tasks/Exec',
+            tasks__service__pb2.ExecProcessRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResizePty(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.tasks.v1.Tasks/ResizePty',
+            tasks__service__pb2.ResizePtyRequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CloseIO(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/containerd.services.tasks.v1.Tasks/CloseIO',
+            tasks__service__pb2.CloseIORequest.SerializeToString,
+            google_dot_protobuf_dot_empty__pb2.Empty.FromString,
             options,
             channel_credentials,
             insecure,

@@ -251,7 +251,7 @@ def shim_pids(runtime: str, address: str) -> list[int]:
     daemons = {
         p.pid
         for p in procs
-        if any(os.path.basename(a) == EMBED_SHIM for a in p.cmdline[:2])
+        if any(os.path.basename(a) == EMBED_SHIM for a in p.cmdline[:3])  # [python, -SE,] script
         and "daemon" in p.cmdline
         and _address_arg(p.cmdline) == address
     }

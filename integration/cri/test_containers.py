@@ -202,15 +202,8 @@ def test_oom_killed_container_reports_oomkilled(node: CriNode, handler: str) -> 
         )
         st = node.wait_exited(cid)
         assert st.exit_code == 137
-        if (
-            handler == "embed"
-            and st.reason != "OOMKilled"
-            and not events.payloads("/tasks/oom", cid)
-        ):
-            pytest.xfail(
-                "embedshim publishes no /tasks/oom event yet (issue 5), and CRI in containerd "
-                "1.6 learns OOMKilled only from that event"
-            )
+        # CRI in containerd 1.6 learns OOMKilled only from the /tasks/oom event.
         assert st.reason == "OOMKilled"
+        assert events.payloads("/tasks/oom", cid)
     finally:
         events.close()

@@ -9,18 +9,17 @@ library, so it can be lifted out on its own.
 noticing.
 
 The asyncio parts are imported on first use, so a short-lived process that only needs the
-codec (a blocking client, say) does not pay for importing asyncio.
+codec (a blocking client, say) does not pay for importing asyncio; nor does importing the
+package import ``typing`` or ``importlib``.
 """
-
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
 
 from .codec import MAX_MESSAGE_SIZE
 from .errors import ClosedError, Code, MessageTooLargeError, ProtocolError, TTRPCError
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from .client import Client
     from .handoff import ConnectionHandoff, PendingCall, ServerHandoff
     from .server import Context, Handler, PeerCred, Server, require_same_user
@@ -56,11 +55,13 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> "Any":
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
 

@@ -7,16 +7,21 @@ asyncio layer stays a thin shell around it.
 The protobuf encoding of ``ttrpc.Request``/``ttrpc.Response``/``google.rpc.Status`` is written by
 hand: they are five small messages, and doing it here keeps the package free of a protobuf
 dependency (the RPC payloads themselves stay opaque bytes).
+
+The short-lived ``start`` and ``delete`` subcommands import this module, so it imports nothing
+but its siblings: the messages are small ``__slots__`` classes rather than dataclasses, the
+enums come from ``_intenum``, the header is packed without ``struct``, and there is no
+``from __future__ import annotations`` (each of those imports costs more than this module).
 """
 
-from __future__ import annotations
-
-import enum
-import struct
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-
 from .errors import Code, MessageTooLargeError, ProtocolError, TTRPCError
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+    from enum import IntEnum
+else:
+    from ._intenum import IntEnum
 
 __all__ = [
     "HEADER_SIZE",
@@ -48,10 +53,8 @@ MAX_MESSAGE_SIZE = 4 << 20
 HEADER_SIZE = 10
 MAX_STREAM_ID = 0xFFFF_FFFF
 
-_HEADER = struct.Struct(">IIBB")
 
-
-class MessageType(enum.IntEnum):
+class MessageType(IntEnum):
     """Frame types. Unknown values are legal on the wire and must be ignored by receivers."""
 
     REQUEST = 1
@@ -59,8 +62,9 @@ class MessageType(enum.IntEnum):
     DATA = 3
 
 
-class Flags(enum.IntFlag):
-    """Frame flags; a unary request carries none."""
+class Flags(IntEnum):
+    """Frame flags; a unary request carries none.  (An IntFlag before; combined flags are
+    plain ints, which is all the codec needs.)"""
 
     REMOTE_CLOSED = 1
     REMOTE_OPEN = 2
@@ -144,7 +148,7 @@ def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
     return result, pos
 
 
-def _fields(data: bytes) -> Iterator[tuple[int, int, int | bytes]]:
+def _fields(data: bytes) -> "Iterator[tuple[int, int, int | bytes]]":
     """Yield (field number, wire type, value) for each field, validating framing only."""
     pos = 0
     end = len(data)
@@ -187,16 +191,62 @@ def _signed(value: int, bits: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# Immutable values: what ``@dataclass(frozen=True)`` gave, without importing dataclasses.
+
+_set = object.__setattr__
+
+
+class _Record:
+    """A frozen value: its fields are its ``__slots__`` (in ``__init__`` order), set once by
+    ``__init__``; equal to a record of the same class with equal fields, hashable, with a
+    dataclass-style repr."""
+
+    __slots__: tuple[str, ...] = ()
+
+    def _values(self) -> tuple[object, ...]:
+        return tuple([getattr(self, name) for name in self.__slots__])
+
+    def __eq__(self, other: object) -> bool:
+        if other.__class__ is not self.__class__:
+            return NotImplemented
+        assert isinstance(other, _Record)
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+    def __repr__(self) -> str:
+        fields = ", ".join([f"{name}={getattr(self, name)!r}" for name in self.__slots__])
+        return f"{type(self).__qualname__}({fields})"
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"cannot assign to field {name!r}")
+
+    def __delattr__(self, name: str) -> None:
+        raise AttributeError(f"cannot delete field {name!r}")
+
+    def __reduce__(self) -> tuple[type, tuple[object, ...]]:
+        return type(self), self._values()
+
+
+# --------------------------------------------------------------------------------------------
 # Messages. A field whose wire type does not match is skipped, as protobuf treats it as unknown.
 
 
-@dataclass(frozen=True)
-class Status:
+class Status(_Record):
     """google.rpc.Status. ``details`` are google.protobuf.Any as opaque (type_url, value)."""
 
-    code: int = Code.OK
-    message: str = ""
-    details: tuple[tuple[str, bytes], ...] = ()
+    __slots__ = ("code", "message", "details")
+    code: int
+    message: str
+    details: tuple[tuple[str, bytes], ...]
+
+    def __init__(
+        self, code: int = Code.OK, message: str = "", details: tuple[tuple[str, bytes], ...] = ()
+    ) -> None:
+        _set(self, "code", code)
+        _set(self, "message", message)
+        _set(self, "details", details)
 
     def encode(self) -> bytes:
         # The message is human text: a stray surrogate must not stop an error being reported.
@@ -208,7 +258,7 @@ class Status:
         return b"".join(out)
 
     @classmethod
-    def decode(cls, data: bytes) -> Status:
+    def decode(cls, data: bytes) -> "Status":
         code = 0
         message = ""
         details: list[tuple[str, bytes]] = []
@@ -232,7 +282,7 @@ class Status:
         return TTRPCError(Code.from_wire(self.code), self.message, self.details)
 
     @classmethod
-    def from_error(cls, error: TTRPCError) -> Status:
+    def from_error(cls, error: TTRPCError) -> "Status":
         return cls(int(error.code), error.message, error.details)
 
 
@@ -249,15 +299,29 @@ def _decode_any(data: bytes) -> tuple[str, bytes]:
     return type_url, value
 
 
-@dataclass(frozen=True)
-class Request:
+class Request(_Record):
     """ttrpc.Request. ``metadata`` keeps wire order and repeats, since keys may be multi-valued."""
 
-    service: str = ""
-    method: str = ""
-    payload: bytes = b""
-    timeout_nano: int = 0
-    metadata: tuple[tuple[str, str], ...] = ()
+    __slots__ = ("service", "method", "payload", "timeout_nano", "metadata")
+    service: str
+    method: str
+    payload: bytes
+    timeout_nano: int
+    metadata: tuple[tuple[str, str], ...]
+
+    def __init__(
+        self,
+        service: str = "",
+        method: str = "",
+        payload: bytes = b"",
+        timeout_nano: int = 0,
+        metadata: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        _set(self, "service", service)
+        _set(self, "method", method)
+        _set(self, "payload", payload)
+        _set(self, "timeout_nano", timeout_nano)
+        _set(self, "metadata", metadata)
 
     def encode(self) -> bytes:
         out = [
@@ -272,7 +336,7 @@ class Request:
         return b"".join(out)
 
     @classmethod
-    def decode(cls, data: bytes) -> Request:
+    def decode(cls, data: bytes) -> "Request":
         service = method = ""
         payload = b""
         timeout_nano = 0
@@ -310,18 +374,25 @@ def _decode_key_value(data: bytes) -> tuple[str, str]:
     return key, value
 
 
-@dataclass(frozen=True)
-class Response:
+_OK = Status()
+
+
+class Response(_Record):
     """ttrpc.Response. The status is always encoded (even OK), as Go's server does."""
 
-    status: Status = field(default_factory=Status)
-    payload: bytes = b""
+    __slots__ = ("status", "payload")
+    status: Status
+    payload: bytes
+
+    def __init__(self, status: Status = _OK, payload: bytes = b"") -> None:
+        _set(self, "status", status)
+        _set(self, "payload", payload)
 
     def encode(self) -> bytes:
         return _bytes_field(1, self.status.encode(), always=True) + _bytes_field(2, self.payload)
 
     @classmethod
-    def decode(cls, data: bytes) -> Response:
+    def decode(cls, data: bytes) -> "Response":
         # A repeated submessage field merges; decoding the concatenation is exactly that merge.
         status_parts: list[bytes] = []
         payload = b""
@@ -340,23 +411,36 @@ class Response:
 # Frames.
 
 
-@dataclass(frozen=True)
-class FrameHeader:
+class FrameHeader(_Record):
     """The 10-byte big-endian frame header. ``type`` stays an int: unknown types are legal."""
 
+    __slots__ = ("length", "stream_id", "type", "flags")
     length: int
     stream_id: int
     type: int
-    flags: int = 0
+    flags: int
+
+    def __init__(self, length: int, stream_id: int, type: int, flags: int = 0) -> None:
+        _set(self, "length", length)
+        _set(self, "stream_id", stream_id)
+        _set(self, "type", type)
+        _set(self, "flags", flags)
 
     def encode(self) -> bytes:
-        return _HEADER.pack(self.length, self.stream_id, self.type, self.flags)
+        # uint32 length, uint32 stream id, uint8 type, uint8 flags (what struct ">IIBB" does)
+        return (
+            self.length.to_bytes(4, "big")
+            + self.stream_id.to_bytes(4, "big")
+            + bytes((self.type, self.flags))
+        )
 
     @classmethod
-    def decode(cls, data: bytes | bytearray | memoryview) -> FrameHeader:
+    def decode(cls, data: bytes | bytearray | memoryview) -> "FrameHeader":
         if len(data) != HEADER_SIZE:
             raise ProtocolError(f"frame header needs {HEADER_SIZE} bytes, got {len(data)}")
-        return cls(*_HEADER.unpack(data))
+        return cls(
+            int.from_bytes(data[0:4], "big"), int.from_bytes(data[4:8], "big"), data[8], data[9]
+        )
 
 
 def encode_frame(
@@ -375,24 +459,36 @@ def encode_frame(
     return FrameHeader(len(payload), stream_id, type, flags).encode() + payload
 
 
-@dataclass(frozen=True)
-class Frame:
+class Frame(_Record):
     """A complete frame received."""
 
+    __slots__ = ("stream_id", "type", "flags", "payload")
     stream_id: int
     type: int
     flags: int
     payload: bytes
 
+    def __init__(self, stream_id: int, type: int, flags: int, payload: bytes) -> None:
+        _set(self, "stream_id", stream_id)
+        _set(self, "type", type)
+        _set(self, "flags", flags)
+        _set(self, "payload", payload)
 
-@dataclass(frozen=True)
-class OversizedFrame:
+
+class OversizedFrame(_Record):
     """A frame over the size limit was announced; its payload is being skipped, not stored."""
 
+    __slots__ = ("stream_id", "type", "flags", "length")
     stream_id: int
     type: int
     flags: int
     length: int
+
+    def __init__(self, stream_id: int, type: int, flags: int, length: int) -> None:
+        _set(self, "stream_id", stream_id)
+        _set(self, "type", type)
+        _set(self, "flags", flags)
+        _set(self, "length", length)
 
 
 FrameEvent = Frame | OversizedFrame
@@ -497,27 +593,34 @@ class FrameDecoder:
 # Connection state machines.
 
 
-@dataclass(frozen=True)
-class RequestReceived:
+class RequestReceived(_Record):
     """A well-formed unary request the server should dispatch."""
 
+    __slots__ = ("stream_id", "request")
     stream_id: int
     request: Request
 
+    def __init__(self, stream_id: int, request: Request) -> None:
+        _set(self, "stream_id", stream_id)
+        _set(self, "request", request)
 
-@dataclass(frozen=True)
-class RequestRejected:
+
+class RequestRejected(_Record):
     """A request the protocol layer already refused; answer ``stream_id`` with ``status``."""
 
+    __slots__ = ("stream_id", "status")
     stream_id: int
     status: Status
+
+    def __init__(self, stream_id: int, status: Status) -> None:
+        _set(self, "stream_id", stream_id)
+        _set(self, "status", status)
 
 
 ServerEvent = RequestReceived | RequestRejected
 
 
-@dataclass(frozen=True)
-class ServerConnectionState:
+class ServerConnectionState(_Record):
     """What a :class:`ServerConnection` must remember to continue on another instance.
 
     ``unread`` holds bytes received but not yet part of a complete frame, ``discard`` the
@@ -525,9 +628,15 @@ class ServerConnectionState:
     ``last_stream_id`` keeps the stream-id ordering check going.
     """
 
-    last_stream_id: int = 0
-    unread: bytes = b""
-    discard: int = 0
+    __slots__ = ("last_stream_id", "unread", "discard")
+    last_stream_id: int
+    unread: bytes
+    discard: int
+
+    def __init__(self, last_stream_id: int = 0, unread: bytes = b"", discard: int = 0) -> None:
+        _set(self, "last_stream_id", last_stream_id)
+        _set(self, "unread", unread)
+        _set(self, "discard", discard)
 
 
 class ServerConnection:
@@ -626,12 +735,16 @@ def _reject(stream_id: int, code: Code, message: str) -> RequestRejected:
     return RequestRejected(stream_id, Status(code, message))
 
 
-@dataclass(frozen=True)
-class ResponseReceived:
+class ResponseReceived(_Record):
     """The answer for ``stream_id``; a local failure (oversize, undecodable) is a status too."""
 
+    __slots__ = ("stream_id", "response")
     stream_id: int
     response: Response
+
+    def __init__(self, stream_id: int, response: Response) -> None:
+        _set(self, "stream_id", stream_id)
+        _set(self, "response", response)
 
 
 class ClientConnection:

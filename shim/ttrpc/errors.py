@@ -2,11 +2,15 @@
 
 The codes are gRPC's: ttrpc carries a ``google.rpc.Status`` and containerd maps its code
 through errdefs exactly as it would a gRPC error, so the numbers must be the standard ones.
+
+Imported by the short-lived subcommands: no ``enum`` (see ``_intenum``), no ``__future__``.
 """
 
-from __future__ import annotations
-
-import enum
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from enum import IntEnum
+else:
+    from ._intenum import IntEnum
 
 __all__ = [
     "ClosedError",
@@ -17,7 +21,7 @@ __all__ = [
 ]
 
 
-class Code(enum.IntEnum):
+class Code(IntEnum):
     """gRPC status codes (google.rpc.Code)."""
 
     OK = 0
@@ -39,7 +43,7 @@ class Code(enum.IntEnum):
     UNAUTHENTICATED = 16
 
     @classmethod
-    def from_wire(cls, value: int) -> Code:
+    def from_wire(cls, value: int) -> "Code":
         """Map a received code; a number outside the table is UNKNOWN rather than a crash."""
         try:
             return cls(value)
