@@ -8,7 +8,7 @@ CRI_PROTO := proto/cri_api.proto
 PROTOS := $(filter-out $(CRI_PROTO),$(wildcard proto/*.proto))
 CRI_API := integration/cri/api
 
-.PHONY: setup demo test unit integration cri lint proto bpf bench soak clean
+.PHONY: setup demo test unit integration cri lint proto bpf bench soak fuzz clean
 
 setup: .setup-debs $(VENV)/.installed
 	@$(PY) -m shim.setupcheck
@@ -68,6 +68,14 @@ demo: setup
 
 bench: setup
 	$(PY) -m integration.bench.bench $(BENCH_ARGS)
+
+# 1,000 create/start/exit/delete cycles (half with an exec); prints the before/after figures.
+soak: setup
+	EMBEDSHIM_SOAK_CYCLES=$${EMBEDSHIM_SOAK_CYCLES:-1000} $(PY) -m pytest -q -s integration/test_soak.py
+
+# The live-daemon fuzz test, twenty times longer than in `make test`; prints the inputs tried.
+fuzz: setup
+	EMBEDSHIM_FUZZ_SCALE=$${EMBEDSHIM_FUZZ_SCALE:-20} $(PY) -m pytest -q -s integration/test_fuzz.py
 
 clean:
 	rm -rf build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -535,6 +535,7 @@ def _private_containerd(namespace: str) -> Containerd:
         {
             "EMBEDSHIM_ROOT": ctrd.embedshim_root,
             "EMBEDSHIM_BPF_ROOT": bpf_root(ctrd),
+            "EMBEDSHIM_BUNDLE_ROOTS": ctrd.state,
             "EMBEDSHIM_IDLE_EXIT": str(IDLE_EXIT),
         }
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from typing import Any, TypeVar
 
 from integration.harness import Containerd, ProcInfo, parse_event, processes_matching, wait_for
 from shim.paths import DaemonPaths
+from shim.ttrpc import Client
 
 RUNTIME = "io.containerd.embed.v1"
 SHIM = "containerd-shim-embed-v1"
@@ -25,8 +27,19 @@ BPF_TEST_ROOT = "/sys/fs/bpf/embedshim-test"
 
 def embedshim_env() -> dict[str, str]:
     """The environment that keeps a test's daemon files in its containerd's temp dir and its
-    BPF pins in a bpffs dir of its own (removed by remove_bpf_pins)."""
-    return {"EMBEDSHIM_ROOT": "{tmp}/embedshim", "EMBEDSHIM_BPF_ROOT": BPF_TEST_ROOT}
+    BPF pins in a bpffs dir of its own (removed by remove_bpf_pins), and lets the daemon
+    take bundles from that containerd's state dir."""
+    return {
+        "EMBEDSHIM_ROOT": "{tmp}/embedshim",
+        "EMBEDSHIM_BPF_ROOT": BPF_TEST_ROOT,
+        "EMBEDSHIM_BUNDLE_ROOTS": "{tmp}/state",
+    }
+
+
+def bundle_dir(c: Containerd, namespace: str, id: str) -> str:
+    """Where containerd would put the bundle of (namespace, id): the only place the daemon
+    accepts one from."""
+    return os.path.join(c.state, "io.containerd.runtime.v2.task", namespace, id)
 
 
 def daemon_paths(c: Containerd) -> DaemonPaths:
@@ -61,9 +74,55 @@ def daemons(c: Containerd) -> list[ProcInfo]:
     )
 
 
-def start_daemon(c: Containerd, bundle: str, namespace: str = "test", id: str = "x") -> str:
+def oci_spec(rootfs: str, *args: str) -> dict[str, object]:
+    """A minimal OCI config for a busybox rootfs (read-only, its own pid namespace)."""
+    return {
+        "ociVersion": "1.0.2",
+        "process": {
+            "args": list(args),
+            "cwd": "/",
+            "env": ["PATH=/bin:/sbin:/usr/bin"],
+            "user": {"uid": 0, "gid": 0},
+        },
+        "root": {"path": rootfs, "readonly": True},
+        "linux": {"namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")]},
+        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
+    }
+
+
+def write_bundle(c: Containerd, namespace: str, id: str, config: object) -> str:
+    """A bundle where containerd would make it, with ``config`` (a dict or raw text)."""
+    bundle = bundle_dir(c, namespace, id)
+    os.makedirs(bundle)
+    with open(os.path.join(bundle, "config.json"), "w") as f:
+        f.write(config if isinstance(config, str) else json.dumps(config))
+    return bundle
+
+
+async def call(
+    address: str,
+    method: str,
+    msg: object,
+    ns: str | None = "direct",
+    service: str = TASK_SERVICE,
+    timeout: float = 30,
+) -> bytes:
+    """One call straight to the daemon (``msg``: a protobuf message or raw bytes)."""
+    payload = msg if isinstance(msg, bytes) else msg.SerializeToString()  # type: ignore[attr-defined]
+    metadata = {"containerd-namespace-ttrpc": ns} if ns is not None else {}
+    async with await Client.connect(address) as client:
+        return await client.call(service, method, payload, metadata=metadata, timeout=timeout)
+
+
+def start_daemon(
+    c: Containerd,
+    bundle: str,
+    namespace: str = "test",
+    id: str = "x",
+    env: dict[str, str] | None = None,
+) -> str:
     """Run the ``start`` subcommand as containerd would; returns the address it printed."""
-    env = dict(c.env)
+    env = {**c.env, **(env or {})}
     env["TTRPC_ADDRESS"] = c.ttrpc_address
     out = subprocess.run(
         [

@@ -2,23 +2,26 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import threading
 import time
+from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import pytest
 
 from integration.embed import (
     RUNTIME,
-    TASK_SERVICE,
+    call,
     daemon_paths,
     daemons,
+    oci_spec,
     run,
     start_daemon,
+    write_bundle,
 )
 from integration.harness import (
     Containerd,
@@ -30,7 +33,7 @@ from integration.harness import (
     wait_for,
 )
 from shim.api import shim_pb2
-from shim.ttrpc import Client, Code, TTRPCError
+from shim.ttrpc import Code, TTRPCError
 
 
 def test_run_prints_output_and_exits_with_the_container_status(
@@ -116,39 +119,15 @@ def test_events_in_order_with_exit_status(containerd: Containerd, busybox: str) 
 
 
 def _bundle(containerd: Containerd, busybox: str, ns: str, cid: str, config: object) -> str:
-    bundle = os.path.join(containerd.tmp, "bundles", ns, cid)
-    os.makedirs(bundle)
-    with open(os.path.join(bundle, "config.json"), "w") as f:
-        f.write(config if isinstance(config, str) else json.dumps(config))
-    return bundle
+    return write_bundle(containerd, ns, cid, config)
 
 
 def _spec(busybox: str, *args: str) -> dict[str, object]:
-    return {
-        "ociVersion": "1.0.2",
-        "process": {
-            "args": list(args),
-            "cwd": "/",
-            "env": ["PATH=/bin:/sbin:/usr/bin"],
-            "user": {"uid": 0, "gid": 0},
-        },
-        "root": {"path": busybox, "readonly": True},
-        "linux": {
-            "namespaces": [{"type": t} for t in ("pid", "mount", "ipc", "uts")],
-        },
-        "mounts": [{"destination": "/proc", "type": "proc", "source": "proc"}],
-    }
+    return oci_spec(busybox, *args)
 
 
-async def _call(address: str, method: str, msg: object, ns: str = "direct") -> bytes:
-    async with await Client.connect(address) as client:
-        return await client.call(
-            TASK_SERVICE,
-            method,
-            msg.SerializeToString(),  # type: ignore[attr-defined]
-            metadata={"containerd-namespace-ttrpc": ns},
-            timeout=30,
-        )
+def _call(address: str, method: str, msg: object, ns: str = "direct") -> Coroutine[Any, Any, bytes]:
+    return call(address, method, msg, ns)
 
 
 def _code(address: str, method: str, msg: object) -> Code:

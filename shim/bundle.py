@@ -3,6 +3,12 @@
 containerd owns the bundle directory (``<state>/io.containerd.runtime.v2.task/<ns>/<id>``);
 we read its ``config.json``, mount the rootfs on ``rootfs/``, and write ``address`` (how
 containerd 1.6 finds the daemon again after its own restart) and ``init.pid``.
+
+The daemon mounts onto and writes into that directory as root, so a Create is accepted only
+for a bundle exactly where containerd puts one: ``<state>/io.containerd.runtime.v2.task/
+<namespace>/<id>``, with ``<state>`` one of the allowed containerd state directories
+(``EMBEDSHIM_BUNDLE_ROOTS``, colon-separated; default ``/run/containerd``), and no symbolic
+link below ``<state>``.
 """
 
 from __future__ import annotations
@@ -13,6 +19,50 @@ from dataclasses import dataclass
 from typing import Any
 
 from shim import errors
+
+TASK_DIR = "io.containerd.runtime.v2.task"
+ROOTS_ENV = "EMBEDSHIM_BUNDLE_ROOTS"
+DEFAULT_ROOTS = ("/run/containerd",)
+PATH_MAX = 4096
+MAX_CONFIG = 16 << 20  # a config.json beyond this is cut short, so it fails to parse
+
+
+def allowed_roots() -> tuple[str, ...]:
+    """The containerd state directories bundles may live in (absolute, normalised)."""
+    raw = os.environ.get(ROOTS_ENV, "")
+    roots = [r for r in raw.split(":") if r] if raw else list(DEFAULT_ROOTS)
+    return tuple(os.path.normpath(r) for r in roots if os.path.isabs(r))
+
+
+def check_path(path: str, namespace: str, id: str, roots: tuple[str, ...] | None = None) -> str:
+    """``path`` if it is the bundle containerd would pass for (namespace, id), else
+    InvalidArgument naming the field."""
+    if not path:
+        raise errors.invalid("bundle: must not be empty")
+    if "\0" in path or len(path) > PATH_MAX:
+        raise errors.invalid(f"bundle: {path[:100]!r} is not a usable path")
+    if not os.path.isabs(path):
+        raise errors.invalid(f"bundle: {path!r} is not an absolute path")
+    if os.path.normpath(path) != path or path.startswith("//"):
+        raise errors.invalid(f"bundle: {path!r} is not a clean path")
+    ns_dir = os.path.dirname(path)
+    task_dir = os.path.dirname(ns_dir)
+    if (
+        os.path.basename(path) != id
+        or os.path.basename(ns_dir) != namespace
+        or os.path.basename(task_dir) != TASK_DIR
+    ):
+        raise errors.invalid(f"bundle: {path!r} is not <state>/{TASK_DIR}/{namespace}/{id}")
+    state = os.path.dirname(task_dir)
+    roots = allowed_roots() if roots is None else roots
+    if state not in roots:
+        raise errors.invalid(
+            f"bundle: {path!r} is not in an allowed containerd state directory "
+            f"({':'.join(roots) or 'none'}; see {ROOTS_ENV})"
+        )
+    if os.path.realpath(path) != os.path.join(os.path.realpath(state), TASK_DIR, namespace, id):
+        raise errors.invalid(f"bundle: {path!r} goes through a symbolic link")
+    return path
 
 
 @dataclass
@@ -29,11 +79,12 @@ class Bundle:
             raise errors.invalid(f"bundle: {path} is not a directory")
         cfg_path = os.path.join(path, "config.json")
         try:
-            with open(cfg_path, "rb") as f:
-                config = json.loads(f.read())
+            fd = os.open(cfg_path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with open(fd, "rb") as f:
+                config = json.loads(f.read(MAX_CONFIG + 1))
         except FileNotFoundError:
             raise errors.invalid(f"bundle: {cfg_path} does not exist") from None
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             raise errors.invalid(f"bundle: {cfg_path} is not valid JSON: {exc}") from None
         if not isinstance(config, dict):
             raise errors.invalid(f"bundle: {cfg_path} is not a JSON object")
@@ -48,6 +99,12 @@ class Bundle:
     @property
     def rootfs(self) -> str:
         return os.path.join(self.path, "rootfs")
+
+    def check_rootfs(self) -> None:
+        """The mount target must be a real directory of the bundle: mount(2) follows a
+        symbolic link, which would put the container's rootfs anywhere on the host."""
+        if os.path.islink(self.rootfs):
+            raise errors.invalid(f"bundle: {self.rootfs} is a symbolic link")
 
     @property
     def pid_file(self) -> str:

@@ -38,7 +38,8 @@ from shim.reaper import Reaper, become_subreaper
 from shim.service import DAEMON_SERVICE, TASK_SERVICE, TaskService
 from shim.statestore import StateStore
 from shim.task import Deps, Tasks
-from shim.ttrpc import Server, require_same_user
+from shim.ttrpc import PeerCred, Server, require_same_user
+from shim.ttrpc.server import FRAME_TIMEOUT
 
 RESERVATION_TTL = 30.0
 # How long an idle daemon stays up after its last task, so that a burst of short-lived
@@ -83,7 +84,7 @@ class Daemon:
         reaper.reap()  # children that exited while no handler was installed (re-exec)
         publisher.start()
         self.service = TaskService(self.tasks, self._on_shutdown, self.info)
-        server = Server(accept_filter=require_same_user)
+        server = Server(accept_filter=admit_peer, frame_timeout=_frame_timeout())
         server.register(TASK_SERVICE, self.service.methods())
         server.register(DAEMON_SERVICE, self.service.daemon_methods())
         if handoff is not None:
@@ -242,6 +243,32 @@ def _interpreter_options() -> list[str]:
     if count < 1 or sys.orig_argv[count] != sys.argv[0]:
         return []  # not started as a script (python -m shim): as before, no options
     return list(sys.orig_argv[1:count])
+
+
+def admit_peer(peer: PeerCred | None) -> bool:
+    """Only our own user (root) may talk to the daemon; anyone else is dropped, and said so.
+
+    The socket is 0600 in a 0700 directory, so a refused peer got past file permissions
+    (CAP_DAC_OVERRIDE, or a descriptor passed to it): worth a warning."""
+    if require_same_user(peer):
+        return True
+    log.event(
+        "connection refused: peer is not our user",
+        logging.WARNING,
+        peer_pid=peer.pid if peer else None,
+        uid=peer.uid if peer else None,
+        gid=peer.gid if peer else None,
+    )
+    return False
+
+
+def _frame_timeout() -> float:
+    """Seconds a peer may take to finish a frame (``EMBEDSHIM_FRAME_TIMEOUT``)."""
+    try:
+        value = float(os.environ.get("EMBEDSHIM_FRAME_TIMEOUT", ""))
+    except ValueError:
+        return FRAME_TIMEOUT
+    return value if value > 0 else FRAME_TIMEOUT
 
 
 def _daemon_argv() -> list[str]:

@@ -15,7 +15,7 @@ import posix
 import sys
 import time
 
-from shim import wire
+from shim import identifiers, wire
 from shim.cli import Flags
 from shim.fsutil import exists, is_mountpoint, join
 from shim.paths import DaemonPaths
@@ -231,6 +231,7 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
 
     pid = 0
     status = UNKNOWN
+    checked = False
     exited_at = time.time_ns()
     runc_root = paths.runc_root_for(namespace)
     binary = "runc"
@@ -246,7 +247,8 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
             pid = rec.pid
             runc_root = rec.runc_root or runc_root
             binary = _runc_binary(rec.options)
-            bundle = bundle or rec.bundle
+            bundle = rec.bundle or bundle  # checked when the task was created
+            checked = bool(rec.bundle)
             if rec.memcg:
                 _report_oom(namespace, id, rec.memcg, rec.oom_published)
             if rec.exit_status is not None:
@@ -276,6 +278,14 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         sys.stderr.write(f"runc delete {id}: {exc}\n")
+    if bundle and not checked:
+        from shim.bundle import check_path
+
+        try:
+            check_path(bundle, namespace, id)
+        except TTRPCError as exc:
+            sys.stderr.write(f"not cleaning up the bundle: {exc.message}\n")
+            bundle = ""
     if bundle:
         from shim.mount import unmount_all
 
@@ -299,6 +309,12 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
 def main(flags: Flags) -> int:
     if not flags.address or not flags.id:
         sys.stderr.write("delete: -address and -id are required\n")
+        return 1
+    problem = identifiers.problem("namespace", flags.namespace) or identifiers.problem(
+        "id", flags.id
+    )
+    if problem is not None:
+        sys.stderr.write(f"delete: {problem}\n")
         return 1
     paths = DaemonPaths.for_containerd(flags.address)
     bundle = flags.bundle or posix.getcwd()

@@ -141,6 +141,14 @@ class Publisher:
             metadata={NAMESPACE_METADATA: namespace},
         )
 
+    @staticmethod
+    def _call(on_sent: Callable[[], None], namespace: str, topic: str) -> None:
+        """A failing callback must not end the one sender every container's events use."""
+        try:
+            on_sent()
+        except Exception as exc:
+            log.event("after-send hook failed", logging.ERROR, ns=namespace, topic=topic, error=exc)
+
     async def _run(self) -> None:
         while True:
             if not self._queue:
@@ -157,7 +165,7 @@ class Publisher:
                     await self._send(namespace, payload)
                     self.sent += 1
                     if on_sent is not None:
-                        on_sent()
+                        self._call(on_sent, namespace, topic)
                     break
                 except (OSError, TTRPCError, TimeoutError) as exc:
                     if self._client is not None:

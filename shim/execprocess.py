@@ -24,7 +24,7 @@ from shim.api import events_pb2
 from shim.process import Process, Status
 from shim.reaper import Exit
 from shim.runc import find_executable
-from shim.statestore import ProcessRecord
+from shim.statestore import ProcessRecord, StoreError, best_effort
 from shim.stdio import Stdio
 
 if TYPE_CHECKING:
@@ -164,10 +164,18 @@ class ExecProcess(Process):
                 await self._failed(lines, helper_exit)
                 message = f"exec {self.exec_id}: no terminal from runc: {exc!r}"
                 raise errors.internal(message) from None
-            self.trace_id = self.task.deps.store.next_trace_id()
-            self.track()
+            # The process runs: from here on a store that cannot be written costs only the
+            # record (and the BPF backup, which needs a trace id), not the exec.
+            try:
+                self.trace_id = self.task.deps.store.next_trace_id()
+            except StoreError as exc:
+                log.event("no trace id", logging.ERROR, **self.fields(), error=exc)
+            if self.trace_id:
+                self.track()
             self.status = Status.RUNNING
-            self.task.deps.store.put(self.record())
+            best_effort(
+                lambda: self.task.deps.store.put(self.record()), "exec started", **self.fields()
+            )
             self.task.deps.events.publish(
                 self.task.namespace,
                 events_pb2.TaskExecStarted(
@@ -184,7 +192,11 @@ class ExecProcess(Process):
         await helper_exit
         await self.close_io()  # a logging program may still be writing runc's error down
         self._remove_files()
-        self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id)
+        best_effort(
+            lambda: self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id),
+            "exec failed",
+            **self.fields(),
+        )
         self.start_failed(UNKNOWN)
 
     def _spawn_wrapper(
@@ -199,7 +211,7 @@ class ExecProcess(Process):
             "--runc", binary,
             "--root", runc.root,
             "--log", os.path.join(self.dir, "runc.log"),
-            "--timeout", str(int(runc.timeout)),
+            "--timeout", str(max(1, round(runc.timeout))),
             "--pid-file", os.path.join(self.dir, "pid"),
             "--process", os.path.join(self.dir, "process.json"),
         ]  # fmt: skip
@@ -263,7 +275,11 @@ class ExecProcess(Process):
         self.untrack()
         self._close_pidfd()
         self._remove_files()
-        self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id)
+        best_effort(
+            lambda: self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id),
+            "exec deleted",
+            **self.fields(),
+        )
         return self.pid, self.exit_status, self.exited_at or time.time_ns()
 
     def _close_pidfd(self) -> None:
@@ -299,7 +315,7 @@ def parse_spec(value: bytes) -> bytes:
     """The OCI Process JSON containerd sends for an exec, checked enough for runc."""
     try:
         spec = json.loads(value)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise errors.invalid(f"spec: not valid JSON: {exc}") from None
     if not isinstance(spec, dict):
         raise errors.invalid("spec: not a JSON object")

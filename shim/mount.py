@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import re
 from dataclasses import dataclass
 
 from shim.fsutil import is_mountpoint
@@ -69,6 +70,9 @@ _PROPAGATION = {
     "rshared": MS_SHARED | MS_REC,
 }
 
+_FSTYPE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+MAX_MOUNTS = 128  # rootfs mounts per task (containerd sends one or two)
+
 _libc: ctypes.CDLL | None = None
 
 
@@ -84,6 +88,16 @@ class Mount:
     type: str
     source: str
     options: tuple[str, ...] = ()
+
+    def problem(self) -> str | None:
+        """What makes this description unusable for mount(2), or None."""
+        if not _FSTYPE.fullmatch(self.type):
+            return f"type {self.type[:40]!r} is not a filesystem type"
+        if not self.source or "\0" in self.source or len(self.source) > 4096:
+            return f"source {self.source[:100]!r} is not usable"
+        if any("\0" in o for o in self.options) or sum(map(len, self.options)) > 65536:
+            return "options are not usable"
+        return None
 
 
 def parse_options(options: tuple[str, ...] | list[str]) -> tuple[int, int, str]:

@@ -29,7 +29,7 @@ from shim.fsutil import remove_tree
 from shim.procio import ProcessIO
 from shim.reaper import Exit
 from shim.runc import RuncError, is_not_found
-from shim.statestore import ProcessRecord
+from shim.statestore import ProcessRecord, best_effort
 from shim.stdio import Stdio
 
 if TYPE_CHECKING:
@@ -73,6 +73,8 @@ class Process:
         self._exited = asyncio.Event()
         # Held across every transition (start, pause, resume, exit), so that the events leave
         # in the order the transitions happened: a fast exit cannot overtake its start.
+        # It is this process's alone: held across its own runc calls (each bounded by the
+        # runc timeout), it delays only this process's transitions, never another container.
         self.start_lock = asyncio.Lock()
 
     @property
@@ -162,13 +164,17 @@ class Process:
         self.exited_at = at
         if self.status != Status.DELETED:
             self.status = Status.STOPPED
-        self.task.deps.store.update(
-            self.task.namespace,
-            self.task.id,
-            self.exec_id,
-            status=str(Status.STOPPED),
-            exit_status=status,
-            exited_at=at,
+        best_effort(
+            lambda: self.task.deps.store.update(
+                self.task.namespace,
+                self.task.id,
+                self.exec_id,
+                status=str(Status.STOPPED),
+                exit_status=status,
+                exited_at=at,
+            ),
+            "exit",
+            **self.fields(),
         )
         self.publish_exit()
         self.untrack()
@@ -206,9 +212,16 @@ class Process:
             container_id=id, id=self.id, pid=self.pid, exit_status=self.exit_status
         )
         event.exited_at.FromNanoseconds(self.exited_at or 0)
-        self.task.deps.events.publish(
-            ns, event, on_sent=lambda: store.update(ns, id, exec_id, exit_published=True)
-        )
+        fields = self.fields()
+
+        def sent() -> None:
+            best_effort(
+                lambda: store.update(ns, id, exec_id, exit_published=True),
+                "exit published",
+                **fields,
+            )
+
+        self.task.deps.events.publish(ns, event, on_sent=sent)
 
     def track(self) -> None:
         """Register the process with the pinned BPF exit map (when BPF is on)."""
@@ -277,12 +290,14 @@ class InitProcess(Process):
         self.pid = task.bundle.read_pid()
         self.start_time = procinfo.start_time(self.pid)
         self.trace_id = task.deps.store.next_trace_id()
+        self._find_cgroup()
+        # Persisted before anything watches its exit: if the store refuses (disk full), the
+        # create is undone and no exit of this never-announced task is ever published.
+        task.deps.store.put(self.record())
         # The init waits in `runc init` until `runc start`: registering it now means no exit,
-        # however early, can go unrecorded.
+        # however early, can go unrecorded (the reaper keeps one that comes before the watch).
         self.track()
         self.watch_exit(self.before_exit)
-        self._find_cgroup()
-        task.deps.store.put(self.record())
 
     def _find_cgroup(self) -> None:
         """The container's cgroup (for stats, the freezer, OOM kills), from its live init."""
@@ -362,8 +377,12 @@ class InitProcess(Process):
             except RuncError as exc:
                 raise errors.internal(str(exc)) from None
             self.status = Status.RUNNING
-            self.task.deps.store.update(
-                self.task.namespace, self.task.id, status=str(Status.RUNNING)
+            best_effort(
+                lambda: self.task.deps.store.update(
+                    self.task.namespace, self.task.id, status=str(Status.RUNNING)
+                ),
+                "started",
+                **self.fields(),
             )
             self.task.deps.events.publish(
                 self.task.namespace, events_pb2.TaskStart(container_id=self.task.id, pid=self.pid)
@@ -405,8 +424,16 @@ class InitProcess(Process):
         return image
 
     def _persist_status(self, status: Status) -> None:
+        """After runc did it: a store that cannot be written costs the record, not the
+        transition (a restarted daemon checks the freezer anyway)."""
         self.status = status
-        self.task.deps.store.update(self.task.namespace, self.task.id, status=str(status))
+        best_effort(
+            lambda: self.task.deps.store.update(
+                self.task.namespace, self.task.id, status=str(status)
+            ),
+            str(status),
+            **self.fields(),
+        )
 
     async def pause(self) -> None:
         """Freeze the container's cgroup (runc pause): RUNNING -> PAUSED, /tasks/paused."""

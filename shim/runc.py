@@ -19,6 +19,16 @@ from dataclasses import dataclass, field
 from shim.reaper import Reaper
 
 DEFAULT_TIMEOUT = 30.0
+TIMEOUT_ENV = "EMBEDSHIM_RUNC_TIMEOUT"
+
+
+def default_timeout() -> float:
+    """Seconds any runc command may take (``EMBEDSHIM_RUNC_TIMEOUT``, default 30)."""
+    try:
+        value = float(os.environ.get(TIMEOUT_ENV, ""))
+    except ValueError:
+        return DEFAULT_TIMEOUT
+    return value if value > 0 else DEFAULT_TIMEOUT
 
 
 def find_executable(name: str, path: str) -> str | None:
@@ -142,10 +152,22 @@ def _last_error(log_path: str | None) -> str:
     for raw in reversed(lines):
         try:
             entry = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             continue
-        if entry.get("level") in ("error", "fatal"):
+        if isinstance(entry, dict) and entry.get("level") in ("error", "fatal"):
             return str(entry.get("msg", "")).strip()
+    return ""
+
+
+def _disk_full_hint(root: str) -> str:
+    """runc 1.1 reports a full state directory as "unable to store init state: %!w(<nil>)";
+    say what it means."""
+    try:
+        st = os.statvfs(root)
+    except OSError:
+        return ""
+    if st.f_bavail == 0 or st.f_favail == 0:
+        return f" (no space left on device for runc's state in {root})"
     return ""
 
 
@@ -154,7 +176,7 @@ class Runc:
     reaper: Reaper
     root: str
     binary: str = "runc"
-    timeout: float = DEFAULT_TIMEOUT
+    timeout: float = field(default_factory=default_timeout)
     systemd_cgroup: bool = False
     env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     criu: str = ""  # runc's --criu: the CRIU binary for checkpoint and restore
@@ -187,10 +209,11 @@ class Runc:
         except FileNotFoundError:
             raise RuncError(command, f"{self.binary} not found in PATH") from None
         except TimeoutError:
-            raise RuncError(command, f"timed out after {limit:.0f}s") from None
+            raise RuncError(command, f"timed out after {limit:g}s; killed it") from None
         if status != 0:
             text = _last_error(log_path) or output.decode(errors="replace").strip()
-            raise RuncError(command, text or f"exit status {status}", status)
+            text = (text or f"exit status {status}") + _disk_full_hint(self.root)
+            raise RuncError(command, text, status)
         return output
 
     async def create(

@@ -7,6 +7,7 @@ subcommands (reserve a slot before containerd connects; clean up one task).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
 
-from shim import errors, log, metrics, wire
+from shim import errors, identifiers, log, metrics, wire
 from shim.api import runc_options_pb2, shim_pb2
 from shim.cgroups import CgroupError
 from shim.checkpoint import decode_options as decode_checkpoint_options
@@ -31,8 +32,12 @@ TASK_SERVICE = "containerd.task.v2.Task"
 DAEMON_SERVICE = "embedshim.v1.Daemon"
 NAMESPACE_KEY = "containerd-namespace-ttrpc"
 VERSION = "embedshim 0.1.0"
+# Reservations `start` made that no Create has claimed yet; each expires after a while
+# (daemon.RESERVATION_TTL), and past this many the oldest go first.
+MAX_RESERVATIONS = 4096
 
 M = TypeVar("M", bound=Message)
+T = TypeVar("T")
 EMPTY = b""
 
 NOT_YET: dict[str, str] = {}  # RPCs still answered Unimplemented: none
@@ -163,7 +168,7 @@ class TaskService:
     async def wait(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.WaitRequest, payload)
         p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
-        status, exited_at = await p.wait()
+        status, exited_at = await _unless_gone(ctx, p.wait())
         resp = shim_pb2.WaitResponse(exit_status=status)
         _set_time(resp.exited_at, exited_at)
         return resp.SerializeToString()
@@ -283,7 +288,10 @@ class TaskService:
     async def reserve(self, ctx: Context, payload: bytes) -> bytes:
         """``start`` reserves the daemon for a task containerd is about to create, so an
         idle daemon does not exit between ``start`` and ``Create``."""
-        ns, _, id = payload.decode(errors="replace").partition("\0")
+        ns, id = _ns_and_id(payload)
+        self.reservations.pop((ns, id), None)
+        while len(self.reservations) >= MAX_RESERVATIONS:
+            del self.reservations[next(iter(self.reservations))]
         self.reservations[(ns, id)] = time.monotonic()
         return str(os.getpid()).encode()
 
@@ -293,7 +301,7 @@ class TaskService:
 
     async def cleanup(self, ctx: Context, payload: bytes) -> bytes:
         """``delete``: containerd gave up on one task; kill and remove it if we have it."""
-        ns, _, id = payload.decode(errors="replace").partition("\0")
+        ns, id = _ns_and_id(payload)
         self.reservations.pop((ns, id), None)
         task = self.tasks.get(ns, id)
         p = task.init
@@ -307,15 +315,43 @@ class TaskService:
         return wire.delete_response(pid, status, exited_at)
 
 
+def _ns_and_id(payload: bytes) -> tuple[str, str]:
+    """The ``namespace\\0id`` payload of the daemon's own service, both checked."""
+    try:
+        text = payload.decode()
+    except UnicodeDecodeError:
+        raise errors.invalid("payload: not UTF-8") from None
+    ns, _, id = text.partition("\0")
+    return identifiers.validate("namespace", ns), identifiers.validate("id", id)
+
+
+async def _unless_gone(ctx: Context, waiting: Awaitable[T]) -> T:
+    """``waiting``, given up once the caller has disconnected: a Wait nobody will read must
+    not outlive its connection (or a peer could pile them up without bound)."""
+    task = asyncio.ensure_future(waiting)
+    gone = asyncio.ensure_future(ctx.gone.wait())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise TTRPCError(Code.CANCELLED, "the caller went away")
+    return task.result()
+
+
 def _linux_resources(type_url: str, value: bytes) -> bytes:
     """The OCI LinuxResources JSON of an Update, checked enough to hand to runc."""
     if not type_url and not value:
         raise errors.invalid("resources: missing")
     if type_url and type_url.rsplit("/", 1)[-1] != LINUX_RESOURCES.rsplit("/", 1)[-1]:
-        raise errors.invalid(f"resources: unsupported type {type_url!r}, want {LINUX_RESOURCES}")
+        raise errors.invalid(
+            f"resources: unsupported type {type_url[:200]!r}, want {LINUX_RESOURCES}"
+        )
     try:
         resources = json.loads(value)
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise errors.invalid(f"resources: not valid JSON: {exc}") from None
     if not isinstance(resources, dict):
         raise errors.invalid("resources: not a JSON object")

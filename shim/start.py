@@ -15,6 +15,7 @@ import fcntl
 import posix
 import sys
 
+from shim import identifiers
 from shim.cli import NAME, Flags
 from shim.fsutil import write_address
 from shim.paths import DaemonPaths
@@ -125,6 +126,12 @@ def spawn_daemon(paths: DaemonPaths, flags: Flags, ttrpc_address: str) -> None:
 def main(flags: Flags) -> int:
     if not flags.address:
         sys.stderr.write("start: -address (containerd's address) is required\n")
+        return 1
+    problem = identifiers.problem("namespace", flags.namespace) or identifiers.problem(
+        "id", flags.id
+    )
+    if problem is not None:
+        sys.stdout.write(f"embedshim start: {problem}\n")
         return 1
     paths = DaemonPaths.for_containerd(flags.address)
     try:

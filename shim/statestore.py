@@ -8,10 +8,13 @@ migrations keyed by ``PRAGMA user_version``.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
+
+from shim import log
 
 # Each entry upgrades the schema from version i to i+1.
 MIGRATIONS: list[str] = [
@@ -98,6 +101,17 @@ _COLUMNS = [f.name for f in fields(ProcessRecord)]
 
 class StoreError(Exception):
     """The store could not be read or written (disk full, corrupt file, newer schema)."""
+
+
+def best_effort(write: Callable[[], object], what: str, **fields: object) -> bool:
+    """Run a store write that must not fail the transition it records (an exit, a delete):
+    when the disk is full the daemon keeps serving from memory and says so in its log."""
+    try:
+        write()
+    except StoreError as exc:
+        log.event("state not persisted", logging.ERROR, **fields, what=what, error=exc)
+        return False
+    return True
 
 
 class StateStore:

@@ -2,7 +2,7 @@
 
 containerd decides by stdout's URI (stderr follows it unless both are FIFOs):
 
-* a path, or ``fifo://path``: FIFOs (or plain files).  Not copied: opened here and handed
+* a path, or ``fifo://path``: FIFOs containerd made.  Not copied: opened here and handed
   straight to the process as its fds, so output keeps flowing while the daemon restarts.
   stdout/stderr FIFOs are opened read-write, which never blocks and keeps a reader on them,
   so a process never dies of SIGPIPE while containerd (the real reader) restarts.
@@ -11,6 +11,11 @@ containerd decides by stdout's URI (stderr follows it unless both are FIFOs):
 * nothing at all: /dev/null.
 
 A terminal process's output goes through the daemon instead (shim/ptycopy.py).
+
+Everything is checked before any file is touched or program started (``Stdio.check``):
+paths must be absolute and clean, URIs ``scheme:///path`` with nothing else, stdin a FIFO.
+A plain path or ``fifo://`` must name an existing FIFO (or a device such as /dev/null), and
+is opened, like a ``file://`` log, without following a symbolic link.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from urllib.parse import urlparse
 from shim import errors
 
 SCHEMES = ("fifo", "file", "binary")
+PATH_MAX = 4096
 
 
 @dataclass
@@ -35,15 +41,47 @@ class Stdio:
     def is_null(self) -> bool:
         return not (self.stdin or self.stdout or self.stderr)
 
+    def check(self) -> None:
+        """Refuse (InvalidArgument, naming the field) what could never be opened safely."""
+        if self.stdin:
+            kind = scheme("stdin", self.stdin)
+            if kind != "fifo":
+                raise errors.invalid(f"stdin: must be a FIFO, not a {kind}:// URI")
+            path_of("stdin", self.stdin)
+        for field, uri in (("stdout", self.stdout), ("stderr", self.stderr)):
+            if uri and scheme(field, uri) == "binary":
+                _check_binary(field, uri)
+            elif uri:
+                path_of(field, uri)
+        output_scheme(self)
+
 
 def scheme(field: str, uri: str) -> str:
     """``fifo`` (a plain path too), ``file`` or ``binary``; anything else is refused."""
+    if "\0" in uri or len(uri) > PATH_MAX:
+        raise errors.invalid(f"{field}: {uri[:100]!r} is not a usable path")
     if "://" not in uri:
         return "fifo"
     name = urlparse(uri).scheme
     if name not in SCHEMES:
-        raise errors.invalid(f"{field}: unknown stdio scheme {name!r} in {uri!r}")
+        raise errors.invalid(f"{field}: unknown stdio scheme {name[:20]!r} in {uri[:100]!r}")
     return name
+
+
+def _clean(field: str, path: str) -> str:
+    if not os.path.isabs(path):
+        raise errors.invalid(f"{field}: {path[:100]!r} is not an absolute path")
+    if os.path.normpath(path) != path or path.startswith("//"):
+        raise errors.invalid(f"{field}: {path[:100]!r} is not a clean path")
+    return path
+
+
+def _check_binary(field: str, uri: str) -> None:
+    """``binary:///<clean absolute path>[?args]``: the program the daemon will run."""
+    parsed = urlparse(uri)
+    if parsed.netloc or parsed.fragment or parsed.params:
+        raise errors.invalid(f"{field}: {uri[:100]!r} must be binary:///<path>[?args]")
+    _clean(field, parsed.path)
 
 
 def output_scheme(io: Stdio) -> str:
@@ -56,44 +94,54 @@ def output_scheme(io: Stdio) -> str:
 
 
 def path_of(field: str, uri: str) -> str:
-    """A plain path or a file:// / fifo:// URI's path, which must be absolute."""
+    """A plain path or a file:// / fifo:// URI's path, which must be absolute and clean."""
+    if "\0" in uri or len(uri) > PATH_MAX:
+        raise errors.invalid(f"{field}: {uri[:100]!r} is not a usable path")
     if "://" in uri:
         parsed = urlparse(uri)
         if parsed.scheme not in ("file", "fifo"):
-            raise errors.invalid(f"{field}: {parsed.scheme}:// is not a path")
+            raise errors.invalid(f"{field}: {parsed.scheme[:20]}:// is not a path")
+        if parsed.netloc or parsed.query or parsed.fragment or parsed.params:
+            raise errors.invalid(f"{field}: {uri[:100]!r} must be {parsed.scheme}:///<path>")
         uri = parsed.path
-    if not os.path.isabs(uri) or "\0" in uri:
-        raise errors.invalid(f"{field}: {uri!r} is not an absolute path")
-    return uri
+    return _clean(field, uri)
+
+
+def _open_fifo(field: str, path: str, flags: int) -> int:
+    """containerd's FIFO (never through a symbolic link; a device like /dev/null will do)."""
+    try:
+        # Non-blocking so the open does not wait for a peer; blocking again for the process.
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise errors.invalid(f"{field}: cannot open {path}: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not (stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+        os.close(fd)
+        raise errors.invalid(f"{field}: {path} is not a FIFO")
+    os.set_blocking(fd, True)
+    return fd
 
 
 def open_output(field: str, uri: str) -> int:
     """A FIFO opened read-write (never blocks, never EPIPE), or a file opened to append."""
     path = path_of(field, uri)
+    if scheme(field, uri) == "fifo":
+        return _open_fifo(field, path, os.O_RDWR)
     try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = None
-    try:
-        if st is not None and stat.S_ISFIFO(st.st_mode):
-            return os.open(path, os.O_RDWR | os.O_CLOEXEC)
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(path, flags, 0o640)
     except OSError as exc:
-        raise errors.invalid(f"{field}: cannot open {path}: {exc.strerror}") from exc
+        raise errors.invalid(f"{field}: cannot open {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise errors.invalid(f"{field}: {path} is not a regular file")
+    return fd
 
 
 def open_input(uri: str) -> int:
     """stdin for the process itself: EOF when the last client writer closes."""
-    path = path_of("stdin", uri)
-    try:
-        # Non-blocking so the open does not wait for a writer, then blocking again for the
-        # process that reads it.
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        raise errors.invalid(f"stdin: cannot open {path}: {exc.strerror}") from exc
-    os.set_blocking(fd, True)
-    return fd
+    return _open_fifo("stdin", path_of("stdin", uri), os.O_RDONLY)
 
 
 def open_console_input(uri: str) -> tuple[int, int]:
@@ -103,11 +151,11 @@ def open_console_input(uri: str) -> tuple[int, int]:
     try:
         if not stat.S_ISFIFO(os.stat(path).st_mode):
             raise errors.invalid(f"stdin: {path} is not a FIFO (a terminal's stdin must be)")
-        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        reader = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         raise errors.invalid(f"stdin: cannot open {path}: {exc.strerror}") from exc
     try:
-        hold = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        hold = os.open(path, os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
         os.close(reader)
         raise errors.invalid(f"stdin: cannot open {path}: {exc.strerror}") from exc

@@ -16,7 +16,7 @@ from typing import Any
 
 from shim import errors, identifiers, log, procinfo
 from shim.api import events_pb2, mount_pb2, runc_options_pb2, shim_pb2
-from shim.bundle import Bundle
+from shim.bundle import PATH_MAX, Bundle, check_path
 from shim.cgroups import Cgroup, CgroupError
 from shim.checkpoint import WORK_DIR, RestoreSpec, require_criu
 from shim.events import Publisher
@@ -24,14 +24,14 @@ from shim.execprocess import ExecProcess, parse_spec
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitWatch
 from shim.memcg import MemoryCgroup
-from shim.mount import Mount, mount, unmount_all
+from shim.mount import MAX_MOUNTS, Mount, mount, unmount_all
 from shim.oom import OOMWatcher
 from shim.paths import DaemonPaths
 from shim.process import InitProcess, Process, Status
 from shim.procio import ProcessIO
 from shim.reaper import Reaper
-from shim.runc import Runc, RuncError
-from shim.statestore import ProcessRecord, StateStore
+from shim.runc import Runc, RuncError, find_executable
+from shim.statestore import ProcessRecord, StateStore, StoreError, best_effort
 from shim.stdio import Stdio
 
 RUNC_OPTIONS = "containerd.runc.v1.Options"
@@ -73,6 +73,17 @@ def decode_options(type_url: str, value: bytes) -> RuncOptions:
             opts.ParseFromString(value)
         except Exception as exc:
             raise errors.invalid(f"options: bad {RUNC_OPTIONS}: {exc}") from None
+        for field, name in (("binary_name", opts.binary_name), ("criu_path", opts.criu_path)):
+            if name and not (_is_clean_absolute(name) or _is_plain_name(name)):
+                raise errors.invalid(
+                    f"options.{field}: {name[:100]!r} is neither a command name "
+                    "nor a clean absolute path"
+                )
+        for field, path in (("root", opts.root), ("criu_work_path", opts.criu_work_path)):
+            if path and not _is_clean_absolute(path):
+                raise errors.invalid(
+                    f"options.{field}: {path[:100]!r} is not a clean absolute path"
+                )
         return RuncOptions(
             root=opts.root,
             binary=opts.binary_name or "runc",
@@ -84,7 +95,45 @@ def decode_options(type_url: str, value: bytes) -> RuncOptions:
         )
     if name == RUNTIME_OPTIONS:
         return RuncOptions()
-    raise errors.invalid(f"options: unsupported type {type_url!r}")
+    raise errors.invalid(f"options: unsupported type {type_url[:200]!r}")
+
+
+def _is_clean_absolute(path: str) -> bool:
+    return (
+        os.path.isabs(path)
+        and "\0" not in path
+        and len(path) <= PATH_MAX
+        and os.path.normpath(path) == path
+        and not path.startswith("//")
+    )
+
+
+def _is_plain_name(name: str) -> bool:
+    return name not in (".", "..") and "/" not in name and "\0" not in name and len(name) <= 255
+
+
+def find_runc(runc: Runc, from_options: bool) -> str:
+    """runc's path, or an error that says which setting points nowhere."""
+    path = find_executable(runc.binary, runc.env.get("PATH", ""))
+    if path is not None:
+        return path
+    if from_options:
+        raise errors.invalid(f"options.binary_name: {runc.binary!r} not found or not executable")
+    raise errors.precondition(
+        f"runc: {runc.binary!r} not found in the daemon's PATH ({runc.env.get('PATH', '')})"
+    )
+
+
+def _rootfs_mounts(req: shim_pb2.CreateTaskRequest) -> list[Mount]:
+    """The rootfs mounts containerd asked for, each one checked before any is made."""
+    if len(req.rootfs) > MAX_MOUNTS:
+        raise errors.invalid(f"rootfs: {len(req.rootfs)} mounts, more than {MAX_MOUNTS}")
+    mounts = [Mount(m.type, m.source, tuple(m.options)) for m in req.rootfs]
+    for i, m in enumerate(mounts):
+        problem = m.problem()
+        if problem is not None:
+            raise errors.invalid(f"rootfs[{i}]: {problem}")
+    return mounts
 
 
 class Task:
@@ -223,6 +272,9 @@ class Tasks:
     def __init__(self, deps: Deps) -> None:
         self.deps = deps
         self._tasks: dict[tuple[str, str], Task | None] = {}  # None: being created
+        # Tasks deleted while the store could not be written (disk full): their records
+        # are removed at the next create or delete that finds the store writable.
+        self._forget_later: set[tuple[str, str]] = set()
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -245,6 +297,7 @@ class Tasks:
         key = (namespace, req.id)
         if key in self._tasks:
             raise errors.already_exists(f"container {req.id!r} already exists in {namespace!r}")
+        self._forget_pending()
         self._tasks[key] = None
         try:
             task = await self._create(namespace, req)
@@ -255,15 +308,20 @@ class Tasks:
         return task
 
     async def _create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> Task:
-        bundle = Bundle.load(req.bundle)
+        bundle = Bundle.load(check_path(req.bundle, namespace, req.id))
+        bundle.check_rootfs()
         opts = decode_options(req.options.type_url, req.options.value)
         restore: RestoreSpec | None = None
         if req.checkpoint:
             await require_criu(
                 self.deps.reaper, f"restore of {req.id} from {req.checkpoint}", opts.criu
             )
-            if not os.path.isabs(req.checkpoint) or not os.path.isdir(req.checkpoint):
-                raise errors.invalid(f"checkpoint: {req.checkpoint!r} is not a directory")
+            if not _is_clean_absolute(req.checkpoint) or not os.path.isdir(req.checkpoint):
+                raise errors.invalid(f"checkpoint: {req.checkpoint[:100]!r} is not a directory")
+            if req.parent_checkpoint and not _is_clean_absolute(req.parent_checkpoint):
+                raise errors.invalid(
+                    f"parent_checkpoint: {req.parent_checkpoint[:100]!r} is not a clean path"
+                )
             restore = RestoreSpec(
                 image=req.checkpoint,
                 work=opts.criu_work_path or os.path.join(bundle.path, WORK_DIR),
@@ -277,7 +335,10 @@ class Tasks:
             systemd_cgroup=opts.systemd_cgroup,
             criu=opts.criu,
         )
+        find_runc(runc, from_options=opts.binary != "runc")
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        io.check()
+        mounts = _rootfs_mounts(req)
         blob = req.options.SerializeToString() if req.options.type_url else None
         task = Task(namespace, req.id, bundle, runc, self.deps, io, blob)
         task.rootfs = list(req.rootfs)
@@ -285,14 +346,15 @@ class Tasks:
         try:
             if req.rootfs:
                 os.makedirs(bundle.rootfs, mode=0o711, exist_ok=True)
-                for m in req.rootfs:
+                for m in mounts:
                     mounted = True
-                    mount(Mount(m.type, m.source, tuple(m.options)), bundle.rootfs)
+                    mount(m, bundle.rootfs)
             if restore is not None:
                 task.init.prepare_restore(restore)
             else:
                 await task.init.create(opts.no_pivot, opts.no_new_keyring)
         except BaseException as exc:
+            log.event("create failed", logging.ERROR, ns=namespace, id=req.id, error=exc)
             await self._undo_create(task, mounted)
             if isinstance(exc, OSError | TimeoutError):
                 raise errors.internal(f"create {req.id}: {exc!r}") from None
@@ -309,8 +371,8 @@ class Tasks:
             pid=task.init.pid,
             checkpoint=req.checkpoint,
         )
-        for m in req.rootfs:
-            event.rootfs.add(type=m.type, source=m.source, target=m.target, options=m.options)
+        for rm in req.rootfs:
+            event.rootfs.add(type=rm.type, source=rm.source, target=rm.target, options=rm.options)
         self.deps.events.publish(namespace, event)
         log.event("container created", ns=namespace, id=task.id, pid=task.init.pid)
         task.log_line("container created", pid=task.init.pid)
@@ -329,9 +391,27 @@ class Tasks:
                 unmount_all(task.bundle.rootfs)
             except OSError as exc:
                 log.event("unmount failed", logging.ERROR, ns=task.namespace, id=task.id, error=exc)
-        self.deps.store.delete(task.namespace, task.id)
+        self._forget(task.namespace, task.id, "undo create")
         task.init.cleanup_files()
         task.close()
+
+    def _forget(self, namespace: str, id: str, what: str) -> None:
+        self._forget_pending()
+        store = self.deps.store
+        if not best_effort(lambda: store.delete(namespace, id), what, ns=namespace, id=id):
+            self._forget_later.add((namespace, id))
+
+    def _forget_pending(self) -> None:
+        for namespace, id in list(self._forget_later):
+            if (namespace, id) in self._tasks:
+                self._forget_later.discard((namespace, id))  # a new task of that name
+                continue
+            try:
+                self.deps.store.delete(namespace, id)
+            except StoreError:
+                return
+            self._forget_later.discard((namespace, id))
+            log.event("state record removed at last", ns=namespace, id=id)
 
     def restore(
         self,
@@ -474,18 +554,20 @@ class Tasks:
 
     def add_exec(self, namespace: str, req: shim_pb2.ExecProcessRequest) -> ExecProcess:
         task = self.get(namespace, req.id)
+        # The request itself first, then whether it can be done now.
         identifiers.validate("exec_id", req.exec_id)
+        spec = parse_spec(req.spec.value)
+        io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
+        io.check()
         if req.exec_id in task.execs:
             raise errors.already_exists(f"exec {req.exec_id!r} of {req.id} already exists")
         if not task.init.exited and task.init.status == Status.PAUSED:
             raise errors.precondition(f"cannot exec in a paused state: container {req.id}")
         if task.init.exited or task.init.status != Status.RUNNING:
             raise errors.precondition(f"container {req.id} is not running")
-        spec = parse_spec(req.spec.value)
-        io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         p = ExecProcess(task, req.exec_id, io, spec)
+        p.added()  # persisted first: if the store refuses, there is no exec
         task.execs[req.exec_id] = p
-        p.added()
         log.event("exec added", **p.fields())
         return p
 
@@ -514,7 +596,7 @@ class Tasks:
         except OSError as exc:
             log.event("unmount failed", logging.ERROR, ns=namespace, id=id, error=exc)
         task.init.cleanup_files()
-        self.deps.store.delete(namespace, id)
+        self._forget(namespace, id, "delete")
         event = events_pb2.TaskDelete(container_id=id, pid=pid, exit_status=status)
         event.exited_at.FromNanoseconds(exited_at)
         self.deps.events.publish(namespace, event)

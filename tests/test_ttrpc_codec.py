@@ -540,3 +540,17 @@ def test_codec_import_does_not_pull_in_asyncio() -> None:
         "from shim.ttrpc import Server, Client; assert 'asyncio' in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_release_drops_the_frame_in_progress() -> None:
+    decoder = FrameDecoder()
+    frame = encode_frame(1, MessageType.REQUEST, b"x" * 100_000)
+    assert decoder.feed(frame[:60_000]) == []
+    assert decoder.mid_frame and decoder.buffered > 50_000
+    decoder.release()
+    assert not decoder.mid_frame and decoder.buffered == 0
+    # An oversized frame being skipped is forgotten too.
+    decoder.feed(FrameHeader(MAX_MESSAGE_SIZE + 1, 3, 1, 0).encode())
+    assert decoder.discarding
+    decoder.release()
+    assert decoder.discarding == 0 and not decoder.mid_frame

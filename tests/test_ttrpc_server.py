@@ -597,3 +597,96 @@ def test_error_details_reach_the_client(sock_path: str) -> None:
                 assert info.value.details == details
 
     run(main())
+
+
+# -- slow and greedy peers -------------------------------------------------------------------
+
+
+async def _wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
+def test_slow_loris_is_dropped_others_served(sock_path: str) -> None:
+    """A peer that starts a frame and dribbles it is dropped after frame_timeout; an idle
+    peer (no frame begun) is not; a well-behaved peer is served throughout."""
+
+    async def main() -> None:
+        async with serving(sock_path, {}, frame_timeout=0.5) as server:
+            async with await Client.connect(sock_path) as good:
+                idle_reader, idle = await raw_connect(sock_path)
+                loris_reader, loris = await raw_connect(sock_path)
+                frame = request_frame(1, "Echo", b"x" * 1000)
+                t0 = asyncio.get_running_loop().time()
+                closed_at = None
+                for i in range(40):  # one byte every 50 ms: 2 s for 40 bytes of 1020
+                    if server.dropped_connections:
+                        closed_at = asyncio.get_running_loop().time() - t0
+                        break
+                    loris.write(frame[i : i + 1])
+                    await loris.drain()
+                    assert await good.call(SVC, "Echo", b"%d" % i) == b"%d" % i
+                    await asyncio.sleep(0.05)
+                assert closed_at is not None and 0.4 < closed_at < 1.5, closed_at
+                assert await loris_reader.read() == b""  # dropped, never answered
+                await _wait_until(lambda: server.connection_count == 2)
+                assert server.dropped_connections == 1 and server.buffered_bytes == 0
+                idle.write(request_frame(1, "Echo", b"still here"))
+                assert (await read_response(idle_reader))[1].payload == b"still here"
+                idle.close()
+                loris.close()
+
+    run(main())
+
+
+def test_unfinished_frames_of_all_peers_are_bounded(sock_path: str) -> None:
+    """Peers that each park most of a large frame: past max_buffered_bytes the biggest
+    holders are dropped, the total stays bounded, and small calls go on."""
+    limit = 3 * 100_000
+
+    async def main() -> None:
+        async with serving(sock_path, {}, max_buffered_bytes=limit) as server:
+            async with await Client.connect(sock_path) as good:
+                peers = []
+                for n in range(6):
+                    reader, writer = await raw_connect(sock_path)
+                    frame = request_frame(1, "Echo", b"y" * (120_000 + n))
+                    writer.write(frame[: len(frame) - 10])
+                    await writer.drain()
+                    peers.append((reader, writer))
+                    await asyncio.sleep(0.05)
+                    assert server.buffered_bytes <= limit
+                    assert await good.call(SVC, "Echo", b"ok") == b"ok"
+                assert server.dropped_connections >= 3
+                await _wait_until(
+                    lambda: server.connection_count == 1 + 6 - server.dropped_connections
+                )
+                for _, writer in peers:
+                    writer.close()
+                await _wait_until(lambda: server.connection_count == 1)
+                assert server.buffered_bytes == 0
+
+    run(main())
+
+
+def test_context_gone_is_set_when_the_peer_leaves(sock_path: str) -> None:
+    seen: list[Context] = []
+
+    async def hold(ctx: Context, payload: bytes) -> bytes:
+        seen.append(ctx)
+        await ctx.gone.wait()
+        return b"nobody reads this"
+
+    async def main() -> None:
+        async with serving(sock_path, {"Hold": hold}) as server:
+            _, writer = await raw_connect(sock_path)
+            writer.write(request_frame(1, "Hold"))
+            await writer.drain()
+            await _wait_until(lambda: bool(seen))
+            assert not seen[0].gone.is_set()
+            writer.close()
+            await _wait_until(lambda: seen[0].gone.is_set())
+            await _wait_until(lambda: not server._handlers)
+
+    run(main())

@@ -533,6 +533,12 @@ class FrameDecoder:
             return bytes(self._buffer)
         return self._header.encode() + bytes(self._buffer)
 
+    def release(self) -> None:
+        """Forget the frame in progress and give its memory back (the stream is over)."""
+        self._buffer = bytearray()
+        self._header = None
+        self._discard = 0
+
     def skip(self, count: int) -> None:
         """Discard the next ``count`` bytes: the rest of an oversized frame, already reported.
 
@@ -649,6 +655,15 @@ class ServerConnection:
     @property
     def mid_frame(self) -> bool:
         return self._decoder.mid_frame
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for the frame in progress (what a slow or stalled peer costs us)."""
+        return self._decoder.buffered
+
+    def release(self) -> None:
+        """The connection is gone: drop any unfinished frame now, not when collected."""
+        self._decoder.release()
 
     @property
     def last_stream_id(self) -> int:

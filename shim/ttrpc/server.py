@@ -4,6 +4,9 @@ A thin shell around :class:`~.codec.ServerConnection`: each request runs as its 
 its response is written as soon as it is ready, so a slow handler never holds up the others.
 The server must outlive anything a handler or a peer does: handler exceptions become statuses,
 a bad connection is dropped alone, and each connection's memory is bounded by pausing reads.
+A peer that starts a frame and never finishes it (slow-loris) is dropped after
+``frame_timeout``, and the partial frames of all peers together stay under
+``max_buffered_bytes`` (the connections holding the most are dropped first).
 
 A live server can be handed over to another process, normally the same one after exec(), with
 its peers noticing nothing: :meth:`Server.quiesce`, :meth:`Server.handoff`, then
@@ -63,6 +66,11 @@ _ACCEPT_BATCH = 128
 #: After running out of descriptors (EMFILE and kin), how long to stop accepting.
 _ACCEPT_RETRY_DELAY = 1.0
 
+#: How long a peer may take to finish a frame it has started (while we are reading it).
+FRAME_TIMEOUT = 30.0
+#: Bytes of unfinished frames held for all connections together.
+MAX_BUFFERED_BYTES = 16 * MAX_MESSAGE_SIZE
+
 #: How long :meth:`Server.quiesce` gives cancelled handlers to unwind and the last responses
 #: to reach the kernel once its ``timeout`` is used up.
 QUIESCE_GRACE = 1.0
@@ -94,6 +102,9 @@ class Context:
     #: learned about the peer, e.g. which tenant the connection serves). It survives a
     #: :meth:`Server.handoff` as JSON, so keep it to JSON types (str keys).
     connection: dict[str, object] = field(default_factory=dict)
+    #: Set once the connection is gone. Handlers are not cancelled when their peer leaves
+    #: (see :class:`Server`); one that only waits on the peer's behalf may watch this.
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
 
     def get(self, key: str) -> str | None:
         """First value of a metadata key (keys are case-insensitive), or None."""
@@ -130,6 +141,11 @@ class Server:
     A handler is not cancelled when its peer disconnects: a shim that has begun creating a
     container must finish its bookkeeping whether or not anyone waits for the answer. Only
     its deadline, :meth:`close` and :meth:`quiesce` cancel it.
+
+    ``frame_timeout`` (seconds, None for none) drops a peer that has begun a frame and not
+    finished it in that time, counted only while the server is reading from it.
+    ``max_buffered_bytes`` bounds the unfinished frames held for all peers together: past
+    it, the connections holding the most are dropped until the total fits again.
     """
 
     def __init__(
@@ -138,10 +154,17 @@ class Server:
         accept_filter: AcceptFilter | None = None,
         max_in_flight: int = 128,
         max_in_flight_bytes: int = 4 * MAX_MESSAGE_SIZE,
+        frame_timeout: float | None = FRAME_TIMEOUT,
+        max_buffered_bytes: int = MAX_BUFFERED_BYTES,
     ) -> None:
         self.accept_filter = accept_filter
         self._max_in_flight = max_in_flight
         self._max_in_flight_bytes = max_in_flight_bytes
+        self._frame_timeout = frame_timeout
+        self._max_buffered = max_buffered_bytes
+        self._buffered = 0  # sum of every connection's unfinished-frame bytes
+        #: Connections dropped for not finishing a frame in time or for holding too much.
+        self.dropped_connections = 0
         self._services: dict[str, dict[str, Handler]] = {}
         # Our own accept loop, not asyncio's Server: that one drops a socket accepted just
         # before its close() (3.11 asserts in Server._attach), and quiesce() must not.
@@ -174,6 +197,11 @@ class Server:
     @property
     def connection_count(self) -> int:
         return len(self._connections)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of unfinished frames held for all connections now."""
+        return self._buffered
 
     async def start_unix(self, path: str, mode: int = 0o600) -> None:
         """Bind and listen on ``path`` and chmod it to ``mode``; see :func:`parse_address`.
@@ -502,6 +530,25 @@ class Server:
             if stat.S_ISSOCK(st.st_mode) and (st.st_dev, st.st_ino) == (dev, ino):
                 os.unlink(path)
 
+    def _account(self, delta: int) -> None:
+        """Track unfinished-frame bytes; past the budget, drop the largest holders."""
+        self._buffered += delta
+        if self._buffered <= self._max_buffered:
+            return
+        for conn in sorted(self._connections, key=lambda c: c.buffered_counted, reverse=True):
+            if self._buffered <= self._max_buffered or conn.buffered_counted == 0:
+                break
+            logger.warning(
+                "ttrpc peer %s holds %d bytes of unfinished frames (all peers: %d, limit %d); "
+                "dropping the connection",
+                conn.peer,
+                conn.buffered_counted,
+                self._buffered,
+                self._max_buffered,
+            )
+            self.dropped_connections += 1
+            conn.abort()
+
     def _admit(self, peer: PeerCred | None) -> bool:
         if self._closing:
             return False
@@ -610,6 +657,9 @@ class _ServerProtocol(asyncio.Protocol):
         self._read_paused = False
         self._quiesced = False
         self._flushed = asyncio.Event()
+        self._counted = 0  # our unfinished-frame bytes, as added to the server's total
+        self._gone = asyncio.Event()
+        self._frame_timer: asyncio.TimerHandle | None = None
 
     # asyncio callbacks -----------------------------------------------------------------
 
@@ -619,7 +669,7 @@ class _ServerProtocol(asyncio.Protocol):
         self._peer = _peer_cred(transport.get_extra_info("socket"))
         adopted, self._adopted = self._adopted, None
         if adopted is None and not self._server._admit(self._peer):
-            logger.warning("ttrpc connection from %s refused", self._peer)
+            logger.info("ttrpc connection from %s refused by the accept filter", self._peer)
             transport.abort()
             return
         self._server._connections.add(self)
@@ -634,6 +684,7 @@ class _ServerProtocol(asyncio.Protocol):
         self._receive(self._conn.receive_data(data))
         self._start_backlog()
         self._update_reading()
+        self._update_buffered()
 
     def eof_received(self) -> bool | None:
         if self._conn.mid_frame:
@@ -643,6 +694,10 @@ class _ServerProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._server._connections.discard(self)
         self._transport = None
+        self._cancel_frame_timer()
+        self._release_buffered()
+        self._conn.release()  # up to a whole frame's memory, back at once
+        self._gone.set()
         # Requests not yet started are dropped; running handlers finish, unanswered.
         self._backlog.clear()
         self._flushed.set()
@@ -664,6 +719,10 @@ class _ServerProtocol(asyncio.Protocol):
         return self._peer
 
     @property
+    def buffered_counted(self) -> int:
+        return self._counted
+
+    @property
     def state(self) -> dict[str, object]:
         return self._state
 
@@ -679,6 +738,8 @@ class _ServerProtocol(asyncio.Protocol):
     def abort(self) -> None:
         """Drop the connection now; requests not yet started are forgotten."""
         self._backlog.clear()
+        self._cancel_frame_timer()
+        self._release_buffered()
         if self._transport is not None:
             self._transport.abort()
 
@@ -756,6 +817,7 @@ class _ServerProtocol(asyncio.Protocol):
             self._backlog.append(_Call.received(pending.stream_id, request, now))
         state = ServerConnectionState(adopted.last_stream_id, adopted.unread, adopted.discard)
         self._receive(self._conn.restore_state(state))
+        self._update_buffered()
 
     def _receive(self, events: list[RequestReceived | RequestRejected]) -> None:
         now = asyncio.get_running_loop().time()
@@ -788,6 +850,7 @@ class _ServerProtocol(asyncio.Protocol):
             peer=self._peer,
             stream_id=call.stream_id,
             connection=self._state,
+            gone=self._gone,
         )
         call.ctx = ctx
         self._in_flight_bytes += len(request.payload)
@@ -836,3 +899,51 @@ class _ServerProtocol(asyncio.Protocol):
         elif not busy and self._read_paused:
             self._read_paused = False
             transport.resume_reading()
+        self._update_frame_timer()
+
+    def _update_frame_timer(self) -> None:
+        """Time an unfinished frame, but only while we read: a peer we stopped reading
+        (at the in-flight limit, or not taking its answers) cannot finish one."""
+        timeout = self._server._frame_timeout
+        running = (
+            timeout is not None
+            and self._transport is not None
+            and not self._read_paused
+            and self._conn.mid_frame
+        )
+        if not running:
+            self._cancel_frame_timer()
+        elif self._frame_timer is None:
+            assert timeout is not None
+            loop = asyncio.get_running_loop()
+            self._frame_timer = loop.call_later(timeout, self._frame_timed_out)
+
+    def _cancel_frame_timer(self) -> None:
+        if self._frame_timer is not None:
+            self._frame_timer.cancel()
+            self._frame_timer = None
+
+    def _frame_timed_out(self) -> None:
+        self._frame_timer = None
+        if self._transport is None or not self._conn.mid_frame:
+            return
+        logger.warning(
+            "ttrpc peer %s did not finish a frame within %gs; dropping the connection",
+            self._peer,
+            self._server._frame_timeout,
+        )
+        self._server.dropped_connections += 1
+        self.abort()
+
+    def _update_buffered(self) -> None:
+        if self._transport is None:
+            return
+        now = self._conn.buffered
+        delta, self._counted = now - self._counted, now
+        if delta:
+            self._server._account(delta)
+
+    def _release_buffered(self) -> None:
+        if self._counted:
+            counted, self._counted = self._counted, 0
+            self._server._account(-counted)

@@ -1,0 +1,283 @@
+"""Who may talk to the daemon, and what it refuses before runc or the filesystem sees it.
+
+Each test runs a real daemon (through ``start``, as containerd would) with one container
+running beside the hostile input, and checks that container is untouched afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from integration.embed import (
+    SHIM,
+    bundle_dir,
+    call,
+    daemon_paths,
+    daemons,
+    oci_spec,
+    run,
+    start_daemon,
+    write_bundle,
+)
+from integration.harness import Containerd, mounts_under
+from shim.api import runc_options_pb2, shim_pb2
+from shim.ttrpc import Code, TTRPCError
+
+NS = "direct"
+DAEMON_SERVICE = "embedshim.v1.Daemon"
+
+
+@dataclass
+class Live:
+    """A daemon serving ``containerd``, with one created container ``keep`` (pid)."""
+
+    c: Containerd
+    busybox: str
+    address: str
+    pid: int
+
+    def refused(self, method: str, msg: object, ns: str | None = NS, **kw: object) -> TTRPCError:
+        with pytest.raises(TTRPCError) as info:
+            run(call(self.address, method, msg, ns, **kw))  # type: ignore[arg-type]
+        return info.value
+
+    def invalid(
+        self, field: str, method: str, msg: object, ns: str | None = NS, **kw: object
+    ) -> str:
+        err = self.refused(method, msg, ns, **kw)
+        assert err.code == Code.INVALID_ARGUMENT, err
+        assert err.message.startswith(field + ":"), err.message
+        return err.message
+
+    def keep_is_untouched(self) -> None:
+        state = shim_pb2.StateResponse.FromString(
+            run(call(self.address, "State", shim_pb2.StateRequest(id="keep"), NS))
+        )
+        assert (state.pid, state.status) == (self.pid, 1)  # still CREATED, same process
+        (daemon,) = daemons(self.c)
+        assert daemon.pid == self.daemon_pid
+
+    @property
+    def daemon_pid(self) -> int:
+        with open(daemon_paths(self.c).pidfile) as f:
+            return int(f.read())
+
+    def runc_ids(self) -> list[str]:
+        root = daemon_paths(self.c).runc_root_for(NS)
+        return sorted(os.listdir(root)) if os.path.isdir(root) else []
+
+
+@pytest.fixture
+def live(containerd: Containerd, busybox: str) -> Iterator[Live]:
+    bundle = write_bundle(containerd, NS, "keep", oci_spec(busybox, "sleep", "1000"))
+    address = start_daemon(containerd, bundle, NS, "keep")
+    created = run(call(address, "Create", shim_pb2.CreateTaskRequest(id="keep", bundle=bundle)))
+    pid = shim_pb2.CreateTaskResponse.FromString(created).pid
+    lv = Live(containerd, busybox, address, pid)
+    yield lv
+    lv.keep_is_untouched()
+    run(call(address, "Kill", shim_pb2.KillRequest(id="keep", signal=9)))
+    wait = shim_pb2.WaitResponse.FromString(
+        run(call(address, "Wait", shim_pb2.WaitRequest(id="keep")))
+    )
+    assert wait.exit_status == 137
+    run(call(address, "Delete", shim_pb2.DeleteRequest(id="keep")))
+
+
+# -- who may connect ------------------------------------------------------------------------
+
+# Runs as root, imports everything, then becomes nobody (keeping CAP_DAC_OVERRIDE in "dac"
+# mode: the only way past the socket's file permissions), connects and asks for Info.
+_CHILD = r"""
+import ctypes, os, socket, struct, sys
+path, mode = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+if mode == "dac":
+    libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS: permitted caps survive setuid
+os.setgroups([])
+os.setgid(65534)
+os.setuid(65534)
+if mode == "dac":
+    cap = 1 << 1  # CAP_DAC_OVERRIDE
+    header = ctypes.create_string_buffer(struct.pack("Ii", 0x20080522, 0))
+    data = ctypes.create_string_buffer(struct.pack("IIIIII", cap, cap, 0, 0, 0, 0))
+    if libc.capset(header, data) != 0:
+        print("capset failed", ctypes.get_errno()); sys.exit(3)
+s = socket.socket(socket.AF_UNIX)
+try:
+    s.connect(path)
+except PermissionError:
+    print("EACCES"); sys.exit(0)
+req = b"\n\x13embedshim.v1.Daemon\x12\x04Info"
+s.settimeout(5)
+try:
+    s.sendall(struct.pack(">IIBB", len(req), 1, 1, 0) + req)
+    data = s.recv(4096)
+except (BrokenPipeError, ConnectionResetError):
+    data = b""  # dropped before (or while) we asked
+print("answered" if data else "dropped")
+"""
+
+
+def _as_nobody(socket_path: str, mode: str) -> str:
+    r = subprocess.run(
+        [sys.executable, "-c", _CHILD, socket_path, mode],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_only_root_may_talk_to_the_daemon(live: Live) -> None:
+    paths = daemon_paths(live.c)
+    st = os.stat(paths.socket)
+    assert stat.S_ISSOCK(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == 0
+    st = os.stat(paths.dir)
+    assert stat.S_IMODE(st.st_mode) == 0o700 and st.st_uid == 0
+    # An unprivileged process cannot even connect: the file permissions stop it.
+    assert _as_nobody(paths.socket, "plain") == "EACCES"
+    # One that gets past them (CAP_DAC_OVERRIDE) is dropped on its SO_PEERCRED, and logged.
+    assert _as_nobody(paths.socket, "dac") == "dropped"
+    with open(paths.log) as f:
+        lines = [ln for ln in f if "connection refused" in ln]
+    assert len(lines) == 1 and "uid=65534" in lines[0] and "gid=65534" in lines[0], lines
+    # Root is still served, by the same daemon.
+    info = run(call(live.address, "Info", b"", None, service=DAEMON_SERVICE))
+    assert b'"pid"' in info
+
+
+# -- ids ------------------------------------------------------------------------------------
+
+BAD_IDS = ["../x", "/abs/path", "a\0b", "x" * 10_000, "", "a/../../b", "..", "sp ace"]
+
+
+@pytest.mark.parametrize(
+    "bad", BAD_IDS, ids=["dotdot", "abs", "nul", "10k", "empty", "slash", "dots", "space"]
+)
+def test_bad_ids_refused_everywhere(live: Live, bad: str) -> None:
+    good = bundle_dir(live.c, NS, "keep")
+    live.invalid("id", "Create", shim_pb2.CreateTaskRequest(id=bad, bundle=good))
+    # The namespace header is checked like an id.
+    create = shim_pb2.CreateTaskRequest(id="fresh", bundle=good)
+    if bad:
+        live.invalid("namespace", "Create", create, ns=bad)
+    # Exec ids.
+    spec = shim_pb2.ExecProcessRequest(id="keep", exec_id=bad)
+    spec.spec.value = b'{"args": ["true"]}'
+    live.invalid("exec_id", "Exec", spec)
+    # The daemon's own service (start's Reserve, delete's Cleanup).
+    for method in ("Reserve", "Cleanup"):
+        live.invalid("id", method, f"{NS}\0{bad}".encode(), None, service=DAEMON_SERVICE)
+        if bad and "\0" not in bad:  # a NUL would split the payload elsewhere
+            live.invalid("namespace", method, f"{bad}\0x".encode(), None, service=DAEMON_SERVICE)
+    # Lookups by a bad id find nothing (they never reach runc or a path).
+    for method, msg in [
+        ("State", shim_pb2.StateRequest(id=bad)),
+        ("Kill", shim_pb2.KillRequest(id=bad, signal=9)),
+        ("Delete", shim_pb2.DeleteRequest(id=bad)),
+    ]:
+        assert live.refused(method, msg).code == Code.NOT_FOUND
+    assert live.runc_ids() == ["keep"]
+    assert sorted(os.listdir(os.path.dirname(good))) == ["keep"]
+
+
+def test_subcommands_refuse_bad_ids(live: Live, tmp_path: object) -> None:
+    cwd = str(tmp_path)
+    env = {**live.c.env, "TTRPC_ADDRESS": live.c.ttrpc_address}
+    exe = os.path.join(sys.prefix, "bin", SHIM)
+    for flag, bad in [("-id", "../../etc"), ("-namespace", "a/b"), ("-id", "x" * 10_000)]:
+        flags = {"-namespace": NS, "-id": "ok", flag: bad}
+        argv = [exe, "-address", live.c.address, *[a for kv in flags.items() for a in kv]]
+        r = subprocess.run(
+            [*argv, "start"], cwd=cwd, env=env, capture_output=True, text=True, timeout=30
+        )
+        assert r.returncode == 1 and flag[1:] + ":" in r.stdout, r
+        assert os.listdir(cwd) == []  # no address file written
+        r = subprocess.run(
+            [*argv, "delete"], cwd=cwd, env=env, capture_output=True, text=True, timeout=30
+        )
+        assert r.returncode == 1 and flag[1:] + ":" in r.stderr, r
+        assert r.stdout == ""
+
+
+# -- bundles, stdio, options ----------------------------------------------------------------
+
+
+def test_bundles_outside_containerd_state_refused(live: Live) -> None:
+    c, spec = live.c, oci_spec(live.busybox, "true")
+    # A bundle-shaped directory outside the allowed state directory.
+    outside = os.path.join(c.tmp, "elsewhere", "io.containerd.runtime.v2.task", NS, "b1")
+    os.makedirs(outside)
+    with open(os.path.join(outside, "config.json"), "w") as f:
+        f.write("{}")
+    message = live.invalid("bundle", "Create", shim_pb2.CreateTaskRequest(id="b1", bundle=outside))
+    assert "EMBEDSHIM_BUNDLE_ROOTS" in message
+    # The right place, but a symbolic link to the directory above.
+    link = bundle_dir(c, NS, "b2")
+    os.symlink(outside, link)
+    message = live.invalid("bundle", "Create", shim_pb2.CreateTaskRequest(id="b2", bundle=link))
+    assert "symbolic link" in message
+    # Not clean, or naming another task.
+    b3 = write_bundle(c, NS, "b3", spec)
+    for path in (b3 + "/", b3 + "/../b3", "relative/b3", bundle_dir(c, NS, "keep")):
+        live.invalid("bundle", "Create", shim_pb2.CreateTaskRequest(id="b3", bundle=path))
+    # rootfs a symbolic link: mounting there would mount on the link's target.
+    target = os.path.join(c.tmp, "target")
+    os.makedirs(target)
+    os.symlink(target, os.path.join(b3, "rootfs"))
+    req = shim_pb2.CreateTaskRequest(id="b3", bundle=b3)
+    req.rootfs.add(type="bind", source=live.busybox, options=["rbind", "ro"])
+    live.invalid("bundle", "Create", req)
+    assert mounts_under(c.tmp) == [] and os.listdir(target) == []
+    assert live.runc_ids() == ["keep"]
+
+
+def test_stdio_and_options_refused(live: Live) -> None:
+    c = live.c
+    b = write_bundle(c, NS, "s1", oci_spec(live.busybox, "true"))
+    victim = os.path.join(c.tmp, "victim")
+    with open(victim, "w") as f:
+        f.write("precious\n")
+    os.symlink(victim, os.path.join(c.tmp, "link"))
+    for field, uri in [
+        ("stdout", "../../victim"),
+        ("stdout", victim),  # a plain path must be a FIFO
+        ("stdout", "file://" + os.path.join(c.tmp, "link")),  # never through a link
+        ("stderr", "tcp://127.0.0.1:1"),
+        ("stdin", "file://" + victim),
+        ("stdin", "/no\0where"),
+    ]:
+        live.invalid(field, "Create", shim_pb2.CreateTaskRequest(id="s1", bundle=b, **{field: uri}))
+    with open(victim) as f:
+        assert f.read() == "precious\n"
+    req = shim_pb2.CreateTaskRequest(id="s1", bundle=b)
+    req.options.type_url = "example.com/evil.Options"
+    live.invalid("options", "Create", req)
+    req.options.type_url = "containerd.runc.v1.Options"
+    req.options.value = runc_options_pb2.Options(binary_name="../../bin/sh").SerializeToString()
+    live.invalid("options.binary_name", "Create", req)
+    req.options.value = runc_options_pb2.Options(binary_name="/no/such/runc").SerializeToString()
+    message = live.invalid("options.binary_name", "Create", req)
+    assert "not found" in message
+    req.options.value = runc_options_pb2.Options(root="run/../x").SerializeToString()
+    live.invalid("options.root", "Create", req)
+    req = shim_pb2.CreateTaskRequest(id="s1", bundle=b)
+    req.rootfs.add(type="bind", source=live.busybox, options=["rbind"])
+    req.rootfs.add(type="evil;type", source="/")
+    live.invalid("rootfs[1]", "Create", req)
+    assert mounts_under(c.tmp) == []
+    # An exec spec nested deep enough to overflow a parser's stack.
+    ex = shim_pb2.ExecProcessRequest(id="keep", exec_id="deep")
+    ex.spec.value = b'{"args": ' + b"[" * 200_000
+    live.invalid("spec", "Exec", ex)
+    assert live.runc_ids() == ["keep"]
+    assert sorted(os.listdir(b)) == ["config.json"]
