@@ -19,7 +19,7 @@ import tarfile
 import grpc
 import pytest
 
-from integration.embed import RUNTIME, Events, run, start_daemon
+from integration.embed import RUNTIME, Events, bundle_dir, run, start_daemon
 from integration.harness import Containerd, task_list, wait_for
 from shim.api import runc_options_pb2, shim_pb2
 from shim.ttrpc import Client, TTRPCError
@@ -314,7 +314,7 @@ def test_checkpoint_and_restore_drive_runc_and_criu_as_containerd_does(
     opts = runc_options_pb2.Options(binary_name=runc, criu_path=criu)
 
     def bundle(cid: str) -> str:
-        path = os.path.join(containerd.tmp, "bundles", cid)
+        path = bundle_dir(containerd, "direct", cid)
         os.makedirs(path)
         spec = {
             "ociVersion": "1.0.2",
@@ -359,7 +359,7 @@ def test_checkpoint_and_restore_drive_runc_and_criu_as_containerd_does(
     address = start_daemon(containerd, first, "direct", "c1")
     assert create("c1") > 0
     call("Start", shim_pb2.StartRequest(id="c1"))
-    b1 = os.path.join(containerd.tmp, "bundles", "c1")
+    b1 = bundle_dir(containerd, "direct", "c1")
 
     # Leave running: image and work paths as containerd's runc shim passes them.
     img1 = os.path.join(containerd.tmp, "img1")
@@ -403,7 +403,7 @@ def test_checkpoint_and_restore_drive_runc_and_criu_as_containerd_does(
     assert f'"checkpoint":"{img2}"' in created[0]
     pid = shim_pb2.StartResponse.FromString(call("Start", shim_pb2.StartRequest(id="c2"))).pid
     assert pid > 0 and state("c2").status == 2 and state("c2").pid == pid
-    b2 = os.path.join(containerd.tmp, "bundles", "c2")
+    b2 = bundle_dir(containerd, "direct", "c2")
     (argv,) = _argv_lines(argv_log, "restore")
     i = argv.index("restore")
     assert argv[i:] == ["restore", "--detach", "--image-path", img2, "--work-path",
