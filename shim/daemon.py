@@ -372,11 +372,40 @@ def exit_record_lookup(tracker: ExitTracker) -> ExitRecordLookup:
     return lookup
 
 
+# rt_sigaction syscall numbers (glibc's sigaction refuses its reserved signals 32 and 33)
+_SYS_RT_SIGACTION = {"x86_64": 13, "aarch64": 134, "riscv64": 134, "ppc64le": 173, "s390x": 174}
+
+
+def reset_inherited_ignores() -> None:
+    """Give back their default disposition to signals ignored by whoever started us.
+
+    An ignored signal survives every execve, down to runc and each container's processes;
+    glibc's posix_spawn (GNU make 4.3 runs recipes with it, for one) leaves its reserved
+    signals 32 and 33 ignored.  Python's own SIGPIPE/SIGXFSZ choice is left alone: children
+    get those back through subprocess's restore_signals.
+    """
+    with open("/proc/self/status") as f:
+        mask = next((int(x.split()[1], 16) for x in f if x.startswith("SigIgn:")), 0)
+    keep = {signal.SIGPIPE, signal.SIGXFSZ}
+    ignored = [n for n in range(1, 65) if mask >> (n - 1) & 1 and n not in keep]
+    nr = _SYS_RT_SIGACTION.get(os.uname().machine)
+    if not ignored or nr is None:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    act = ctypes.create_string_buffer(32)  # SIG_DFL, no flags, no restorer, empty mask
+    for sig in ignored:
+        libc.syscall(nr, sig, act, None, 8)
+    log.event("inherited signal ignores reset", signals=",".join(map(str, ignored)))
+
+
 def main(containerd_address: str, ttrpc_address: str, debug: bool, ready_fd: int) -> int:
     paths = DaemonPaths.for_containerd(containerd_address)
     paths.ensure()
     os.chdir(paths.dir)
     log.setup(paths.log, debug)
+    reset_inherited_ignores()
     try:
         asyncio.run(Daemon(paths, containerd_address, ttrpc_address).run(ready_fd))
     except Exception:
