@@ -14,6 +14,7 @@ from integration.cri.api import cri_api_pb2 as cri
 from integration.cri.node import HANDLERS, CriNode, poll, rpc_code
 from integration.cri.test_pods import serving_process
 from integration.embed import Events
+from integration.harness import wait_for
 from integration.harness import _proc_info
 
 MiB = 1 << 20
@@ -202,8 +203,15 @@ def test_oom_killed_container_reports_oomkilled(node: CriNode, handler: str) -> 
         )
         st = node.wait_exited(cid)
         assert st.exit_code == 137
-        # CRI in containerd 1.6 learns OOMKilled only from the /tasks/oom event.
-        assert st.reason == "OOMKilled"
-        assert events.payloads("/tasks/oom", cid)
+        # CRI in containerd 1.6 learns OOMKilled only from the /tasks/oom event, and only if
+        # that event is handled before the exit.  embedshim publishes it before the exit,
+        # always; containerd-shim-runc-v2 sends it from its own OOM watcher, which can lose
+        # that race (seen here: reason "Error" once in several runs), so the baseline is
+        # held only to the event itself.
+        if handler == "embed":
+            assert st.reason == "OOMKilled"
+        else:
+            assert st.reason in ("OOMKilled", "Error")
+        wait_for(lambda: events.payloads("/tasks/oom", cid), what="/tasks/oom")
     finally:
         events.close()
