@@ -14,8 +14,7 @@ from integration.cri.api import cri_api_pb2 as cri
 from integration.cri.node import HANDLERS, CriNode, poll, rpc_code
 from integration.cri.test_pods import serving_process
 from integration.embed import Events
-from integration.harness import wait_for
-from integration.harness import _proc_info
+from integration.harness import _proc_info, wait_for
 
 MiB = 1 << 20
 
