@@ -85,13 +85,13 @@ def _wait_gone(pid: int, start_time: int, timeout: float) -> bool:
     return True
 
 
-def _thaw(binary: str, runc_root: str, id: str) -> None:
-    """Resume a paused container: on cgroup v1 a frozen process does not die of SIGKILL."""
+def _runc(binary: str, runc_root: str, *args: str) -> None:
+    """One runc command, bounded by RUNC_TIMEOUT; a failure is only a warning to containerd."""
     import subprocess
 
     try:
         subprocess.run(
-            [binary, "--root", runc_root, "resume", id],
+            [binary, "--root", runc_root, *args],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -99,7 +99,12 @@ def _thaw(binary: str, runc_root: str, id: str) -> None:
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        sys.stderr.write(f"runc resume {id}: {exc}\n")
+        sys.stderr.write(f"runc {args[0]} {args[-1]}: {exc}\n")
+
+
+def _thaw(binary: str, runc_root: str, id: str) -> None:
+    """Resume a paused container: on cgroup v1 a frozen process does not die of SIGKILL."""
+    _runc(binary, runc_root, "resume", id)
 
 
 def _kill(pid: int, start_time: int) -> None:
@@ -224,7 +229,6 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
     """Clean up without the daemon, from what it persisted."""
     import os
     import signal
-    import subprocess
 
     from shim import procinfo
     from shim.statestore import StateStore, StoreError
@@ -267,17 +271,7 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
                 found = _exit_from_bpf(paths, rec.pid, rec.trace_id)
                 if found is not None:
                     status, exited_at = found
-    try:
-        subprocess.run(
-            [binary, "--root", runc_root, "delete", "--force", id],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            timeout=RUNC_TIMEOUT,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        sys.stderr.write(f"runc delete {id}: {exc}\n")
+    _runc(binary, runc_root, "delete", "--force", id)
     if bundle and not checked:
         from shim.bundle import check_path
 
