@@ -181,3 +181,15 @@ class Events:
 
     def close(self) -> None:
         self.proc.kill()
+
+
+def shim_command(c: Containerd, *args: str) -> subprocess.CompletedProcess[str]:
+    """``containerd-shim-embed-v1 -address <c> <args>`` as an operator runs it (e.g. reload)."""
+    env = {**os.environ, "EMBEDSHIM_ROOT": c.embedshim_root}
+    return subprocess.run(
+        [os.path.join(sys.prefix, "bin", SHIM), "-address", c.address, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import grpc
 import pytest
 
-from integration.embed import RUNTIME, SHIM, Events, daemons
+from integration.embed import RUNTIME, Events, daemons, shim_command
 from integration.harness import Containerd, parse_event, task_list, wait_for
 from integration.tasks_grpc import code_of, tasks_client
 
@@ -59,17 +57,6 @@ def _cgroup_file(c: Containerd, cid: str, controller: str, v1_name: str, v2_name
 def _read(path: str) -> str:
     with open(path) as f:
         return f.read().strip()
-
-
-def _shim(c: Containerd, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EMBEDSHIM_ROOT": c.embedshim_root}
-    return subprocess.run(
-        [os.path.join(sys.prefix, "bin", SHIM), "-address", c.address, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def _advances(c: Containerd, cid: str, within: float = 3.0) -> bool:
@@ -148,7 +135,7 @@ def test_pause_survives_a_daemon_reload_and_the_freezer_wins(
     freezer = _cgroup_file(containerd, "other", "freezer", "freezer.state", "cgroup.freeze")
     with open(freezer, "w") as f:
         f.write("THAWED" if freezer.endswith("freezer.state") else "0")
-    r = _shim(containerd, "reload")
+    r = shim_command(containerd, "reload")
     assert r.returncode == 0, r.stderr
     assert _status(containerd, counter) == "PAUSED"  # persisted, taken back
     assert _status(containerd, "other") == "RUNNING"  # corrected from the freezer
@@ -280,7 +267,7 @@ def test_metrics_follow_the_containers_work(containerd: Containerd, box: str) ->
 
 
 def test_metrics_of_a_restored_and_a_stopped_task(containerd: Containerd, box: str) -> None:
-    r = _shim(containerd, "reload")  # the new image finds the cgroup from the live init
+    r = shim_command(containerd, "reload")  # the new image finds the cgroup from the live init
     assert r.returncode == 0, r.stderr
     assert _memory_usage(_metrics(containerd, box)) > 0
     r = containerd.ctr("task", "metrics", "nosuch", check=False)

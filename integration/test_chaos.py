@@ -12,7 +12,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from integration.embed import RUNTIME, SHIM, daemon_paths, daemons
+from integration.embed import RUNTIME, SHIM, daemon_paths, daemons, shim_command
 from integration.harness import Containerd, mounts_under, task_list, wait_for
 from shim.statestore import ProcessRecord, StateStore
 
@@ -27,17 +27,6 @@ def _start_all(
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         list(pool.map(one, specs))
-
-
-def _shim(c: Containerd, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "EMBEDSHIM_ROOT": c.embedshim_root}
-    return subprocess.run(
-        [os.path.join(sys.prefix, "bin", SHIM), "-address", c.address, *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def _exit_code_from_delete(c: Containerd, cid: str) -> int:
@@ -116,7 +105,7 @@ def test_reload_while_containers_come_and_go(containerd: Containerd, busybox: st
     try:
         for _ in range(3):
             time.sleep(0.7)
-            r = _shim(containerd, "reload")
+            r = shim_command(containerd, "reload")
             assert r.returncode == 0, r.stderr
             infos.append(json.loads(r.stdout))
     finally:
@@ -196,7 +185,7 @@ def test_recycled_pid_is_never_signalled(containerd: Containerd, busybox: str) -
         finally:
             store.close()
         # The daemon takes the rows back on reload: it must not adopt the bystander.
-        r = _shim(containerd, "reload")
+        r = shim_command(containerd, "reload")
         assert r.returncode == 0, r.stderr
         code = _ttrpc_kill(paths.address, "ghost1")
         assert code == "NOT_FOUND"
