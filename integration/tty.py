@@ -13,6 +13,8 @@ import termios
 import time
 from collections.abc import Mapping, Sequence
 
+_CSI = re.compile(rb"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
 
 def _take_terminal() -> None:  # pragma: no cover - runs in the child, after setsid()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
@@ -66,8 +68,18 @@ class PtySession:
             chunk = b""
         if not chunk:
             raise EOFError(f"terminal closed; screen so far: {bytes(self.screen[-500:])!r}")
-        self.screen += chunk
+        # The shell's line editor may redraw what was typed, with control sequences inside
+        # the text (``printf 'h\x1b[Jalf '``): tests look for what a person would see.
+        pending = self._partial + chunk
+        cut = pending.rfind(b"\x1b")
+        if cut >= 0 and _CSI.match(pending, cut) is None and len(pending) - cut < 16:
+            pending, self._partial = pending[:cut], pending[cut:]  # a sequence split by read
+        else:
+            self._partial = b""
+        self.screen += _CSI.sub(b"", pending)
         return True
+
+    _partial = b""
 
     def expect(self, pattern: bytes, timeout: float = 15.0) -> re.Match[bytes]:
         """Wait for ``pattern`` (a regex) after the mark; move the mark past it."""
