@@ -98,16 +98,7 @@ class Publisher:
     async def detach(self) -> list[tuple[str, str, bytes, bool]]:
         """Stop sending and return what was not sent yet, as (namespace, topic, payload,
         has_on_sent), for a daemon that re-execs itself to send after it."""
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-            self._task = None
-        if self._client is not None:
-            await self._client.close()
-            self._client = None
+        await self.close()
         items = [(ns, topic, payload, cb is not None) for ns, topic, payload, cb in self._queue]
         self._queue.clear()
         return items
@@ -121,14 +112,17 @@ class Publisher:
         self._wakeup.set()
 
     async def close(self) -> None:
+        """Stop the sender and its connection; what is still queued stays queued."""
         if self._task is not None:
             self._task.cancel()
             try:
                 await self._task
             except asyncio.CancelledError:
                 pass
+            self._task = None
         if self._client is not None:
             await self._client.close()
+            self._client = None
 
     async def _send(self, namespace: str, payload: bytes) -> None:
         if self._client is None or self._client.closed:
