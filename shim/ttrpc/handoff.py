@@ -37,6 +37,9 @@ class PendingCall:
     payload: bytes
     metadata: list[tuple[str, str]]
     timeout_nano: int
+    #: Found in a dead server's journal rather than handed over by a live one: the handler
+    #: may have done part of its work already (see :attr:`.server.Context.replayed`).
+    replayed: bool = False
 
 
 @dataclass
@@ -57,6 +60,8 @@ class ConnectionHandoff:
     state: dict[str, object]
     pending: list[PendingCall]
     discard: int = 0
+    #: The connection's number with whoever holds duplicates of it (see :mod:`.journal`).
+    key: int | None = None
 
 
 @dataclass
@@ -95,6 +100,7 @@ class ServerHandoff:
                         "fd": conn.fd,
                         "unread": _b64(conn.unread),
                         "discard": conn.discard,
+                        "key": conn.key,
                         "last_stream_id": conn.last_stream_id,
                         "state": conn.state,
                         "pending": [
@@ -170,6 +176,7 @@ def _connection(obj: dict[str, object]) -> ConnectionHandoff:
         state=_dict(obj.get("state", {}), "state"),
         pending=pending,
         discard=_int(obj.get("discard", 0), "discard"),
+        key=None if obj.get("key") is None else _int(obj.get("key"), "key"),
     )
 
 

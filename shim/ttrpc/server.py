@@ -23,6 +23,7 @@ import functools
 import json
 import logging
 import os
+import select
 import socket
 import stat
 import struct
@@ -31,7 +32,10 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from .codec import (
+    HEADER_SIZE,
     MAX_MESSAGE_SIZE,
+    FrameHeader,
+    MessageType,
     Request,
     RequestReceived,
     RequestRejected,
@@ -44,6 +48,7 @@ from .codec import (
 )
 from .errors import Code, MessageTooLargeError, TTRPCError
 from .handoff import ConnectionHandoff, PendingCall, ServerHandoff
+from .journal import Journal, JournaledCall
 
 __all__ = [
     "AcceptFilter",
@@ -70,6 +75,13 @@ _ACCEPT_RETRY_DELAY = 1.0
 FRAME_TIMEOUT = 30.0
 #: Bytes of unfinished frames held for all connections together.
 MAX_BUFFERED_BYTES = 16 * MAX_MESSAGE_SIZE
+
+#: Journaled connections take a request out of the socket only once it is whole and written to
+#: the journal; a frame larger than this is read as it comes instead (a unix socket queues only
+#: what the sender's buffer holds, about 200 KiB by default), and is the one kind of request a
+#: crash in the middle of its arrival can cost (its connection is then dropped).
+PEEK_FRAME_MAX = 64 << 10
+_PEEK_BYTES = PEEK_FRAME_MAX + HEADER_SIZE
 
 #: How long :meth:`Server.quiesce` gives cancelled handlers to unwind and the last responses
 #: to reach the kernel once its ``timeout`` is used up.
@@ -105,6 +117,9 @@ class Context:
     #: Set once the connection is gone. Handlers are not cancelled when their peer leaves
     #: (see :class:`Server`); one that only waits on the peer's behalf may watch this.
     gone: asyncio.Event = field(default_factory=asyncio.Event)
+    #: The call was found in the journal of a server that died while running it: its handler
+    #: may have done some or all of its work already, and the peer may even have its answer.
+    replayed: bool = False
 
     def get(self, key: str) -> str | None:
         """First value of a metadata key (keys are case-insensitive), or None."""
@@ -146,6 +161,11 @@ class Server:
     finished it in that time, counted only while the server is reading from it.
     ``max_buffered_bytes`` bounds the unfinished frames held for all peers together: past
     it, the connections holding the most are dropped until the total fits again.
+
+    With a ``journal``, connections given to :meth:`serve_kept` (sockets another process holds
+    duplicates of, so that they outlive this one) are read crash-safely: each request is
+    written to the journal before it leaves the socket and removed once answered, and
+    :meth:`serve_kept` takes back what a dead predecessor left there.
     """
 
     def __init__(
@@ -156,8 +176,15 @@ class Server:
         max_in_flight_bytes: int = 4 * MAX_MESSAGE_SIZE,
         frame_timeout: float | None = FRAME_TIMEOUT,
         max_buffered_bytes: int = MAX_BUFFERED_BYTES,
+        journal: Journal | None = None,
     ) -> None:
         self.accept_filter = accept_filter
+        self.journal = journal
+        # Journaled connections are read by us, not by asyncio: one edge-triggered epoll for
+        # all of them, itself watched by the loop (a frame that is not whole yet must not
+        # make its socket look readable again and again).
+        self._epoll: select.epoll | None = None
+        self._peekers: dict[int, _ServerProtocol] = {}
         self._max_in_flight = max_in_flight
         self._max_in_flight_bytes = max_in_flight_bytes
         self._frame_timeout = frame_timeout
@@ -177,6 +204,7 @@ class Server:
         self._connections: set[_ServerProtocol] = set()
         self._handlers: dict[asyncio.Task[None], _ServerProtocol] = {}
         self._closing = False
+        self._hold_only = False
         self._closed = asyncio.Event()
         self._quiescing = False
         self._quiesced = False
@@ -227,14 +255,56 @@ class Server:
             raise
         await self.start_sock(sock)
 
-    async def start_sock(self, sock: socket.socket) -> None:
-        """Serve on an already-listening socket, e.g. one inherited across exec."""
+    async def start_sock(self, sock: socket.socket, *, accept: bool = True) -> None:
+        """Serve on an already-listening socket, e.g. one inherited across exec.
+
+        With ``accept=False`` the socket is only held (someone else accepts on it and passes
+        the connections to :meth:`serve_kept`) until :meth:`accept_now`."""
         if self._sock is not None or self._closing or self._quiescing:
             raise RuntimeError("server already started or closed")
         sock.setblocking(False)
         self._loop = asyncio.get_running_loop()
         self._sock = sock
+        self._hold_only = not accept
+        if accept:
+            self._start_accepting()
+
+    def accept_now(self) -> None:
+        """Start accepting on a socket :meth:`start_sock` was told only to hold."""
+        self._hold_only = False
         self._start_accepting()
+
+    async def serve_kept(
+        self,
+        fd: int,
+        key: int,
+        *,
+        journaled: list[JournaledCall] | None = None,
+        state: dict[str, object] | None = None,
+    ) -> None:
+        """Serve a connection accepted elsewhere, known there as ``key``.
+
+        A fresh one goes through the accept filter.  One that a dead predecessor served
+        (``journaled`` is what its journal holds for ``key``, maybe nothing; ``state`` its
+        connection state) is not: the calls in ``journaled`` are run again, marked
+        :attr:`Context.replayed`, and their copies still in the socket are skipped.
+        """
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            logger.error("ttrpc kept connection %d unusable: %s", key, exc)
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            return
+        if journaled is None and state is None:
+            await self._connect(sock, None, key)
+            return
+        pending = [_pending_from_journal(call) for call in journaled or ()]
+        adopted = ConnectionHandoff(
+            fd, b"", 0, dict(state or {}), [p for p in pending if p is not None], key=key
+        )
+        skip = max((call.stream_id for call in journaled or ()), default=0)
+        await self._connect(sock, adopted, key, skip)
 
     async def close(self) -> None:
         """Stop accepting, drop every connection and cancel the handlers still running."""
@@ -254,6 +324,7 @@ class Server:
                 await asyncio.gather(*accepting, return_exceptions=True)
             for conn in list(self._connections):
                 conn.abort()
+            self._close_epoll()
             handlers = list(self._handlers)
             for task in handlers:
                 task.cancel()
@@ -404,7 +475,8 @@ class Server:
         self._handed_off = True
         self._closing = True
         for conn in list(self._connections):
-            conn.abort()  # anything not handed over (closing already)
+            conn.abort(shutdown=False)  # anything not handed over (closing already)
+        self._close_epoll()
         self._closed.set()
         return handoff
 
@@ -463,6 +535,8 @@ class Server:
     def _start_accepting(self) -> None:
         if self._accepting or self._closing or self._quiescing or self._sock is None:
             return
+        if self._hold_only:
+            return
         assert self._loop is not None
         self._loop.add_reader(self._sock.fileno(), self._accept_ready)
         self._accepting = True
@@ -501,16 +575,55 @@ class Server:
         if task.cancelled():
             sock.close()  # by close(), maybe before the task ever ran: nobody else will
 
-    async def _connect(self, sock: socket.socket, adopted: ConnectionHandoff | None) -> None:
+    async def _connect(
+        self,
+        sock: socket.socket,
+        adopted: ConnectionHandoff | None,
+        key: int | None = None,
+        skip_through: int = 0,
+    ) -> None:
         """Put an accepted (or handed-over) socket under a transport; returns once made."""
         loop = asyncio.get_running_loop()
+        if key is None and adopted is not None:
+            key = adopted.key
         try:
             sock.setblocking(False)
-            await loop.connect_accepted_socket(lambda: _ServerProtocol(self, adopted), sock)
+            await loop.connect_accepted_socket(
+                lambda: _ServerProtocol(self, adopted, key, skip_through, sock), sock
+            )
         except Exception as exc:
             what = f"handed-over connection fd {adopted.fd}" if adopted else "connection"
             logger.error("ttrpc %s not taken: %s", what, exc)
             sock.close()
+
+    def _peek_register(self, conn: _ServerProtocol, fd: int) -> None:
+        if self._epoll is None:
+            self._epoll = select.epoll()
+            asyncio.get_running_loop().add_reader(self._epoll.fileno(), self._peek_ready)
+        self._epoll.register(fd, select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLET)
+        self._peekers[fd] = conn
+
+    def _peek_unregister(self, fd: int) -> None:
+        # Before the descriptor closes: the socket lives on in the other holder's process,
+        # so closing alone would leave it registered.
+        if self._peekers.pop(fd, None) is not None and self._epoll is not None:
+            with contextlib.suppress(OSError):
+                self._epoll.unregister(fd)
+
+    def _peek_ready(self) -> None:
+        assert self._epoll is not None
+        for fd, _ in self._epoll.poll(0, 256):
+            conn = self._peekers.get(fd)
+            if conn is not None:
+                conn.read_journaled()
+
+    def _close_epoll(self) -> None:
+        if self._epoll is not None:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_reader(self._epoll.fileno())
+            self._epoll.close()
+            self._epoll = None
+            self._peekers.clear()
 
     def _keep(self, keep: Callable[[Context], bool], ctx: Context) -> bool:
         try:
@@ -613,6 +726,7 @@ class _Call:
     request: Request
     deadline: float | None  # in loop time
     ctx: Context | None = None  # once started
+    replayed: bool = False
 
     @classmethod
     def received(cls, stream_id: int, request: Request, now: float) -> _Call:
@@ -638,9 +752,25 @@ class _Call:
 class _ServerProtocol(asyncio.Protocol):
     """One accepted (or adopted) connection."""
 
-    def __init__(self, server: Server, adopted: ConnectionHandoff | None = None) -> None:
+    def __init__(
+        self,
+        server: Server,
+        adopted: ConnectionHandoff | None = None,
+        key: int | None = None,
+        skip_through: int = 0,
+        sock: socket.socket | None = None,
+    ) -> None:
         self._server = server
         self._adopted = adopted
+        self._raw_sock = sock  # asyncio's transport hides recv() behind its wrapper
+        # Journaled: read through the server's epoll, each request journaled before it is
+        # taken out of the socket (see read_journaled).
+        self._key = key
+        self._journal = server.journal if key is not None else None
+        self._skip_through = skip_through  # stream ids the journal already holds
+        self._sock: socket.socket | None = None
+        self._recorded: set[int] = set()  # journaled before decoding
+        self._handed_off = False
         self._conn = ServerConnection()
         self._transport: asyncio.Transport | None = None
         self._peer: PeerCred | None = None
@@ -670,9 +800,18 @@ class _ServerProtocol(asyncio.Protocol):
         adopted, self._adopted = self._adopted, None
         if adopted is None and not self._server._admit(self._peer):
             logger.info("ttrpc connection from %s refused by the accept filter", self._peer)
+            if self._key is not None:  # held elsewhere too: make sure the peer sees the end
+                with contextlib.suppress(OSError):
+                    if self._raw_sock is not None:
+                        self._raw_sock.shutdown(socket.SHUT_RDWR)
             transport.abort()
             return
         self._server._connections.add(self)
+        if self._journal is not None:
+            transport.pause_reading()  # for good: read_journaled() reads this socket
+            self._sock = self._raw_sock
+            assert self._sock is not None
+            self._server._peek_register(self, self._sock.fileno())
         if adopted is not None:
             self._resume(adopted)
         if self._server._quiescing:
@@ -693,6 +832,14 @@ class _ServerProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._server._connections.discard(self)
+        if self._sock is not None:
+            self._server._peek_unregister(self._sock.fileno())
+            self._sock = None
+        if self._journal is not None and not self._handed_off:
+            assert self._key is not None
+            for call in self._backlog:  # never started, never will be
+                self._journal.done(self._key, call.stream_id)
+            self._journal.forget_connection(self._key)
         self._transport = None
         self._cancel_frame_timer()
         self._release_buffered()
@@ -735,12 +882,21 @@ class _ServerProtocol(asyncio.Protocol):
         sock = self._transport.get_extra_info("socket")
         return int(sock.fileno())
 
-    def abort(self) -> None:
-        """Drop the connection now; requests not yet started are forgotten."""
+    def abort(self, *, shutdown: bool = True) -> None:
+        """Drop the connection now; requests not yet started are forgotten.
+
+        A journaled connection is shut down too (unless ``shutdown`` is false: it is being
+        handed over), or the other holder's duplicate would keep it open for the peer."""
+        if self._journal is not None and self._key is not None and not self._handed_off:
+            for call in self._backlog:
+                self._journal.done(self._key, call.stream_id)
         self._backlog.clear()
         self._cancel_frame_timer()
         self._release_buffered()
         if self._transport is not None:
+            if shutdown and self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
             self._transport.abort()
 
     def context_of(self, task: asyncio.Task[None]) -> Context | None:
@@ -797,9 +953,11 @@ class _ServerProtocol(asyncio.Protocol):
             state=self._state,
             pending=[call.pending(now) for call in calls],
             discard=state.discard,
+            key=self._key,
         )
         self._backlog.clear()
-        self.abort()  # closes our descriptor only: the duplicate keeps the socket open
+        self._handed_off = True  # the journal entries stay: the adopter answers them
+        self.abort(shutdown=False)  # our descriptor only: the duplicate keeps it open
         return handoff
 
     # internals --------------------------------------------------------------------------
@@ -814,18 +972,33 @@ class _ServerProtocol(asyncio.Protocol):
                 pending.timeout_nano,
                 tuple(pending.metadata),
             )
-            self._backlog.append(_Call.received(pending.stream_id, request, now))
+            call = _Call.received(pending.stream_id, request, now)
+            call.replayed = pending.replayed
+            self._backlog.append(call)
         state = ServerConnectionState(adopted.last_stream_id, adopted.unread, adopted.discard)
         self._receive(self._conn.restore_state(state))
         self._update_buffered()
 
     def _receive(self, events: list[RequestReceived | RequestRejected]) -> None:
         now = asyncio.get_running_loop().time()
+        journal = self._journal
         for event in events:
+            sid = event.stream_id
+            if sid <= self._skip_through:
+                continue  # a dead predecessor journaled it: it is pending already
             if isinstance(event, RequestReceived):
-                self._backlog.append(_Call.received(event.stream_id, event.request, now))
+                if journal is not None and sid not in self._recorded:
+                    # read as it came (a large frame): journaled only now
+                    assert self._key is not None
+                    journal.record(self._key, sid, _frame_of(sid, event.request))
+                self._recorded.discard(sid)
+                self._backlog.append(_Call.received(sid, event.request, now))
             else:
-                self._write(event.stream_id, Response(event.status))
+                if journal is not None:
+                    assert self._key is not None
+                    self._recorded.discard(sid)
+                    journal.done(self._key, sid)
+                self._write(sid, Response(event.status))
 
     def _at_limit(self) -> bool:
         return (
@@ -851,6 +1024,7 @@ class _ServerProtocol(asyncio.Protocol):
             stream_id=call.stream_id,
             connection=self._state,
             gone=self._gone,
+            replayed=call.replayed,
         )
         call.ctx = ctx
         self._in_flight_bytes += len(request.payload)
@@ -870,6 +1044,15 @@ class _ServerProtocol(asyncio.Protocol):
         self._server._handlers.pop(task, None)
         if call is not None:
             self._in_flight_bytes -= len(call.request.payload)
+            if self._journal is not None and call.stream_id not in self._abandoned:
+                # Answered (or its peer is gone): out of the journal, after the answer.
+                assert self._key is not None
+                self._journal.done(self._key, call.stream_id)
+                if self._transport is not None:
+                    try:
+                        self._journal.save_state(self._key, self._state)
+                    except OSError as err:
+                        logger.error("ttrpc journal: connection state not saved: %s", err)
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("ttrpc request task failed", exc_info=exc)
         if self._transport is not None:
@@ -895,11 +1078,72 @@ class _ServerProtocol(asyncio.Protocol):
         busy = self._quiesced or self._write_paused or bool(self._backlog) or self._at_limit()
         if busy and not self._read_paused:
             self._read_paused = True
-            transport.pause_reading()
+            if self._journal is None:
+                transport.pause_reading()
         elif not busy and self._read_paused:
             self._read_paused = False
-            transport.resume_reading()
+            if self._journal is None:
+                transport.resume_reading()
+            else:
+                # Edge-triggered: what arrived while paused raises no new event.
+                asyncio.get_running_loop().call_soon(self.read_journaled)
         self._update_frame_timer()
+
+    def read_journaled(self) -> None:
+        """Read a journaled connection: each whole request frame is journaled, then taken out
+        of the socket, then decoded.  A partial frame stays in the socket until the rest
+        arrives (the next edge), unless it is too large to ever be queued whole."""
+        journal, sock, key = self._journal, self._sock, self._key
+        assert journal is not None and key is not None
+        while not self._read_paused and sock is not None and self.live:
+            try:
+                if self._conn.mid_frame:
+                    data = sock.recv(_PEEK_BYTES)  # finishing a large frame as it comes
+                    if data:
+                        self.data_received(data)
+                        continue
+                else:
+                    data = sock.recv(_PEEK_BYTES, socket.MSG_PEEK)
+                    if data:
+                        size, large = self._journal_whole_frames(journal, key, data)
+                        if size:
+                            _consume(sock, size)
+                            self.data_received(data[:size])
+                        elif large:  # cannot wait for it whole: read it as it comes
+                            self.data_received(sock.recv(len(data)))
+                        else:
+                            return  # the rest of the frame raises the next edge
+                        continue
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                logger.debug("ttrpc peer %s: %s", self._peer, exc)
+                self.abort(shutdown=False)
+                return
+            # end of stream
+            if self._transport is not None:
+                self.eof_received()
+                self._transport.close()
+            return
+
+    def _journal_whole_frames(self, journal: Journal, key: int, data: bytes) -> tuple[int, bool]:
+        """Journal the requests among the whole frames at the start of ``data``; returns
+        their length, and whether the frame after them is too large to wait for whole."""
+        view = memoryview(data)
+        pos = 0
+        while len(data) - pos >= HEADER_SIZE:
+            header = FrameHeader.decode(view[pos : pos + HEADER_SIZE])
+            end = pos + HEADER_SIZE + header.length
+            if header.length > PEEK_FRAME_MAX:
+                return pos, True
+            if end > len(data):
+                break
+            sid = header.stream_id
+            if header.type == MessageType.REQUEST and sid > self._skip_through:
+                journal.record(key, sid, view[pos:end])
+                self._recorded.add(sid)
+            pos = end
+        return pos, False
 
     def _update_frame_timer(self) -> None:
         """Time an unfinished frame, but only while we read: a peer we stopped reading
@@ -947,3 +1191,33 @@ class _ServerProtocol(asyncio.Protocol):
         if self._counted:
             counted, self._counted = self._counted, 0
             self._server._account(-counted)
+
+
+def _consume(sock: socket.socket, size: int) -> None:
+    """Take ``size`` bytes already seen with MSG_PEEK out of the socket."""
+    while size > 0:
+        size -= len(sock.recv(size))
+
+
+def _frame_of(stream_id: int, request: Request) -> bytes:
+    payload = request.encode()
+    header = FrameHeader(len(payload), stream_id, MessageType.REQUEST)
+    return header.encode() + payload
+
+
+def _pending_from_journal(call: JournaledCall) -> PendingCall | None:
+    """The journaled request, to be run again (None if it does not decode as one)."""
+    try:
+        request = Request.decode(call.frame[HEADER_SIZE:])
+    except Exception:
+        logger.error("ttrpc journal: entry %r is not a request; dropped", call)
+        return None
+    return PendingCall(
+        call.stream_id,
+        request.service,
+        request.method,
+        request.payload,
+        list(request.metadata),
+        request.timeout_nano,
+        replayed=True,
+    )

@@ -1,0 +1,267 @@
+"""Journaled connections: a server that dies mid-call loses no request.
+
+The connection's socket is shared, as the keeper shares it with the daemon: the test keeps a
+duplicate of the server's end, "kills" the first server by dropping its descriptor without a
+word to the peer, and hands the duplicate and the journal to a second server, as a restarted
+daemon gets them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import time
+from collections.abc import Awaitable
+
+import pytest
+
+from shim.ttrpc import Context, Server
+from shim.ttrpc.codec import (
+    HEADER_SIZE,
+    FrameDecoder,
+    MessageType,
+    Request,
+    Response,
+    encode_frame,
+)
+from shim.ttrpc.journal import Journal
+from shim.ttrpc.server import PEEK_FRAME_MAX
+
+SVC = "test.v1.Journal"
+
+
+def run(coro: Awaitable[None], timeout: float = 20.0) -> None:
+    async def main() -> None:
+        async with asyncio.timeout(timeout):
+            await coro
+
+    asyncio.run(main())
+
+
+def request_frame(stream_id: int, method: str, payload: bytes = b"") -> bytes:
+    return encode_frame(stream_id, MessageType.REQUEST, Request(SVC, method, payload).encode())
+
+
+class Peer:
+    """The client end, raw: sends frames, collects responses by stream id."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        sock.setblocking(False)
+        self.decoder = FrameDecoder()
+        self.responses: dict[int, list[Response]] = {}
+
+    async def read_until(self, stream_id: int, timeout: float = 5.0) -> Response:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while stream_id not in self.responses:
+            if loop.time() > deadline:
+                raise AssertionError(f"no answer on stream {stream_id}")
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+                continue
+            assert data, "server closed the connection"
+            for frame in self.decoder.feed(data):
+                self.responses.setdefault(frame.stream_id, []).append(
+                    Response.decode(frame.payload)
+                )
+        return self.responses[stream_id][0]
+
+
+@pytest.fixture
+def journal_dir() -> str:
+    return tempfile.mkdtemp(prefix="journal", dir="/tmp")
+
+
+def test_request_is_journaled_until_answered(journal_dir: str) -> None:
+    journal = Journal(journal_dir)
+    release = None
+
+    async def main() -> None:
+        nonlocal release
+        release = asyncio.Event()
+
+        async def slow(ctx: Context, payload: bytes) -> bytes:
+            assert release is not None
+            await release.wait()
+            return b"done:" + payload
+
+        server = Server(journal=journal)
+        server.register(SVC, {"Slow": slow})
+        client, theirs = socket.socketpair()
+        await server.serve_kept(os.dup(theirs.fileno()), 7)
+        theirs.close()
+        peer = Peer(client)
+        client.sendall(request_frame(1, "Slow", b"x"))
+        for _ in range(200):
+            if journal.load().get(7):
+                break
+            await asyncio.sleep(0.005)
+        calls = journal.load()[7]
+        assert [c.stream_id for c in calls] == [1]
+        assert calls[0].frame == request_frame(1, "Slow", b"x")
+        release.set()
+        resp = await peer.read_until(1)
+        assert resp.payload == b"done:x"
+        await asyncio.sleep(0.01)
+        assert journal.load() == {}
+        await server.close()
+        client.close()
+
+    run(main())
+
+
+def test_dead_server_calls_are_answered_by_the_next_one(journal_dir: str) -> None:
+    """Server A reads two calls and dies before answering; B answers both, once each, with
+    `replayed` set, and serves new calls on the same connection."""
+    journal = Journal(journal_dir)
+
+    async def main() -> None:
+        client, theirs = socket.socketpair()
+        kept = os.dup(theirs.fileno())  # the keeper's copy
+
+        hang = asyncio.Event()
+
+        async def never(ctx: Context, payload: bytes) -> bytes:
+            await hang.wait()
+            return b""
+
+        a = Server(journal=journal)
+        a.register(SVC, {"Wait": never, "Echo": never})
+        await a.serve_kept(os.dup(theirs.fileno()), 3)
+        theirs.close()
+        peer = Peer(client)
+        client.sendall(request_frame(1, "Wait", b"w") + request_frame(3, "Echo", b"e"))
+        for _ in range(200):
+            if len(journal.load().get(3, [])) == 2:
+                break
+            await asyncio.sleep(0.005)
+        assert [c.stream_id for c in journal.load()[3]] == [1, 3]
+        # A dies: its descriptor goes, nothing is said to the peer (the keeper's copy holds).
+        a._close_epoll()
+        for conn in list(a._connections):
+            conn._journal = None  # a dead process does no bookkeeping
+            assert conn._transport is not None
+            conn._transport.abort()
+        await asyncio.sleep(0.01)
+        client.sendall(request_frame(5, "Echo", b"new"))  # arrives while nobody serves
+
+        seen: list[tuple[str, bool]] = []
+
+        async def echo(ctx: Context, payload: bytes) -> bytes:
+            seen.append((ctx.method, ctx.replayed))
+            return ctx.method.encode() + b":" + payload
+
+        b = Server(journal=Journal(journal_dir))
+        b.register(SVC, {"Wait": echo, "Echo": echo})
+        await b.serve_kept(kept, 3, journaled=journal.load()[3], state={})
+        assert (await peer.read_until(1)).payload == b"Wait:w"
+        assert (await peer.read_until(3)).payload == b"Echo:e"
+        assert (await peer.read_until(5)).payload == b"Echo:new"
+        await asyncio.sleep(0.05)
+        assert {k: len(v) for k, v in peer.responses.items()} == {1: 1, 3: 1, 5: 1}
+        assert seen == [("Wait", True), ("Echo", True), ("Echo", False)]
+        assert journal.load() == {}
+        await b.close()
+        client.close()
+
+    run(main())
+
+
+def test_journaled_but_unread_frame_is_served_once(journal_dir: str) -> None:
+    """A died after journaling a frame and before taking it out of the socket: B finds it in
+    both places and runs it once."""
+    journal = Journal(journal_dir)
+
+    async def main() -> None:
+        client, theirs = socket.socketpair()
+        frame = request_frame(9, "Echo", b"twice?")
+        client.sendall(frame)
+        journal.record(4, 9, frame)  # as A would have, just before its death
+        count = 0
+
+        async def echo(ctx: Context, payload: bytes) -> bytes:
+            nonlocal count
+            count += 1
+            return payload
+
+        b = Server(journal=journal)
+        b.register(SVC, {"Echo": echo})
+        await b.serve_kept(os.dup(theirs.fileno()), 4, journaled=journal.load()[4], state={})
+        theirs.close()
+        peer = Peer(client)
+        assert (await peer.read_until(9)).payload == b"twice?"
+        client.sendall(request_frame(11, "Echo", b"next"))
+        assert (await peer.read_until(11)).payload == b"next"
+        assert count == 2 and len(peer.responses[9]) == 1
+        await b.close()
+        client.close()
+
+    run(main())
+
+
+def test_cut_short_entry_is_dropped(journal_dir: str) -> None:
+    journal = Journal(journal_dir)
+    frame = request_frame(1, "Echo", b"0123456789")
+    with open(os.path.join(journal_dir, "2.1"), "wb") as f:
+        f.write(frame[: HEADER_SIZE + 3])  # the writer died mid-write
+    assert journal.load() == {}
+    assert not os.path.exists(os.path.join(journal_dir, "2.1"))
+
+
+def test_split_and_large_frames_without_spinning(journal_dir: str) -> None:
+    """A frame arriving in pieces waits in the socket without the loop spinning; a frame
+    larger than can wait whole is read as it comes; both are answered."""
+    journal = Journal(journal_dir)
+
+    async def main() -> None:
+        async def size(ctx: Context, payload: bytes) -> bytes:
+            return str(len(payload)).encode()
+
+        server = Server(journal=journal)
+        server.register(SVC, {"Size": size})
+        client, theirs = socket.socketpair()
+        await server.serve_kept(os.dup(theirs.fileno()), 1)
+        theirs.close()
+        peer = Peer(client)
+        frame = request_frame(1, "Size", b"a" * 1000)
+        cpu = time.process_time()
+        client.sendall(frame[:7])
+        await asyncio.sleep(0.3)
+        client.sendall(frame[7:500])
+        await asyncio.sleep(0.3)
+        client.sendall(frame[500:])
+        assert (await peer.read_until(1)).payload == b"1000"
+        assert time.process_time() - cpu < 0.2, "the loop spun on a partial frame"
+        big = request_frame(3, "Size", b"b" * (PEEK_FRAME_MAX * 4))
+        await asyncio.get_running_loop().sock_sendall(client, big)
+        assert (await peer.read_until(3)).payload == str(PEEK_FRAME_MAX * 4).encode()
+        await asyncio.sleep(0.01)
+        assert journal.load() == {}
+        await server.close()
+        client.close()
+
+    run(main())
+
+
+def test_dropped_connection_is_shut_down_for_every_holder(journal_dir: str) -> None:
+    """When the server drops a journaled connection, the peer sees it closed even though
+    another process (here: a duplicate) still holds the socket."""
+
+    async def main() -> None:
+        server = Server(journal=Journal(journal_dir), accept_filter=lambda peer: False)
+        client, theirs = socket.socketpair()
+        keeper_copy = os.dup(theirs.fileno())
+        await server.serve_kept(os.dup(theirs.fileno()), 1)  # refused by the filter
+        theirs.close()
+        client.settimeout(2.0)
+        assert client.recv(1) == b""
+        os.close(keeper_copy)
+        await server.close()
+        client.close()
+
+    run(main())
