@@ -5,6 +5,12 @@ daemon ...`` so operators can tell it in ``ps``).  It is a child subreaper so ev
 init is its child, listens on one 0600 ttrpc socket, and exits only when it serves no task
 and no ``start`` has reserved it for a task on its way.
 
+Its parent is normally the keeper (``keeper/keeper.c``, see ``shim.keeperlink``), which
+accepts containerd's connections, keeps a duplicate of each and restarts the daemon if it
+dies: the new daemon takes the connections back, answers what the dead one had read and not
+answered (``shim.ttrpc.journal``) and finds its tasks in the store and the pinned BPF maps.
+Without a keeper (its binary not built) it listens itself, and a crash ends every task.
+
 SIGHUP upgrades it in place: it stops reading requests, lets the short ones finish, writes a
 handoff (listening socket, containerd's connections with their unread bytes and pending
 Waits, unsent events, terminal copies with their fds and logging programs) and re-execs
@@ -23,6 +29,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +39,7 @@ from shim.api import events_pb2, events_service_pb2
 from shim.events import Publisher
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitRecordLookup, ExitWatch
+from shim.keeperlink import Attached, KeeperLink
 from shim.oom import OOMWatcher
 from shim.paths import DaemonPaths
 from shim.reaper import Reaper, become_subreaper
@@ -39,6 +47,7 @@ from shim.service import DAEMON_SERVICE, TASK_SERVICE, TaskService
 from shim.statestore import StateStore
 from shim.task import Deps, Tasks
 from shim.ttrpc import PeerCred, Server, require_same_user
+from shim.ttrpc.journal import Journal
 from shim.ttrpc.server import FRAME_TIMEOUT
 
 RESERVATION_TTL = 30.0
@@ -61,11 +70,21 @@ class Daemon:
         self._reload = False
         self._exiting = False
         self._last_shutdown = 0.0
+        self.keeper: KeeperLink | None = None
+        self.attached: Attached | None = None
 
     async def run(self, ready_fd: int = -1) -> None:
         loop = asyncio.get_running_loop()
+        loop.set_exception_handler(_fatal_loop_error)
         become_subreaper()
         handoff = _read_handoff()
+        self.keeper = KeeperLink.from_env()
+        if self.keeper is not None:
+            try:
+                self.attached = self.keeper.attach()
+            except (OSError, TimeoutError) as exc:
+                log.event("keeper does not answer; running without it", logging.ERROR, error=exc)
+                self.keeper = None
         reaper = Reaper(loop)
         store = StateStore(self.paths.store)
         publisher = Publisher(self.ttrpc_address)
@@ -84,13 +103,26 @@ class Daemon:
         reaper.reap()  # children that exited while no handler was installed (re-exec)
         publisher.start()
         self.service = TaskService(self.tasks, self._on_shutdown, self.info)
-        server = Server(accept_filter=admit_peer, frame_timeout=_frame_timeout())
+        journal = Journal(self.paths.journal) if self.attached is not None else None
+        server = Server(accept_filter=admit_peer, frame_timeout=_frame_timeout(), journal=journal)
         server.register(TASK_SERVICE, self.service.methods())
         server.register(DAEMON_SERVICE, self.service.daemon_methods())
         if handoff is not None:
             from shim.ttrpc.server import ServerHandoff
 
-            await server.adopt(ServerHandoff.from_json(str(handoff["server"])))
+            adopted = ServerHandoff.from_json(str(handoff["server"]))
+            await server.adopt(adopted)
+            if self.attached is not None:
+                os.close(self.attached.listen_fd)  # the handed-over one is the same socket
+                known = {conn.key for conn in adopted.connections}
+                for key, fd in self.attached.connections.items():
+                    if key in known:
+                        os.close(fd)
+                    else:  # accepted while we re-executed
+                        await server.serve_kept(fd, key)
+        elif self.attached is not None:
+            assert journal is not None
+            await self._take_back(server, journal, self.attached)
         else:
             # A socket file left by a daemon that died: `start` holds the start lock while
             # it runs us, so nobody else can be listening on it.
@@ -99,18 +131,29 @@ class Daemon:
             except FileNotFoundError:
                 pass
             await server.start_unix(self.paths.socket, mode=0o600)
+        if self.keeper is not None:
+            self._listen_to_keeper(self.keeper, server)
         with open(self.paths.pidfile, "w") as f:
             f.write(f"{os.getpid()}\n")
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stop.set)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        att = self.attached
         log.event(
-            "daemon reloaded" if handoff else "daemon started",
+            "daemon reloaded"
+            if handoff
+            else "daemon restarted after a crash"
+            if att is not None and att.generation > 1
+            else "daemon started",
             pid=os.getpid(),
             socket=self.paths.socket,
             containerd=self.containerd_address,
             events=self.ttrpc_address,
             tasks=len(self.tasks),
+            keeper=self.keeper.keeper_pid if self.keeper is not None else None,
+            generation=att.generation if att is not None else None,
+            crashes=att.crashes if att is not None else None,
+            connections=len(att.connections) if att is not None else None,
         )
         if ready_fd >= 0:
             os.write(ready_fd, b"ready\n")
@@ -136,12 +179,63 @@ class Daemon:
             pass
 
     def info(self) -> dict[str, object]:
+        att = self.attached
         return {
             "pid": os.getpid(),
             "started_at": self.started_at,
             "tasks": len(self.tasks),
             "containerd": self.containerd_address,
+            # Who holds the connections across a crash, and how many crashes it has seen.
+            "keeper": self.keeper.keeper_pid if self.keeper is not None else None,
+            "generation": att.generation if att is not None else None,
+            "crashes": att.crashes if att is not None else None,
         }
+
+    async def _take_back(self, server: Server, journal: Journal, att: Attached) -> None:
+        """After a crash (or at first start: then all is empty): serve the connections the
+        keeper held, answer what the dead daemon had read and not answered, and clean up
+        after what it was doing for connections that are gone."""
+        listener = socket.socket(fileno=att.listen_fd)
+        await server.start_sock(listener, accept=False)  # the keeper accepts
+        journaled = journal.load()
+        known = journal.connections_with_state() | set(journaled)
+        for key, fd in att.connections.items():
+            if key in known:
+                await server.serve_kept(
+                    fd, key, journaled=journaled.get(key, []), state=journal.state(key)
+                )
+            else:
+                await server.serve_kept(fd, key)
+        for key in known - set(att.connections):
+            calls = journaled.get(key, [])
+            if calls:
+                await self.service.recover_unanswered(calls)
+            for call in calls:
+                journal.done(key, call.stream_id)
+            journal.forget_connection(key)
+        replayed = sum(len(journaled.get(k, [])) for k in att.connections)
+        if replayed:
+            log.event("requests of the dead daemon answered again", count=replayed)
+
+    def _listen_to_keeper(self, keeper: KeeperLink, server: Server) -> None:
+        loop = asyncio.get_running_loop()
+
+        def connection(key: int, fd: int) -> None:
+            loop.create_task(server.serve_kept(fd, key))
+
+        def reaped(pid: int, status: int) -> None:
+            log.event("orphan reaped by the keeper", logging.DEBUG, pid=pid, status=status)
+
+        def gone() -> None:
+            log.event(
+                "keeper gone: accepting connections ourselves; a crash now would end every task",
+                logging.WARNING,
+                keeper=keeper.keeper_pid,
+            )
+            self.keeper = None
+            server.accept_now()
+
+        keeper.listen(connection, reaped, gone)
 
     def _on_sighup(self) -> None:
         log.event("reload requested", pid=os.getpid())
@@ -158,6 +252,8 @@ class Daemon:
         store: StateStore,
         oom: OOMWatcher,
     ) -> None:
+        if self.keeper is not None:
+            self.keeper.stop()  # new connections wait in the channel for the new image
         await server.quiesce(keep=lambda ctx: ctx.method in LONG_CALLS, timeout=QUIESCE_TIMEOUT)
         unsent = await publisher.detach()
         state = server.handoff()
@@ -184,6 +280,8 @@ class Daemon:
             )
         env = dict(os.environ)
         env[HANDOFF_ENV] = path
+        if self.keeper is not None:
+            self.keeper.before_exec()
         argv = _daemon_argv()
         log.event("re-executing", pid=os.getpid(), argv=" ".join(argv))
         logging.shutdown()
@@ -234,6 +332,24 @@ class Daemon:
             self._stop.set()
         finally:
             os.close(lock_fd)
+
+
+def _fatal_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:
+    """An exception escaped to the event loop (a callback's, not a request's: those become
+    statuses): the daemon's state can no longer be trusted.  Exit at once, without closing
+    anything, as a crash would: the keeper starts a new daemon, which takes everything back
+    from the keeper, the journal, the store and the BPF maps."""
+    exc = context.get("exception")
+    if exc is None or isinstance(exc, (ConnectionError, asyncio.CancelledError)):
+        loop.default_exception_handler(context)  # asyncio's own notices: not ours to die of
+        return
+    logging.getLogger("embedshim").error(
+        "unexpected error in the event loop; exiting for a restart: %s",
+        context.get("message"),
+        exc_info=exc if isinstance(exc, BaseException) else None,
+    )
+    logging.shutdown()
+    os._exit(70)
 
 
 def _interpreter_options() -> list[str]:

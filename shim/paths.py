@@ -89,6 +89,15 @@ class DaemonPaths:
         return join(self.dir, "daemon.pid")
 
     @property
+    def keeper_pidfile(self) -> str:
+        return join(self.dir, "keeper.pid")
+
+    @property
+    def journal(self) -> str:
+        """Requests read and not yet answered, one file each (see shim.ttrpc.journal)."""
+        return join(self.dir, "inflight")
+
+    @property
     def store(self) -> str:
         return join(self.dir, "state.db")
 

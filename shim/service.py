@@ -22,11 +22,13 @@ from shim.api import runc_options_pb2, shim_pb2
 from shim.cgroups import CgroupError
 from shim.checkpoint import decode_options as decode_checkpoint_options
 from shim.execprocess import ExecProcess
-from shim.process import STATUS_NUMBER
+from shim.process import STATUS_NUMBER, Status
 from shim.runc import RuncError
 from shim.statestore import StoreError
 from shim.task import Tasks
 from shim.ttrpc import Code, Context, Handler, TTRPCError
+from shim.ttrpc.codec import HEADER_SIZE, Request
+from shim.ttrpc.journal import JournaledCall
 
 TASK_SERVICE = "containerd.task.v2.Task"
 DAEMON_SERVICE = "embedshim.v1.Daemon"
@@ -41,6 +43,17 @@ T = TypeVar("T")
 EMPTY = b""
 
 NOT_YET: dict[str, str] = {}  # RPCs still answered Unimplemented: none
+
+# A request the daemon had read but not answered when it died is answered by the next daemon
+# (see shim.ttrpc.journal).  These are run again as they are: reading, waiting, or converging
+# on the same end (a second Kill sends the signal again; a second Delete of a deleted task is
+# NotFound, which containerd accepts).  Create, Start and Exec check first whether the dead
+# daemon got as far as the answer (see TaskService._replay_*).  Anything else is answered
+# Unavailable: it may or may not have taken effect.
+SAFE_TO_REPEAT = frozenset(
+    {"State", "Wait", "Kill", "Delete", "Pids", "Connect", "Shutdown", "Stats", "CloseIO",
+     "ResizePty", "Reserve", "Cleanup", "Info"}
+)  # fmt: skip
 # The Any types of Update's resources and of an exec's entry in Pids (bare type URLs, as
 # containerd's typeurl registry names them).
 LINUX_RESOURCES = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
@@ -90,14 +103,107 @@ class TaskService:
         }
         for name in NOT_YET:
             table[name] = self._unimplemented(name)
-        return {name: _guard(name, fn) for name, fn in table.items()}
+        return {name: _guard(name, self._replayable(name, fn)) for name, fn in table.items()}
 
     def daemon_methods(self) -> dict[str, Handler]:
-        return {
-            "Reserve": _guard("Reserve", self.reserve),
-            "Cleanup": _guard("Cleanup", self.cleanup),
-            "Info": _guard("Info", self.daemon_info),
+        table = {
+            "Reserve": self.reserve,
+            "Cleanup": self.cleanup,
+            "Info": self.daemon_info,
+            "Fault": self.fault,
         }
+        return {name: _guard(name, self._replayable(name, fn)) for name, fn in table.items()}
+
+    def _replayable(self, name: str, fn: Handler) -> Handler:
+        """``fn``, or for a request a dead daemon left unanswered, what SAFE_TO_REPEAT says."""
+        special = {
+            "Create": self._replay_create,
+            "Start": self._replay_start,
+            "Exec": self._replay_exec,
+        }.get(name)
+
+        async def handler(ctx: Context, payload: bytes) -> bytes:
+            if not ctx.replayed:
+                return await fn(ctx, payload)
+            log.event("answering a request of the dead daemon", method=name, stream=ctx.stream_id)
+            if name in SAFE_TO_REPEAT:
+                return await fn(ctx, payload)
+            if special is not None:
+                return await special(ctx, payload, fn)
+            raise TTRPCError(
+                Code.UNAVAILABLE,
+                f"embedshim: the daemon restarted while handling {name}; "
+                "whether it took effect is unknown (check the task's state)",
+            )
+
+        return handler
+
+    async def _replay_create(self, ctx: Context, payload: bytes, fn: Handler) -> bytes:
+        """Done already (the store had the task): its answer; else undo what the dead
+        daemon made of it and create it again."""
+        req = _parse(shim_pb2.CreateTaskRequest, payload)
+        ns = self._namespace(ctx, req.id, req.bundle)
+        task = self.tasks.find(ns, req.id)
+        if task is not None:
+            return shim_pb2.CreateTaskResponse(pid=task.init.pid).SerializeToString()
+        await self.tasks.recover_create(ns, req)
+        return await fn(ctx, payload)
+
+    async def _replay_start(self, ctx: Context, payload: bytes, fn: Handler) -> bytes:
+        req = _parse(shim_pb2.StartRequest, payload)
+        p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
+        if p.status != Status.CREATED and p.pid:
+            return shim_pb2.StartResponse(pid=p.pid).SerializeToString()
+        return await fn(ctx, payload)
+
+    async def _replay_exec(self, ctx: Context, payload: bytes, fn: Handler) -> bytes:
+        req = _parse(shim_pb2.ExecProcessRequest, payload)
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
+        if req.exec_id in task.execs:
+            return EMPTY
+        return await fn(ctx, payload)
+
+    async def recover_unanswered(self, calls: list[JournaledCall]) -> None:
+        """Requests of a dead daemon whose connection is gone too: nobody wants an answer,
+        but a Create it was in the middle of must leave nothing behind."""
+        for call in calls:
+            try:
+                request = Request.decode(call.frame[HEADER_SIZE:])
+            except Exception:
+                continue
+            log.event(
+                "request of the dead daemon, its caller gone",
+                method=request.method,
+                stream=call.stream_id,
+            )
+            if (request.service, request.method) != (TASK_SERVICE, "Create"):
+                continue
+            try:
+                req = shim_pb2.CreateTaskRequest.FromString(request.payload)
+            except DecodeError:
+                continue
+            bundle = req.bundle.rstrip("/")
+            ns = os.path.basename(os.path.dirname(bundle))
+            if ns and self.tasks.find(ns, req.id) is None:
+                await self.tasks.recover_create(ns, req)
+
+    async def fault(self, ctx: Context, payload: bytes) -> bytes:
+        """Crash on purpose, as a bug would (tests of crash survival; root only, like every
+        call here, and no worse than root's kill -9): ``exception`` raises in the event
+        loop, ``memory`` raises MemoryError there."""
+        kinds: dict[bytes, type[BaseException]] = {
+            b"exception": RuntimeError,
+            b"memory": MemoryError,
+        }
+        kind = kinds.get(payload)
+        if kind is None:
+            raise errors.invalid(f"fault: {payload[:40]!r} is not one of {sorted(kinds)}")
+
+        def fail() -> None:
+            raise kind(f"fault injected: {payload.decode()}")
+
+        asyncio.get_running_loop().call_soon(fail)
+        return EMPTY
 
     def _namespace(self, ctx: Context, id: str = "", bundle: str = "") -> str:
         """The namespace of a request.

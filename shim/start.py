@@ -77,7 +77,18 @@ def _executable() -> str:
     return found
 
 
+def keeper_binary() -> str | None:
+    """The keeper built beside the package (``make setup``: keeper/embedshim-keeper), if any."""
+    import os
+
+    package = os.path.dirname(os.path.abspath(sys.modules["shim"].__file__ or ""))
+    path = os.path.join(os.path.dirname(package), "keeper", "embedshim-keeper")
+    return path if os.access(path, os.X_OK) else None
+
+
 def spawn_daemon(paths: DaemonPaths, flags: Flags, ttrpc_address: str) -> None:
+    """Start the keeper, which listens and starts the daemon (its child, restarted if it
+    dies); without a keeper binary, the daemon alone."""
     # Only when no daemon answers: most starts never need these.
     import os
     import select
@@ -92,12 +103,28 @@ def spawn_daemon(paths: DaemonPaths, flags: Flags, ttrpc_address: str) -> None:
         if flags.debug:
             argv.append("-debug")
         argv += ["-ready-fd", str(w), "daemon"]
+        keeper = keeper_binary()
+        if keeper is not None:
+            # The daemon's command line with "keeper" for "daemon": the keeper runs it with
+            # "daemon" again, so `ps` tells the two apart.
+            argv = [
+                keeper,
+                "-socket",
+                paths.socket,
+                "-log",
+                paths.log,
+                "-pidfile",
+                paths.keeper_pidfile,
+                "--",
+                *argv[:-1],
+                "keeper",
+            ]
         # fork+exec (not posix_spawn, which leaves glibc's signals 32/33 ignored in the child
         # and so in every container); stdio to /dev/null so containerd, which reads start's
         # output to EOF, does not wait for the daemon.
         subprocess.Popen(
             argv,
-            executable=exe,
+            executable=argv[0],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

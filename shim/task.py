@@ -395,6 +395,35 @@ class Tasks:
         task.init.cleanup_files()
         task.close()
 
+    async def recover_create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> None:
+        """Remove what a Create left behind when its daemon died in the middle of it (it has
+        no task: the store row is written last).  The dead daemon's runc may still be at work:
+        wait for it first, then delete the container runc made, and unmount the rootfs."""
+        try:
+            bundle = check_path(req.bundle, namespace, req.id)
+            opts = decode_options(req.options.type_url, req.options.value)
+        except Exception as exc:
+            log.event("interrupted create: nothing to undo", ns=namespace, id=req.id, error=exc)
+            return
+        await _wait_for_runc_of(bundle)
+        runc = Runc(
+            self.deps.reaper,
+            root=opts.root or self.deps.paths.runc_root_for(namespace),
+            binary=opts.binary,
+            systemd_cgroup=opts.systemd_cgroup,
+            criu=opts.criu,
+        )
+        try:
+            await runc.delete(req.id, force=True)
+        except (RuncError, OSError):
+            pass
+        try:
+            unmount_all(os.path.join(bundle, "rootfs"))
+        except OSError as exc:
+            log.event("unmount failed", logging.ERROR, ns=namespace, id=req.id, error=exc)
+        self._forget(namespace, req.id, "interrupted create")
+        log.event("interrupted create undone", ns=namespace, id=req.id)
+
     def _forget(self, namespace: str, id: str, what: str) -> None:
         self._forget_pending()
         store = self.deps.store
@@ -605,6 +634,29 @@ class Tasks:
         task.close()
         self._tasks.pop((namespace, id), None)
         return pid, status, exited_at
+
+
+async def _wait_for_runc_of(bundle: str, timeout: float = 30.0) -> None:
+    """Until no process runs with ``bundle`` on its command line (a runc a dead daemon
+    started for it: ``runc create --bundle <bundle>``), or ``timeout``."""
+    needle = os.fsencode(bundle) + b"\0"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        busy = False
+        for name in os.listdir("/proc"):
+            if not name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    if needle in f.read():
+                        busy = True
+                        break
+            except OSError:
+                continue
+        if not busy:
+            return
+        await asyncio.sleep(0.05)
+    log.event("a runc of the dead daemon is still running", logging.WARNING, bundle=bundle)
 
 
 def _io_key(namespace: str, id: str, exec_id: str) -> str:

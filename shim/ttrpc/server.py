@@ -1044,7 +1044,10 @@ class _ServerProtocol(asyncio.Protocol):
         self._server._handlers.pop(task, None)
         if call is not None:
             self._in_flight_bytes -= len(call.request.payload)
-            if self._journal is not None and call.stream_id not in self._abandoned:
+            unanswered = call.stream_id in self._abandoned or (
+                task.cancelled() and not self._server._closing
+            )  # cancelled without an answer by an exiting loop: a successor answers it
+            if self._journal is not None and not unanswered:
                 # Answered (or its peer is gone): out of the journal, after the answer.
                 assert self._key is not None
                 self._journal.done(self._key, call.stream_id)

@@ -1,0 +1,409 @@
+"""A daemon crash loses nothing (issue 11): the keeper holds containerd's connections, a new
+daemon serves within a second, containerd notices nothing.
+
+Every test kills the real daemon (kill -9, SIGSEGV, SIGABRT, an exception in its event loop,
+MemoryError) under a real containerd and checks what a user relies on: tasks RUNNING with the
+same pids, no /tasks/exit or /tasks/delete for them, no cleanup by containerd, output still
+flowing, Waits in flight answered with the real exit code, exits while no daemon ran reported
+with their codes, and the fallback when the daemon keeps dying.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from integration.embed import (
+    RUNTIME,
+    SHIM,
+    Events,
+    call,
+    daemon_paths,
+    daemons,
+    oci_spec,
+    run,
+    start_daemon,
+    write_bundle,
+)
+from integration.harness import (
+    Containerd,
+    ProcInfo,
+    mounts_under,
+    processes_matching,
+    task_list,
+    wait_for,
+)
+from shim.api import runc_options_pb2, shim_pb2
+from shim.statestore import StateStore
+from shim.ttrpc.blocking import BlockingClient
+from shim.ttrpc.codec import FrameDecoder, MessageType, Request, Response, encode_frame
+from shim.ttrpc.errors import TTRPCError
+
+DAEMON_SERVICE = "embedshim.v1.Daemon"
+
+
+def keepers(c: Containerd) -> list[ProcInfo]:
+    return processes_matching(
+        lambda p: (
+            not p.zombie
+            and bool(p.cmdline)
+            and p.cmdline[-1] == "keeper"
+            and any(a.endswith(SHIM) for a in p.cmdline)
+            and c.address in p.cmdline
+        )
+    )
+
+
+def info(c: Containerd, timeout: float = 2.0) -> dict[str, object] | None:
+    try:
+        with BlockingClient(daemon_paths(c).address, timeout=timeout) as client:
+            out = client.call(DAEMON_SERVICE, "Info", b"")
+    except (OSError, TTRPCError):
+        return None
+    data: dict[str, object] = json.loads(out)
+    return data
+
+
+def _start_all(c: Containerd, busybox: str, ids: list[str], *cmd: str, **kw: object) -> None:
+    def one(cid: str) -> None:
+        c.run(RUNTIME, busybox, cid, *cmd, detach=True, **kw)  # type: ignore[arg-type]
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        list(pool.map(one, ids))
+
+
+def _crash(c: Containerd, how: str) -> tuple[int, float]:
+    """Crash the daemon ``how``; returns its pid and the seconds until a new one answered."""
+    (daemon,) = daemons(c)
+    t0 = time.monotonic()
+    if how.startswith("SIG"):
+        os.kill(daemon.pid, getattr(signal, how))
+    else:
+        try:
+            with BlockingClient(daemon_paths(c).address, timeout=5.0) as client:
+                client.call(DAEMON_SERVICE, "Fault", how.encode())
+        except (OSError, TTRPCError):
+            pass
+    try:
+        wait_for(
+            lambda: (i := info(c, 0.5)) is not None and i["pid"] != daemon.pid,
+            timeout=10,
+            interval=0.01,
+            what="a new daemon answering",
+        )
+    except Exception:
+        with open(daemon_paths(c).log) as f:
+            raise AssertionError("no new daemon; its log:\n" + f.read()[-4000:]) from None
+    return daemon.pid, time.monotonic() - t0
+
+
+def _exit_code_from_delete(c: Containerd, cid: str) -> int:
+    r = c.ctr("task", "delete", cid)
+    if "exit code" not in r.stderr:
+        return 0
+    return int(r.stderr.split("exit code")[1].split('"')[0].strip())
+
+
+def _sentinel(c: Containerd, events: Events, busybox: str, name: str) -> None:
+    """Every event published before now has reached the subscriber once this one has."""
+    c.run(RUNTIME, busybox, name, "true", rm=True)
+    events.exit_status(name)
+
+
+def _no_teardown_by_containerd(c: Containerd, ids: list[str]) -> None:
+    """containerd saw no shim of these tasks disconnect (it would have cleaned them up)."""
+    torn = [
+        line
+        for line in c.log_tail(100000).splitlines()
+        if "shim disconnected" in line and any(f"id={cid} " in line + " " for cid in ids)
+    ]
+    assert torn == [], torn
+
+
+@pytest.mark.parametrize("count", [10, 100])
+def test_kill9_containers_keep_running_and_containerd_notices_nothing(
+    containerd: Containerd, busybox: str, count: int
+) -> None:
+    events = Events(containerd)
+    ctl = os.path.join(containerd.tmp, "ctl")
+    os.makedirs(ctl)
+    ids = [f"live{i:03d}" for i in range(count)]
+    _start_all(containerd, busybox, ids, "sleep", "100000")
+    # A foreground `ctr run`: its Wait is in flight across the crash, and its output comes
+    # through the FIFOs containerd made, read by ctr.
+    talker = containerd.ctr_async(
+        *containerd.run_args(
+            RUNTIME, busybox, "talker", "sh", "-c",
+            "i=0; while [ ! -e /ctl/stop ]; do echo line $i; i=$((i+1)); sleep 0.02; done; "
+            "exit 7",
+            extra=("--mount", f"type=bind,src={ctl},dst=/ctl,options=rbind:rw"),
+        )
+    )  # fmt: skip
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(talker.stdout or []), daemon=True).start()
+    wait_for(lambda: len(lines) > 5, what="talker output")
+    before = task_list(containerd)
+    (keeper,) = keepers(containerd)
+
+    old_pid, took = _crash(containerd, "SIGKILL")
+    assert took < 1.0, f"a new daemon answered only after {took:.2f}s"
+    (daemon,) = daemons(containerd)
+    assert daemon.ppid == keeper.pid and daemon.pid != old_pid
+    seen = len(lines)
+    wait_for(lambda: len(lines) > seen + 5, what="output after the crash")
+    after = task_list(containerd)
+    assert after == before, "a task changed"
+    assert all(after[cid][1] == "RUNNING" for cid in [*ids, "talker"])
+    assert all(os.path.exists(f"/proc/{after[cid][0]}") for cid in ids)
+
+    # The tasks still work: exec, pause/resume, stats, kill.
+    r = containerd.ctr("task", "exec", "--exec-id", "e1", ids[0], "sh", "-c", "exit 5",
+                       check=False)  # fmt: skip
+    assert r.returncode == 5, r.stderr
+    containerd.ctr("task", "pause", ids[1])
+    assert task_list(containerd)[ids[1]][1] == "PAUSED"
+    containerd.ctr("task", "resume", ids[1])
+    assert task_list(containerd)[ids[1]][1] == "RUNNING"
+    assert "memory" in containerd.ctr("task", "metrics", "--format", "json", ids[2]).stdout
+    containerd.ctr("task", "kill", "-s", "KILL", ids[3])
+    wait_for(lambda: task_list(containerd)[ids[3]][1] == "STOPPED", what="killed")
+    assert _exit_code_from_delete(containerd, ids[3]) == 137
+    assert events.exit_status(ids[3]) == 137
+
+    # The Wait that was in flight returns the real exit code.
+    open(os.path.join(ctl, "stop"), "w").close()
+    assert talker.wait(timeout=30) == 7
+    assert events.exit_status("talker") == 7
+
+    _sentinel(containerd, events, busybox, "sentinel")
+    for cid in [*ids[:3], *ids[4:]]:
+        inits = [e for e in events.payloads("/tasks/exit", cid) if f'"id":"{cid}"' in e]
+        assert inits == [], cid
+        assert events.payloads("/tasks/delete", cid) == [], cid
+    _no_teardown_by_containerd(containerd, [*ids[:3], *ids[4:]])
+    log = open(daemon_paths(containerd).log).read()
+    assert "daemon died" in log and "daemon restarted after a crash" in log
+    i = info(containerd)
+    assert i is not None and i["crashes"] == 1 and i["generation"] == 2
+    events.close()
+
+
+@pytest.mark.parametrize("how", ["SIGSEGV", "SIGABRT", "exception", "memory"])
+def test_every_kind_of_crash_is_survived(containerd: Containerd, busybox: str, how: str) -> None:
+    events = Events(containerd)
+    ids = ["a", "b"]
+    _start_all(containerd, busybox, ids, "sleep", "100000")
+    before = task_list(containerd)
+    _crash(containerd, how)
+    assert task_list(containerd) == before
+    containerd.ctr("task", "kill", "-s", "KILL", "a")
+    wait_for(lambda: task_list(containerd)["a"][1] == "STOPPED", what="a STOPPED")
+    assert _exit_code_from_delete(containerd, "a") == 137
+    _sentinel(containerd, events, busybox, "sentinel")
+    assert events.payloads("/tasks/exit", "b") == []
+    _no_teardown_by_containerd(containerd, ["b"])
+    if how in ("exception", "memory"):
+        log = open(daemon_paths(containerd).log).read()
+        assert "unexpected error in the event loop" in log
+    events.close()
+
+
+def test_exit_while_no_daemon_runs_is_reported_with_its_code(
+    containerd: Containerd, busybox: str
+) -> None:
+    """The keeper is stopped so no daemon comes back while the containers exit: a detached
+    one with 42, a foreground one (its Wait in flight) with 9, an OOM-killed one."""
+    events = Events(containerd)
+    ctl = os.path.join(containerd.tmp, "ctl")
+    os.makedirs(ctl)
+    bind = ("--mount", f"type=bind,src={ctl},dst=/ctl,options=rbind:rw")
+    containerd.run(RUNTIME, busybox, "d42", "sh", "-c",
+                   "while [ ! -e /ctl/go ]; do sleep 0.02; done; exit 42",
+                   detach=True, extra=bind)  # fmt: skip
+    containerd.run(RUNTIME, busybox, "hog", "sh", "-c",
+                   "while [ ! -e /ctl/go ]; do sleep 0.02; done; "
+                   "x=a; while true; do x=$x$x$x$x; done",
+                   detach=True, extra=(*bind, "--memory-limit", str(32 << 20)))  # fmt: skip
+    fg = containerd.ctr_async(
+        *containerd.run_args(RUNTIME, busybox, "fg9", "sh", "-c",
+                             "while [ ! -e /ctl/go ]; do sleep 0.02; done; exit 9", extra=bind)
+    )  # fmt: skip
+    wait_for(lambda: task_list(containerd).get("fg9", (0, ""))[1] == "RUNNING", what="fg9")
+    pids = {cid: pid for cid, (pid, _) in task_list(containerd).items()}
+    (keeper,) = keepers(containerd)
+    (daemon,) = daemons(containerd)
+    os.kill(keeper.pid, signal.SIGSTOP)
+    try:
+        os.kill(daemon.pid, signal.SIGKILL)
+        wait_for(lambda: not os.path.exists(f"/proc/{daemon.pid}/fd/0"), what="daemon dead")
+        open(os.path.join(ctl, "go"), "w").close()
+        wait_for(
+            lambda: all(not os.path.exists(f"/proc/{p}/fd/0") for p in pids.values()),
+            timeout=30,
+            what="every container exited",
+        )
+        assert events.payloads("/tasks/exit", "d42") == []  # nobody could say so yet
+    finally:
+        os.kill(keeper.pid, signal.SIGCONT)
+    assert events.exit_status("d42") == 42
+    assert events.exit_status("hog") == 137
+    assert fg.wait(timeout=30) == 9
+    assert events.exit_status("fg9") == 9
+    topics = [t for t in _topics(events, "hog") if t in ("/tasks/oom", "/tasks/exit")]
+    assert topics[0] == "/tasks/oom" and topics[-1] == "/tasks/exit", topics
+    _no_teardown_by_containerd(containerd, ["hog"])
+    assert _exit_code_from_delete(containerd, "d42") == 42
+    events.close()
+
+
+def _topics(events: Events, cid: str) -> list[str]:
+    from integration.harness import parse_event
+
+    out = []
+    for line in list(events.lines):
+        ev = parse_event(line)
+        if ev and f'"container_id":"{cid}"' in ev[2].replace(" ", ""):
+            out.append(ev[1])
+    return out
+
+
+SLOW_RUNC = """#!/bin/sh
+# runc, one second late to create: time enough for the daemon to die meanwhile.
+for a in "$@"; do [ "$a" = create ] && sleep 1; done
+exec runc "$@"
+"""
+
+
+@pytest.mark.parametrize("caller", ["waits", "leaves"])
+def test_create_in_flight(containerd: Containerd, busybox: str, caller: str) -> None:
+    """The daemon dies while runc creates a container.  A caller still waiting gets its
+    container (the new daemon undoes the half-made one and creates it again); for a caller
+    that left while no daemon ran, nothing is left behind: no runc state, mount, cgroup or
+    store row."""
+    ns = "direct"
+    fake = os.path.join(containerd.tmp, "slow-runc")
+    with open(fake, "w") as f:
+        f.write(SLOW_RUNC)
+    os.chmod(fake, 0o755)
+    b = write_bundle(containerd, ns, "c1", oci_spec(busybox, "sleep", "1000"))
+    address = start_daemon(containerd, b, ns, "c1")
+    req = shim_pb2.CreateTaskRequest(id="c1", bundle=b)
+    req.options.type_url = "containerd.runc.v1.Options"
+    req.options.value = runc_options_pb2.Options(binary_name=fake).SerializeToString()
+    frame = encode_frame(
+        1,
+        MessageType.REQUEST,
+        Request(
+            "containerd.task.v2.Task",
+            "Create",
+            req.SerializeToString(),
+            metadata=(("containerd-namespace-ttrpc", ns),),
+        ).encode(),
+    )
+    peer = socket.socket(socket.AF_UNIX)
+    peer.connect(daemon_paths(containerd).socket)
+    peer.sendall(frame)
+    wait_for(lambda: _running(fake), what="runc create under way")
+    (keeper,) = keepers(containerd)
+    (daemon,) = daemons(containerd)
+    runc_root = daemon_paths(containerd).runc_root_for(ns)
+    if caller == "waits":
+        os.kill(daemon.pid, signal.SIGKILL)
+        peer.settimeout(60)
+        decoder = FrameDecoder()
+        frames: list[object] = []
+        while not frames:
+            data = peer.recv(65536)
+            assert data, "connection closed"
+            frames = list(decoder.feed(data))
+        response = Response.decode(frames[0].payload)  # type: ignore[attr-defined]
+        assert response.status.code == 0, response.status
+        pid = shim_pb2.CreateTaskResponse.FromString(response.payload).pid
+        assert pid > 0 and os.path.exists(f"/proc/{pid}")
+        assert sorted(os.listdir(runc_root)) == ["c1"]
+        run(call(address, "Delete", shim_pb2.DeleteRequest(id="c1"), ns))
+    else:
+        os.kill(keeper.pid, signal.SIGSTOP)
+        try:
+            os.kill(daemon.pid, signal.SIGKILL)
+            wait_for(lambda: not os.path.exists(f"/proc/{daemon.pid}/fd/0"), what="dead")
+            peer.close()
+        finally:
+            os.kill(keeper.pid, signal.SIGCONT)
+        wait_for(lambda: info(containerd) is not None, what="a new daemon")
+        wait_for(lambda: not _running(fake), timeout=30, what="the dead daemon's runc done")
+        wait_for(
+            lambda: not os.path.isdir(runc_root) or os.listdir(runc_root) == [],
+            timeout=30,
+            what="runc state removed",
+        )
+        log = open(daemon_paths(containerd).log).read()
+        assert "interrupted create undone" in log
+    peer.close()
+    assert not os.path.isdir(runc_root) or os.listdir(runc_root) == []
+    assert mounts_under(b) == []
+    assert not os.path.exists("/sys/fs/cgroup/memory/c1")  # runc's default cgroup for it
+    store = StateStore(daemon_paths(containerd).store)
+    try:
+        assert store.count() == 0
+    finally:
+        store.close()
+    assert os.listdir(daemon_paths(containerd).journal) == []
+
+
+def _running(needle: str) -> bool:
+    return bool(processes_matching(lambda p: not p.zombie and needle in p.cmdline))
+
+
+def test_crash_loop_falls_back_to_teardown(containerd: Containerd, busybox: str) -> None:
+    """Five crashes within a minute: the keeper stops restarting the daemon and lets go of
+    the connections; containerd tears the tasks down and learns their real exit codes."""
+    events = Events(containerd)
+    containerd.run(RUNTIME, busybox, "done33", "sh", "-c", "exit 33", detach=True)
+    containerd.run(RUNTIME, busybox, "live", "sleep", "100000", detach=True)
+    wait_for(lambda: task_list(containerd)["done33"][1] == "STOPPED", what="done33")
+    (keeper,) = keepers(containerd)
+    for _ in range(4):
+        _crash(containerd, "SIGKILL")
+    (daemon,) = daemons(containerd)
+    os.kill(daemon.pid, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{keeper.pid}/fd/0"), what="keeper gave up")
+    wait_for(lambda: not task_list(containerd), timeout=30, what="every task dropped")
+    assert events.exit_status("done33") == 33
+    assert events.exit_status("live") == 137
+    log = open(daemon_paths(containerd).log).read()
+    assert "crash loop" in log
+    assert daemons(containerd) == [] and keepers(containerd) == []
+    r = containerd.run(RUNTIME, busybox, "after", "sh", "-c", "echo again", check=False)
+    assert r.stdout == "again\n" and r.returncode == 0
+    events.close()
+
+
+def test_keeper_killed_daemon_serves_on(containerd: Containerd, busybox: str) -> None:
+    """kill -9 of the keeper costs nothing: the daemon keeps its connections and accepts
+    new ones itself.  Only a daemon crash after that ends the tasks (the old behaviour),
+    each with its real exit code."""
+    events = Events(containerd)
+    containerd.run(RUNTIME, busybox, "done5", "sh", "-c", "exit 5", detach=True)
+    containerd.run(RUNTIME, busybox, "live", "sleep", "100000", detach=True)
+    wait_for(lambda: task_list(containerd)["done5"][1] == "STOPPED", what="done5")
+    (keeper,) = keepers(containerd)
+    (daemon,) = daemons(containerd)
+    os.kill(keeper.pid, signal.SIGKILL)
+    wait_for(lambda: not keepers(containerd), what="keeper gone")
+    r = containerd.run(RUNTIME, busybox, "new", "sh", "-c", "echo hi; exit 3", check=False)
+    assert (r.stdout, r.returncode) == ("hi\n", 3)
+    assert task_list(containerd)["live"][1] == "RUNNING"
+    assert [d.pid for d in daemons(containerd)] == [daemon.pid]
+    os.kill(daemon.pid, signal.SIGKILL)
+    wait_for(lambda: not task_list(containerd), timeout=30, what="every task dropped")
+    assert events.exit_status("done5") == 5
+    assert events.exit_status("live") == 137
+    events.close()
