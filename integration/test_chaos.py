@@ -1,5 +1,6 @@
 """Restart and recovery, each with 20 containers: containerd killed, the daemon reloaded in
-place while containers come and go, the daemon killed, and a recycled pid."""
+place while containers come and go, the daemon killed without its keeper, and a recycled pid.
+(A daemon killed under its keeper: test_crash.py.)"""
 
 from __future__ import annotations
 
@@ -124,9 +125,12 @@ def test_reload_while_containers_come_and_go(containerd: Containerd, busybox: st
     assert _exit_code_from_delete(containerd, "long01") == 137
 
 
-def test_daemon_killed_every_task_reported_and_cleaned(
+def test_daemon_killed_without_keeper_every_task_reported_and_cleaned(
     containerd: Containerd, busybox: str, busybox_image: str, events: object
 ) -> None:
+    """With its keeper gone first (so nothing holds containerd's connections), a daemon
+    crash is what it was before the keeper: containerd tears every task down, each with its
+    real exit status, and nothing is left behind."""
     from integration.embed import Events
 
     assert isinstance(events, Events)
@@ -145,6 +149,8 @@ def test_daemon_killed_every_task_reported_and_cleaned(
     assert len(mounts_under(state_dir)) == len(images)
 
     (daemon,) = daemons(containerd)
+    os.kill(daemon.ppid, signal.SIGKILL)  # its keeper
+    wait_for(lambda: not os.path.exists(f"/proc/{daemon.ppid}/fd/0"), what="keeper gone")
     os.kill(daemon.pid, signal.SIGKILL)
     wait_for(lambda: not task_list(containerd), timeout=30, what="every task dropped")
     for cid, code in codes.items():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import threading
@@ -407,3 +408,79 @@ def test_keeper_killed_daemon_serves_on(containerd: Containerd, busybox: str) ->
     assert events.exit_status("done5") == 5
     assert events.exit_status("live") == 137
     events.close()
+
+
+def test_chaos_twenty_kills_during_churn(containerd: Containerd, busybox: str) -> None:
+    """200 containers created, exec'd into, killed and deleted 4 at a time while the daemon
+    is killed 20 times at random moments (never 5 within the keeper's crash-loop window):
+    every operation succeeds, every exit code is right, nothing is lost or left behind."""
+    rng = random.Random(11)
+    total, workers, kills = 200, 4, 20
+    failures: list[str] = []
+    done: list[str] = []
+    stop = threading.Event()
+
+    def cycle(i: int) -> None:
+        cid = f"c{i:03d}"
+        code = i % 50
+        try:
+            if i % 2:
+                # Ends by itself with its code.
+                containerd.run(RUNTIME, busybox, cid, "sh", "-c", f"sleep 0.3; exit {code}",
+                               detach=True)  # fmt: skip
+                want = code
+            else:
+                containerd.run(RUNTIME, busybox, cid, "sleep", "100000", detach=True)
+                r = containerd.ctr("task", "exec", "--exec-id", "e", cid, "sh", "-c",
+                                   f"exit {code}", check=False)  # fmt: skip
+                if r.returncode != code:
+                    failures.append(f"{cid}: exec returned {r.returncode}: {r.stderr}")
+                containerd.ctr("task", "kill", "-s", "KILL", cid)
+                want = 137
+            wait_for(lambda: task_list(containerd)[cid][1] == "STOPPED", timeout=60, what=cid)
+            got = _exit_code_from_delete(containerd, cid)
+            if got != want:
+                failures.append(f"{cid}: exit code {got}, want {want}")
+            containerd.ctr("container", "delete", cid)
+            done.append(cid)
+        except Exception as exc:
+            failures.append(f"{cid}: {exc!r}")
+
+    def killer() -> None:
+        for _ in range(kills):
+            if stop.wait(rng.uniform(2.3, 3.3)):  # at most 4 in any 10 s
+                return
+            found = daemons(containerd)
+            if found:
+                os.kill(found[0].pid, signal.SIGKILL)
+                killed.append(found[0].pid)
+
+    killed: list[int] = []
+    k = threading.Thread(target=killer)
+    k.start()
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            list(pool.map(cycle, range(total)))
+    finally:
+        stop.set()
+        k.join()
+    assert failures == [], failures[:10]
+    assert len(done) == total
+    assert len(killed) >= 15, f"only {len(killed)} kills happened during the churn"
+    wait_for(lambda: info(containerd) is not None, what="a daemon after the last kill")
+    assert task_list(containerd) == {}
+    paths = daemon_paths(containerd)
+    runc_root = paths.runc_root_for("test")
+    assert not os.path.isdir(runc_root) or os.listdir(runc_root) == []
+    state_dir = os.path.join(containerd.state, "io.containerd.runtime.v2.task")
+    assert mounts_under(state_dir) == []
+    store = StateStore(paths.store)
+    try:
+        assert store.count() == 0
+    finally:
+        store.close()
+    assert [n for n in os.listdir(paths.journal) if not n.endswith(".state")] == []
+    zombies = processes_matching(
+        lambda p: p.zombie and p.ppid in {d.pid for d in daemons(containerd)}
+    )
+    assert zombies == []

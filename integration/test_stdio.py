@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -162,6 +163,33 @@ def test_binary_logger_kept_across_reload_and_stopped_at_delete(
     t0 = time.monotonic()
     _kill_and_delete(containerd, "talk")
     # The program saw EOF but lingers: the new daemon image still knew it and stopped it.
+    assert _loggers(logger) == []
+    assert Path(dest).read_bytes().endswith(b"eof\nterm\n")
+    assert time.monotonic() - t0 < 10
+
+
+def test_binary_logger_keeps_logging_across_a_crash_and_is_stopped_at_delete(
+    containerd: Containerd, busybox: str, logger: str, tmp_path: Path
+) -> None:
+    """kill -9 of the daemon: the logging program (the keeper's child now) keeps logging,
+    and the next daemon, which found it through the keeper, still stops it at Delete."""
+    dest = str(tmp_path / "keep.log")
+    containerd.run(
+        RUNTIME, busybox, "talk", "sh", "-c",
+        "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.05; done",
+        detach=True, extra=("--log-uri", f"binary://{logger}?dest={dest}&linger"),
+    )  # fmt: skip
+    wait_for(lambda: b"line 3\n" in Path(dest).read_bytes(), what="output before")
+    (before,) = _loggers(logger)
+    (daemon,) = daemons(containerd)
+    os.kill(daemon.pid, signal.SIGKILL)
+    wait_for(lambda: [d.pid for d in daemons(containerd)] not in ([], [daemon.pid]),
+             what="a new daemon")  # fmt: skip
+    size = os.path.getsize(dest)
+    wait_for(lambda: os.path.getsize(dest) > size, what="output after the crash")
+    assert _loggers(logger) == [before]
+    t0 = time.monotonic()
+    _kill_and_delete(containerd, "talk")
     assert _loggers(logger) == []
     assert Path(dest).read_bytes().endswith(b"eof\nterm\n")
     assert time.monotonic() - t0 < 10

@@ -267,3 +267,36 @@ def test_tty_sessions_survive_daemon_reload(containerd: Containerd, busybox: str
         s.close()
         if e is not None:
             e.close()
+
+
+def test_tty_sessions_survive_daemon_crash(containerd: Containerd, busybox: str) -> None:
+    """kill -9 of the daemon: the keeper held the pty masters and FIFOs, the next daemon
+    copies again; only bytes the dead daemon had read and not yet written could be lost, so
+    the test types after the new daemon is up."""
+    s = _run_tty(containerd, busybox, "keep", "sh")
+    e: PtySession | None = None
+    try:
+        s.expect(PROMPT, 20)
+        _answer(s, b"echo $((6*7))", b"42")
+        e = _exec_tty(containerd, "keep", "sh2", "sh")
+        e.expect(PROMPT, 20)
+        (daemon,) = daemons(containerd)
+        log_path = daemon_paths(containerd).log
+        os.kill(daemon.pid, signal.SIGKILL)
+        wait_for(
+            lambda: "daemon restarted after a crash" in open(log_path).read(), what="restart"
+        )
+        assert "stdio taken back from the keeper" in open(log_path).read()
+        _answer(s, b"echo $((8*8))", b"64")
+        _answer(s, b"echo $((9*9))", b"81")
+        s.resize(30, 90)
+        _size_seen(s, 30, 90)
+        _answer(e, b"echo $((5*5))", b"25")
+        e.write(b"exit 6\r")
+        assert e.wait() == 6
+        s.write(b"exit 4\r")
+        assert s.wait() == 4
+    finally:
+        s.close()
+        if e is not None:
+            e.close()

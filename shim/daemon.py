@@ -93,12 +93,19 @@ class Daemon:
         if tracker is not None:
             drain_ring(loop, tracker)
         oom = OOMWatcher(loop)
-        self.tasks = Tasks(Deps(self.paths, reaper, exits, store, publisher, tracker, oom))
+        self.tasks = Tasks(
+            Deps(self.paths, reaper, exits, store, publisher, tracker, oom, self.keeper)
+        )
         queued_exits, queued_ooms = _requeue_events(publisher, store, handoff)
         consolesocket.clear(self.paths.console_dir)  # no runc is connecting now
         io_state = handoff.get("io") if handoff is not None else None
+        kept = self.attached.stored if self.attached is not None else {}
+        if handoff is not None:  # the handoff has the live ones; these are duplicates
+            for fd in kept.values():
+                os.close(fd)
+            kept = {}
         self.tasks.restore(
-            queued_exits, queued_ooms, io_state if isinstance(io_state, dict) else None
+            queued_exits, queued_ooms, io_state if isinstance(io_state, dict) else None, kept
         )
         reaper.reap()  # children that exited while no handler was installed (re-exec)
         publisher.start()

@@ -21,6 +21,7 @@ import signal
 from urllib.parse import parse_qsl, urlparse
 
 from shim import errors, log, procinfo
+from shim.exitwatch import ExitWatch
 from shim.reaper import Exit, Reaper
 
 READY_TIMEOUT = 30.0
@@ -124,12 +125,17 @@ class LoggingBinary:
         return [self.pid, self.start_time]
 
     @classmethod
-    def adopt(cls, state: list[int], reaper: Reaper) -> LoggingBinary | None:
-        """The program a previous image of this daemon started, if it still runs (it is
-        still our child: a re-exec keeps the pid)."""
+    def adopt(
+        cls, state: list[int], reaper: Reaper, exits: ExitWatch | None = None
+    ) -> LoggingBinary | None:
+        """The program a previous image of this daemon started, if it still runs (still our
+        child after a re-exec, which keeps the pid; the keeper's after a crash: then
+        ``exits`` watches it by pidfd)."""
         pid, start_time = int(state[0]), int(state[1])
         if not procinfo.is_same(pid, start_time):
             return None
+        if exits is not None:
+            return cls(pid, start_time, exits.watch(pid, start_time))
         return cls(pid, start_time, reaper.watch(pid))
 
 

@@ -39,14 +39,19 @@ def _abspath(path: str) -> str:
     return os.path.abspath(path)
 
 
-def instance_key(containerd_address: str) -> str:
-    """A short, stable name for the containerd instance at ``containerd_address``."""
+def short_hash(text: str, length: int = 16) -> str:
+    """The first ``length`` hex digits of the sha256 of ``text`` (no OpenSSL loaded)."""
     try:
         from _sha256 import sha256  # type: ignore[import-not-found]  # builtin: no OpenSSL
     except ImportError:  # pragma: no cover
         from hashlib import sha256
-    digest: str = sha256(containerd_address.encode()).hexdigest()
-    return digest[:16]
+    digest: str = sha256(text.encode()).hexdigest()
+    return digest[:length]
+
+
+def instance_key(containerd_address: str) -> str:
+    """A short, stable name for the containerd instance at ``containerd_address``."""
+    return short_hash(containerd_address)
 
 
 class DaemonPaths:

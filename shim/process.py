@@ -26,6 +26,7 @@ from shim.cgroups import Cgroup, CgroupError
 from shim.checkpoint import CheckpointOptions, RestoreSpec
 from shim.exittrack import TICK_NS
 from shim.fsutil import remove_tree
+from shim.paths import short_hash
 from shim.procio import ProcessIO
 from shim.reaper import Exit
 from shim.runc import RuncError, is_not_found
@@ -110,7 +111,20 @@ class Process:
 
     def new_io(self) -> ProcessIO:
         t = self.task
-        return ProcessIO(self.io, t.namespace, self.id, t.deps.reaper, t.deps.paths.console_dir)
+        return ProcessIO(
+            self.io,
+            t.namespace,
+            self.id,
+            t.deps.reaper,
+            t.deps.paths.console_dir,
+            t.deps.keeper,
+            self.keeper_key(),
+        )
+
+    def keeper_key(self) -> str:
+        """This process's stdio fds' name with the keeper: short, and free of separators."""
+        t = self.task
+        return short_hash(f"{t.namespace}/{t.id}/{self.exec_id}", 20)
 
     def close_stdin(self) -> None:
         if self.pio is not None:

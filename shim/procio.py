@@ -8,30 +8,52 @@ exec wrapper) has them; ``attach_console`` takes the pty master and starts the c
 a terminal's copy drain, then stops the logging program.
 
 Across the daemon's re-exec, ``handoff`` gives up the copy's fds and buffers and the logging
-program's pid, and ``adopt`` takes them back in the new image.
+program's pid, and ``adopt`` takes them back in the new image.  Across a crash, the keeper
+holds duplicates of the copy's fds and a pidfd of the logging program (``keep``), under names
+that say whose they are; the next daemon rebuilds both from them (``kept_state``); only the
+bytes the copy had read and not yet written are lost.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Protocol
 
-from shim import log
+from shim import log, procinfo
 from shim.consolesocket import ConsoleSocket
+from shim.exitwatch import ExitWatch
 from shim.logbinary import LoggingBinary
 from shim.ptycopy import PtyCopier
 from shim.reaper import Reaper
 from shim.stdio import Stdio, open_console_input, open_input, open_output, output_scheme
 
 DRAIN_TIMEOUT = 2.0  # at Delete, for a terminal's last output (containerd waits as long)
+_COPY_FDS = ("master", "stdin", "hold", "out")
+
+
+class FdKeeper(Protocol):
+    """Who holds descriptors for the next daemon (shim.keeperlink.KeeperLink)."""
+
+    def keep(self, name: str, fd: int) -> None: ...
+    def drop(self, name: str) -> None: ...
 
 
 class ProcessIO:
     def __init__(
-        self, io: Stdio, namespace: str, process_id: str, reaper: Reaper, console_dir: str
+        self,
+        io: Stdio,
+        namespace: str,
+        process_id: str,
+        reaper: Reaper,
+        console_dir: str,
+        keeper: FdKeeper | None = None,
+        key: str = "",
     ) -> None:
         self.io = io
+        self._keeper = keeper
+        self._key = key  # names this process's fds with the keeper (see kept_state)
+        self._kept: list[str] = []
         self.namespace = namespace
         self.process_id = process_id  # containerd's: the exec id, or the container id
         self._reaper = reaper
@@ -69,6 +91,12 @@ class ProcessIO:
             self.logger, out_w, err_w = await LoggingBinary.start(
                 io.stdout, self.process_id, self.namespace, self._reaper
             )
+            if self._keeper is not None:
+                pidfd = procinfo.open_pidfd(self.logger.pid, self.logger.start_time)
+                if pidfd is not None:
+                    name = f"log.{self._key}.{self.logger.pid}.{self.logger.start_time}"
+                    self._keep(name, pidfd)
+                    os.close(pidfd)
             if io.terminal:
                 self._tty["out"] = out_w
                 os.close(err_w)  # a terminal has one output; the program sees EOF on fd 4
@@ -130,6 +158,25 @@ class ProcessIO:
         if self.stdin_closed:
             self.copier.close_stdin()
         self.copier.start()
+        self._keep_copy()
+
+    def _keep_copy(self) -> None:
+        if self._keeper is None or self.copier is None:
+            return
+        for which, fd in zip(_COPY_FDS, PtyCopier.fds_by_name(self.copier), strict=True):
+            if fd >= 0:
+                self._keep(f"tty.{self._key}.{which}", fd)
+
+    def _keep(self, name: str, fd: int) -> None:
+        assert self._keeper is not None
+        self._keeper.keep(name, fd)
+        self._kept.append(name)
+
+    def _unkeep(self) -> None:
+        if self._keeper is not None:
+            for name in self._kept:
+                self._keeper.drop(name)
+        self._kept = []
 
     def close_stdin(self) -> None:
         """CloseIO.  A terminal's copy ends its stdin (VEOF); other processes read the FIFO
@@ -148,6 +195,7 @@ class ProcessIO:
 
     def abort(self) -> None:
         """The process did not come to be: close everything, kill the logging program."""
+        self._unkeep()
         self._close_fds()
         if self.copier is not None:
             self.copier.close()
@@ -156,6 +204,7 @@ class ProcessIO:
 
     async def close(self) -> None:
         """Delete: the terminal's last output out (for a while), then the logging program."""
+        self._unkeep()
         if self.copier is not None:
             if not await self.copier.wait(DRAIN_TIMEOUT):
                 log.event("terminal still open at delete; closing it", **self.fields)
@@ -194,16 +243,43 @@ class ProcessIO:
         console = state.get("console")
         return PtyCopier.fds_of(console) if console else []
 
-    def adopt(self, state: dict[str, Any]) -> None:
-        """Take back what ``handoff`` gave up in the previous image."""
+    def adopt(self, state: dict[str, Any], exits: ExitWatch | None = None) -> None:
+        """Take back what ``handoff`` gave up in the previous image (or what ``kept_state``
+        found with the keeper after a crash: then the logging program is not our child, and
+        ``exits`` watches it)."""
         self.stdin_closed = bool(state.get("stdin_closed"))
+        self._kept = list(state.get("kept", ()))
         console = state.get("console")
         if console:
             self.copier = PtyCopier.thaw(console, self.fields)
             self.copier.start()
         logger = state.get("logger")
         if logger:
-            self.logger = LoggingBinary.adopt(logger, self._reaper)
+            self.logger = LoggingBinary.adopt(logger, self._reaper, exits)
+
+    @staticmethod
+    def kept_state(key: str, kept: dict[str, int]) -> dict[str, Any] | None:
+        """What a dead daemon had the keeper hold for the process ``key``, as ``adopt``
+        takes it (the descriptors are taken out of ``kept``); None if nothing."""
+        state: dict[str, Any] = {"kept": []}
+        copy = {}
+        for which in _COPY_FDS:
+            name = f"tty.{key}.{which}"
+            fd = kept.pop(name, -1)
+            copy[which] = fd
+            if fd >= 0:
+                state["kept"].append(name)
+        if copy["master"] >= 0:
+            state["console"] = PtyCopier.fresh_state(copy)
+        else:
+            for fd in copy.values():
+                _close(fd)
+        for name in [n for n in kept if n.startswith(f"log.{key}.")]:
+            _close(kept.pop(name))
+            _, _, pid, start = name.split(".")
+            state["logger"] = [int(pid), int(start)]
+            state["kept"].append(name)
+        return state if len(state) > 1 else None
 
 
 def _close(fd: int) -> None:

@@ -160,6 +160,25 @@ class PtyCopier:
         return state
 
     @staticmethod
+    def fds_by_name(copier: PtyCopier) -> tuple[int, int, int, int]:
+        """master, stdin, hold, out (-1 for none)."""
+        return copier.master, copier.stdin, copier.hold, copier.out
+
+    @staticmethod
+    def fresh_state(fds: dict[str, int]) -> dict[str, Any]:
+        """A ``freeze`` state for these fds with nothing buffered (a crash lost the buffers)."""
+        empty = base64.b64encode(b"").decode()
+        return {
+            **{k: fds.get(k, -1) for k in ("master", "stdin", "hold", "out")},
+            "inbuf": empty,
+            "outbuf": empty,
+            "eof_owed": empty,
+            "last_in": empty,
+            "closing_stdin": False,
+            "master_eof": False,
+        }
+
+    @staticmethod
     def fds_of(state: dict[str, Any]) -> list[int]:
         return [int(state[k]) for k in ("master", "stdin", "hold", "out") if int(state[k]) >= 0]
 

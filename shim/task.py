@@ -28,7 +28,7 @@ from shim.mount import MAX_MOUNTS, Mount, mount, unmount_all
 from shim.oom import OOMWatcher
 from shim.paths import DaemonPaths
 from shim.process import InitProcess, Process, Status
-from shim.procio import ProcessIO
+from shim.procio import FdKeeper, ProcessIO
 from shim.reaper import Reaper
 from shim.runc import Runc, RuncError, find_executable
 from shim.statestore import ProcessRecord, StateStore, StoreError, best_effort
@@ -49,6 +49,7 @@ class Deps:
     events: Publisher
     tracker: ExitTracker | None = None
     oom: OOMWatcher | None = None
+    keeper: FdKeeper | None = None  # holds stdio fds across a crash (shim.keeperlink)
 
 
 @dataclass
@@ -275,6 +276,7 @@ class Tasks:
         # Tasks deleted while the store could not be written (disk full): their records
         # are removed at the next create or delete that finds the store writable.
         self._forget_later: set[tuple[str, str]] = set()
+        self._kept: dict[str, int] = {}  # during restore only
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -447,16 +449,24 @@ class Tasks:
         queued_exits: set[tuple[str, str, str]] = frozenset(),  # type: ignore[assignment]
         queued_ooms: set[tuple[str, str]] = frozenset(),  # type: ignore[assignment]
         io_state: dict[str, dict[str, Any]] | None = None,
+        kept: dict[str, int] | None = None,
     ) -> None:
         """Take back every task a previous daemon persisted (after a crash or a re-exec):
         running ones are watched again, OOM kills and exits that happened meanwhile are
         reported, in that order (unless ``queued_exits`` / ``queued_ooms`` say the event is
         already queued to go out).  ``io_state`` is what a re-exec handed over of the
-        processes' stdio (terminal copies, logging programs)."""
+        processes' stdio (terminal copies, logging programs); ``kept`` what the keeper held
+        of it for a daemon that crashed (by name; see ProcessIO.kept_state)."""
         io_state = dict(io_state or {})
+        self._kept = kept if kept is not None else {}
         try:
             self._restore_all(queued_exits, queued_ooms, io_state)
         finally:
+            for name, fd in self._kept.items():  # of processes that are gone
+                os.close(fd)
+                if self.deps.keeper is not None:
+                    self.deps.keeper.drop(name)
+            self._kept = {}
             for key, state in io_state.items():  # nobody took these: close their fds
                 log.event("stdio state not taken back", logging.WARNING, process=key)
                 for fd in ProcessIO.handoff_fds(state):
@@ -477,9 +487,15 @@ class Tasks:
 
     def _adopt_io(self, p: Process, io_state: dict[str, dict[str, Any]]) -> None:
         state = io_state.pop(_io_key(p.task.namespace, p.task.id, p.exec_id), None)
+        exits = None
+        if state is None and self._kept:
+            state = ProcessIO.kept_state(p.keeper_key(), self._kept)
+            exits = self.deps.exits  # the logging program is the keeper's child now
+            if state is not None:
+                log.event("stdio taken back from the keeper", **p.fields())
         if state is not None:
             p.pio = p.new_io()
-            p.pio.adopt(state)
+            p.pio.adopt(state, exits)
         elif p.io.terminal and not p.exited:
             log.event("terminal lost with the previous daemon", logging.WARNING, **p.fields())
 
