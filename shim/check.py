@@ -105,10 +105,23 @@ def main(flags: Flags) -> int:
     rows.append(("root", os.geteuid() == 0, f"euid {os.geteuid()}"))
     rows.append(("OOM events", *_oom()))
     rows.append(("checkpoint (CRIU)", *_criu()))
+    from shim.start import keeper_binary
+
+    keeper = keeper_binary()
+    rows.append(("crash survival", keeper is not None, keeper or "keeper not built (make setup)"))
     width = max(len(r[0]) for r in rows)
     for name, good, detail in rows:
         sys.stdout.write(f"{name:<{width}}  {'yes' if good else 'no ':<3}  {detail}\n")
     sys.stdout.write(f"cgroups{' ' * (width - 7)}  {_cgroups()}\n")
     mode = "bpf+pidfd" if bpf_ok else "pidfd+waitid only (exits while no daemon runs are lost)"
     sys.stdout.write(f"\nmode: {mode}\n")
+    if paths is not None:
+        from shim.reload import info
+
+        running = info(paths)
+        if running is not None:
+            sys.stdout.write(
+                "daemon: pid {pid}, keeper {keeper}, generation {generation}, "
+                "crashes {crashes}, tasks {tasks}\n".format(**running)
+            )
     return 0 if rows[0][1] else 1

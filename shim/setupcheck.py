@@ -196,6 +196,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows.append(("BTF", Result(has_btf, BTF if has_btf else f"{BTF} missing (no CO-RE)")))
     rows.append(("bpffs", ensure_bpffs(args.bpffs, root=root)))
     rows.append((LIBBPF, Result(True, "present") if have_libbpf() else Result(False, "missing")))
+    from shim.start import keeper_binary
+
+    keeper = keeper_binary()
+    missing = Result(False, "not built: no crash survival")
+    rows.append(("keeper", Result(True, keeper) if keeper else missing))
     width = max(len(k) for k, _ in rows)
     print("embedshim setup check:")
     for key, res in rows:
