@@ -3,14 +3,14 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEB_PACKAGES := python3-venv containerd runc busybox-static libbpf1 clang llvm bpftool libbpf-dev crun criu \
-	iproute2 containernetworking-plugins procps util-linux
+	iproute2 containernetworking-plugins procps util-linux gcc libc6-dev
 CRI_PROTO := proto/cri_api.proto
 PROTOS := $(filter-out $(CRI_PROTO),$(wildcard proto/*.proto))
 CRI_API := integration/cri/api
 
-.PHONY: setup demo test unit integration cri lint proto bpf bench soak fuzz clean
+.PHONY: setup demo test unit integration cri lint proto bpf bench soak fuzz clean keeper
 
-setup: .setup-debs $(VENV)/.installed
+setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper
 	@$(PY) -m shim.setupcheck
 
 .setup-debs:
@@ -25,6 +25,12 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
 	@$(PY) -m compileall -q shim runc_exec >/dev/null
 	@touch $@
+
+# the daemon's parent, which holds containerd's connections across a crash (keeper/keeper.c)
+keeper/embedshim-keeper: keeper/keeper.c keeper/Makefile
+	@$(MAKE) -s -C keeper
+
+keeper: keeper/embedshim-keeper
 
 TEST_PROTOS := $(wildcard integration/proto/*.proto)
 

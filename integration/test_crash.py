@@ -345,8 +345,8 @@ def test_create_in_flight(containerd: Containerd, busybox: str, caller: str) -> 
             timeout=30,
             what="runc state removed",
         )
-        log = open(daemon_paths(containerd).log).read()
-        assert "interrupted create undone" in log
+        log_path = daemon_paths(containerd).log
+        wait_for(lambda: "interrupted create undone" in open(log_path).read(), what="undone")
     peer.close()
     assert not os.path.isdir(runc_root) or os.listdir(runc_root) == []
     assert mounts_under(b) == []

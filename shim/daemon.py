@@ -72,6 +72,7 @@ class Daemon:
         self._last_shutdown = 0.0
         self.keeper: KeeperLink | None = None
         self.attached: Attached | None = None
+        self._recovery: asyncio.Task[None] | None = None
 
     async def run(self, ready_fd: int = -1) -> None:
         loop = asyncio.get_running_loop()
@@ -206,21 +207,31 @@ class Daemon:
         await server.start_sock(listener, accept=False)  # the keeper accepts
         journaled = journal.load()
         known = journal.connections_with_state() | set(journaled)
+        if att.generation == 1:
+            # A new keeper numbers connections from 1 again: whatever the journal holds is
+            # from connections an earlier keeper let go of (a crash loop): none is ours.
+            known_live = set()
+        else:
+            known_live = known & set(att.connections)
+        # Calls of connections that are gone: out of the journal before any live connection
+        # writes to it; an interrupted Create among them is undone in the background.
+        orphans = [call for key in known - known_live for call in journaled.get(key, [])]
+        for key in known - known_live:
+            for call in journaled.get(key, []):
+                journal.done(key, call.stream_id)
+            journal.forget_connection(key)
+        if orphans:
+            self._recovery = asyncio.get_running_loop().create_task(
+                self.service.recover_unanswered(orphans)
+            )
         for key, fd in att.connections.items():
-            if key in known:
+            if key in known_live:
                 await server.serve_kept(
                     fd, key, journaled=journaled.get(key, []), state=journal.state(key)
                 )
             else:
                 await server.serve_kept(fd, key)
-        for key in known - set(att.connections):
-            calls = journaled.get(key, [])
-            if calls:
-                await self.service.recover_unanswered(calls)
-            for call in calls:
-                journal.done(key, call.stream_id)
-            journal.forget_connection(key)
-        replayed = sum(len(journaled.get(k, [])) for k in att.connections)
+        replayed = sum(len(journaled.get(k, [])) for k in known_live)
         if replayed:
             log.event("requests of the dead daemon answered again", count=replayed)
 
@@ -288,7 +299,7 @@ class Daemon:
         env = dict(os.environ)
         env[HANDOFF_ENV] = path
         if self.keeper is not None:
-            self.keeper.before_exec()
+            self.keeper.before_exec(env)
         argv = _daemon_argv()
         log.event("re-executing", pid=os.getpid(), argv=" ".join(argv))
         logging.shutdown()

@@ -63,6 +63,7 @@ class KeeperLink:
             os.environ.pop(KEEPER_FD_ENV, None)
             return None
         os.set_inheritable(fd, False)  # runc and containers must not get it
+        os.environ.pop(KEEPER_FD_ENV, None)  # nor the variable (before_exec puts it back)
         return cls(sock)
 
     def attach(self, timeout: float = 10.0) -> Attached:
@@ -145,10 +146,11 @@ class KeeperLink:
         with contextlib.suppress(OSError):
             self.sock.send(f"D {name}".encode())
 
-    def before_exec(self) -> None:
-        """The re-executed daemon takes the channel over (same number, same variable)."""
+    def before_exec(self, env: dict[str, str]) -> None:
+        """The re-executed daemon takes the channel over (same number, in ``env``)."""
         self.stop()
         os.set_inheritable(self.sock.fileno(), True)
+        env[KEEPER_FD_ENV] = str(self.sock.fileno())
 
     def _receive(self) -> tuple[list[str], int]:
         msg, fds, _, _ = socket.recv_fds(self.sock, _MAX_MESSAGE, 4)

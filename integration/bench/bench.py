@@ -234,9 +234,10 @@ def _address_arg(cmdline: Sequence[str]) -> str:
 def shim_pids(runtime: str, address: str) -> list[int]:
     """The shim processes of one containerd (by its gRPC ``address``).
 
-    embed: the daemon (``containerd-shim-embed-v1 ... daemon`` with ``-address <address>``)
-    plus every helper below it (the ``runc_exec`` wrappers of execs): its descendants in its
-    own PID namespace, less transient ``runc`` calls.  Container processes live in PID
+    embed: the daemon (``containerd-shim-embed-v1 ... daemon`` with ``-address <address>``),
+    its keeper (its parent, ``... keeper``), and every helper below it (the ``runc_exec``
+    wrappers of execs): its descendants in its own PID namespace, less transient ``runc``
+    calls.  Container processes live in PID
     namespaces of their own and never count.  runc-v2: every ``containerd-shim-runc-v2 ...
     -address <address>``."""
     procs = [p for p in all_processes() if not p.zombie]
@@ -260,6 +261,10 @@ def shim_pids(runtime: str, address: str) -> list[int]:
         children.setdefault(p.ppid, []).append(p.pid)
     by_pid = {p.pid: p for p in procs}
     out, todo = set(daemons), [(d, _pidns(d)) for d in daemons]
+    for d in daemons:  # its keeper (holds the connections across a crash): ours too
+        parent = by_pid.get(by_pid[d].ppid)
+        if parent is not None and parent.cmdline and parent.cmdline[-1] == "keeper":
+            out.add(parent.pid)
     while todo:
         parent, ns = todo.pop()
         for c in children.get(parent, []):
