@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -72,6 +73,20 @@ def daemons(c: Containerd) -> list[ProcInfo]:
             and c.address in p.cmdline
         )
     )
+
+
+def kill_daemon_for_good(c: Containerd) -> int:
+    """SIGKILL the daemon's keeper, then the daemon: nothing restarts it, as before the keeper
+    existed (for tests of what happens while no daemon runs).  Returns the daemon's pid."""
+    (daemon,) = daemons(c)
+    with open(f"/proc/{daemon.ppid}/cmdline", "rb") as f:
+        keeper = f.read().split(b"\0")[-2:-1] == [b"keeper"]
+    if keeper:
+        os.kill(daemon.ppid, signal.SIGKILL)
+        wait_for(lambda: not os.path.exists(f"/proc/{daemon.ppid}/fd/0"), what="keeper gone")
+    os.kill(daemon.pid, signal.SIGKILL)
+    wait_for(lambda: not daemons(c), what="daemon gone")
+    return daemon.pid
 
 
 def oci_spec(rootfs: str, *args: str) -> dict[str, object]:

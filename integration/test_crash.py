@@ -356,7 +356,8 @@ def test_create_in_flight(containerd: Containerd, busybox: str, caller: str) -> 
         assert store.count() == 0
     finally:
         store.close()
-    assert os.listdir(daemon_paths(containerd).journal) == []
+    journal = daemon_paths(containerd).journal
+    wait_for(lambda: os.listdir(journal) == [], what="nothing left in the journal")
 
 
 def _running(needle: str) -> bool:
@@ -411,9 +412,10 @@ def test_keeper_killed_daemon_serves_on(containerd: Containerd, busybox: str) ->
 
 
 def test_chaos_twenty_kills_during_churn(containerd: Containerd, busybox: str) -> None:
-    """200 containers created, exec'd into, killed and deleted 4 at a time while the daemon
-    is killed 20 times at random moments (never 5 within the keeper's crash-loop window):
-    every operation succeeds, every exit code is right, nothing is lost or left behind."""
+    """200 containers (or more: until the last kill) created, exec'd into, killed and deleted
+    4 at a time while the daemon is killed 20 times at random moments (never 5 within the
+    keeper's crash-loop window): every operation succeeds, every exit code is right, nothing
+    is lost or left behind."""
     rng = random.Random(11)
     total, workers, kills = 200, 4, 20
     failures: list[str] = []
@@ -457,16 +459,28 @@ def test_chaos_twenty_kills_during_churn(containerd: Containerd, busybox: str) -
 
     killed: list[int] = []
     k = threading.Thread(target=killer)
+    counter = iter(range(100_000))
+    lock = threading.Lock()
+
+    def worker() -> None:
+        # At least `total` containers, and on until every kill has happened.
+        while True:
+            with lock:
+                i = next(counter)
+            if i >= total and not k.is_alive():
+                return
+            cycle(i)
+
     k.start()
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            list(pool.map(cycle, range(total)))
+            list(pool.map(lambda _: worker(), range(workers)))
     finally:
         stop.set()
         k.join()
     assert failures == [], failures[:10]
-    assert len(done) == total
-    assert len(killed) >= 15, f"only {len(killed)} kills happened during the churn"
+    assert len(done) >= total
+    assert len(killed) == kills
     wait_for(lambda: info(containerd) is not None, what="a daemon after the last kill")
     assert task_list(containerd) == {}
     paths = daemon_paths(containerd)

@@ -8,7 +8,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from integration.embed import RUNTIME, Events, bpf_pin_root, daemon_paths, daemons
+from integration.embed import (
+    RUNTIME,
+    Events,
+    bpf_pin_root,
+    daemon_paths,
+    daemons,
+    kill_daemon_for_good,
+)
 from integration.harness import Containerd, task_list, wait_for
 from shim.exittrack import ExitTracker
 from shim.statestore import StateStore
@@ -100,9 +107,7 @@ def test_exit_recorded_while_no_daemon_runs(containerd: Containerd, busybox: str
     pid = task_list(containerd)["lone"][0]
     trace_id = _trace_id(containerd, "test", "lone")
     containerd.kill9()
-    (daemon,) = daemons(containerd)
-    os.kill(daemon.pid, signal.SIGKILL)
-    wait_for(lambda: not daemons(containerd), what="daemon gone")
+    kill_daemon_for_good(containerd)
     wait_for(lambda: not os.path.exists(f"/proc/{pid}/stat") or _zombie(pid), timeout=10)
     tracker = ExitTracker.open_existing(bpf_pin_root(containerd))
     assert tracker is not None, "BPF program not pinned"

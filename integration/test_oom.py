@@ -16,6 +16,7 @@ from integration.embed import (
     daemon_paths,
     daemons,
     embedshim_env,
+    kill_daemon_for_good,
     remove_bpf_pins,
     start_daemon,
 )
@@ -173,9 +174,7 @@ def test_oom_while_no_daemon_runs_is_reported_by_the_restarted_daemon(
     pid = task_list(c)["down"][0]
     bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", "test", "down")
     c.kill9()
-    (daemon,) = daemons(c)
-    os.kill(daemon.pid, signal.SIGKILL)
-    wait_for(lambda: not daemons(c), what="daemon gone")
+    kill_daemon_for_good(c)
     assert "/tasks/oom" not in _forwarded(c)
     _go(ctl)
     wait_for(lambda: _pid_gone(pid), what="container OOM-killed")
@@ -199,9 +198,7 @@ def test_oom_while_no_daemon_runs_is_reported_by_delete(
     c.run(RUNTIME, busybox, "gone", "sh", "-c", HOG_ON_GO, detach=True, extra=extra)
     pid = task_list(c)["gone"][0]
     c.kill9()
-    (daemon,) = daemons(c)
-    os.kill(daemon.pid, signal.SIGKILL)
-    wait_for(lambda: not daemons(c), what="daemon gone")
+    kill_daemon_for_good(c)
     _go(ctl)
     wait_for(lambda: _pid_gone(pid), what="container OOM-killed")
     c.start()

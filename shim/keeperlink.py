@@ -153,7 +153,8 @@ class KeeperLink:
         env[KEEPER_FD_ENV] = str(self.sock.fileno())
 
     def _receive(self) -> tuple[list[str], int]:
-        msg, fds, _, _ = socket.recv_fds(self.sock, _MAX_MESSAGE, 4)
+        # close-on-exec: connections must not leak into runc, logging programs, containers
+        msg, fds, _, _ = socket.recv_fds(self.sock, _MAX_MESSAGE, 4, socket.MSG_CMSG_CLOEXEC)
         for extra in fds[1:]:
             os.close(extra)
         return msg.decode("ascii", "replace").split(), (fds[0] if fds else -1)
