@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -113,8 +114,7 @@ class Daemon:
             tasks=len(self.tasks),
         )
         if ready_fd >= 0:
-            os.write(ready_fd, b"ready\n")
-            os.close(ready_fd)
+            _signal_ready(ready_fd)
         await self._stop.wait()
         if self._reload:
             await self._handoff_and_exec(server, publisher, exits, tracker, reaper, store, oom)
@@ -234,6 +234,21 @@ class Daemon:
             self._stop.set()
         finally:
             os.close(lock_fd)
+
+
+def _signal_ready(fd: int) -> None:
+    """Tell ``start`` we serve, through its pipe.  The same command line run again by hand
+    or by a supervisor has no such pipe on that fd (or something else there): say nothing."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            log.event("no readiness pipe to signal", ready_fd=fd, error="not a pipe")
+            return
+        try:
+            os.write(fd, b"ready\n")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.event("no readiness pipe to signal", ready_fd=fd, error=exc)
 
 
 def _interpreter_options() -> list[str]:
