@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from shim import consolesocket, log
+from shim import bundle, consolesocket, log
 from shim.api import events_pb2, events_service_pb2
 from shim.events import Publisher
 from shim.exittrack import ExitTracker
@@ -53,10 +53,21 @@ LONG_CALLS = frozenset({"Wait"})
 
 
 class Daemon:
-    def __init__(self, paths: DaemonPaths, containerd_address: str, ttrpc_address: str) -> None:
+    def __init__(
+        self,
+        paths: DaemonPaths,
+        containerd_address: str,
+        ttrpc_address: str,
+        containerd_state: str = "",
+    ) -> None:
         self.paths = paths
         self.containerd_address = containerd_address
         self.ttrpc_address = ttrpc_address
+        #: the state directory of our containerd (``start`` learned it from its bundle), and
+        #: so the only place Create takes bundles from, unless EMBEDSHIM_BUNDLE_ROOTS says
+        #: otherwise
+        self.containerd_state = containerd_state
+        self.bundle_roots = bundle.allowed_roots(containerd_state or None)
         self.started_at = time.time_ns()
         self._stop = asyncio.Event()
         self._reload = False
@@ -75,7 +86,9 @@ class Daemon:
         if tracker is not None:
             drain_ring(loop, tracker)
         oom = OOMWatcher(loop)
-        self.tasks = Tasks(Deps(self.paths, reaper, exits, store, publisher, tracker, oom))
+        self.tasks = Tasks(
+            Deps(self.paths, reaper, exits, store, publisher, tracker, oom, self.bundle_roots)
+        )
         queued_exits, queued_ooms = _requeue_events(publisher, store, handoff)
         consolesocket.clear(self.paths.console_dir)  # no runc is connecting now
         io_state = handoff.get("io") if handoff is not None else None
@@ -111,6 +124,8 @@ class Daemon:
             socket=self.paths.socket,
             containerd=self.containerd_address,
             events=self.ttrpc_address,
+            bundle_roots=":".join(self.bundle_roots),
+            roots_from=bundle.roots_source(self.containerd_state or None),
             tasks=len(self.tasks),
         )
         if ready_fd >= 0:
@@ -141,6 +156,7 @@ class Daemon:
             "started_at": self.started_at,
             "tasks": len(self.tasks),
             "containerd": self.containerd_address,
+            "bundle_roots": list(self.bundle_roots),
         }
 
     def _on_sighup(self) -> None:
@@ -415,14 +431,28 @@ def reset_inherited_ignores() -> None:
     log.event("inherited signal ignores reset", signals=",".join(map(str, ignored)))
 
 
-def main(containerd_address: str, ttrpc_address: str, debug: bool, ready_fd: int) -> int:
+def main(
+    containerd_address: str,
+    ttrpc_address: str,
+    debug: bool,
+    ready_fd: int,
+    containerd_state: str = "",
+) -> int:
     paths = DaemonPaths.for_containerd(containerd_address)
     paths.ensure()
     os.chdir(paths.dir)
     log.setup(paths.log, debug)
+    if containerd_state and not bundle.is_clean_absolute(containerd_state):
+        log.event(
+            "daemon not started: -containerd-state is not a clean absolute path",
+            logging.ERROR,
+            containerd_state=containerd_state,
+        )
+        return 2
     reset_inherited_ignores()
+    daemon = Daemon(paths, containerd_address, ttrpc_address, containerd_state)
     try:
-        asyncio.run(Daemon(paths, containerd_address, ttrpc_address).run(ready_fd))
+        asyncio.run(daemon.run(ready_fd))
     except Exception:
         logging.getLogger("embedshim").exception("daemon failed")
         return 1

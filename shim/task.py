@@ -49,6 +49,8 @@ class Deps:
     events: Publisher
     tracker: ExitTracker | None = None
     oom: OOMWatcher | None = None
+    #: where Create takes bundles from (None: bundle.allowed_roots(), the default)
+    bundle_roots: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -308,7 +310,7 @@ class Tasks:
         return task
 
     async def _create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> Task:
-        bundle = Bundle.load(check_path(req.bundle, namespace, req.id))
+        bundle = Bundle.load(check_path(req.bundle, namespace, req.id, self.deps.bundle_roots))
         bundle.check_rootfs()
         opts = decode_options(req.options.type_url, req.options.value)
         restore: RestoreSpec | None = None
