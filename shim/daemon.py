@@ -28,7 +28,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from shim import bundle, consolesocket, log
+from shim import bundle, consolesocket, limits, log
 from shim.api import events_pb2, events_service_pb2
 from shim.events import Publisher
 from shim.exittrack import ExitTracker
@@ -198,7 +198,7 @@ class Daemon:
                 },
                 f,
             )
-        env = dict(os.environ)
+        env = limits.reexec_env(dict(os.environ))
         env[HANDOFF_ENV] = path
         argv = _daemon_argv()
         log.event("re-executing", pid=os.getpid(), argv=" ".join(argv))
@@ -450,6 +450,9 @@ def main(
         )
         return 2
     reset_inherited_ignores()
+    nofile = limits.raise_nofile()
+    if "children" in nofile:
+        log.event("open-file limit raised; programs we start get the original", **nofile)
     daemon = Daemon(paths, containerd_address, ttrpc_address, containerd_state)
     try:
         asyncio.run(daemon.run(ready_fd))
