@@ -1,4 +1,6 @@
-"""The open-file limit (issue 12, item 3): a containerd started with a soft RLIMIT_NOFILE of
+"""Limits (issue 12, items 3 and 4).
+
+The open-file limit: a containerd started with a soft RLIMIT_NOFILE of
 256 runs 300 containers through our runtime, all held open at once, and deletes them cleanly;
 runc and the containers get the original limit, not the daemon's raised one.
 
@@ -236,3 +238,34 @@ def test_300_containers_under_a_soft_limit_of_256(low: Containerd, busybox: str)
         f"daemon fds {baseline} -> {peak} -> {_fds(daemon.pid)} (soft limit {SOFT}, raised "
         f"to {hard}); a container without a spec limit: {inherited}"
     )
+
+
+def test_daemon_log_stays_within_its_cap(busybox: str) -> None:
+    """EMBEDSHIM_LOG_SIZE and EMBEDSHIM_LOG_FILES in containerd's environment reach the
+    daemon: its log is rotated at 4 KiB with two files in all, whatever it writes."""
+    env = {**embedshim_env(), "EMBEDSHIM_LOG_SIZE": "4K", "EMBEDSHIM_LOG_FILES": "2"}
+    env["EMBEDSHIM_IDLE_EXIT"] = "3600"  # one daemon throughout: one "daemon started" line
+    c = Containerd(extra_env=env, watch_paths=[busybox])
+    try:
+        ids = [f"l{i:02d}" for i in range(40)]
+        with ThreadPoolExecutor(WORKERS) as pool:
+            list(pool.map(lambda cid: c.run(RUNTIME, busybox, cid, "true", rm=True), ids))
+        log_path = daemon_paths(c).log
+        directory = os.path.dirname(log_path)
+        logs = {n: os.path.getsize(os.path.join(directory, n)) for n in os.listdir(directory)}
+        logs = {n: size for n, size in logs.items() if n.startswith("daemon.log")}
+        assert set(logs) == {"daemon.log", "daemon.log.1"}, logs
+        assert all(size <= 4096 for size in logs.values()), logs
+        with open(log_path) as f:
+            last = f.read()
+        with open(log_path + ".1") as f:
+            before = f.read()
+        # 40 containers log far more than 8 KiB: the oldest lines are gone, the newest kept.
+        assert "daemon started" not in before + last
+        assert last.rstrip("\n").rsplit("\n", 1)[-1].startswith("time=")
+        assert sum(f"id={cid} " in before + last for cid in ids) >= 5
+    finally:
+        try:
+            c.cleanup()
+        finally:
+            remove_bpf_pins(c)
