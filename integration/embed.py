@@ -28,12 +28,14 @@ BPF_TEST_ROOT = "/sys/fs/bpf/embedshim-test"
 
 def embedshim_env() -> dict[str, str]:
     """The environment that keeps a test's daemon files in its containerd's temp dir and its
-    BPF pins in a bpffs dir of its own (removed by remove_bpf_pins), and lets the daemon
-    take bundles from that containerd's state dir."""
+    BPF pins in a bpffs dir of its own (removed by remove_bpf_pins).
+
+    Nothing tells the daemon where bundles are: every test's containerd has its ``state`` in
+    its temp dir (not containerd's default /run/containerd), and the daemon learns it from
+    the bundle ``start`` runs in, as it must on any node (k3s, a second containerd)."""
     return {
         "EMBEDSHIM_ROOT": "{tmp}/embedshim",
         "EMBEDSHIM_BPF_ROOT": BPF_TEST_ROOT,
-        "EMBEDSHIM_BUNDLE_ROOTS": "{tmp}/state",
     }
 
 

@@ -50,6 +50,8 @@ class Deps:
     tracker: ExitTracker | None = None
     oom: OOMWatcher | None = None
     keeper: FdKeeper | None = None  # holds stdio fds across a crash (shim.keeperlink)
+    #: where Create takes bundles from (None: bundle.allowed_roots(), the default)
+    bundle_roots: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -310,7 +312,7 @@ class Tasks:
         return task
 
     async def _create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> Task:
-        bundle = Bundle.load(check_path(req.bundle, namespace, req.id))
+        bundle = Bundle.load(check_path(req.bundle, namespace, req.id, self.deps.bundle_roots))
         bundle.check_rootfs()
         opts = decode_options(req.options.type_url, req.options.value)
         restore: RestoreSpec | None = None
