@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -10,7 +11,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from integration.harness import Containerd, ProcInfo, parse_event, processes_matching, wait_for
@@ -24,6 +26,24 @@ T = TypeVar("T")
 
 
 BPF_TEST_ROOT = "/sys/fs/bpf/embedshim-test"
+#: containerd 2.2.7 builds (its daemon, ctr and runc shim), beside the project: tests that
+#: cover 2.x as well as Debian's 1.6 put this first on containerd's PATH (see its README).
+CONTAINERD2_BIN = Path(__file__).resolve().parents[2] / "shared" / "containerd2" / "bin"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def containerd_version_env(version: str) -> dict[str, str]:
+    """embedshim_env() for containerd ``version`` ("1.6": Debian's; "2.2.7": CONTAINERD2_BIN,
+    skipping the test where that folder is missing)."""
+    env = embedshim_env()
+    if version == "2.2.7":
+        if not (CONTAINERD2_BIN / "containerd").exists():
+            import pytest
+
+            pytest.skip(f"containerd 2.2.7 not found in {CONTAINERD2_BIN}")
+        venv_bin = os.path.join(sys.prefix, "bin")
+        env["PATH"] = f"{venv_bin}:{CONTAINERD2_BIN}:{SYSTEM_PATH}"
+    return env
 
 
 def embedshim_env() -> dict[str, str]:
@@ -37,6 +57,25 @@ def embedshim_env() -> dict[str, str]:
         "EMBEDSHIM_ROOT": "{tmp}/embedshim",
         "EMBEDSHIM_BPF_ROOT": BPF_TEST_ROOT,
     }
+
+
+@contextlib.contextmanager
+def embed_containerd(
+    busybox: str,
+    env: dict[str, str] | None = None,
+    cls: type[Containerd] = Containerd,
+    **kw: Any,
+) -> Iterator[Containerd]:
+    """A private containerd for our runtime (``env``: embedshim_env() or more); everything it
+    and its shims and containers made is removed afterwards, pass or fail, BPF pins too."""
+    c = cls(extra_env=env or embedshim_env(), watch_paths=[busybox], **kw)
+    try:
+        yield c
+    finally:
+        try:
+            c.cleanup()
+        finally:
+            remove_bpf_pins(c)
 
 
 def bundle_dir(c: Containerd, namespace: str, id: str) -> str:
@@ -187,6 +226,15 @@ class Events:
             ev = parse_event(line)
             if ev and ev[1] == topic and f'"container_id":"{cid}"' in ev[2].replace(" ", ""):
                 out.append(ev[2].replace(" ", ""))
+        return out
+
+    def topics(self, cid: str) -> list[str]:
+        """The topics of every event about container ``cid``, in order."""
+        out = []
+        for line in list(self.lines):
+            ev = parse_event(line)
+            if ev and f'"container_id":"{cid}"' in ev[2].replace(" ", ""):
+                out.append(ev[1])
         return out
 
     def exit_status(self, cid: str, timeout: float = 15) -> int:

@@ -30,16 +30,18 @@ import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
 from integration.embed import (
+    CONTAINERD2_BIN,
     RUNTIME,
     SHIM,
+    SYSTEM_PATH,
     call,
     daemon_paths,
     daemons,
+    embed_containerd,
     embedshim_env,
     oci_spec,
     remove_bpf_pins,
@@ -53,8 +55,6 @@ from shim.api import shim_pb2
 N = int(os.environ.get("EMBEDSHIM_NOFILE_CONTAINERS", "300"))
 SOFT = 256
 WORKERS = 4
-CONTAINERD2_BIN = Path(__file__).resolve().parents[2] / "shared" / "containerd2" / "bin"
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 RUNC = "/usr/sbin/runc"
 
 
@@ -83,8 +83,7 @@ def low(request: pytest.FixtureRequest, busybox: str) -> Iterator[Containerd]:
     # {tmp}/bin first: a runc that writes down the soft limit it was started with, and for
     # 1.6 our shim started under SOFT.
     env = {**embedshim_env(), "PATH": f"{{tmp}}/bin:{venv_bin}:{extra}{SYSTEM_PATH}"}
-    c = LowLimitContainerd(extra_env=env, watch_paths=[busybox], start=False)
-    try:
+    with embed_containerd(busybox, env, LowLimitContainerd, start=False) as c:
         bindir = os.path.join(c.tmp, "bin")
         os.makedirs(bindir)
         record = os.path.join(c.tmp, "runc-nofile")
@@ -99,11 +98,6 @@ def low(request: pytest.FixtureRequest, busybox: str) -> Iterator[Containerd]:
             )
         c.start()
         yield c
-    finally:
-        try:
-            c.cleanup()
-        finally:
-            remove_bpf_pins(c)
 
 
 def _soft_limit(pid: int) -> tuple[int, int]:

@@ -15,12 +15,11 @@ from integration.embed import (
     Events,
     daemon_paths,
     daemons,
-    embedshim_env,
+    embed_containerd,
     kill_daemon_for_good,
-    remove_bpf_pins,
     start_daemon,
 )
-from integration.harness import Containerd, parse_event, task_list, wait_for
+from integration.harness import Containerd, task_list, wait_for
 
 LIMIT = str(32 << 20)  # 32 MiB
 # busybox has no allocator: the shell holds 200 MB of command output in a variable.
@@ -34,14 +33,8 @@ def debug_containerd(busybox: str) -> Iterator[Containerd]:
     """A private containerd logging at debug level: its log names every event it is
     forwarded ("event forwarded" topic=...), even those sent while no subscriber could
     be connected yet (during its own restart)."""
-    c = Containerd(log_level="debug", extra_env=embedshim_env(), watch_paths=[busybox])
-    try:
+    with embed_containerd(busybox, log_level="debug") as c:
         yield c
-    finally:
-        try:
-            c.cleanup()
-        finally:
-            remove_bpf_pins(c)
 
 
 def _ctl(c: Containerd) -> tuple[str, tuple[str, ...]]:
@@ -56,12 +49,7 @@ def _go(ctl: str) -> None:
 
 
 def _topics(events: Events, cid: str) -> list[str]:
-    out = []
-    for line in list(events.lines):
-        ev = parse_event(line)
-        if ev and f'"container_id":"{cid}"' in ev[2].replace(" ", ""):
-            out.append(ev[1])
-    return out
+    return events.topics(cid)
 
 
 def _forwarded(c: Containerd) -> list[str]:

@@ -153,8 +153,12 @@ class TaskService:
 
     async def _replay_start(self, ctx: Context, payload: bytes, fn: Handler) -> bytes:
         req = _parse(shim_pb2.StartRequest, payload)
-        p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
-        if p.status != Status.CREATED and p.pid:
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
+        p = task.process(req.exec_id)
+        started = p.status != Status.CREATED and p.pid
+        if not started and not req.exec_id:
+            started = await task.init.started_meanwhile()
+        if started:
             return shim_pb2.StartResponse(pid=p.pid).SerializeToString()
         return await fn(ctx, payload)
 

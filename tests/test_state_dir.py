@@ -70,9 +70,11 @@ def test_spawned_daemon_is_told_the_state_directory(
     start.spawn_daemon(DaemonPaths(str(tmp_path / "d")), flags, "/run/k3s/c.sock.ttrpc")
     (argv,) = spawned
     assert argv[argv.index("-containerd-state") + 1] == str(state)
-    assert argv[-1] == "daemon"
+    # The keeper's command line ends with the daemon's, "keeper" for its last word.
+    assert argv[-1] == "keeper" and argv[0] == start.keeper_binary()
+    daemon_argv = argv[argv.index("--") + 1 : -1] + ["daemon"]
     # and the daemon's own parser takes it
-    parsed, rest = parse(argv[1:])
+    parsed, rest = parse(daemon_argv[1:])
     assert parsed.containerd_state == str(state) and rest == ["daemon"]
 
 

@@ -124,9 +124,13 @@ class Journal:
         names = os.listdir(self.dir)
         answers = {name[:-2] for name in names if name.endswith(".r")}
         for name in names:
+            if name.endswith((".tmp", ".t")):  # a write the dead writer never finished
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.dir, name))
+                continue
             conn_text, _, stream_text = name.partition(".")
             if not conn_text.isdigit() or not stream_text.isdigit():
-                if name.endswith((".t", ".r")) and name[:-2] not in names:
+                if name.endswith(".r") and name[:-2] not in names:
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(self.dir, name))  # of a request now done
                 continue
