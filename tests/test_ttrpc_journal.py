@@ -327,3 +327,50 @@ def test_journaled_answer_is_sent_again_not_recomputed(journal_dir: str) -> None
         client.close()
 
     run(main())
+
+
+def test_connection_left_mid_frame_is_closed_by_the_successor(journal_dir: str) -> None:
+    """A died while taking a large request out of the socket as it came: nobody can find
+    the next frame's start, so B closes that connection (and only that one)."""
+    journal = Journal(journal_dir)
+
+    async def main() -> None:
+        a = Server(journal=journal)
+        gate = asyncio.Event()
+
+        async def size(ctx: Context, payload: bytes) -> bytes:
+            await gate.wait()
+            return b""
+
+        a.register(SVC, {"Size": size})
+        client, theirs = socket.socketpair()
+        kept = os.dup(theirs.fileno())
+        await a.serve_kept(os.dup(theirs.fileno()), 9)
+        theirs.close()
+        big = request_frame(1, "Size", b"z" * (PEEK_FRAME_MAX * 8))
+        loop = asyncio.get_running_loop()
+        client.setblocking(False)
+        sending = loop.create_task(loop.sock_sendall(client, big[: len(big) // 2]))
+        for _ in range(400):  # until A has read part of it
+            if journal.broken() == {9}:
+                break
+            await asyncio.sleep(0.005)
+        assert journal.broken() == {9}
+        a._close_epoll()  # A dies
+        for conn in list(a._connections):
+            conn._journal = None
+            assert conn._transport is not None
+            conn._transport.abort()
+        b = Server(journal=Journal(journal_dir))
+        await b.serve_kept(kept, 9, journaled=[], state={})
+        sending.cancel()
+        with pytest.raises((ConnectionResetError, BrokenPipeError, AssertionError)):
+            while True:
+                data = await asyncio.wait_for(loop.sock_recv(client, 65536), 3.0)
+                assert data, "closed"
+        assert journal.broken() == set()
+        gate.set()
+        await b.close()
+        client.close()
+
+    run(main())

@@ -112,11 +112,32 @@ class Journal:
         self._states[connection] = json.dumps(data, sort_keys=True)
         return data
 
+    def mark(self, connection: int, what: str, on: bool) -> None:
+        """Say (or stop saying) that the connection's byte stream is in the middle of a
+        frame a successor could not find the end of: ``midread`` (a large request taken out
+        of the socket as it came) or ``midwrite`` (an answer only partly written)."""
+        path = self._path(connection, what)
+        if on:
+            with contextlib.suppress(OSError):
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    def broken(self) -> set[int]:
+        """Connections a predecessor left in the middle of a frame (see ``mark``)."""
+        return {
+            int(name.partition(".")[0])
+            for name in os.listdir(self.dir)
+            if name.endswith((".midread", ".midwrite")) and name.partition(".")[0].isdigit()
+        }
+
     def forget_connection(self, connection: int) -> None:
         """The connection is gone: its state file goes (its calls go as they finish)."""
         self._states.pop(connection, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(connection, "state"))
+        for what in ("state", "midread", "midwrite"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(connection, what))
 
     def load(self) -> dict[int, list[JournaledCall]]:
         """Every complete entry, by connection, in stream order; cut-short ones are removed."""

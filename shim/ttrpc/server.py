@@ -299,6 +299,14 @@ class Server:
         if journaled is None and state is None:
             await self._connect(sock, None, key)
             return
+        if self.journal is not None and key in self.journal.broken():
+            # A predecessor died in the middle of a frame: nobody can find the next one.
+            logger.error("ttrpc kept connection %d was left mid-frame; closing it", key)
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+            self.journal.forget_connection(key)
+            return
         pending = [_pending_from_journal(c) for c in journaled or () if c.answer is None]
         adopted = ConnectionHandoff(
             fd, b"", 0, dict(state or {}), [p for p in pending if p is not None], key=key
@@ -816,6 +824,8 @@ class _ServerProtocol(asyncio.Protocol):
         self._server._connections.add(self)
         if self._journal is not None:
             transport.pause_reading()  # for good: read_journaled() reads this socket
+            # pause_writing/resume_writing say exactly when an answer is only partly written
+            transport.set_write_buffer_limits(high=0, low=0)
             self._sock = self._raw_sock
             assert self._sock is not None
             self._server._peek_register(self, self._sock.fileno())
@@ -857,11 +867,15 @@ class _ServerProtocol(asyncio.Protocol):
         self._flushed.set()
 
     def pause_writing(self) -> None:
+        if self._journal is not None and self._key is not None:
+            self._journal.mark(self._key, "midwrite", True)
         self._write_paused = True
         self._flushed.clear()
         self._update_reading()
 
     def resume_writing(self) -> None:
+        if self._journal is not None and self._key is not None:
+            self._journal.mark(self._key, "midwrite", False)
         self._write_paused = False
         self._flushed.set()
         self._update_reading()
@@ -1127,6 +1141,8 @@ class _ServerProtocol(asyncio.Protocol):
                     data = sock.recv(_PEEK_BYTES)  # finishing a large frame as it comes
                     if data:
                         self.data_received(data)
+                        if not self._conn.mid_frame:
+                            journal.mark(key, "midread", False)
                         continue
                 else:
                     data = sock.recv(_PEEK_BYTES, socket.MSG_PEEK)
@@ -1140,7 +1156,10 @@ class _ServerProtocol(asyncio.Protocol):
                             # Cannot wait for it whole (too large, or nothing more is coming:
                             # the codec then sees the truncation): read it as it comes.
                             self._partial = False
+                            journal.mark(key, "midread", True)
                             self.data_received(sock.recv(len(data)))
+                            if not self._conn.mid_frame:
+                                journal.mark(key, "midread", False)
                         else:
                             self._partial = True  # the rest raises the next edge
                             self._update_frame_timer()
