@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import logging.handlers
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -71,8 +70,7 @@ def test_bad_settings_fall_back_to_the_defaults_and_say_so(
     assert text.count("log rotation setting ignored") == 2
     assert "EMBEDSHIM_LOG_SIZE=" in text and "EMBEDSHIM_LOG_FILES=" in text
     handler = logging.getLogger().handlers[0]
-    assert isinstance(handler, logging.handlers.RotatingFileHandler)
-    assert (handler.maxBytes, handler.backupCount) == (10 << 20, 2)
+    assert (getattr(handler, "max_bytes", None), getattr(handler, "files", None)) == (10 << 20, 3)
     # A size below 4 KiB is taken as 4 KiB (a line or two per file would be no log at all).
     monkeypatch.setenv(log.SIZE_ENV, "100")
     monkeypatch.delenv(log.FILES_ENV)

@@ -185,6 +185,7 @@ class Server:
         # make its socket look readable again and again).
         self._epoll: select.epoll | None = None
         self._peekers: dict[int, _ServerProtocol] = {}
+        self._peek_buffer = bytearray(_PEEK_BYTES) if journal is not None else bytearray()
         self._max_in_flight = max_in_flight
         self._max_in_flight_bytes = max_in_flight_bytes
         self._frame_timeout = frame_timeout
@@ -1145,19 +1146,24 @@ class _ServerProtocol(asyncio.Protocol):
                             journal.mark(key, "midread", False)
                         continue
                 else:
-                    data = sock.recv(_PEEK_BYTES, socket.MSG_PEEK)
-                    if data:
-                        size, large = self._journal_whole_frames(journal, key, data)
+                    # One buffer for every connection (reads never interleave): peeking 64 KiB
+                    # into a fresh bytes object each time fragments the heap.
+                    buf = self._server._peek_buffer
+                    n = sock.recv_into(buf, _PEEK_BYTES, socket.MSG_PEEK)
+                    if n:
+                        with memoryview(buf)[:n] as view:
+                            size, large = self._journal_whole_frames(journal, key, view)
+                            whole = bytes(view[:size])
                         if size:
-                            _consume(sock, size)
+                            _consume(sock, size, buf)
                             self._partial = False
-                            self.data_received(data[:size])
+                            self.data_received(whole)
                         elif large or self.peer_closed:
                             # Cannot wait for it whole (too large, or nothing more is coming:
                             # the codec then sees the truncation): read it as it comes.
                             self._partial = False
                             journal.mark(key, "midread", True)
-                            self.data_received(sock.recv(len(data)))
+                            self.data_received(sock.recv(n))
                             if not self._conn.mid_frame:
                                 journal.mark(key, "midread", False)
                         else:
@@ -1177,17 +1183,18 @@ class _ServerProtocol(asyncio.Protocol):
                 self._transport.close()
             return
 
-    def _journal_whole_frames(self, journal: Journal, key: int, data: bytes) -> tuple[int, bool]:
-        """Journal the requests among the whole frames at the start of ``data``; returns
+    def _journal_whole_frames(
+        self, journal: Journal, key: int, view: memoryview
+    ) -> tuple[int, bool]:
+        """Journal the requests among the whole frames at the start of ``view``; returns
         their length, and whether the frame after them is too large to wait for whole."""
-        view = memoryview(data)
         pos = 0
-        while len(data) - pos >= HEADER_SIZE:
+        while len(view) - pos >= HEADER_SIZE:
             header = FrameHeader.decode(view[pos : pos + HEADER_SIZE])
             end = pos + HEADER_SIZE + header.length
             if header.length > PEEK_FRAME_MAX:
                 return pos, True
-            if end > len(data):
+            if end > len(view):
                 break
             sid = header.stream_id
             if header.type == MessageType.REQUEST and sid > self._skip_through:
@@ -1267,10 +1274,10 @@ class _ServerProtocol(asyncio.Protocol):
             self._server._account(-counted)
 
 
-def _consume(sock: socket.socket, size: int) -> None:
-    """Take ``size`` bytes already seen with MSG_PEEK out of the socket."""
+def _consume(sock: socket.socket, size: int, scratch: bytearray) -> None:
+    """Take ``size`` bytes already seen with MSG_PEEK out of the socket (into ``scratch``)."""
     while size > 0:
-        size -= len(sock.recv(size))
+        size -= sock.recv_into(scratch, min(size, len(scratch)))
 
 
 def _frame_of(stream_id: int, request: Request) -> bytes:
