@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import pytest
 
 import runc_exec
+from integration.prereq import missing
 from runc_exec import runc_exec as wrapper
 
 BUSYBOX = "/bin/busybox"
@@ -37,11 +38,11 @@ def _skip_reason() -> str | None:
     if not sys.platform.startswith("linux"):
         return "runc is Linux-only"
     if os.geteuid() != 0:
-        return "needs root (runc creates a container)"
+        return missing("needs root (runc creates a container)")
     if RUNC is None:
-        return "runc not found on PATH"
+        return missing("runc not found on PATH")
     if not os.access(BUSYBOX, os.X_OK):
-        return f"needs a static {BUSYBOX} (busybox-static)"
+        return missing(f"needs a static {BUSYBOX} (busybox-static)")
     return None
 
 
