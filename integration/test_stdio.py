@@ -17,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from integration.embed import RUNTIME, SHIM, daemons
-from integration.harness import Containerd, processes_matching, task_list, wait_for
+from integration.harness import (
+    Containerd,
+    blocked_writing,
+    processes_matching,
+    task_list,
+    wait_for,
+)
 
 # A logging program as containerd documents them.  It records what it was given, waits a
 # little before it says it is ready (the process must not exist before that), then copies
@@ -263,22 +269,6 @@ def test_piped_stdin_reaches_eof(containerd: Containerd, busybox: str) -> None:
     containerd.ctr("task", "kill", "-s", "KILL", "box")
 
 
-_WRITE_SYSCALL = {"x86_64": 1, "aarch64": 64}
-
-
-def _blocked_writing(pid: int, fd: int) -> bool:
-    """Whether ``pid`` sleeps in write(2) on ``fd`` (a pipe write sleeps only when full)."""
-    import platform
-
-    nr = _WRITE_SYSCALL[platform.machine()]
-    try:
-        with open(f"/proc/{pid}/syscall") as f:
-            fields = f.read().split()
-    except OSError:
-        return False
-    return len(fields) > 1 and fields[0] == str(nr) and int(fields[1], 16) == fd
-
-
 def _read_available(fd: int) -> bytes:
     out = bytearray()
     while True:
@@ -338,7 +328,7 @@ def test_fifos_are_handed_over_read_write_and_survive_a_containerd_kill(
     # No reader left but the container's own: it fills the pipe and waits, not killed.
     def blocked() -> bool:
         assert os.path.exists(f"/proc/{pid}/stat"), "the writer died (SIGPIPE?)"
-        return _blocked_writing(pid, 1)
+        return blocked_writing(pid, 1)
 
     wait_for(blocked, what="writer blocked on a full pipe")
     assert _start_ticks(pid) == ticks
