@@ -7,9 +7,11 @@ running beside the hostile input, and checks that container is untouched afterwa
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -29,6 +31,14 @@ from integration.embed import (
 from integration.harness import Containerd, mounts_under
 from shim.api import runc_options_pb2, shim_pb2
 from shim.ttrpc import Code, TTRPCError
+from shim.ttrpc.codec import (
+    HEADER_SIZE,
+    FrameHeader,
+    MessageType,
+    Request,
+    Response,
+    encode_frame,
+)
 
 NS = "direct"
 DAEMON_SERVICE = "embedshim.v1.Daemon"
@@ -358,3 +368,71 @@ def test_systemd_cgroup_option_reaches_runc(live: Live) -> None:
         mine = [a for a in calls if cid in a]  # create, kill, delete, ... of that one
         assert any("create" in a for a in mine), calls
         assert all(("--systemd-cgroup" in a) == systemd for a in mine), mine
+
+
+def _request(stream: int, method: str, msg: object) -> bytes:
+    payload = msg.SerializeToString()  # type: ignore[attr-defined]
+    request = Request(
+        "containerd.task.v2.Task", method, payload, metadata=(("containerd-namespace-ttrpc", NS),)
+    )
+    return encode_frame(stream, MessageType.REQUEST, request.encode())
+
+
+def _responses(s: socket.socket, n: int) -> list[tuple[int, Response]]:
+    """The next ``n`` responses on ``s`` (stream id, response), in the order they came."""
+    out = []
+    for _ in range(n):
+        header = FrameHeader.decode(_exactly(s, HEADER_SIZE))
+        out.append((header.stream_id, Response.decode(_exactly(s, header.length))))
+    return out
+
+
+def _exactly(s: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return bytes(data)
+
+
+def test_a_peer_is_not_read_past_128_requests_in_flight(live: Live) -> None:
+    """The real default: with 127 Waits pending on one connection the next request is
+    read and answered at once; with 128 pending it is not read until a Wait answers, while
+    other connections are served as usual."""
+    c = live.c
+    b = write_bundle(c, NS, "hold", oci_spec(live.busybox, "sleep", "1000"))
+    run(call(live.address, "Create", shim_pb2.CreateTaskRequest(id="hold", bundle=b)))
+    wait = shim_pb2.WaitRequest(id="hold")
+    state = shim_pb2.StateRequest(id="hold")
+    conns = []
+    try:
+        for n in (127, 128):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(daemon_paths(c).socket)
+            conns.append(s)
+            s.sendall(b"".join(_request(2 * i + 1, "Wait", wait) for i in range(n)))
+            s.sendall(_request(2 * n + 1, "State", state))
+        # 127 in flight: the State is answered while every Wait still waits.
+        conns[0].settimeout(10)
+        t0 = time.monotonic()
+        [(stream, response)] = _responses(conns[0], 1)
+        took = time.monotonic() - t0
+        assert stream == 255 and response.status.ok
+        # 128 in flight: nothing comes back, though other connections are answered.
+        conns[1].settimeout(10 * took + 1)
+        with pytest.raises(TimeoutError):
+            conns[1].recv(1)
+        live.keep_is_untouched()
+        run(call(live.address, "Kill", shim_pb2.KillRequest(id="hold", signal=9)))
+        conns[1].settimeout(30)
+        got = _responses(conns[1], 129)
+        assert {sid for sid, _ in got[:128]} == {2 * i + 1 for i in range(128)}
+        assert got[128][0] == 257 and got[128][1].status.ok  # read only once Waits answered
+        for _, response in got[:128]:
+            assert shim_pb2.WaitResponse.FromString(response.payload).exit_status == 137
+    finally:
+        for s in conns:
+            s.close()
+    run(call(live.address, "Delete", shim_pb2.DeleteRequest(id="hold")))
