@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from integration.embed import RUNTIME, Events, bundle_dir, daemons, shim_command, start_daemon
+from integration.embed import RUNTIME, Events, daemons, shim_command
 from integration.harness import Containerd, parse_event, task_list, wait_for
 from integration.tasks_grpc import code_of, tasks_client
 
@@ -146,9 +146,9 @@ def test_pause_survives_a_daemon_reload_and_the_freezer_wins(
 def test_pause_after_a_daemon_kill_and_a_fresh_daemon_the_freezer_wins(
     containerd: Containerd, counter: str, busybox: str
 ) -> None:
-    """Not a reload: containerd and the daemon killed, one paused container thawed behind
-    their backs meanwhile; a fresh daemon (started as for containerd's next task) takes both
-    back from its store and checks each status against the freezer."""
+    """Not a reload: containerd and the daemon killed (its keeper held stopped meanwhile),
+    one paused container thawed behind their backs; the fresh daemon the keeper starts takes
+    both back from its store and checks each status against the freezer."""
     c = containerd
     c.run(RUNTIME, busybox, "other", "sh", "-c", COUNTER, detach=True)
     wait_for(lambda: _count(c, "other") > 2, what="the second counter")
@@ -157,14 +157,18 @@ def test_pause_after_a_daemon_kill_and_a_fresh_daemon_the_freezer_wins(
     freezer = _cgroup_file(c, "other", "freezer", "freezer.state", "cgroup.freeze")
     c.kill9()
     (daemon,) = daemons(c)
-    os.kill(daemon.pid, signal.SIGKILL)
-    wait_for(lambda: not daemons(c), what="daemon gone")
-    with open(freezer, "w") as f:
-        f.write("THAWED" if freezer.endswith("freezer.state") else "0")
-    start_daemon(c, bundle_dir(c, c.namespace, counter), c.namespace, counter)
-    c.start()  # reconnects to the fresh daemon through the bundles' address files
-    (fresh,) = daemons(c)
+    keeper = daemon.ppid
+    os.kill(keeper, signal.SIGSTOP)
+    try:
+        os.kill(daemon.pid, signal.SIGKILL)
+        wait_for(lambda: not daemons(c), what="daemon gone")
+        with open(freezer, "w") as f:
+            f.write("THAWED" if freezer.endswith("freezer.state") else "0")
+    finally:
+        os.kill(keeper, signal.SIGCONT)
+    (fresh,) = wait_for(lambda: daemons(c), what="a fresh daemon")
     assert fresh.pid != daemon.pid
+    c.start()
     assert _status(c, counter) == "PAUSED"  # persisted, taken back
     assert _status(c, "other") == "RUNNING"  # corrected from the freezer
     assert _advances(c, "other")

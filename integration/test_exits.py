@@ -18,10 +18,9 @@ from integration.embed import (
     bpf_pin_root,
     daemon_paths,
     daemons,
-    start_daemon,
     status_of,
 )
-from integration.harness import Containerd, task_list, wait_for
+from integration.harness import Containerd, ProcInfo, task_list, wait_for
 from integration.prereq import bpf_problem, missing
 from integration.tasks_grpc import tasks_client
 from shim.api import shim_pb2
@@ -151,6 +150,13 @@ def _captured_deletes(out_dir: str, cid: str) -> list[shim_pb2.DeleteResponse]:
     return found
 
 
+def _keeper_of(daemon: ProcInfo) -> int:
+    """The daemon's keeper (its parent, which restarts it after a crash)."""
+    with open(f"/proc/{daemon.ppid}/cmdline", "rb") as f:
+        assert f.read().split(b"\0")[-2:] == [b"keeper", b""], "the daemon has no keeper"
+    return daemon.ppid
+
+
 @pytest.mark.parametrize("back", ["delete", "daemon"])
 def test_exit_recorded_while_no_daemon_runs(
     containerd: Containerd, busybox: str, back: str
@@ -158,31 +164,43 @@ def test_exit_recorded_while_no_daemon_runs(
     """containerd and the daemon both dead; the container exits; the pinned program still
     records its status, and containerd gets the real code when it is back:
 
-    * ``delete``: no daemon comes back.  containerd, starting, cannot reach the daemon and
-      runs `delete` for the task, which reads the code from the map.  (containerd 1.6
-      publishes no event then, and forgets the task: what `delete` hands it is all.)
-    * ``daemon``: a daemon is started first (as for containerd's next task) and restores the
-      task: containerd reconnects, Wait and `ctr task delete` give the code, /tasks/delete
-      carries it and /tasks/exit is forwarded once."""
+    * ``delete``: the keeper is killed too, so no daemon comes back.  containerd, starting,
+      cannot reach one and runs `delete` for the task, which reads the code from the map.
+      (containerd 1.6 publishes no event then, and forgets the task: what `delete` hands it
+      is all.)
+    * ``daemon``: the keeper, held stopped meanwhile, restarts the daemon, which restores
+      the task: containerd reconnects, Wait and `ctr task delete` give the code,
+      /tasks/delete carries it and /tasks/exit is forwarded once."""
     c = containerd
-    c.run(RUNTIME, busybox, "lone", "sh", "-c", "sleep 2; exit 42", detach=True)
-    started_ns = time.time_ns()
+    ctl = os.path.join(c.tmp, "ctl")
+    os.makedirs(ctl)
+    c.run(RUNTIME, busybox, "lone", "sh", "-c",
+          "while [ ! -e /ctl/go ]; do sleep 0.02; done; exit 42", detach=True,
+          extra=("--mount", f"type=bind,src={ctl},dst=/ctl,options=rbind:rw"))  # fmt: skip
     pid = task_list(c)["lone"][0]
     trace_id = _trace_id(c, "test", "lone")
     bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", "test", "lone")
     c.kill9()
     (daemon,) = daemons(c)
-    os.kill(daemon.pid, signal.SIGKILL)
-    wait_for(lambda: not daemons(c), what="daemon gone")
-    wait_for(lambda: not os.path.exists(f"/proc/{pid}/stat") or _zombie(pid), timeout=10)
-    exited_by_ns = time.time_ns()
-    tracker = ExitTracker.open_existing(bpf_pin_root(c))
-    assert tracker is not None, "BPF program not pinned"
+    keeper = _keeper_of(daemon)
+    os.kill(keeper, signal.SIGKILL if back == "delete" else signal.SIGSTOP)
     try:
-        record = wait_for(lambda: tracker.lookup_exit(trace_id), what="exit record")
-        assert record.pid == pid and record.exit_status == 42
+        os.kill(daemon.pid, signal.SIGKILL)
+        wait_for(lambda: not daemons(c), what="daemon gone")
+        exit_after_ns = time.time_ns()
+        open(os.path.join(ctl, "go"), "w").close()
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}/stat") or _zombie(pid), timeout=10)
+        exited_by_ns = time.time_ns()
+        tracker = ExitTracker.open_existing(bpf_pin_root(c))
+        assert tracker is not None, "BPF program not pinned"
+        try:
+            record = wait_for(lambda: tracker.lookup_exit(trace_id), what="exit record")
+            assert record.pid == pid and record.exit_status == 42
+        finally:
+            tracker.close()
     finally:
-        tracker.close()
+        if back == "daemon":
+            os.kill(keeper, signal.SIGCONT)
     if back == "delete":
         out_dir = _capture_deletes(c, bundle)
         c.start()
@@ -190,9 +208,9 @@ def test_exit_recorded_while_no_daemon_runs(
         (resp,) = _captured_deletes(out_dir, "lone")
         assert (resp.pid, resp.exit_status) == (pid, 42)
         # when it exited, not when `delete` ran
-        assert started_ns <= resp.exited_at.ToNanoseconds() <= exited_by_ns
+        assert exit_after_ns <= resp.exited_at.ToNanoseconds() <= exited_by_ns
     else:
-        start_daemon(c, bundle, "test", "lone")
+        wait_for(lambda: daemons(c), what="the keeper restarting the daemon")
         c.log_level = "debug"  # its log names each event forwarded to it
         c.start()
         events = Events(c)
