@@ -290,9 +290,7 @@ def test_tty_sessions_survive_daemon_crash(containerd: Containerd, busybox: str)
         (daemon,) = daemons(containerd)
         log_path = daemon_paths(containerd).log
         os.kill(daemon.pid, signal.SIGKILL)
-        wait_for(
-            lambda: "daemon restarted after a crash" in open(log_path).read(), what="restart"
-        )
+        wait_for(lambda: "daemon restarted after a crash" in open(log_path).read(), what="restart")
         assert "stdio taken back from the keeper" in open(log_path).read()
         _answer(s, b"echo $((8*8))", b"64")
         _answer(s, b"echo $((9*9))", b"81")
