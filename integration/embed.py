@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -81,6 +82,22 @@ def daemons(c: Containerd) -> list[ProcInfo]:
             and c.address in p.cmdline
         )
     )
+
+
+def keeper_of(daemon: ProcInfo) -> int:
+    """The pid of the daemon's keeper (its parent, which restarts it after a crash)."""
+    with open(f"/proc/{daemon.ppid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert argv[-2:] == [b"keeper", b""], f"the daemon's parent is no keeper: {argv}"
+    return daemon.ppid
+
+
+def kill_keeper(daemon: ProcInfo) -> None:
+    """SIGKILL the daemon's keeper and wait until it is gone: a daemon killed after that
+    stays dead, as before there was a keeper (containerd then tears its tasks down)."""
+    keeper = keeper_of(daemon)
+    os.kill(keeper, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{keeper}/fd/0"), what="keeper gone")
 
 
 def oci_spec(rootfs: str, *args: str) -> dict[str, object]:

@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from integration.embed import RUNTIME, Events, daemons, shim_command
+from integration.embed import RUNTIME, Events, daemons, kill_keeper, shim_command
 from integration.harness import Containerd, parse_event, task_list, wait_for
 from integration.tasks_grpc import code_of, tasks_client
 
@@ -317,11 +317,13 @@ def test_metrics_of_a_restored_and_a_stopped_task(containerd: Containerd, box: s
 def test_a_paused_container_is_ended_when_the_daemon_dies(
     containerd: Containerd, counter: str, events: Events
 ) -> None:
-    """containerd runs ``delete`` for every task of a dead daemon; a frozen container must
-    still die of it (a v1-frozen process ignores SIGKILL until thawed) and report 137."""
+    """containerd runs ``delete`` for every task of a dead daemon (its keeper killed first,
+    so none comes back); a frozen container must still die of it (a v1-frozen process
+    ignores SIGKILL until thawed) and report 137."""
     pid = task_list(containerd)[counter][0]
     containerd.ctr("task", "pause", counter)
     (daemon,) = daemons(containerd)
+    kill_keeper(daemon)
     os.kill(daemon.pid, signal.SIGKILL)
     wait_for(lambda: not task_list(containerd), timeout=30, what="the task dropped")
     assert events.exit_status(counter) == 137

@@ -18,9 +18,11 @@ from integration.embed import (
     bpf_pin_root,
     daemon_paths,
     daemons,
+    keeper_of,
+    kill_keeper,
     status_of,
 )
-from integration.harness import Containerd, ProcInfo, task_list, wait_for
+from integration.harness import Containerd, task_list, wait_for
 from integration.prereq import bpf_problem, missing
 from integration.tasks_grpc import tasks_client
 from shim.api import shim_pb2
@@ -150,13 +152,6 @@ def _captured_deletes(out_dir: str, cid: str) -> list[shim_pb2.DeleteResponse]:
     return found
 
 
-def _keeper_of(daemon: ProcInfo) -> int:
-    """The daemon's keeper (its parent, which restarts it after a crash)."""
-    with open(f"/proc/{daemon.ppid}/cmdline", "rb") as f:
-        assert f.read().split(b"\0")[-2:] == [b"keeper", b""], "the daemon has no keeper"
-    return daemon.ppid
-
-
 @pytest.mark.parametrize("back", ["delete", "daemon"])
 def test_exit_recorded_while_no_daemon_runs(
     containerd: Containerd, busybox: str, back: str
@@ -182,8 +177,11 @@ def test_exit_recorded_while_no_daemon_runs(
     bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", "test", "lone")
     c.kill9()
     (daemon,) = daemons(c)
-    keeper = _keeper_of(daemon)
-    os.kill(keeper, signal.SIGKILL if back == "delete" else signal.SIGSTOP)
+    keeper = keeper_of(daemon)
+    if back == "delete":
+        kill_keeper(daemon)
+    else:
+        os.kill(keeper, signal.SIGSTOP)
     try:
         os.kill(daemon.pid, signal.SIGKILL)
         wait_for(lambda: not daemons(c), what="daemon gone")

@@ -18,6 +18,7 @@ from integration.embed import (
     call,
     daemon_paths,
     daemons,
+    kill_keeper,
     oci_spec,
     run,
     start_daemon,
@@ -182,8 +183,8 @@ def test_errors_have_the_codes_containerd_expects(containerd: Containerd, busybo
 
 
 def test_delete_subcommand_after_daemon_crash(containerd: Containerd, busybox: str) -> None:
-    """kill -9 the daemon: containerd runs `delete` per task, which ends each container and
-    reports it; nothing is left running."""
+    """kill -9 the daemon (its keeper first, so none comes back): containerd runs `delete`
+    per task, which ends each container and reports it; nothing is left running."""
     events = containerd.ctr_async("events")
     lines: list[str] = []
     threading.Thread(
@@ -194,6 +195,7 @@ def test_delete_subcommand_after_daemon_crash(containerd: Containerd, busybox: s
         containerd.run(RUNTIME, busybox, cid, "sleep", "1000", detach=True)
     pids = {cid: pid for cid, (pid, _) in task_list(containerd).items()}
     (daemon,) = daemons(containerd)
+    kill_keeper(daemon)
     os.kill(daemon.pid, signal.SIGKILL)
     wait_for(lambda: not task_list(containerd), timeout=20, what="containerd dropped the tasks")
     for cid in ids:

@@ -15,6 +15,7 @@ from integration.embed import (
     daemon_paths,
     daemons,
     embedshim_env,
+    kill_keeper,
     remove_bpf_pins,
     start_daemon,
 )
@@ -180,6 +181,7 @@ def test_oom_while_no_daemon_runs_is_reported_by_the_restarted_daemon(
     bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", "test", "down")
     c.kill9()
     (daemon,) = daemons(c)
+    kill_keeper(daemon)  # no daemon comes back until the start below
     os.kill(daemon.pid, signal.SIGKILL)
     wait_for(lambda: not daemons(c), what="daemon gone")
     assert "/tasks/oom" not in _forwarded(c)
@@ -206,6 +208,7 @@ def test_oom_while_no_daemon_runs_is_reported_by_delete(
     pid = task_list(c)["gone"][0]
     c.kill9()
     (daemon,) = daemons(c)
+    kill_keeper(daemon)  # so that no daemon comes back
     os.kill(daemon.pid, signal.SIGKILL)
     wait_for(lambda: not daemons(c), what="daemon gone")
     _go(ctl)
