@@ -15,7 +15,7 @@ import pytest
 # startup".  We only fork to exec.  Read when grpc is first imported, so set here.
 os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from integration.embed import Events, embedshim_env, remove_bpf_pins
+from integration.embed import Events, embed_containerd
 from integration.harness import (
     DEFAULT_NAMESPACE,
     DEFAULT_RUNC_ROOT,
@@ -97,14 +97,8 @@ def busybox(tmp_path_factory: pytest.TempPathFactory) -> str:
 def containerd(busybox: str) -> Iterator[Containerd]:
     """A private containerd; everything it (and its shims/containers) made is removed after
     the test, pass or fail.  ``EMBEDSHIM_ROOT`` points into its temp dir."""
-    c = Containerd(extra_env=embedshim_env(), watch_paths=[busybox])
-    try:
+    with embed_containerd(busybox) as c:
         yield c
-    finally:
-        try:
-            c.cleanup()
-        finally:
-            remove_bpf_pins(c)
 
 
 @pytest.fixture

@@ -44,6 +44,7 @@ from integration.harness import (
     task_list,
     wait_for,
 )
+from shim.bundle import ROOTS_ENV as BUNDLE_ROOTS_ENV
 from shim.paths import DEFAULT_BPF_ROOT, DaemonPaths
 
 NAMESPACE = "embedshim-demo"
@@ -180,6 +181,14 @@ def daemons_for(address: str) -> list[int]:
         ):
             found.append(int(name))
     return found
+
+
+def _environ_has(pid: int, name: str) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return any(v.startswith(name.encode() + b"=") for v in f.read().split(b"\0"))
+    except OSError:
+        return False
 
 
 def _flag(argv: Sequence[str], name: str) -> str:
@@ -349,6 +358,15 @@ class Demo:
         if self.private:
             want = DaemonPaths.for_containerd(self.c.address, root=self.c.embedshim_root).dir
             self.check(self.daemon_dir == want, f"daemon files in {want}", self.daemon_dir)
+        state = _flag(cmdline(self.daemon_pid), "containerd-state")
+        print(f"  it takes bundles from containerd's state directory {state or '(not told)'}")
+        if self.private:
+            self.check(
+                state == self.c.state and not _environ_has(self.daemon_pid, BUNDLE_ROOTS_ENV),
+                f"it learned containerd's (non-default) state directory {self.c.state}"
+                f" from the bundle, with no {BUNDLE_ROOTS_ENV}",
+                state,
+            )
         try:
             with open(os.path.join(self.daemon_dir, "daemon.pid")) as f:
                 pidfile = f.read().strip()
@@ -535,7 +553,6 @@ def _private_containerd(namespace: str) -> Containerd:
         {
             "EMBEDSHIM_ROOT": ctrd.embedshim_root,
             "EMBEDSHIM_BPF_ROOT": bpf_root(ctrd),
-            "EMBEDSHIM_BUNDLE_ROOTS": ctrd.state,
             "EMBEDSHIM_IDLE_EXIT": str(IDLE_EXIT),
         }
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -11,7 +12,8 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 from integration.harness import (
@@ -33,17 +35,56 @@ T = TypeVar("T")
 
 
 BPF_TEST_ROOT = "/sys/fs/bpf/embedshim-test"
+#: containerd 2.2.7 builds (its daemon, ctr and runc shim), beside the project: tests that
+#: cover 2.x as well as Debian's 1.6 put this first on containerd's PATH (see its README).
+CONTAINERD2_BIN = Path(__file__).resolve().parents[2] / "shared" / "containerd2" / "bin"
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def containerd_version_env(version: str) -> dict[str, str]:
+    """embedshim_env() for containerd ``version`` ("1.6": Debian's; "2.2.7": CONTAINERD2_BIN,
+    skipping the test where that folder is missing)."""
+    env = embedshim_env()
+    if version == "2.2.7":
+        if not (CONTAINERD2_BIN / "containerd").exists():
+            import pytest
+
+            pytest.skip(f"containerd 2.2.7 not found in {CONTAINERD2_BIN}")
+        venv_bin = os.path.join(sys.prefix, "bin")
+        env["PATH"] = f"{venv_bin}:{CONTAINERD2_BIN}:{SYSTEM_PATH}"
+    return env
 
 
 def embedshim_env() -> dict[str, str]:
     """The environment that keeps a test's daemon files in its containerd's temp dir and its
-    BPF pins in a bpffs dir of its own (removed by remove_bpf_pins), and lets the daemon
-    take bundles from that containerd's state dir."""
+    BPF pins in a bpffs dir of its own (removed by remove_bpf_pins).
+
+    Nothing tells the daemon where bundles are: every test's containerd has its ``state`` in
+    its temp dir (not containerd's default /run/containerd), and the daemon learns it from
+    the bundle ``start`` runs in, as it must on any node (k3s, a second containerd)."""
     return {
         "EMBEDSHIM_ROOT": "{tmp}/embedshim",
         "EMBEDSHIM_BPF_ROOT": BPF_TEST_ROOT,
-        "EMBEDSHIM_BUNDLE_ROOTS": "{tmp}/state",
     }
+
+
+@contextlib.contextmanager
+def embed_containerd(
+    busybox: str,
+    env: dict[str, str] | None = None,
+    cls: type[Containerd] = Containerd,
+    **kw: Any,
+) -> Iterator[Containerd]:
+    """A private containerd for our runtime (``env``: embedshim_env() or more); everything it
+    and its shims and containers made is removed afterwards, pass or fail, BPF pins too."""
+    c = cls(extra_env=env or embedshim_env(), watch_paths=[busybox], **kw)
+    try:
+        yield c
+    finally:
+        try:
+            c.cleanup()
+        finally:
+            remove_bpf_pins(c)
 
 
 def bundle_dir(c: Containerd, namespace: str, id: str) -> str:
@@ -92,12 +133,18 @@ def keeper_of(daemon: ProcInfo) -> int:
     return daemon.ppid
 
 
-def kill_keeper(daemon: ProcInfo) -> None:
-    """SIGKILL the daemon's keeper and wait until it is gone: a daemon killed after that
-    stays dead, as before there was a keeper (containerd then tears its tasks down)."""
-    keeper = keeper_of(daemon)
-    os.kill(keeper, signal.SIGKILL)
-    wait_for(lambda: not os.path.exists(f"/proc/{keeper}/fd/0"), what="keeper gone")
+def kill_daemon_for_good(c: Containerd) -> int:
+    """SIGKILL the daemon's keeper, then the daemon: nothing restarts it, as before the keeper
+    existed (for tests of what happens while no daemon runs).  Returns the daemon's pid."""
+    (daemon,) = daemons(c)
+    with open(f"/proc/{daemon.ppid}/cmdline", "rb") as f:
+        keeper = f.read().split(b"\0")[-2:-1] == [b"keeper"]
+    if keeper:
+        os.kill(daemon.ppid, signal.SIGKILL)
+        wait_for(lambda: not os.path.exists(f"/proc/{daemon.ppid}/fd/0"), what="keeper gone")
+    os.kill(daemon.pid, signal.SIGKILL)
+    wait_for(lambda: not daemons(c), what="daemon gone")
+    return daemon.pid
 
 
 def oci_spec(rootfs: str, *args: str) -> dict[str, object]:
@@ -248,7 +295,7 @@ class Events:
         return out
 
     def topics(self, cid: str) -> list[str]:
-        """The topics of every event about container ``cid``, in the order they came."""
+        """The topics of every event about container ``cid``, in order."""
         out = []
         for line in list(self.lines):
             ev = parse_event(line)

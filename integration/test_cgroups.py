@@ -11,7 +11,7 @@ import time
 import grpc
 import pytest
 
-from integration.embed import RUNTIME, Events, daemons, kill_keeper, shim_command
+from integration.embed import RUNTIME, Events, daemons, kill_daemon_for_good, shim_command
 from integration.harness import Containerd, parse_event, task_list, wait_for
 from integration.tasks_grpc import code_of, tasks_client
 
@@ -323,9 +323,7 @@ def test_a_paused_container_is_ended_when_the_daemon_dies(
     ignores SIGKILL until thawed) and report 137."""
     pid = task_list(containerd)[counter][0]
     containerd.ctr("task", "pause", counter)
-    (daemon,) = daemons(containerd)
-    kill_keeper(daemon)
-    os.kill(daemon.pid, signal.SIGKILL)
+    kill_daemon_for_good(containerd)  # with its keeper: containerd tears the task down
     wait_for(lambda: not task_list(containerd), timeout=30, what="the task dropped")
     assert events.exit_status(counter) == 137
     wait_for(lambda: not os.path.exists(f"/proc/{pid}"), what="the container gone")

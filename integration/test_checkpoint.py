@@ -355,7 +355,7 @@ def test_checkpoint_and_restore_drive_runc_and_criu_as_containerd_does(
         return shim_pb2.StateResponse.FromString(call("State", shim_pb2.StateRequest(id=cid)))
 
     first = bundle("seed")
-    address = start_daemon(containerd, first, "direct", "c1")
+    address = start_daemon(containerd, first, "direct", "seed")  # run in its bundle
     assert create("c1") > 0
     call("Start", shim_pb2.StartRequest(id="c1"))
     b1 = bundle_dir(containerd, "direct", "c1")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import threading
 from collections.abc import Coroutine
@@ -18,7 +17,7 @@ from integration.embed import (
     call,
     daemon_paths,
     daemons,
-    kill_keeper,
+    kill_daemon_for_good,
     oci_spec,
     run,
     start_daemon,
@@ -183,8 +182,8 @@ def test_errors_have_the_codes_containerd_expects(containerd: Containerd, busybo
 
 
 def test_delete_subcommand_after_daemon_crash(containerd: Containerd, busybox: str) -> None:
-    """kill -9 the daemon (its keeper first, so none comes back): containerd runs `delete`
-    per task, which ends each container and reports it; nothing is left running."""
+    """kill -9 the daemon with no keeper to restart it: containerd runs `delete` per task,
+    which ends each container and reports it; nothing is left running."""
     events = containerd.ctr_async("events")
     lines: list[str] = []
     threading.Thread(
@@ -194,9 +193,7 @@ def test_delete_subcommand_after_daemon_crash(containerd: Containerd, busybox: s
     for cid in ids:
         containerd.run(RUNTIME, busybox, cid, "sleep", "1000", detach=True)
     pids = {cid: pid for cid, (pid, _) in task_list(containerd).items()}
-    (daemon,) = daemons(containerd)
-    kill_keeper(daemon)
-    os.kill(daemon.pid, signal.SIGKILL)
+    kill_daemon_for_good(containerd)
     wait_for(lambda: not task_list(containerd), timeout=20, what="containerd dropped the tasks")
     for cid in ids:
         wait_for(lambda cid=cid: not os.path.exists(f"/proc/{pids[cid]}"), what=f"{cid} gone")

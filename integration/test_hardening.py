@@ -6,7 +6,9 @@ running beside the hostile input, and checks that container is untouched afterwa
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -23,12 +25,15 @@ from integration.embed import (
     call,
     daemon_paths,
     daemons,
+    embedshim_env,
     oci_spec,
+    remove_bpf_pins,
     run,
+    shim_command,
     start_daemon,
     write_bundle,
 )
-from integration.harness import Containerd, mounts_under
+from integration.harness import Containerd, mounts_under, wait_for
 from shim.api import runc_options_pb2, shim_pb2
 from shim.ttrpc import Code, TTRPCError
 from shim.ttrpc.codec import (
@@ -235,7 +240,7 @@ def test_bundles_outside_containerd_state_refused(live: Live) -> None:
     with open(os.path.join(outside, "config.json"), "w") as f:
         f.write("{}")
     message = live.invalid("bundle", "Create", shim_pb2.CreateTaskRequest(id="b1", bundle=outside))
-    assert "EMBEDSHIM_BUNDLE_ROOTS" in message
+    assert f"({c.state};" in message and "EMBEDSHIM_BUNDLE_ROOTS" in message
     # The right place, but a symbolic link to the directory above.
     link = bundle_dir(c, NS, "b2")
     os.symlink(outside, link)
@@ -254,6 +259,114 @@ def test_bundles_outside_containerd_state_refused(live: Live) -> None:
     live.invalid("bundle", "Create", req)
     assert mounts_under(c.tmp) == [] and os.listdir(target) == []
     assert live.runc_ids() == ["keep"]
+
+
+def _info(address: str) -> dict[str, object]:
+    out = run(call(address, "Info", b"", None, service=DAEMON_SERVICE))
+    info: dict[str, object] = json.loads(out)
+    return info
+
+
+def _environ(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read().split(b"\0")
+
+
+def test_state_directory_learned_from_the_bundle(live: Live, busybox: str) -> None:
+    """No setting anywhere: the daemon of a containerd whose state is not /run/containerd
+    takes its bundles (``start`` told it where, from the bundle it ran in), refuses those of
+    any other state directory, and keeps doing both after a reload."""
+    c = live.c
+    (daemon,) = daemons(c)
+    assert c.state != "/run/containerd"
+    assert daemon.cmdline[daemon.cmdline.index("-containerd-state") + 1] == c.state
+    assert not [v for v in _environ(daemon.pid) if v.startswith(b"EMBEDSHIM_BUNDLE_ROOTS=")]
+    assert _info(live.address)["bundle_roots"] == [c.state]
+    spec = oci_spec(busybox, "true")
+
+    def refused_elsewhere() -> None:
+        # containerd's default state directory (nothing made there: refused before the
+        # filesystem is looked at) ...
+        default = os.path.join("/run/containerd", "io.containerd.runtime.v2.task", NS, "o1")
+        message = live.invalid(
+            "bundle", "Create", shim_pb2.CreateTaskRequest(id="o1", bundle=default)
+        )
+        assert c.state in message and "EMBEDSHIM_BUNDLE_ROOTS" in message
+        # ... and a real bundle of another containerd.
+        message = live.invalid(
+            "bundle", "Create", shim_pb2.CreateTaskRequest(id="o1", bundle=other_bundle)
+        )
+        assert c.state in message
+        assert live.runc_ids() == ["keep"]
+
+    # It runs no container: without watch_paths its clean-up leaves live's (same rootfs) alone.
+    other = Containerd(extra_env=embedshim_env())
+    try:
+        other_bundle = write_bundle(other, NS, "o1", spec)
+        refused_elsewhere()
+        # EMBEDSHIM_BUNDLE_ROOTS is the override: the other containerd's daemon, told to take
+        # bundles from ours only, refuses its own.
+        own = write_bundle(other, NS, "o2", spec)
+        address = start_daemon(other, own, NS, "o2", env={"EMBEDSHIM_BUNDLE_ROOTS": c.state})
+        assert _info(address)["bundle_roots"] == [c.state]
+        with pytest.raises(TTRPCError) as info:
+            run(call(address, "Create", shim_pb2.CreateTaskRequest(id="o2", bundle=own), NS))
+        assert info.value.code == Code.INVALID_ARGUMENT, info.value
+        assert info.value.message.startswith("bundle:") and c.state in info.value.message
+
+        # A reload re-executes the daemon with the same command line: same state directory.
+        r = shim_command(c, "reload")
+        assert r.returncode == 0, r.stderr
+        assert _info(live.address)["bundle_roots"] == [c.state]
+        refused_elsewhere()
+        ok = write_bundle(c, NS, "ok", spec)
+        run(call(live.address, "Create", shim_pb2.CreateTaskRequest(id="ok", bundle=ok)))
+        run(call(live.address, "Delete", shim_pb2.DeleteRequest(id="ok")))
+    finally:
+        try:
+            other.cleanup()
+        finally:
+            remove_bpf_pins(other)
+
+
+def test_daemon_restarted_with_its_own_command_line(containerd: Containerd, busybox: str) -> None:
+    """The daemon's command line carries what ``start`` learned: run again as it stands (by
+    hand or a supervisor: no readiness pipe), it serves the same containerd's bundles."""
+    c = containerd
+    first = write_bundle(c, NS, "r1", oci_spec(busybox, "true"))
+    address = start_daemon(c, first, NS, "r1")
+    (daemon,) = daemons(c)
+    argv, env = daemon.cmdline, [v for v in _environ(daemon.pid) if v]
+    assert "-ready-fd" in argv and "-containerd-state" in argv
+    os.kill(daemon.pid, signal.SIGTERM)
+    wait_for(lambda: not daemons(c), 10, what="daemon gone")
+    proc = subprocess.Popen(
+        argv,
+        env=dict(v.decode().split("=", 1) for v in env),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        wait_for(lambda: _answers(address), 15, what="restarted daemon answers")
+        assert _info(address)["bundle_roots"] == [c.state]
+        created = run(call(address, "Create", shim_pb2.CreateTaskRequest(id="r1", bundle=first)))
+        assert shim_pb2.CreateTaskResponse.FromString(created).pid > 0
+        run(call(address, "Delete", shim_pb2.DeleteRequest(id="r1")))
+        with open(daemon_paths(c).log) as f:
+            assert "no readiness pipe to signal" in f.read()
+    finally:
+        proc.terminate()
+        proc.wait(15)
+
+
+def _answers(address: str) -> bool:
+    try:
+        _info(address)
+    except (OSError, TTRPCError):
+        return False
+    return True
 
 
 def test_stdio_and_options_refused(live: Live) -> None:

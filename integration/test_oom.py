@@ -14,15 +14,13 @@ from integration.embed import (
     Events,
     daemon_paths,
     daemons,
-    embedshim_env,
-    kill_keeper,
-    remove_bpf_pins,
+    embed_containerd,
+    kill_daemon_for_good,
     start_daemon,
 )
 from integration.harness import (
     Containerd,
     ProcInfo,
-    parse_event,
     processes_matching,
     task_list,
     wait_for,
@@ -40,14 +38,8 @@ def debug_containerd(busybox: str) -> Iterator[Containerd]:
     """A private containerd logging at debug level: its log names every event it is
     forwarded ("event forwarded" topic=...), even those sent while no subscriber could
     be connected yet (during its own restart)."""
-    c = Containerd(log_level="debug", extra_env=embedshim_env(), watch_paths=[busybox])
-    try:
+    with embed_containerd(busybox, log_level="debug") as c:
         yield c
-    finally:
-        try:
-            c.cleanup()
-        finally:
-            remove_bpf_pins(c)
 
 
 def _ctl(c: Containerd) -> tuple[str, tuple[str, ...]]:
@@ -62,12 +54,7 @@ def _go(ctl: str) -> None:
 
 
 def _topics(events: Events, cid: str) -> list[str]:
-    out = []
-    for line in list(events.lines):
-        ev = parse_event(line)
-        if ev and f'"container_id":"{cid}"' in ev[2].replace(" ", ""):
-            out.append(ev[1])
-    return out
+    return events.topics(cid)
 
 
 def _forwarded(c: Containerd) -> list[str]:
@@ -180,10 +167,7 @@ def test_oom_while_no_daemon_runs_is_reported_by_the_restarted_daemon(
     pid = task_list(c)["down"][0]
     bundle = os.path.join(c.state, "io.containerd.runtime.v2.task", "test", "down")
     c.kill9()
-    (daemon,) = daemons(c)
-    kill_keeper(daemon)  # no daemon comes back until the start below
-    os.kill(daemon.pid, signal.SIGKILL)
-    wait_for(lambda: not daemons(c), what="daemon gone")
+    kill_daemon_for_good(c)
     assert "/tasks/oom" not in _forwarded(c)
     _go(ctl)
     wait_for(lambda: _pid_gone(pid), what="container OOM-killed")
@@ -207,10 +191,7 @@ def test_oom_while_no_daemon_runs_is_reported_by_delete(
     c.run(RUNTIME, busybox, "gone", "sh", "-c", HOG_ON_GO, detach=True, extra=extra)
     pid = task_list(c)["gone"][0]
     c.kill9()
-    (daemon,) = daemons(c)
-    kill_keeper(daemon)  # so that no daemon comes back
-    os.kill(daemon.pid, signal.SIGKILL)
-    wait_for(lambda: not daemons(c), what="daemon gone")
+    kill_daemon_for_good(c)
     _go(ctl)
     wait_for(lambda: _pid_gone(pid), what="container OOM-killed")
     c.start()

@@ -149,38 +149,13 @@ def test_binary_log_uri_for_an_exec(
     wait_for(lambda: not _loggers(logger), what="the logging program gone")
 
 
-def test_binary_logger_kept_across_reload_and_stopped_at_delete(
-    containerd: Containerd, busybox: str, logger: str, tmp_path: Path
+@pytest.mark.parametrize("change", ["reload", "crash"])
+def test_binary_logger_kept_across_the_daemon_and_stopped_at_delete(
+    containerd: Containerd, busybox: str, logger: str, tmp_path: Path, change: str
 ) -> None:
-    dest = str(tmp_path / "keep.log")
-    containerd.run(
-        RUNTIME, busybox, "talk", "sh", "-c",
-        "i=0; while true; do echo line $i; i=$((i+1)); sleep 0.05; done",
-        detach=True, extra=("--log-uri", f"binary://{logger}?dest={dest}&linger"),
-    )  # fmt: skip
-    wait_for(lambda: b"line 3\n" in Path(dest).read_bytes(), what="output before")
-    assert len(_loggers(logger)) == 1
-    env = {**os.environ, "EMBEDSHIM_ROOT": containerd.embedshim_root}
-    r = subprocess.run(
-        [os.path.join(sys.prefix, "bin", SHIM), "-address", containerd.address, "reload"],
-        env=env, capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert r.returncode == 0, r.stderr
-    size = os.path.getsize(dest)
-    wait_for(lambda: os.path.getsize(dest) > size, what="output after the reload")
-    t0 = time.monotonic()
-    _kill_and_delete(containerd, "talk")
-    # The program saw EOF but lingers: the new daemon image still knew it and stopped it.
-    assert _loggers(logger) == []
-    assert Path(dest).read_bytes().endswith(b"eof\nterm\n")
-    assert time.monotonic() - t0 < 10
-
-
-def test_binary_logger_keeps_logging_across_a_crash_and_is_stopped_at_delete(
-    containerd: Containerd, busybox: str, logger: str, tmp_path: Path
-) -> None:
-    """kill -9 of the daemon: the logging program (the keeper's child now) keeps logging,
-    and the next daemon, which found it through the keeper, still stops it at Delete."""
+    """The logging program keeps logging across a reload (still our child) and across a
+    kill -9 of the daemon (the keeper's child then, found again through the pidfd the keeper
+    held), and the daemon after it still stops it at Delete."""
     dest = str(tmp_path / "keep.log")
     containerd.run(
         RUNTIME, busybox, "talk", "sh", "-c",
@@ -189,15 +164,24 @@ def test_binary_logger_keeps_logging_across_a_crash_and_is_stopped_at_delete(
     )  # fmt: skip
     wait_for(lambda: b"line 3\n" in Path(dest).read_bytes(), what="output before")
     (before,) = _loggers(logger)
-    (daemon,) = daemons(containerd)
-    os.kill(daemon.pid, signal.SIGKILL)
-    wait_for(lambda: [d.pid for d in daemons(containerd)] not in ([], [daemon.pid]),
-             what="a new daemon")  # fmt: skip
+    if change == "reload":
+        env = {**os.environ, "EMBEDSHIM_ROOT": containerd.embedshim_root}
+        r = subprocess.run(
+            [os.path.join(sys.prefix, "bin", SHIM), "-address", containerd.address, "reload"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+    else:
+        (daemon,) = daemons(containerd)
+        os.kill(daemon.pid, signal.SIGKILL)
+        wait_for(lambda: [d.pid for d in daemons(containerd)] not in ([], [daemon.pid]),
+                 what="a new daemon")  # fmt: skip
     size = os.path.getsize(dest)
-    wait_for(lambda: os.path.getsize(dest) > size, what="output after the crash")
+    wait_for(lambda: os.path.getsize(dest) > size, what=f"output after the {change}")
     assert _loggers(logger) == [before]
     t0 = time.monotonic()
     _kill_and_delete(containerd, "talk")
+    # The program saw EOF but lingers: the daemon after the change still knew it, stopped it.
     assert _loggers(logger) == []
     assert Path(dest).read_bytes().endswith(b"eof\nterm\n")
     assert time.monotonic() - t0 < 10

@@ -239,14 +239,32 @@ def test_reader_that_stops_reading_stalls_only_its_own_terminal(
         stdout.close()
 
 
-def test_tty_sessions_survive_daemon_reload(containerd: Containerd, busybox: str) -> None:
-    s = _run_tty(containerd, busybox, "keep", "sh")
-    e: PtySession | None = None
+def _two_sessions(c: Containerd, busybox: str) -> tuple[PtySession, PtySession]:
+    """`ctr run -t ... sh` (container "keep") and a `ctr task exec -t` shell in it, both at
+    their prompt."""
+    s = _run_tty(c, busybox, "keep", "sh")
     try:
         s.expect(PROMPT, 20)
         _answer(s, b"echo $((6*7))", b"42")
-        e = _exec_tty(containerd, "keep", "sh2", "sh")
+        e = _exec_tty(c, "keep", "sh2", "sh")
         e.expect(PROMPT, 20)
+    except BaseException:
+        s.close()
+        raise
+    return s, e
+
+
+def _exit_both(s: PtySession, e: PtySession) -> None:
+    """Each shell exits with its own code, and ctr returns it."""
+    e.write(b"exit 6\r")
+    assert e.wait() == 6
+    s.write(b"exit 4\r")
+    assert s.wait() == 4
+
+
+def test_tty_sessions_survive_daemon_reload(containerd: Containerd, busybox: str) -> None:
+    s, e = _two_sessions(containerd, busybox)
+    try:
         e.write(b"printf 'half '")  # a command line half typed across the reload
         e.expect(b"half '")
         (daemon,) = daemons(containerd)
@@ -266,27 +284,18 @@ def test_tty_sessions_survive_daemon_reload(containerd: Containerd, busybox: str
         e.expect(rb"half done\r+\n")
         e.resize(50, 150)
         _size_seen(e, 50, 150)
-        e.write(b"exit 6\r")
-        assert e.wait() == 6
-        s.write(b"exit 4\r")
-        assert s.wait() == 4
+        _exit_both(s, e)
     finally:
         s.close()
-        if e is not None:
-            e.close()
+        e.close()
 
 
 def test_tty_sessions_survive_daemon_crash(containerd: Containerd, busybox: str) -> None:
     """kill -9 of the daemon: the keeper held the pty masters and FIFOs, the next daemon
     copies again; only bytes the dead daemon had read and not yet written could be lost, so
     the test types after the new daemon is up."""
-    s = _run_tty(containerd, busybox, "keep", "sh")
-    e: PtySession | None = None
+    s, e = _two_sessions(containerd, busybox)
     try:
-        s.expect(PROMPT, 20)
-        _answer(s, b"echo $((6*7))", b"42")
-        e = _exec_tty(containerd, "keep", "sh2", "sh")
-        e.expect(PROMPT, 20)
         (daemon,) = daemons(containerd)
         log_path = daemon_paths(containerd).log
         os.kill(daemon.pid, signal.SIGKILL)
@@ -297,11 +306,7 @@ def test_tty_sessions_survive_daemon_crash(containerd: Containerd, busybox: str)
         s.resize(30, 90)
         _size_seen(s, 30, 90)
         _answer(e, b"echo $((5*5))", b"25")
-        e.write(b"exit 6\r")
-        assert e.wait() == 6
-        s.write(b"exit 4\r")
-        assert s.wait() == 4
+        _exit_both(s, e)
     finally:
         s.close()
-        if e is not None:
-            e.close()
+        e.close()

@@ -35,7 +35,7 @@ EXIT_LOST = 3  # "pid" sent, but the status file (or the status) could not be re
 USAGE = (
     "usage: runc_exec.py --sync-fd N --status-file PATH [--runc PATH] --root DIR"
     " [--log FILE] [--systemd-cgroup] [--timeout SECONDS] --pid-file FILE"
-    " --process FILE [--console-socket PATH] CONTAINER_ID"
+    " --process FILE [--console-socket PATH] [--nofile SOFT] CONTAINER_ID"
 )
 _VALUED = (
     "--sync-fd",
@@ -47,6 +47,7 @@ _VALUED = (
     "--pid-file",
     "--process",
     "--console-socket",
+    "--nofile",
 )
 _REQUIRED = ("--sync-fd", "--status-file", "--root", "--pid-file", "--process")
 # Signals whose default action must stay: faults, and SIGCHLD (ignoring it auto-reaps children).
@@ -83,6 +84,7 @@ class Options:
         self.pid_file = values["--pid-file"]
         self.process = values["--process"]
         self.console_socket = values.get("--console-socket")
+        self.nofile = int(values["--nofile"]) if "--nofile" in values else None
         self.systemd_cgroup = systemd_cgroup
         self.container_id = container_id
 
@@ -227,6 +229,15 @@ def stdio_to_devnull() -> None:
     for fd in (0, 1, 2):
         posix.dup2(null, fd)
     posix.close(null)
+
+
+def set_soft_nofile(soft: int) -> None:
+    """Our soft RLIMIT_NOFILE, and so runc's and the exec'd process's: the daemon's own is
+    raised, and what it started with is what they must get (``resource`` only here)."""
+    import resource
+
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def _on_alarm(signum: int, frame: object) -> None:
@@ -441,6 +452,11 @@ def run(opts: Options, sync: Sync) -> int:
         become_subreaper()
     except (OSError, AttributeError) as e:
         return fail(sync, str(e))
+    if opts.nofile is not None:
+        try:
+            set_soft_nofile(opts.nofile)
+        except (OSError, ValueError) as e:
+            return fail(sync, f"cannot set the open-file limit to {opts.nofile}: {e}")
 
     if opts.log:
         log, log_fd, offset = opts.log, -1, log_size(opts.log)

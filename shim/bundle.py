@@ -6,9 +6,15 @@ containerd 1.6 finds the daemon again after its own restart) and ``init.pid``.
 
 The daemon mounts onto and writes into that directory as root, so a Create is accepted only
 for a bundle exactly where containerd puts one: ``<state>/io.containerd.runtime.v2.task/
-<namespace>/<id>``, with ``<state>`` one of the allowed containerd state directories
-(``EMBEDSHIM_BUNDLE_ROOTS``, colon-separated; default ``/run/containerd``), and no symbolic
-link below ``<state>``.
+<namespace>/<id>``, with ``<state>`` the state directory of the containerd the daemon serves,
+and no symbolic link below ``<state>``.
+
+That state directory is learned, not configured: containerd runs ``start`` with the bundle
+as its working directory, so ``start`` takes ``<state>`` from there (:func:`state_of`) and
+gives it to the daemon it spawns (``-containerd-state``, kept across a re-exec).
+``EMBEDSHIM_BUNDLE_ROOTS`` (colon-separated), when set, overrides it; a daemon that was not
+told (started by an older ``start``, or by hand) falls back to ``/run/containerd``,
+containerd's default ``state``.
 """
 
 from __future__ import annotations
@@ -27,11 +33,45 @@ PATH_MAX = 4096
 MAX_CONFIG = 16 << 20  # a config.json beyond this is cut short, so it fails to parse
 
 
-def allowed_roots() -> tuple[str, ...]:
-    """The containerd state directories bundles may live in (absolute, normalised)."""
+def state_of(path: str, namespace: str, id: str) -> str | None:
+    """``<state>`` of a bundle path ``<state>/io.containerd.runtime.v2.task/<namespace>/<id>``
+    (absolute and clean, ``<state>`` not ``/``), or None if ``path`` is not one."""
+    if not is_clean_absolute(path):
+        return None
+    state, _, rest = path.rpartition(f"/{TASK_DIR}/")
+    if rest != f"{namespace}/{id}" or not state:
+        return None
+    return state
+
+
+def is_clean_absolute(path: str) -> bool:
+    """An absolute path with nothing to normalise (no ``.``, ``..``, ``//``, trailing ``/``)."""
+    return (
+        0 < len(path) <= PATH_MAX
+        and "\0" not in path
+        and path.startswith("/")
+        and os.path.normpath(path) == path
+        and not path.startswith("//")
+    )
+
+
+def allowed_roots(learned: str | None = None) -> tuple[str, ...]:
+    """The containerd state directories bundles may live in (absolute, normalised):
+    ``EMBEDSHIM_BUNDLE_ROOTS`` if set, else the ``learned`` state directory of the daemon's
+    containerd, else containerd's default."""
     raw = os.environ.get(ROOTS_ENV, "")
-    roots = [r for r in raw.split(":") if r] if raw else list(DEFAULT_ROOTS)
+    if raw:
+        roots = [r for r in raw.split(":") if r]
+    else:
+        roots = [learned] if learned else list(DEFAULT_ROOTS)
     return tuple(os.path.normpath(r) for r in roots if os.path.isabs(r))
+
+
+def roots_source(learned: str | None = None) -> str:
+    """Where :func:`allowed_roots` took its answer from, for the log and error messages."""
+    if os.environ.get(ROOTS_ENV, ""):
+        return ROOTS_ENV
+    return "containerd's state directory" if learned else "default"
 
 
 def check_path(path: str, namespace: str, id: str, roots: tuple[str, ...] | None = None) -> str:
@@ -56,9 +96,12 @@ def check_path(path: str, namespace: str, id: str, roots: tuple[str, ...] | None
     state = os.path.dirname(task_dir)
     roots = allowed_roots() if roots is None else roots
     if state not in roots:
+        alias = ""
+        if len(roots) == 1 and os.path.realpath(state) == roots[0] != state:
+            alias = f"; {state} leads to it through a symbolic link"
         raise errors.invalid(
-            f"bundle: {path!r} is not in an allowed containerd state directory "
-            f"({':'.join(roots) or 'none'}; see {ROOTS_ENV})"
+            f"bundle: {path!r} is not in the state directory of the containerd this daemon "
+            f"serves ({':'.join(roots) or 'none'}{alias}; {ROOTS_ENV} overrides it)"
         )
     if os.path.realpath(path) != os.path.join(os.path.realpath(state), TASK_DIR, namespace, id):
         raise errors.invalid(f"bundle: {path!r} goes through a symbolic link")

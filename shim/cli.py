@@ -27,6 +27,7 @@ _VALUE_FLAGS = {
     "socket",
     "ttrpc-address",
     "ready-fd",
+    "containerd-state",
 }
 USAGE = f"""usage: {NAME} [flags] <command>
 
@@ -40,6 +41,9 @@ commands:
 
 flags (as containerd passes them):
   -namespace NS -address ADDR -publish-binary PATH -id ID -bundle PATH -debug -v
+
+daemon flags (as `start` passes them):
+  -ttrpc-address ADDR -ready-fd FD -containerd-state DIR
 """
 
 
@@ -55,6 +59,7 @@ class Flags:
         self.socket = ""
         self.ttrpc_address = ""
         self.ready_fd = ""
+        self.containerd_state = ""
         self.debug = False
         self.v = False
         self.version = False
@@ -162,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             flags.ttrpc_address or os.environ.get("TTRPC_ADDRESS", ""),
             flags.debug,
             int(flags.ready_fd) if flags.ready_fd else -1,
+            flags.containerd_state,
         )
     sys.stderr.write(f"unknown command {command!r}\n{USAGE}")
     return 2

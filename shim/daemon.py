@@ -30,11 +30,12 @@ import logging
 import os
 import signal
 import socket
+import stat
 import sys
 import time
 from collections.abc import Callable
 
-from shim import consolesocket, log
+from shim import bundle, consolesocket, limits, log
 from shim.api import events_pb2, events_service_pb2
 from shim.events import Publisher
 from shim.exittrack import ExitTracker
@@ -61,10 +62,21 @@ LONG_CALLS = frozenset({"Wait"})
 
 
 class Daemon:
-    def __init__(self, paths: DaemonPaths, containerd_address: str, ttrpc_address: str) -> None:
+    def __init__(
+        self,
+        paths: DaemonPaths,
+        containerd_address: str,
+        ttrpc_address: str,
+        containerd_state: str = "",
+    ) -> None:
         self.paths = paths
         self.containerd_address = containerd_address
         self.ttrpc_address = ttrpc_address
+        #: the state directory of our containerd (``start`` learned it from its bundle), and
+        #: so the only place Create takes bundles from, unless EMBEDSHIM_BUNDLE_ROOTS says
+        #: otherwise
+        self.containerd_state = containerd_state
+        self.bundle_roots = bundle.allowed_roots(containerd_state or None)
         self.started_at = time.time_ns()
         self._stop = asyncio.Event()
         self._reload = False
@@ -95,7 +107,17 @@ class Daemon:
             drain_ring(loop, tracker)
         oom = OOMWatcher(loop)
         self.tasks = Tasks(
-            Deps(self.paths, reaper, exits, store, publisher, tracker, oom, self.keeper)
+            Deps(
+                self.paths,
+                reaper,
+                exits,
+                store,
+                publisher,
+                tracker,
+                oom,
+                keeper=self.keeper,
+                bundle_roots=self.bundle_roots,
+            )
         )
         queued_exits, queued_ooms = _requeue_events(publisher, store, handoff)
         consolesocket.clear(self.paths.console_dir)  # no runc is connecting now
@@ -157,6 +179,8 @@ class Daemon:
             socket=self.paths.socket,
             containerd=self.containerd_address,
             events=self.ttrpc_address,
+            bundle_roots=":".join(self.bundle_roots),
+            roots_from=bundle.roots_source(self.containerd_state or None),
             tasks=len(self.tasks),
             keeper=self.keeper.keeper_pid if self.keeper is not None else None,
             generation=att.generation if att is not None else None,
@@ -164,8 +188,7 @@ class Daemon:
             connections=len(att.connections) if att is not None else None,
         )
         if ready_fd >= 0:
-            os.write(ready_fd, b"ready\n")
-            os.close(ready_fd)
+            _signal_ready(ready_fd)
         await self._stop.wait()
         if self._reload:
             await self._handoff_and_exec(server, publisher, exits, tracker, reaper, store, oom)
@@ -197,6 +220,7 @@ class Daemon:
             "keeper": self.keeper.keeper_pid if self.keeper is not None else None,
             "generation": att.generation if att is not None else None,
             "crashes": att.crashes if att is not None else None,
+            "bundle_roots": list(self.bundle_roots),
         }
 
     async def _take_back(self, server: Server, journal: Journal, att: Attached) -> None:
@@ -296,7 +320,7 @@ class Daemon:
                 },
                 f,
             )
-        env = dict(os.environ)
+        env = limits.reexec_env(dict(os.environ))
         env[HANDOFF_ENV] = path
         if self.keeper is not None:
             self.keeper.before_exec(env)
@@ -368,6 +392,21 @@ def _fatal_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, object
     )
     logging.shutdown()
     os._exit(70)
+
+
+def _signal_ready(fd: int) -> None:
+    """Tell ``start`` we serve, through its pipe.  The same command line run again by hand
+    or by a supervisor has no such pipe on that fd (or something else there): say nothing."""
+    try:
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            log.event("no readiness pipe to signal", ready_fd=fd, error="not a pipe")
+            return
+        try:
+            os.write(fd, b"ready\n")
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        log.event("no readiness pipe to signal", ready_fd=fd, error=exc)
 
 
 def _interpreter_options() -> list[str]:
@@ -534,14 +573,31 @@ def reset_inherited_ignores() -> None:
     log.event("inherited signal ignores reset", signals=",".join(map(str, ignored)))
 
 
-def main(containerd_address: str, ttrpc_address: str, debug: bool, ready_fd: int) -> int:
+def main(
+    containerd_address: str,
+    ttrpc_address: str,
+    debug: bool,
+    ready_fd: int,
+    containerd_state: str = "",
+) -> int:
     paths = DaemonPaths.for_containerd(containerd_address)
     paths.ensure()
     os.chdir(paths.dir)
     log.setup(paths.log, debug)
+    if containerd_state and not bundle.is_clean_absolute(containerd_state):
+        log.event(
+            "daemon not started: -containerd-state is not a clean absolute path",
+            logging.ERROR,
+            containerd_state=containerd_state,
+        )
+        return 2
     reset_inherited_ignores()
+    nofile = limits.raise_nofile()
+    if "children" in nofile:
+        log.event("open-file limit raised; programs we start get the original", **nofile)
+    daemon = Daemon(paths, containerd_address, ttrpc_address, containerd_state)
     try:
-        asyncio.run(Daemon(paths, containerd_address, ttrpc_address).run(ready_fd))
+        asyncio.run(daemon.run(ready_fd))
     except Exception:
         logging.getLogger("embedshim").exception("daemon failed")
         return 1

@@ -273,10 +273,12 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
                     status, exited_at = found
     _runc(binary, runc_root, "delete", "--force", id)
     if bundle and not checked:
-        from shim.bundle import check_path
+        from shim.bundle import allowed_roots, check_path, state_of
 
+        # containerd runs us in (and passes -bundle) the task's bundle, as it runs `start`:
+        # that is its state directory, as the daemon learned it from `start`.
         try:
-            check_path(bundle, namespace, id)
+            check_path(bundle, namespace, id, allowed_roots(state_of(bundle, namespace, id)))
         except TTRPCError as exc:
             sys.stderr.write(f"not cleaning up the bundle: {exc.message}\n")
             bundle = ""

@@ -19,7 +19,7 @@ import sys
 import time
 from typing import TYPE_CHECKING
 
-from shim import errors, log, procinfo
+from shim import errors, limits, log, procinfo
 from shim.api import events_pb2
 from shim.process import Process, Status
 from shim.reaper import Exit
@@ -219,6 +219,9 @@ class ExecProcess(Process):
             argv.append("--systemd-cgroup")
         if console_socket:
             argv += ["--console-socket", console_socket]
+        nofile = limits.child_soft()
+        if nofile is not None:
+            argv += ["--nofile", str(nofile)]
         argv.append(self.task.id)
         proc = subprocess.Popen(
             argv,

@@ -18,6 +18,7 @@ packet is one message of ASCII words, some with one descriptor (SCM_RIGHTS):
 
 from __future__ import annotations
 
+import array
 import asyncio
 import contextlib
 import logging
@@ -31,6 +32,7 @@ from shim import log
 
 KEEPER_FD_ENV = "EMBEDSHIM_KEEPER_FD"
 _MAX_MESSAGE = 4096
+_INT = array.array("i")
 
 
 class Attached:
@@ -153,7 +155,15 @@ class KeeperLink:
         env[KEEPER_FD_ENV] = str(self.sock.fileno())
 
     def _receive(self) -> tuple[list[str], int]:
-        msg, fds, _, _ = socket.recv_fds(self.sock, _MAX_MESSAGE, 4)
+        # Close-on-exec as they arrive (connections must not leak into runc, logging programs
+        # or containers); socket.recv_fds would drop this flag (CPython 3.11 ignores its flags).
+        msg, ancdata, _, _ = self.sock.recvmsg(
+            _MAX_MESSAGE, socket.CMSG_LEN(4 * _INT.itemsize), socket.MSG_CMSG_CLOEXEC
+        )
+        fds = array.array("i")
+        for level, kind, data in ancdata:
+            if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
         for extra in fds[1:]:
             os.close(extra)
         return msg.decode("ascii", "replace").split(), (fds[0] if fds else -1)

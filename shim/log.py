@@ -2,11 +2,21 @@
 
 The daemon's log goes to ``<daemon dir>/daemon.log`` (see README); each task's own lines also
 go to that task's ``log`` FIFO in its bundle, which containerd copies into its own log.
+
+``daemon.log`` lives in /run (tmpfs: memory) and gets a few lines per container, so it is
+rotated by size: when a line would take it to ``EMBEDSHIM_LOG_SIZE`` (default 10 MiB) it is
+renamed ``daemon.log.1`` (``.1`` to ``.2``, and so on) and a new one begun, keeping
+``EMBEDSHIM_LOG_FILES`` files in all (default 3, at least 2), so at most about size × files.
+Rotation is by rename, so a process that opens the file for each line it appends (with
+O_APPEND) writes to whichever ``daemon.log`` is current; the size is checked at the file's
+end, so such lines count too.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -14,6 +24,12 @@ from typing import Any
 
 LOGGER = logging.getLogger("embedshim")
 _FIRST = ("ns", "id", "exec_id", "pid")
+SIZE_ENV = "EMBEDSHIM_LOG_SIZE"
+FILES_ENV = "EMBEDSHIM_LOG_FILES"
+DEFAULT_SIZE = 10 << 20
+DEFAULT_FILES = 3
+MIN_SIZE = 4096
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def _quote(value: Any) -> str:
@@ -42,18 +58,69 @@ class _Formatter(logging.Formatter):
         return line
 
 
+class _RotatingLog(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler whose file is created 0600 and opened O_APPEND | O_CLOEXEC."""
+
+    def _open(self) -> io.TextIOWrapper:
+        fd = os.open(
+            self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600
+        )
+        stream = os.fdopen(fd, "a", buffering=1, encoding=self.encoding, errors=self.errors)
+        assert isinstance(stream, io.TextIOWrapper)
+        return stream
+
+
+def parse_size(text: str) -> int:
+    """``10485760``, ``10M``, ``512K``, ``1G`` (KiB, MiB, GiB) to bytes; ValueError if not."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _UNITS else ""
+    number = int(value[: len(value) - len(unit)])
+    if number <= 0:
+        raise ValueError(text)
+    return number * _UNITS[unit]
+
+
+def rotation() -> tuple[int, int, list[str]]:
+    """(size, files) from the environment, and what was wrong with it (defaults used)."""
+    problems = []
+    size, files = DEFAULT_SIZE, DEFAULT_FILES
+    raw = os.environ.get(SIZE_ENV, "")
+    if raw:
+        try:
+            size = max(parse_size(raw), MIN_SIZE)
+        except ValueError:
+            problems.append(f"{SIZE_ENV}={raw!r} is not a size (bytes, or with K, M, G)")
+    raw = os.environ.get(FILES_ENV, "")
+    if raw:
+        if raw.isdigit() and int(raw) >= 2:
+            files = int(raw)
+        else:
+            problems.append(f"{FILES_ENV}={raw!r} is not a number of files of 2 or more")
+    return size, files, problems
+
+
 def setup(path: str | None, debug: bool = False) -> None:
-    """Send the daemon's log to ``path`` (append), or stderr when None."""
+    """Send the daemon's log to ``path`` (appended to, rotated by size), or stderr when
+    None."""
     handler: logging.Handler
+    problems: list[str] = []
     if path:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        handler = logging.StreamHandler(os.fdopen(fd, "a", buffering=1))
+        size, files, problems = rotation()
+        handler = _RotatingLog(
+            path,
+            maxBytes=size,
+            backupCount=files - 1,
+            encoding="utf-8",
+            errors="backslashreplace",
+        )
     else:
         handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.DEBUG if debug else logging.INFO)
+    for problem in problems:
+        event("log rotation setting ignored; using the default", logging.WARNING, error=problem)
 
 
 def event(msg: str, level: int = logging.INFO, /, **fields: Any) -> None:

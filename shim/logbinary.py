@@ -20,7 +20,7 @@ import os
 import signal
 from urllib.parse import parse_qsl, urlparse
 
-from shim import errors, log, procinfo
+from shim import errors, limits, log, procinfo
 from shim.exitwatch import ExitWatch
 from shim.reaper import Exit, Reaper
 
@@ -156,9 +156,8 @@ def _spawn(argv: list[str], fds: list[int], env: dict[str, str]) -> int:
         (os.POSIX_SPAWN_DUP2, fds[2], 5),
     ]
     defaults = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
-    return os.posix_spawn(
-        argv[0], argv, env, file_actions=actions, setsigmask=(), setsigdef=defaults
-    )
+    path, argv = limits.wrap(argv[0], argv)  # the daemon's original open-file limit
+    return os.posix_spawn(path, argv, env, file_actions=actions, setsigmask=(), setsigdef=defaults)
 
 
 async def _wait_ready(fd: int) -> None:

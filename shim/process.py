@@ -390,20 +390,48 @@ class InitProcess(Process):
                     await self.task.runc.start(self.task.id, log_path=self.task.bundle.runc_log)
             except RuncError as exc:
                 raise errors.internal(str(exc)) from None
-            self.status = Status.RUNNING
-            best_effort(
-                lambda: self.task.deps.store.update(
-                    self.task.namespace, self.task.id, status=str(Status.RUNNING)
-                ),
-                "started",
-                **self.fields(),
-            )
-            self.task.deps.events.publish(
-                self.task.namespace, events_pb2.TaskStart(container_id=self.task.id, pid=self.pid)
-            )
+            self._set_started()
+        return self.pid
+
+    def _set_started(self) -> None:
+        self.status = Status.RUNNING
+        best_effort(
+            lambda: self.task.deps.store.update(
+                self.task.namespace, self.task.id, status=str(Status.RUNNING)
+            ),
+            "started",
+            **self.fields(),
+        )
+        self.task.deps.events.publish(
+            self.task.namespace, events_pb2.TaskStart(container_id=self.task.id, pid=self.pid)
+        )
         log.event("container started", **self.fields())
         self.task.log_line("container started", pid=self.pid)
-        return self.pid
+
+    async def started_meanwhile(self) -> bool:
+        """After a crash, for a Start the dead daemon left unanswered: whether runc started
+        the container anyway (its ``runc start`` may have outlived the daemon).  If it did,
+        the container is taken as started now, and said so; the Start is answered, not run
+        again (runc would refuse: "cannot start an already running container")."""
+        if self.status != Status.CREATED or self.restore_from is not None:
+            return self.status != Status.CREATED
+        runc, id = self.task.runc, self.task.id
+        await procinfo.wait_while_running(
+            lambda argv: (
+                b"start" in argv and os.fsencode(id) in argv and os.fsencode(runc.root) in argv
+            ),
+            "runc start of the dead daemon",
+        )
+        try:
+            state = await runc.state(id)
+        except RuncError:
+            return False
+        if state.get("status") not in ("running", "paused", "stopped"):
+            return False
+        async with self.start_lock:
+            if self.status == Status.CREATED:
+                self._set_started()
+        return True
 
     async def checkpoint(self, path: str, opts: CheckpointOptions) -> str:
         """Dump the running (or paused) container with CRIU; returns the image path."""

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import struct
+from collections.abc import Callable, Iterator
 
 PIDFD_GET_INFO = 0xC048FF0B
 PIDFD_INFO_EXIT = 1 << 3
@@ -69,3 +71,31 @@ def open_pidfd(pid: int, expected_start_time: int) -> int | None:
         os.close(fd)
         return None
     return fd
+
+
+async def wait_while_running(
+    match: Callable[[list[bytes]], bool], what: str, timeout: float = 30.0
+) -> None:
+    """Until no process's argv satisfies ``match`` (say, a runc a dead daemon started and
+    that still runs), or ``timeout``: then logged and given up."""
+    import asyncio
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not any(match(argv) for argv in _argvs()):
+            return
+        await asyncio.sleep(0.05)
+    from shim import log
+
+    log.event("still running; going on", logging.WARNING, what=what)
+
+
+def _argvs() -> Iterator[list[bytes]]:
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/cmdline", "rb") as f:
+                    yield f.read().split(b"\0")
+            except OSError:
+                continue

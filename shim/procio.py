@@ -16,6 +16,7 @@ bytes the copy had read and not yet written are lost.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from typing import Any, Protocol
@@ -54,6 +55,8 @@ class ProcessIO:
         self._keeper = keeper
         self._key = key  # names this process's fds with the keeper (see kept_state)
         self._kept: list[str] = []
+        self._frozen = False
+        self._watch_copy: asyncio.Future[None] | None = None
         self.namespace = namespace
         self.process_id = process_id  # containerd's: the exec id, or the container id
         self._reaper = reaper
@@ -166,6 +169,21 @@ class ProcessIO:
         for which, fd in zip(_COPY_FDS, PtyCopier.fds_by_name(self.copier), strict=True):
             if fd >= 0:
                 self._keep(f"tty.{self._key}.{which}", fd)
+        self._unkeep_copy_when_done(self.copier)
+
+    def _unkeep_copy_when_done(self, copier: PtyCopier) -> None:
+        """Once the copy is over, the keeper lets go of its fds too: its duplicate of the
+        stdout FIFO's writer would keep the client from ever seeing EOF."""
+
+        async def wait() -> None:
+            await copier.finished.wait()
+            if self._frozen or self._keeper is None:
+                return  # handed over, not over
+            for name in [n for n in self._kept if n.startswith("tty.")]:
+                self._keeper.drop(name)
+                self._kept.remove(name)
+
+        self._watch_copy = asyncio.ensure_future(wait())
 
     def _keep(self, name: str, fd: int) -> None:
         assert self._keeper is not None
@@ -226,14 +244,15 @@ class ProcessIO:
 
     def handoff(self) -> dict[str, Any] | None:
         """The copy's fds (made inheritable) and buffers, the logging program; or None."""
-        state: dict[str, Any] = {}
+        state: dict[str, Any] = {"kept": list(self._kept)}
+        self._frozen = True
         if self.copier is not None and not self.copier.finished.is_set():
             state["console"] = self.copier.freeze()
             for fd in PtyCopier.fds_of(state["console"]):
                 os.set_inheritable(fd, True)
         if self.logger is not None and self.logger.alive():
             state["logger"] = self.logger.handoff()
-        if not state:
+        if len(state) == 1:
             return None
         state["stdin_closed"] = self.stdin_closed
         return state
@@ -253,6 +272,8 @@ class ProcessIO:
         if console:
             self.copier = PtyCopier.thaw(console, self.fields)
             self.copier.start()
+            if any(n.startswith("tty.") for n in self._kept):
+                self._unkeep_copy_when_done(self.copier)
         logger = state.get("logger")
         if logger:
             self.logger = LoggingBinary.adopt(logger, self._reaper, exits)

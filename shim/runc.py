@@ -1,6 +1,6 @@
 """Running runc from the daemon's event loop.
 
-Commands are spawned with posix_spawn and their exits come from the daemon's reaper (never
+Commands are spawned with fork+exec and their exits come from the daemon's reaper (never
 ``subprocess``, which would race the reaper for the status).  Every command has a deadline,
 so a hung runc costs one request an error, not the daemon.  Errors carry runc's own message,
 taken from its JSON log (``create`` hands its stdio to the container, so stderr is not ours).
@@ -16,6 +16,7 @@ import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from shim import limits
 from shim.reaper import Reaper
 
 DEFAULT_TIMEOUT = 30.0
@@ -48,8 +49,11 @@ def spawn(argv: list[str], stdio: tuple[int, int, int], env: dict[str, str], pat
     fork+exec through subprocess, not posix_spawn: glibc's posix_spawn leaves its reserved
     signals 32 and 33 ignored in the child, and runc would pass that on to the container.
     The Popen object is told the child is none of its business (a returncode is set), so it
-    never waits for it and cannot steal the status from the reaper.
+    never waits for it and cannot steal the status from the reaper.  It runs with the soft
+    open-file limit the daemon started with (see shim.limits): a shell sets it, then
+    becomes the program (same pid).
     """
+    path, argv = limits.wrap(path, argv)
     proc = subprocess.Popen(
         argv,
         executable=path,

@@ -45,13 +45,14 @@ EMPTY = b""
 NOT_YET: dict[str, str] = {}  # RPCs still answered Unimplemented: none
 
 # A request the daemon had read but not answered when it died is answered by the next daemon
-# (see shim.ttrpc.journal).  These are run again as they are: reading, waiting, or converging
-# on the same end (a second Kill sends the signal again; a second Delete of a deleted task is
-# NotFound, which containerd accepts).  Create, Start and Exec check first whether the dead
-# daemon got as far as the answer (see TaskService._replay_*).  Anything else is answered
-# Unavailable: it may or may not have taken effect.
+# (see shim.ttrpc.journal); if the dead daemon had written its answer to the journal, that
+# answer is sent again and nothing runs.  Otherwise these are run again as they are: reading,
+# waiting, or converging on the same end (a Delete that had happened, except for its answer,
+# is NotFound: the journal makes that window a few microseconds).  Create, Start, Exec and
+# Kill check first what the dead daemon got done (TaskService._replay_*).  Anything else is
+# answered Unavailable: it may or may not have taken effect.
 SAFE_TO_REPEAT = frozenset(
-    {"State", "Wait", "Kill", "Delete", "Pids", "Connect", "Shutdown", "Stats", "CloseIO",
+    {"State", "Wait", "Delete", "Pids", "Connect", "Shutdown", "Stats", "CloseIO",
      "ResizePty", "Reserve", "Cleanup", "Info"}
 )  # fmt: skip
 # The Any types of Update's resources and of an exec's entry in Pids (bare type URLs, as
@@ -120,6 +121,7 @@ class TaskService:
             "Create": self._replay_create,
             "Start": self._replay_start,
             "Exec": self._replay_exec,
+            "Kill": self._replay_kill,
         }.get(name)
 
         async def handler(ctx: Context, payload: bytes) -> bytes:
@@ -151,8 +153,12 @@ class TaskService:
 
     async def _replay_start(self, ctx: Context, payload: bytes, fn: Handler) -> bytes:
         req = _parse(shim_pb2.StartRequest, payload)
-        p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
-        if p.status != Status.CREATED and p.pid:
+        task = self.tasks.get(self._namespace(ctx, req.id), req.id)
+        p = task.process(req.exec_id)
+        started = p.status != Status.CREATED and p.pid
+        if not started and not req.exec_id:
+            started = await task.init.started_meanwhile()
+        if started:
             return shim_pb2.StartResponse(pid=p.pid).SerializeToString()
         return await fn(ctx, payload)
 
@@ -162,6 +168,16 @@ class TaskService:
         if req.exec_id in task.execs:
             return EMPTY
         return await fn(ctx, payload)
+
+    async def _replay_kill(self, ctx: Context, payload: bytes, fn: Handler) -> bytes:
+        """Sent again; a process that has exited meanwhile (of this very signal, most
+        likely) is what the caller wanted, not an error."""
+        try:
+            return await fn(ctx, payload)
+        except TTRPCError as exc:
+            if exc.code != Code.NOT_FOUND:
+                raise
+            return EMPTY
 
     async def recover_unanswered(self, calls: list[JournaledCall]) -> None:
         """Requests of a dead daemon whose connection is gone too: nobody wants an answer,

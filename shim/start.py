@@ -5,6 +5,8 @@ those pipes has closed them, so the daemon is spawned with /dev/null for its std
 session, and signals readiness through a pipe of its own.  Concurrent starts (containerd
 creating many containers at once) serialise on a lock file; each one reserves the daemon for
 its task, so an idle daemon cannot exit between ``start`` and containerd's ``Create``.
+containerd runs ``start`` in the task's bundle, so a daemon spawned here is told the state
+directory of its containerd (``-containerd-state``), the one place it takes bundles from.
 
 With a daemon up (the usual case) this connects, reserves, writes the bundle's address file
 and prints; that path imports no ``os`` (see ``shim.fsutil``), subprocess or select, and does
@@ -86,6 +88,15 @@ def keeper_binary() -> str | None:
     return path if os.access(path, os.X_OK) else None
 
 
+def containerd_state(flags: Flags) -> str:
+    """The state directory of the containerd running us: it runs ``start`` in the task's
+    bundle, ``<state>/io.containerd.runtime.v2.task/<namespace>/<id>``.  "" if the working
+    directory is not one (the daemon then falls back to containerd's default)."""
+    from shim.bundle import state_of
+
+    return state_of(flags.bundle or posix.getcwd(), flags.namespace, flags.id) or ""
+
+
 def spawn_daemon(paths: DaemonPaths, flags: Flags, ttrpc_address: str) -> None:
     """Start the keeper, which listens and starts the daemon (its child, restarted if it
     dies); without a keeper binary, the daemon alone."""
@@ -95,6 +106,8 @@ def spawn_daemon(paths: DaemonPaths, flags: Flags, ttrpc_address: str) -> None:
     import subprocess
     import time
 
+    state = containerd_state(flags)
+
     r, w = os.pipe()
     try:
         os.set_inheritable(w, True)
@@ -102,6 +115,8 @@ def spawn_daemon(paths: DaemonPaths, flags: Flags, ttrpc_address: str) -> None:
         argv = [exe, "-address", flags.address, "-ttrpc-address", ttrpc_address]
         if flags.debug:
             argv.append("-debug")
+        if state:
+            argv += ["-containerd-state", state]
         argv += ["-ready-fd", str(w), "daemon"]
         keeper = keeper_binary()
         if keeper is not None:

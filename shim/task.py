@@ -50,6 +50,8 @@ class Deps:
     tracker: ExitTracker | None = None
     oom: OOMWatcher | None = None
     keeper: FdKeeper | None = None  # holds stdio fds across a crash (shim.keeperlink)
+    #: where Create takes bundles from (None: bundle.allowed_roots(), the default)
+    bundle_roots: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -310,7 +312,7 @@ class Tasks:
         return task
 
     async def _create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> Task:
-        bundle = Bundle.load(check_path(req.bundle, namespace, req.id))
+        bundle = Bundle.load(check_path(req.bundle, namespace, req.id, self.deps.bundle_roots))
         bundle.check_rootfs()
         opts = decode_options(req.options.type_url, req.options.value)
         restore: RestoreSpec | None = None
@@ -330,13 +332,7 @@ class Tasks:
                 parent=req.parent_checkpoint,
                 no_pivot=opts.no_pivot,
             )
-        runc = Runc(
-            self.deps.reaper,
-            root=opts.root or self.deps.paths.runc_root_for(namespace),
-            binary=opts.binary,
-            systemd_cgroup=opts.systemd_cgroup,
-            criu=opts.criu,
-        )
+        runc = self._runc(namespace, opts)
         find_runc(runc, from_options=opts.binary != "runc")
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         io.check()
@@ -397,24 +393,30 @@ class Tasks:
         task.init.cleanup_files()
         task.close()
 
+    def _runc(self, namespace: str, opts: RuncOptions, root: str = "") -> Runc:
+        """runc as a task's options (or its record's root) say."""
+        return Runc(
+            self.deps.reaper,
+            root=root or opts.root or self.deps.paths.runc_root_for(namespace),
+            binary=opts.binary,
+            systemd_cgroup=opts.systemd_cgroup,
+            criu=opts.criu,
+        )
+
     async def recover_create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> None:
         """Remove what a Create left behind when its daemon died in the middle of it (it has
         no task: the store row is written last).  The dead daemon's runc may still be at work:
         wait for it first, then delete the container runc made, and unmount the rootfs."""
         try:
-            bundle = check_path(req.bundle, namespace, req.id)
+            bundle = check_path(req.bundle, namespace, req.id, self.deps.bundle_roots)
             opts = decode_options(req.options.type_url, req.options.value)
         except Exception as exc:
             log.event("interrupted create: nothing to undo", ns=namespace, id=req.id, error=exc)
             return
-        await _wait_for_runc_of(bundle)
-        runc = Runc(
-            self.deps.reaper,
-            root=opts.root or self.deps.paths.runc_root_for(namespace),
-            binary=opts.binary,
-            systemd_cgroup=opts.systemd_cgroup,
-            criu=opts.criu,
+        await procinfo.wait_while_running(
+            lambda argv: os.fsencode(bundle) in argv, "runc create of the dead daemon"
         )
+        runc = self._runc(namespace, opts)
         try:
             await runc.delete(req.id, force=True)
         except (RuncError, OSError):
@@ -546,13 +548,7 @@ class Tasks:
         if rec.options:
             options.ParseFromString(rec.options)
         opts = decode_options(options.type_url, options.value)
-        runc = Runc(
-            self.deps.reaper,
-            root=rec.runc_root or self.deps.paths.runc_root_for(rec.namespace),
-            binary=opts.binary,
-            systemd_cgroup=opts.systemd_cgroup,
-            criu=opts.criu,
-        )
+        runc = self._runc(rec.namespace, opts, rec.runc_root)
         io = Stdio(rec.stdin, rec.stdout, rec.stderr, rec.terminal)
         task = Task(rec.namespace, rec.id, bundle, runc, self.deps, io, rec.options)
         task.open_log()
@@ -650,29 +646,6 @@ class Tasks:
         task.close()
         self._tasks.pop((namespace, id), None)
         return pid, status, exited_at
-
-
-async def _wait_for_runc_of(bundle: str, timeout: float = 30.0) -> None:
-    """Until no process runs with ``bundle`` on its command line (a runc a dead daemon
-    started for it: ``runc create --bundle <bundle>``), or ``timeout``."""
-    needle = os.fsencode(bundle) + b"\0"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        busy = False
-        for name in os.listdir("/proc"):
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/cmdline", "rb") as f:
-                    if needle in f.read():
-                        busy = True
-                        break
-            except OSError:
-                continue
-        if not busy:
-            return
-        await asyncio.sleep(0.05)
-    log.event("a runc of the dead daemon is still running", logging.WARNING, bundle=bundle)
 
 
 def _io_key(namespace: str, id: str, exec_id: str) -> str:

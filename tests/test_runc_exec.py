@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import resource
 import select
 import shutil
 import signal
@@ -340,6 +341,54 @@ def test_bad_command_line_exits_2_with_usage() -> None:
     )
     assert proc.returncode == wrapper.EXIT_USAGE
     assert "usage:" in proc.stderr
+
+
+def _with_fake_runc(tmp_path: str, soft: int | None) -> tuple[str, str]:
+    """Run the wrapper (under a raised soft limit) with a runc that writes down its own soft
+    open-file limit and fails; returns (what it wrote, the wrapper's sync line)."""
+    record = os.path.join(tmp_path, "nofile")
+    if os.path.exists(record):
+        os.unlink(record)
+    fake = os.path.join(tmp_path, "runc")
+    with open(fake, "w") as f:
+        f.write(f"#!/bin/sh\nulimit -Sn > {record}\nexit 1\n")
+    os.chmod(fake, 0o755)
+    r, w = os.pipe()
+    cmd = [sys.executable, "-S", "-E", runc_exec.SCRIPT, "--sync-fd", str(w), "--runc", fake]
+    cmd += ["--status-file", f"{tmp_path}/s", "--root", f"{tmp_path}/r"]
+    cmd += ["--pid-file", f"{tmp_path}/p", "--process", f"{tmp_path}/j.json"]
+    cmd += [*(["--nofile", str(soft)] if soft is not None else []), "ctr"]
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    try:
+        subprocess.run(
+            ["/bin/sh", "-c", f'ulimit -Sn {hard} && exec "$@"', "sh", *cmd],
+            pass_fds=(w,),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=30,
+        )
+    finally:
+        os.close(w)
+    with os.fdopen(r) as f:
+        line = f.readline()
+    try:
+        with open(record) as f:
+            return f.read().strip(), line
+    except FileNotFoundError:
+        return "", line
+
+
+def test_nofile_sets_the_soft_limit_runc_gets(tmp_path: object) -> None:
+    """--nofile: the daemon raised its own limit; runc (and what it starts) gets this one."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    assert _with_fake_runc(str(tmp_path), 300)[0] == "300"
+    assert _with_fake_runc(str(tmp_path), None)[0] == str(hard)  # inherited as it is
+    got, line = _with_fake_runc(str(tmp_path), hard + 1)  # more than the hard limit
+    assert got == "" and line.startswith("error cannot set the open-file limit to "), line
+    opts = wrapper.parse_args(
+        "--sync-fd 5 --status-file /s --root /r --pid-file /p --process /j --nofile 64 c".split()
+    )
+    assert opts.nofile == 64
 
 
 def test_wait_exit_reaps_orphans_and_keeps_the_target_a_zombie() -> None:

@@ -265,3 +265,65 @@ def test_dropped_connection_is_shut_down_for_every_holder(journal_dir: str) -> N
         client.close()
 
     run(main())
+
+
+def test_partial_frame_then_eof_closes_and_slow_loris_is_dropped(journal_dir: str) -> None:
+    """A frame's start left in the socket is still timed (slow-loris) and, once the peer
+    has shut down, read and found truncated: both connections are closed."""
+
+    async def main() -> None:
+        server = Server(journal=Journal(journal_dir), frame_timeout=0.3)
+        a, theirs_a = socket.socketpair()
+        b, theirs_b = socket.socketpair()
+        await server.serve_kept(os.dup(theirs_a.fileno()), 1)
+        await server.serve_kept(os.dup(theirs_b.fileno()), 2)
+        theirs_a.close()
+        theirs_b.close()
+        a.sendall(b"\x00")
+        a.shutdown(socket.SHUT_WR)
+        b.sendall(request_frame(1, "Echo", b"x")[:12])  # and nothing more
+        loop = asyncio.get_running_loop()
+        for peer in (a, b):
+            peer.setblocking(False)
+            try:
+                assert await asyncio.wait_for(loop.sock_recv(peer, 1), 3.0) == b""
+            except ConnectionResetError:
+                pass  # closed with our bytes unread: also closed
+        assert server.dropped_connections == 1  # b, by the frame timer
+        await server.close()
+        a.close()
+        b.close()
+
+    run(main())
+
+
+def test_journaled_answer_is_sent_again_not_recomputed(journal_dir: str) -> None:
+    """A died after writing its answer to the journal (and maybe to the socket): B sends that
+    answer and does not run the request again."""
+    journal = Journal(journal_dir)
+
+    async def main() -> None:
+        client, theirs = socket.socketpair()
+        frame = request_frame(7, "Delete", b"once")
+        journal.record(5, 7, frame)
+        answer = encode_frame(7, MessageType.RESPONSE, Response(payload=b"first").encode())
+        journal.answer(5, 7, answer)
+        runs = 0
+
+        async def delete(ctx: Context, payload: bytes) -> bytes:
+            nonlocal runs
+            runs += 1
+            return b"second"
+
+        b = Server(journal=journal)
+        b.register(SVC, {"Delete": delete})
+        await b.serve_kept(os.dup(theirs.fileno()), 5, journaled=journal.load()[5], state={})
+        theirs.close()
+        peer = Peer(client)
+        assert (await peer.read_until(7)).payload == b"first"
+        await asyncio.sleep(0.05)
+        assert runs == 0 and os.listdir(journal_dir) == []
+        await b.close()
+        client.close()
+
+    run(main())

@@ -42,16 +42,88 @@ def test_bundle_where_containerd_puts_it_is_accepted(state: str) -> None:
     assert bundle.check_path(_path(state), "test", "c1", (state,)) == _path(state)
 
 
-def test_bundle_roots_come_from_the_environment(
+def test_bundle_roots_learned_else_default_and_the_environment_overrides(
     state: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(bundle.ROOTS_ENV, raising=False)
+    # A daemon told nothing: containerd's default state directory, as before.
     assert bundle.allowed_roots() == ("/run/containerd",)
+    assert bundle.roots_source() == "default"
     message = _refused("bundle", bundle.check_path, _path(state), "test", "c1")
     assert bundle.ROOTS_ENV in message and "/run/containerd" in message
+    # Told its containerd's state directory (by start): that one only.
+    assert bundle.allowed_roots(state) == (state,)
+    assert bundle.roots_source(state) == "containerd's state directory"
+    assert bundle.check_path(_path(state), "test", "c1", bundle.allowed_roots(state))
+    message = _refused(
+        "bundle",
+        bundle.check_path,
+        _path("/run/containerd"),
+        "test",
+        "c1",
+        bundle.allowed_roots(state),
+    )
+    assert f"({state}; {bundle.ROOTS_ENV} overrides it)" in message
+    # The variable overrides what was learned.
     monkeypatch.setenv(bundle.ROOTS_ENV, f"/run/k3s/containerd:{state}/:relative")
     assert bundle.allowed_roots() == ("/run/k3s/containerd", state)
+    assert bundle.allowed_roots("/run/other") == ("/run/k3s/containerd", state)
+    assert bundle.roots_source("/run/other") == bundle.ROOTS_ENV
     assert bundle.check_path(_path(state), "test", "c1") == _path(state)
+
+
+@pytest.mark.parametrize(
+    ("path", "state"),
+    [
+        ("/run/containerd/io.containerd.runtime.v2.task/default/c1", "/run/containerd"),
+        ("/run/k3s/containerd/io.containerd.runtime.v2.task/k8s.io/c1", "/run/k3s/containerd"),
+        (
+            "/var/snap/microk8s/common/run/containerd/io.containerd.runtime.v2.task/ns/c1",
+            "/var/snap/microk8s/common/run/containerd",
+        ),
+        # the last task directory counts, as in check_path
+        (
+            "/a/io.containerd.runtime.v2.task/x/io.containerd.runtime.v2.task/ns/c1",
+            "/a/io.containerd.runtime.v2.task/x",
+        ),
+        ("/io.containerd.runtime.v2.task/ns/c1", None),  # <state> would be /
+        ("/run/containerd/io.containerd.runtime.v2.task/other/c1", None),
+        ("/run/containerd/io.containerd.runtime.v2.task/ns/c2", None),
+        ("/run/containerd/io.containerd.runtime.v2.task/ns/c1/", None),
+        ("/run/containerd/io.containerd.runtime.v2.task/ns/x/../c1", None),
+        ("/run/containerd/io.containerd.runtime.v2.task/x/../ns/c1", None),
+        ("/run//containerd/io.containerd.runtime.v2.task/ns/c1", None),
+        ("//run/containerd/io.containerd.runtime.v2.task/ns/c1", None),
+        ("run/containerd/io.containerd.runtime.v2.task/ns/c1", None),
+        ("/run/containerd/io.containerd.runtime.v2.task/ns/c1\0", None),
+        ("/run/containerd/runtime/ns/c1", None),
+        ("", None),
+    ],
+)
+def test_state_of_a_bundle_path(path: str, state: str | None) -> None:
+    id = "c1"
+    ns = "default" if "/default/" in path else "k8s.io" if "k8s.io" in path else "ns"
+    assert bundle.state_of(path, ns, id) == state
+
+
+def test_state_of_agrees_with_check_path(state: str) -> None:
+    path = _path(state)
+    learned = bundle.state_of(path, "test", "c1")
+    assert learned == state
+    assert bundle.check_path(path, "test", "c1", bundle.allowed_roots(learned)) == path
+
+
+def test_a_state_directory_through_a_symbolic_link_is_named_in_the_refusal(
+    state: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """containerd configured with ``state = "/var/run/containerd"`` (a link to /run): start's
+    working directory says /run/containerd, its Creates /var/run/containerd.  Refused, as
+    before, with the override to use in the message."""
+    monkeypatch.delenv(bundle.ROOTS_ENV, raising=False)
+    alias = os.path.join(os.path.dirname(state), "alias")
+    os.symlink(state, alias)
+    message = _refused("bundle", bundle.check_path, _path(alias), "test", "c1", (state,))
+    assert f"{alias} leads to it through a symbolic link" in message
 
 
 @pytest.mark.parametrize(

@@ -62,6 +62,9 @@ class ConnectionHandoff:
     discard: int = 0
     #: The connection's number with whoever holds duplicates of it (see :mod:`.journal`).
     key: int | None = None
+    #: Answers a dead predecessor had journaled for requests of this connection, to be sent
+    #: (again) as they are; never part of a re-exec handoff, so not in the JSON.
+    answers: list[tuple[int, bytes]] = field(default_factory=list)
 
 
 @dataclass

@@ -9,7 +9,11 @@ socket by its stream id, see :meth:`Journal.load`).
 
 One file per request, ``<connection>.<stream id>``, holding the raw frame (header and
 payload), written with one ``write``; a file cut short by the writer's death is recognised by
-its header's length and dropped (its frame is still in the socket, unread).  Each
+its header's length and dropped (its frame is still in the socket, unread).  The answer is
+written beside it, ``<connection>.<stream id>.r``, just before it goes to the socket: a
+successor that finds one sends it again rather than running the request a second time (a
+peer that had it already drops the copy: ttrpc clients ignore answers to streams they no
+longer wait on).  Each
 connection's state (:attr:`.server.Context.connection`) is kept beside, as
 ``<connection>.state`` (JSON).  Nothing is synced: the journal survives the process, not the
 machine, and lives best on tmpfs (``/run``).
@@ -29,12 +33,15 @@ __all__ = ["Journal", "JournaledCall"]
 class JournaledCall:
     """A request frame found in the journal."""
 
-    __slots__ = ("connection", "stream_id", "frame")
+    __slots__ = ("connection", "stream_id", "frame", "answer")
 
-    def __init__(self, connection: int, stream_id: int, frame: bytes) -> None:
+    def __init__(
+        self, connection: int, stream_id: int, frame: bytes, answer: bytes | None = None
+    ) -> None:
         self.connection = connection
         self.stream_id = stream_id
         self.frame = frame
+        self.answer = answer  # the response frame, if it was about to be sent
 
     def __repr__(self) -> str:
         return f"JournaledCall({self.connection}.{self.stream_id}, {len(self.frame)} bytes)"
@@ -61,9 +68,24 @@ class Journal:
         finally:
             os.close(fd)
 
-    def done(self, connection: int, stream_id: int) -> None:
+    def answer(self, connection: int, stream_id: int, frame: bytes) -> None:
+        """The response about to be written for a journaled request (raises OSError)."""
+        tmp = self._path(connection, f"{stream_id}.t")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, frame)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self._path(connection, f"{stream_id}.r"))  # whole, or not there
+
+    def done(self, connection: int, stream_id: int, answered: bool = False) -> None:
+        """Forget a request and its answer, after it: an answer left alone is removed by
+        ``load``)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(connection, str(stream_id)))
+        if answered:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._path(connection, f"{stream_id}.r"))
 
     def save_state(self, connection: int, state: dict[str, object]) -> None:
         """Keep a connection's state, if it changed since last time."""
@@ -99,9 +121,18 @@ class Journal:
     def load(self) -> dict[int, list[JournaledCall]]:
         """Every complete entry, by connection, in stream order; cut-short ones are removed."""
         out: dict[int, list[JournaledCall]] = {}
-        for name in os.listdir(self.dir):
+        names = os.listdir(self.dir)
+        answers = {name[:-2] for name in names if name.endswith(".r")}
+        for name in names:
+            if name.endswith((".tmp", ".t")):  # a write the dead writer never finished
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.dir, name))
+                continue
             conn_text, _, stream_text = name.partition(".")
-            if not (conn_text.isdigit() and stream_text.isdigit()):
+            if not conn_text.isdigit() or not stream_text.isdigit():
+                if name.endswith(".r") and name[:-2] not in names:
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.dir, name))  # of a request now done
                 continue
             path = os.path.join(self.dir, name)
             try:
@@ -114,7 +145,11 @@ class Journal:
                 with contextlib.suppress(OSError):
                     os.unlink(path)  # the writer died mid-write: the frame is still unread
                 continue
-            call = JournaledCall(int(conn_text), int(stream_text), frame)
+            answer = None
+            if name in answers:
+                with contextlib.suppress(OSError), open(path + ".r", "rb") as f:
+                    answer = f.read()
+            call = JournaledCall(int(conn_text), int(stream_text), frame, answer)
             out.setdefault(call.connection, []).append(call)
         for calls in out.values():
             calls.sort(key=lambda c: c.stream_id)

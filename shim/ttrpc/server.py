@@ -299,10 +299,11 @@ class Server:
         if journaled is None and state is None:
             await self._connect(sock, None, key)
             return
-        pending = [_pending_from_journal(call) for call in journaled or ()]
+        pending = [_pending_from_journal(c) for c in journaled or () if c.answer is None]
         adopted = ConnectionHandoff(
             fd, b"", 0, dict(state or {}), [p for p in pending if p is not None], key=key
         )
+        adopted.answers = [(c.stream_id, c.answer) for c in journaled or () if c.answer]
         skip = max((call.stream_id for call in journaled or ()), default=0)
         await self._connect(sock, adopted, key, skip)
 
@@ -612,9 +613,11 @@ class Server:
 
     def _peek_ready(self) -> None:
         assert self._epoll is not None
-        for fd, _ in self._epoll.poll(0, 256):
+        for fd, events in self._epoll.poll(0, 256):
             conn = self._peekers.get(fd)
             if conn is not None:
+                if events & (select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
+                    conn.peer_closed = True  # what is in the socket now is all there will be
                 conn.read_journaled()
 
     def _close_epoll(self) -> None:
@@ -770,7 +773,11 @@ class _ServerProtocol(asyncio.Protocol):
         self._skip_through = skip_through  # stream ids the journal already holds
         self._sock: socket.socket | None = None
         self._recorded: set[int] = set()  # journaled before decoding
+        self._in_journal: set[int] = set()  # stream ids journaled and not done
         self._handed_off = False
+        self._partial = False  # the start of a frame waits in the socket for its rest
+        self.peer_closed = False
+        self._journal_failed = False
         self._conn = ServerConnection()
         self._transport: asyncio.Transport | None = None
         self._peer: PeerCred | None = None
@@ -838,7 +845,7 @@ class _ServerProtocol(asyncio.Protocol):
         if self._journal is not None and not self._handed_off:
             assert self._key is not None
             for call in self._backlog:  # never started, never will be
-                self._journal.done(self._key, call.stream_id)
+                self._journal_done(call.stream_id)
             self._journal.forget_connection(self._key)
         self._transport = None
         self._cancel_frame_timer()
@@ -889,7 +896,7 @@ class _ServerProtocol(asyncio.Protocol):
         handed over), or the other holder's duplicate would keep it open for the peer."""
         if self._journal is not None and self._key is not None and not self._handed_off:
             for call in self._backlog:
-                self._journal.done(self._key, call.stream_id)
+                self._journal_done(call.stream_id)
         self._backlog.clear()
         self._cancel_frame_timer()
         self._release_buffered()
@@ -964,6 +971,15 @@ class _ServerProtocol(asyncio.Protocol):
 
     def _resume(self, adopted: ConnectionHandoff) -> None:
         now = asyncio.get_running_loop().time()
+        if self._journal is not None:
+            # What a predecessor journaled is still journaled, until answered here.
+            self._in_journal.update(p.stream_id for p in adopted.pending)
+        for stream_id, answer in adopted.answers:
+            # Answered by a predecessor that died just before or after sending it.
+            if self._transport is not None:
+                self._transport.write(answer)
+            self._in_journal.add(stream_id)
+            self._journal_done(stream_id)
         for pending in adopted.pending:
             request = Request(
                 pending.service,
@@ -990,15 +1006,16 @@ class _ServerProtocol(asyncio.Protocol):
                 if journal is not None and sid not in self._recorded:
                     # read as it came (a large frame): journaled only now
                     assert self._key is not None
-                    journal.record(self._key, sid, _frame_of(sid, event.request))
+                    if self._record(journal, self._key, sid, _frame_of(sid, event.request)):
+                        self._in_journal.add(sid)
                 self._recorded.discard(sid)
                 self._backlog.append(_Call.received(sid, event.request, now))
             else:
+                self._write(sid, Response(event.status))
                 if journal is not None:
                     assert self._key is not None
                     self._recorded.discard(sid)
-                    journal.done(self._key, sid)
-                self._write(sid, Response(event.status))
+                    self._journal_done(sid)
 
     def _at_limit(self) -> bool:
         return (
@@ -1049,9 +1066,8 @@ class _ServerProtocol(asyncio.Protocol):
             )  # cancelled without an answer by an exiting loop: a successor answers it
             if self._journal is not None and not unanswered:
                 # Answered (or its peer is gone): out of the journal, after the answer.
-                assert self._key is not None
-                self._journal.done(self._key, call.stream_id)
-                if self._transport is not None:
+                self._journal_done(call.stream_id)
+                if self._transport is not None and self._key is not None:
                     try:
                         self._journal.save_state(self._key, self._state)
                     except OSError as err:
@@ -1072,6 +1088,13 @@ class _ServerProtocol(asyncio.Protocol):
             logger.error("ttrpc response on stream %d too large: %s", stream_id, exc.message)
             status = Status(Code.RESOURCE_EXHAUSTED, oversize_message(exc.length, exc.limit))
             data = self._conn.send_response(stream_id, Response(status))
+        if self._journal is not None and stream_id in self._in_journal:
+            # A successor sends this again instead of running the request again.
+            assert self._key is not None
+            try:
+                self._journal.answer(self._key, stream_id, data)
+            except OSError as exc:
+                logger.error("ttrpc journal: answer not written: %s", exc)
         transport.write(data)
 
     def _update_reading(self) -> None:
@@ -1111,11 +1134,17 @@ class _ServerProtocol(asyncio.Protocol):
                         size, large = self._journal_whole_frames(journal, key, data)
                         if size:
                             _consume(sock, size)
+                            self._partial = False
                             self.data_received(data[:size])
-                        elif large:  # cannot wait for it whole: read it as it comes
+                        elif large or self.peer_closed:
+                            # Cannot wait for it whole (too large, or nothing more is coming:
+                            # the codec then sees the truncation): read it as it comes.
+                            self._partial = False
                             self.data_received(sock.recv(len(data)))
                         else:
-                            return  # the rest of the frame raises the next edge
+                            self._partial = True  # the rest raises the next edge
+                            self._update_frame_timer()
+                            return
                         continue
             except (BlockingIOError, InterruptedError):
                 return
@@ -1143,10 +1172,33 @@ class _ServerProtocol(asyncio.Protocol):
                 break
             sid = header.stream_id
             if header.type == MessageType.REQUEST and sid > self._skip_through:
-                journal.record(key, sid, view[pos:end])
-                self._recorded.add(sid)
+                if self._record(journal, key, sid, view[pos:end]):
+                    self._recorded.add(sid)
+                    self._in_journal.add(sid)
             pos = end
         return pos, False
+
+    def _journal_done(self, sid: int) -> None:
+        assert self._journal is not None and self._key is not None
+        if sid in self._in_journal:
+            self._in_journal.discard(sid)
+            self._journal.done(self._key, sid, answered=True)
+
+    def _record(self, journal: Journal, key: int, sid: int, frame: bytes | memoryview) -> bool:
+        """Journal a request; if the journal cannot be written (disk full), serve it anyway,
+        only not crash-safely (said once per connection)."""
+        try:
+            journal.record(key, sid, frame)
+        except OSError as exc:
+            if not self._journal_failed:
+                self._journal_failed = True
+                logger.error(
+                    "ttrpc journal not written (%s): requests of %s are served without it",
+                    exc,
+                    self._peer,
+                )
+            return False
+        return True
 
     def _update_frame_timer(self) -> None:
         """Time an unfinished frame, but only while we read: a peer we stopped reading
@@ -1156,7 +1208,7 @@ class _ServerProtocol(asyncio.Protocol):
             timeout is not None
             and self._transport is not None
             and not self._read_paused
-            and self._conn.mid_frame
+            and (self._conn.mid_frame or self._partial)
         )
         if not running:
             self._cancel_frame_timer()
@@ -1172,7 +1224,7 @@ class _ServerProtocol(asyncio.Protocol):
 
     def _frame_timed_out(self) -> None:
         self._frame_timer = None
-        if self._transport is None or not self._conn.mid_frame:
+        if self._transport is None or not (self._conn.mid_frame or self._partial):
             return
         logger.warning(
             "ttrpc peer %s did not finish a frame within %gs; dropping the connection",

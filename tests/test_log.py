@@ -1,0 +1,132 @@
+"""daemon.log is bounded: rotated by size, a fixed number of files kept, whoever appends."""
+
+from __future__ import annotations
+
+import logging
+import logging.handlers
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shim import log
+
+
+@pytest.fixture(autouse=True)
+def _root_logger(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """setup() replaces the root logger's handlers: put them back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.delenv(log.SIZE_ENV, raising=False)
+    monkeypatch.delenv(log.FILES_ENV, raising=False)
+    yield
+    for h in root.handlers:
+        if h not in handlers:
+            h.close()
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+def _files(path: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(path.parent.iterdir())}
+
+
+def _lines(path: Path) -> list[str]:
+    """Every line of daemon.log and its rotated files, oldest first."""
+    names = sorted(
+        (p for p in path.parent.iterdir() if p.name.startswith(path.name)),
+        key=lambda p: -int(p.name.rpartition(".")[2]) if p.name != path.name else 0,
+    )
+    return [ln for p in names for ln in p.read_text().splitlines()]
+
+
+def test_defaults() -> None:
+    assert log.rotation() == (10 << 20, 3, [])
+    assert (log.DEFAULT_SIZE, log.DEFAULT_FILES) == (10 * 1024 * 1024, 3)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("4096", 4096), ("64K", 65536), ("10M", 10 << 20), ("1g", 1 << 30), ("2MiB", 2 << 20)],
+)
+def test_sizes(text: str, size: int) -> None:
+    assert log.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "M", "-1", "0", "ten", "1.5M", "10T"])
+def test_bad_sizes(text: str) -> None:
+    with pytest.raises(ValueError):
+        log.parse_size(text)
+
+
+def test_bad_settings_fall_back_to_the_defaults_and_say_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(log.SIZE_ENV, "lots")
+    monkeypatch.setenv(log.FILES_ENV, "1")  # one file could not be rotated
+    path = tmp_path / "daemon.log"
+    log.setup(str(path))
+    text = path.read_text()
+    assert text.count("log rotation setting ignored") == 2
+    assert "EMBEDSHIM_LOG_SIZE=" in text and "EMBEDSHIM_LOG_FILES=" in text
+    handler = logging.getLogger().handlers[0]
+    assert isinstance(handler, logging.handlers.RotatingFileHandler)
+    assert (handler.maxBytes, handler.backupCount) == (10 << 20, 2)
+    # A size below 4 KiB is taken as 4 KiB (a line or two per file would be no log at all).
+    monkeypatch.setenv(log.SIZE_ENV, "100")
+    monkeypatch.delenv(log.FILES_ENV)
+    assert log.rotation() == (4096, 3, [])
+
+
+def test_writing_past_the_cap_keeps_the_files_within_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(log.SIZE_ENV, "8K")
+    monkeypatch.setenv(log.FILES_ENV, "3")
+    path = tmp_path / "daemon.log"
+    log.setup(str(path))
+    written = 0
+    for i in range(2000):  # about 230 KB: 28 times the cap of one file
+        log.event("container created", ns="k8s.io", id=f"c{i:05d}", pid=100000 + i)
+        written += 1
+    files = _files(path)
+    assert set(files) == {"daemon.log", "daemon.log.1", "daemon.log.2"}
+    assert all(size <= 8192 for size in files.values()), files
+    assert sum(files.values()) <= 3 * 8192
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert oct((tmp_path / "daemon.log.1").stat().st_mode & 0o777) == "0o600"
+    # The newest lines are kept, whole and in order, and the oldest are gone.
+    lines = _lines(path)
+    ids = [int(ln.split(" id=c")[1].split()[0]) for ln in lines]
+    assert ids == list(range(ids[0], written)) and ids[0] > 0
+    assert all(ln.startswith("time=") and ln.endswith(f"pid={100000 + i}") for ln, i in
+               zip(lines, ids, strict=True))  # fmt: skip
+
+
+def test_a_writer_that_opens_the_file_for_each_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keeper appends its own lines to daemon.log (open, O_APPEND, write, close): they
+    go to whichever file is current, count towards its size, and none is lost."""
+    monkeypatch.setenv(log.SIZE_ENV, "4K")
+    monkeypatch.setenv(log.FILES_ENV, "50")  # room for every line: nothing rotated away
+    path = tmp_path / "daemon.log"
+    log.setup(str(path))
+    keeper = 'time=2026-01-01T00:00:00.000Z level=info msg="keeper: line" n={}\n'
+    for i in range(400):
+        log.event("container started", id=f"c{i:04d}")
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, keeper.format(i).encode())
+        finally:
+            os.close(fd)
+    files = _files(path)
+    assert len(files) > 10
+    longest = len(keeper.format(999))
+    assert all(size <= 4096 + longest for size in files.values()), files
+    lines = _lines(path)
+    assert [ln for ln in lines if "keeper" in ln] == [keeper.format(i)[:-1] for i in range(400)]
+    assert [ln.rpartition("id=")[2] for ln in lines if "keeper" not in ln] == [
+        f"c{i:04d}" for i in range(400)
+    ]
