@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,20 +27,15 @@ from integration.harness import (
     import_busybox_image,
     reap_stale,
 )
+from integration.prereq import integration_problem, missing
 
 _HERE = Path(__file__).resolve().parent
 _REQUIRED = ("containerd", "ctr", "runc", "containerd-shim-runc-v2")
 
 
 def _skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "integration tests need root (containerd, runc, mounts, cgroups)"
-    missing = [b for b in _REQUIRED if shutil.which(b) is None]
-    if missing:
-        return f"integration tests need {', '.join(missing)} on PATH"
-    if not os.access("/bin/busybox", os.X_OK):
-        return "integration tests need a static /bin/busybox (busybox-static)"
-    return None
+    problem = integration_problem(_REQUIRED)
+    return None if problem is None else missing(problem)
 
 
 _SKIP = _skip_reason()

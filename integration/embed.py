@@ -11,11 +11,20 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from integration.harness import Containerd, ProcInfo, parse_event, processes_matching, wait_for
+from integration.harness import (
+    Containerd,
+    HarnessError,
+    ProcInfo,
+    parse_event,
+    processes_matching,
+    wait_for,
+)
+from shim import wire
 from shim.paths import DaemonPaths
 from shim.ttrpc import Client
 
@@ -116,6 +125,14 @@ def daemons(c: Containerd) -> list[ProcInfo]:
     )
 
 
+def keeper_of(daemon: ProcInfo) -> int:
+    """The pid of the daemon's keeper (its parent, which restarts it after a crash)."""
+    with open(f"/proc/{daemon.ppid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert argv[-2:] == [b"keeper", b""], f"the daemon's parent is no keeper: {argv}"
+    return daemon.ppid
+
+
 def kill_daemon_for_good(c: Containerd) -> int:
     """SIGKILL the daemon's keeper, then the daemon: nothing restarts it, as before the keeper
     existed (for tests of what happens while no daemon runs).  Returns the daemon's pid."""
@@ -207,18 +224,67 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+SENTINEL_TOPIC = "/esh-test/sentinel"
+#: A type ctr knows how to print (it drops events whose type it cannot unmarshal).
+_SENTINEL_TYPE = b"containerd.events.NamespaceCreate"
+
+
+def publish_sentinel(c: Containerd, token: str, namespace: str | None = None) -> None:
+    """Publish ``{"name": token}`` on SENTINEL_TOPIC through containerd's Events service
+    (a PublishRequest encoded by hand: the tests have no stubs for that service)."""
+    import grpc
+
+    inner = wire.bytes_field(1, token.encode())  # NamespaceCreate.name
+    event = wire.bytes_field(1, _SENTINEL_TYPE) + wire.bytes_field(2, inner)  # Any
+    request = wire.bytes_field(1, SENTINEL_TOPIC.encode()) + wire.bytes_field(2, event)
+    with grpc.insecure_channel(f"unix://{c.address}") as channel:
+        publish = channel.unary_unary("/containerd.services.events.v1.Events/Publish")
+        publish(request, metadata=(("containerd-namespace", namespace or c.namespace),), timeout=10)
+
+
 class Events:
-    """A `ctr events` subscriber collecting lines in the background."""
+    """A `ctr events` subscriber collecting lines in the background.
+
+    It is subscribed once the constructor returns (a sentinel event went through), and
+    :meth:`sync` proves that every event containerd published before it was called has
+    arrived: no test needs to sleep for either."""
 
     def __init__(self, c: Containerd) -> None:
+        self.c = c
         self.proc = c.ctr_async("events")
         self.lines: list[str] = []
         threading.Thread(target=self._read, daemon=True).start()
-        time.sleep(0.3)
+        self.sync()
 
     def _read(self) -> None:
         for line in self.proc.stdout or []:
             self.lines.append(line)
+
+    def sync(self, timeout: float = 15.0) -> int:
+        """Publish a sentinel through containerd and wait until it comes through; returns
+        its index in :attr:`lines` (everything published before it is at a lower index).
+        Re-published every 0.2 s until seen: the first may go out before ctr subscribed."""
+        token = f"esh-sentinel-{uuid.uuid4().hex}"
+        deadline = time.monotonic() + timeout
+
+        def seen() -> int | None:
+            for i, line in enumerate(list(self.lines)):
+                if token in line:
+                    return i
+            return None
+
+        while True:
+            if self.proc.poll() is not None:
+                raise HarnessError(f"ctr events exited with {self.proc.returncode}")
+            publish_sentinel(self.c, token)
+            step = time.monotonic() + 0.2
+            while time.monotonic() < step:
+                index = seen()
+                if index is not None:
+                    return index
+                time.sleep(0.005)
+            if time.monotonic() > deadline:
+                raise HarnessError(f"sentinel event not seen within {timeout}s")
 
     def payloads(self, topic: str, cid: str) -> list[str]:
         out = []
@@ -239,13 +305,18 @@ class Events:
 
     def exit_status(self, cid: str, timeout: float = 15) -> int:
         found = wait_for(lambda: self.payloads("/tasks/exit", cid), timeout, what=f"exit {cid}")
-        payload = found[-1]
-        if '"exit_status":' not in payload:
-            return 0  # proto3 JSON omits zero
-        return int(payload.split('"exit_status":')[1].split(",")[0].split("}")[0])
+        return status_of(found[-1])
 
     def close(self) -> None:
         self.proc.kill()
+
+
+def status_of(payload: str) -> int:
+    """The ``exit_status`` of an event's JSON payload (proto3 JSON omits a zero)."""
+    payload = payload.replace(" ", "")
+    if '"exit_status":' not in payload:
+        return 0
+    return int(payload.split('"exit_status":')[1].split(",")[0].split("}")[0])
 
 
 def shim_command(c: Containerd, *args: str) -> subprocess.CompletedProcess[str]:

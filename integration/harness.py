@@ -327,6 +327,21 @@ def process_refers_to(p: ProcInfo, paths: Iterable[str], cgroup_names: Iterable[
     return any(f":/{n}/" in cg or cg.endswith(f":/{n}") or f":/{n}\n" in cg for n in cgroup_names)
 
 
+_WRITE_SYSCALL = {"x86_64": 1, "aarch64": 64}
+
+
+def blocked_writing(pid: int, fd: int) -> bool:
+    """Whether ``pid`` sleeps in write(2) on ``fd``: for a pipe or a pty, that it is full
+    and nobody drains it (/proc/PID/syscall says "running" for a write that goes on)."""
+    try:
+        with open(f"/proc/{pid}/syscall") as f:
+            fields = f.read().split()
+    except OSError:
+        return False
+    nr = _WRITE_SYSCALL[platform.machine()]
+    return len(fields) > 1 and fields[0] == str(nr) and int(fields[1], 16) == fd
+
+
 def _self_and_ancestors() -> set[int]:
     out, pid = set(), os.getpid()
     while pid > 0 and pid not in out:

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 
 import grpc
 import pytest
 
-from integration.embed import RUNTIME, Events, kill_daemon_for_good, shim_command
+from integration.embed import RUNTIME, Events, daemons, kill_daemon_for_good, shim_command
 from integration.harness import Containerd, parse_event, task_list, wait_for
 from integration.tasks_grpc import code_of, tasks_client
 
@@ -142,6 +143,39 @@ def test_pause_survives_a_daemon_reload_and_the_freezer_wins(
     assert _advances(containerd, counter)
 
 
+def test_pause_after_a_daemon_kill_and_a_fresh_daemon_the_freezer_wins(
+    containerd: Containerd, counter: str, busybox: str
+) -> None:
+    """Not a reload: containerd and the daemon killed (its keeper held stopped meanwhile),
+    one paused container thawed behind their backs; the fresh daemon the keeper starts takes
+    both back from its store and checks each status against the freezer."""
+    c = containerd
+    c.run(RUNTIME, busybox, "other", "sh", "-c", COUNTER, detach=True)
+    wait_for(lambda: _count(c, "other") > 2, what="the second counter")
+    c.ctr("task", "pause", counter)
+    c.ctr("task", "pause", "other")
+    freezer = _cgroup_file(c, "other", "freezer", "freezer.state", "cgroup.freeze")
+    c.kill9()
+    (daemon,) = daemons(c)
+    keeper = daemon.ppid
+    os.kill(keeper, signal.SIGSTOP)
+    try:
+        os.kill(daemon.pid, signal.SIGKILL)
+        wait_for(lambda: not daemons(c), what="daemon gone")
+        with open(freezer, "w") as f:
+            f.write("THAWED" if freezer.endswith("freezer.state") else "0")
+    finally:
+        os.kill(keeper, signal.SIGCONT)
+    (fresh,) = wait_for(lambda: daemons(c), what="a fresh daemon")
+    assert fresh.pid != daemon.pid
+    c.start()
+    assert _status(c, counter) == "PAUSED"  # persisted, taken back
+    assert _status(c, "other") == "RUNNING"  # corrected from the freezer
+    assert _advances(c, "other")
+    c.ctr("task", "resume", counter)
+    assert _advances(c, counter)
+
+
 # --- update -------------------------------------------------------------------------------
 
 
@@ -252,10 +286,11 @@ def test_metrics_follow_the_containers_work(containerd: Containerd, box: str) ->
     freed = _metrics(containerd, box)
     assert _memory_usage(freed) <= _memory_usage(filled) - 30 * MiB, (filled, freed)
 
-    # About half a second of shell arithmetic is charged to its cpu usage.
+    # Shell arithmetic (about 0.8 s of CPU here; 150,000 rounds came to under the 0.2 s
+    # asked for below on a quiet machine) is charged to its cpu usage.
     containerd.ctr(
         "task", "exec", "--exec-id", "burn", box,
-        "sh", "-c", "i=0; while [ $i -lt 150000 ]; do i=$((i+1)); done",
+        "sh", "-c", "i=0; while [ $i -lt 600000 ]; do i=$((i+1)); done",
     )  # fmt: skip
     burnt = _metrics(containerd, box)
     assert _cpu_ns(burnt) >= _cpu_ns(freed) + 200_000_000, (freed, burnt)
@@ -283,8 +318,9 @@ def test_metrics_of_a_restored_and_a_stopped_task(containerd: Containerd, box: s
 def test_a_paused_container_is_ended_when_the_daemon_dies(
     containerd: Containerd, counter: str, events: Events
 ) -> None:
-    """containerd runs ``delete`` for every task of a dead daemon; a frozen container must
-    still die of it (a v1-frozen process ignores SIGKILL until thawed) and report 137."""
+    """containerd runs ``delete`` for every task of a dead daemon (its keeper killed first,
+    so none comes back); a frozen container must still die of it (a v1-frozen process
+    ignores SIGKILL until thawed) and report 137."""
     pid = task_list(containerd)[counter][0]
     containerd.ctr("task", "pause", counter)
     kill_daemon_for_good(containerd)  # with its keeper: containerd tears the task down

@@ -65,8 +65,8 @@ def test_containerd_killed_and_restarted(containerd: Containerd, busybox: str) -
     for i in range(5):
         open(os.path.join(ctl, f"go{i}"), "w").close()
     size_down = os.path.getsize(log_file)
-    time.sleep(1.0)
-    assert os.path.getsize(log_file) > size_down, "output stopped while containerd was down"
+    wait_for(lambda: os.path.getsize(log_file) > size_down, what="output while containerd is down")
+    assert not containerd.running
     containerd.start()
 
     tasks = task_list(containerd)
@@ -86,43 +86,68 @@ def test_containerd_killed_and_restarted(containerd: Containerd, busybox: str) -
 
 
 def test_reload_while_containers_come_and_go(containerd: Containerd, busybox: str) -> None:
-    specs = {f"long{i:02d}": ("sleep", "100000") for i in range(10)}
+    """Three reloads, each while a foreground `ctr run` waits on a running container (held
+    until the reload is done) and others start and exit around it."""
+    ctl = os.path.join(containerd.tmp, "ctl")
+    os.makedirs(ctl)
+    specs: dict[str, tuple[str, ...]] = {f"long{i:02d}": ("sleep", "100000") for i in range(10)}
+    # Exits 42 on SIGTERM: proof that the reloaded daemon signals a task it took back.
+    specs["long00"] = ("sh", "-c", 'trap "exit 42" TERM; while :; do sleep 1000 & wait; done')
     _start_all(containerd, busybox, specs)
     (daemon,) = daemons(containerd)
     with open(f"/proc/{daemon.pid}/stat") as f:
         start_ticks = f.read().rsplit(")", 1)[1].split()[19]
     results: dict[str, int] = {}
     want = {f"short{i:02d}": 20 + i for i in range(N - 10)}
+    held = ["short02", "short05", "short08"]  # each runs until a reload has been done
+    mount = ("--mount", f"type=bind,src={ctl},dst=/ctl,options=rbind:rw")
 
     def churn() -> None:
         for cid, code in want.items():
-            r = containerd.run(RUNTIME, busybox, cid, "sh", "-c", f"sleep 0.3; exit {code}",
-                               rm=True, check=False)  # fmt: skip
+            script = (
+                f"while [ ! -e /ctl/{cid} ]; do sleep 0.05; done; exit {code}"
+                if cid in held
+                else f"sleep 0.3; exit {code}"
+            )
+            r = containerd.run(RUNTIME, busybox, cid, "sh", "-c", script, rm=True, check=False,
+                               extra=mount, timeout=120)  # fmt: skip
             results[cid] = r.returncode
 
     worker = threading.Thread(target=churn)
     worker.start()
     infos = []
     try:
-        for _ in range(3):
-            time.sleep(0.7)
+        for cid in held:
+            wait_for(
+                lambda cid=cid: task_list(containerd).get(cid, (0, ""))[1] == "RUNNING",
+                timeout=60,
+                what=f"{cid} running",
+            )
+            assert cid not in results  # its `ctr run` is waiting on it
             r = shim_command(containerd, "reload")
             assert r.returncode == 0, r.stderr
             infos.append(json.loads(r.stdout))
+            open(os.path.join(ctl, cid), "w").close()  # now let it exit
     finally:
-        worker.join(timeout=120)
-    assert results == want  # 0 wrong codes
+        for cid in held:  # never leave the churn stuck on a failure above
+            open(os.path.join(ctl, cid), "w").close()
+        worker.join(timeout=180)
+    assert results == want  # 0 wrong codes, the held ones' Waits across a reload included
     tasks = task_list(containerd)
     assert {cid: tasks[cid][1] for cid in specs} == dict.fromkeys(specs, "RUNNING")  # 0 dropped
+    assert len(infos) == len(held)
     for info in infos:
         assert info["after"]["pid"] == info["before"]["pid"] == daemon.pid
         assert info["after"]["started_at"] > info["before"]["started_at"]  # a new image
     with open(f"/proc/{daemon.pid}/stat") as f:
         assert f.read().rsplit(")", 1)[1].split()[19] == start_ticks  # the same process
-    containerd.ctr("task", "kill", "-s", "TERM", "long00")  # sleep as pid 1 ignores TERM
+    containerd.ctr("task", "kill", "-s", "TERM", "long00")
     containerd.ctr("task", "kill", "-s", "KILL", "long01")
-    wait_for(lambda: task_list(containerd)["long01"][1] == "STOPPED")
+    for cid in ("long00", "long01"):
+        wait_for(lambda cid=cid: task_list(containerd)[cid][1] == "STOPPED", what=cid)
+    assert _exit_code_from_delete(containerd, "long00") == 42
     assert _exit_code_from_delete(containerd, "long01") == 137
+    assert task_list(containerd)["long02"][1] == "RUNNING"  # only those two were signalled
 
 
 def test_daemon_killed_without_keeper_every_task_reported_and_cleaned(

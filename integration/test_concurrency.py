@@ -2,11 +2,13 @@
 
 All must come out right (each running as its own child of the one daemon; each reporting
 137 after SIGKILL), no request may starve, and the daemon must keep answering a probe
-throughout: nothing holds the event loop, or a lock others wait on, while runc runs.
+throughout: nothing holds the event loop, or a lock others wait on, while runc runs.  And a
+hundred container lifecycles run in their normal time beside a `runc pause` that hangs.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -22,7 +24,7 @@ from integration.embed import (
 )
 from integration.harness import Containerd, task_list, wait_for
 from integration.soak import daemon_pid, snapshot
-from shim.api import shim_pb2
+from shim.api import runc_options_pb2, shim_pb2
 from shim.ttrpc.blocking import BlockingClient
 
 N = 100
@@ -144,3 +146,98 @@ def test_hundred_containers_at_once(containerd: Containerd, busybox: str) -> Non
     assert after
     run(call(address, "Kill", shim_pb2.KillRequest(id="probe", signal=9), "probe"))
     run(call(address, "Delete", shim_pb2.DeleteRequest(id="probe"), "probe"))
+
+
+def _hung_runcs(daemon: int) -> list[int]:
+    """The fake runc's ``sleep 600`` (hanging in place of ``runc pause``), a daemon child."""
+    out = []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")[:2]
+            with open(f"/proc/{name}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+        if argv == [b"sleep", b"600"] and ppid == daemon:
+            out.append(int(name))
+    return out
+
+
+def _lifecycles(c: Containerd, busybox: str, ids: list[str]) -> dict[str, float]:
+    """`ctr run --rm` (create, start, wait, delete) of each, four at a time; durations."""
+    took: dict[str, float] = {}
+
+    def one(cid: str) -> None:
+        code = int(cid[1:]) % 200
+        t0 = time.monotonic()
+        r = c.run(
+            RUNTIME, busybox, cid, "sh", "-c", f"exit {code}", rm=True, check=False, timeout=20
+        )
+        took[cid] = time.monotonic() - t0
+        assert r.returncode == code, r.stderr
+
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(one, ids))
+    return took
+
+
+def test_a_hung_runc_holds_up_no_other_container(containerd: Containerd, busybox: str) -> None:
+    """`runc pause` of one container hangs (a fake runc, the daemon's runc timeout far
+    away).  A hundred containers are created, started, waited for and deleted meanwhile,
+    in their normal time, and all of it while that runc still hangs: a lock held across a
+    runc call that others waited on (a global one) would hold every one of them until the
+    hang ends."""
+    c = containerd
+    fake = os.path.join(c.tmp, "hang-pause-runc")
+    with open(fake, "w") as f:
+        f.write('#!/bin/sh\ncase " $* " in *" pause "*) exec sleep 600;; esac\nexec runc "$@"\n')
+    os.chmod(fake, 0o755)
+    bundle = write_bundle(c, "hang", "hung", oci_spec(busybox, "sleep", "1000"))
+    address = start_daemon(c, bundle, "hang", "hung", env={"EMBEDSHIM_RUNC_TIMEOUT": "300"})
+    req = shim_pb2.CreateTaskRequest(id="hung", bundle=bundle)
+    req.options.type_url = "containerd.runc.v1.Options"
+    req.options.value = runc_options_pb2.Options(binary_name=fake).SerializeToString()
+    run(call(address, "Create", req, "hang"))
+    run(call(address, "Start", shim_pb2.StartRequest(id="hung"), "hang"))
+    baseline = _lifecycles(c, busybox, [f"b{i:03d}" for i in range(20)])
+    daemon = daemon_pid(c)
+    pause_error: list[BaseException] = []
+
+    def pause() -> None:
+        try:
+            run(call(address, "Pause", shim_pb2.PauseRequest(id="hung"), "hang", timeout=400))
+        except BaseException as exc:  # ended by the test killing the hung runc
+            pause_error.append(exc)
+
+    pauser = threading.Thread(target=pause)
+    pauser.start()
+    try:
+        (hung,) = wait_for(lambda: _hung_runcs(daemon), what="runc pause hanging")
+        during = _lifecycles(c, busybox, [f"h{i:03d}" for i in range(N)])
+        # Everything above happened while the pause still hung, holding its lock.
+        assert _hung_runcs(daemon) == [hung] and pauser.is_alive()
+        # The hung container's own state still answers, at once.
+        t0 = time.monotonic()
+        state = shim_pb2.StateResponse.FromString(
+            run(call(address, "State", shim_pb2.StateRequest(id="hung"), "hang", timeout=5))
+        )
+        assert time.monotonic() - t0 < 2 and state.status == 2  # RUNNING
+    finally:
+        for pid in _hung_runcs(daemon):
+            os.kill(pid, 9)
+        pauser.join(60)
+    assert pause_error, "the pause cannot have succeeded: its runc was killed"
+    base_median = statistics.median(baseline.values())
+    median = statistics.median(during.values())
+    print(
+        f"\nlifecycles beside a hung runc: {_summary('during', during)}; "
+        f"{_summary('baseline', baseline)}"
+    )
+    assert median < 2 * base_median + 0.5, (median, base_median)
+    assert max(during.values()) < 10 * base_median + 5, _summary("slowest", during)
+    run(call(address, "Kill", shim_pb2.KillRequest(id="hung", signal=9), "hang"))
+    run(call(address, "Delete", shim_pb2.DeleteRequest(id="hung"), "hang"))
+    assert task_list(c) == {}

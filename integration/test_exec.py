@@ -62,13 +62,12 @@ def test_exec_killed_by_signal(containerd: Containerd, box: str, sig: str, want:
         stderr=subprocess.PIPE,
     )
     try:
-        wait_for(
-            lambda: (
-                "long" in containerd.ctr("task", "ps", box).stdout or _pids(containerd, box) > 1
-            ),
-            what="exec running",
-        )
-        time.sleep(0.2)
+
+        def running() -> bool:  # exec'd: the signal reaches sleep, not runc's init
+            pid = {e: p for p, e in _ps(containerd, box).items()}.get("long")
+            return pid is not None and _cmdline(pid) == ["sleep", "1000"]
+
+        wait_for(running, what="the exec running sleep")
         containerd.ctr("task", "kill", "--exec-id", "long", "-s", sig, box)
         assert proc.wait(timeout=20) == want
     finally:
@@ -76,9 +75,12 @@ def test_exec_killed_by_signal(containerd: Containerd, box: str, sig: str, want:
         proc.wait()
 
 
-def _pids(c: Containerd, cid: str) -> int:
-    out = c.ctr("task", "ps", cid, check=False).stdout
-    return max(0, len(out.strip().splitlines()) - 1)
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [a.decode() for a in f.read().split(b"\0") if a]
+    except OSError:
+        return []
 
 
 def test_exec_running_for_seconds(containerd: Containerd, box: str) -> None:
@@ -173,12 +175,12 @@ def test_kill_wait_and_delete_of_one_exec(containerd: Containerd, box: str, even
     containerd.ctr("task", "exec", "-d", "--exec-id", "two", box, "sleep", "1000")
     with tasks_client(containerd) as tasks, ThreadPoolExecutor(1) as pool:
         waiter = pool.submit(tasks.wait, box, "one", 30)
-        time.sleep(0.3)
-        assert not waiter.done()  # Wait blocks while the exec runs
         with pytest.raises(grpc.RpcError) as info:
             tasks.delete_process(box, "one")
         assert code_of(info.value) == grpc.StatusCode.FAILED_PRECONDITION
+        assert not waiter.done()
         containerd.ctr("task", "kill", "--exec-id", "one", "-s", "TERM", box)
+        # 143 only exists after the TERM: the Wait blocked until then (no sleep needed)
         assert waiter.result(timeout=20) == 143
         assert tasks.wait(box, "one") == 143  # again, at once
         # Only that exec ended.
@@ -228,11 +230,14 @@ def test_failed_exec_start_releases_wait(containerd: Containerd, box: str, event
                 return await client.call(TASK_SERVICE, method, payload, metadata=meta, timeout=30)
 
             await call("Exec", exec_req)
-            # containerd's order: Wait is in flight before Start
+            # containerd's order: Wait is on the wire before Start (the same connection,
+            # so the daemon reads it first)
             waiting = asyncio.ensure_future(
                 call("Wait", shim_pb2.WaitRequest(id=box, exec_id="bad"))
             )
-            await asyncio.sleep(0.1)
+            pending = client._protocol._pending  # stream id -> reply future, once written
+            while not pending:
+                await asyncio.sleep(0)
             try:
                 await call("Start", shim_pb2.StartRequest(id=box, exec_id="bad"))
                 start_code = Code.OK
@@ -254,9 +259,15 @@ def test_failed_exec_start_releases_wait(containerd: Containerd, box: str, event
     assert took < 1, took
     assert waited.exit_status == 255
     assert kill_code == Code.NOT_FOUND
-    time.sleep(0.3)
-    assert not [p for p in events.payloads("/tasks/exit", box) if '"id":"bad"' in p]
-    # the container is untouched
+    # the container is untouched: an exec after it runs, and its exit event is the sentinel
+    # (the daemon sends events in order) after which an exit of "bad" would have come
     assert (
         containerd.ctr("task", "exec", "--exec-id", "ok", box, "true", check=False).returncode == 0
     )
+    exits = wait_for(
+        lambda: [p for p in events.payloads("/tasks/exit", box) if '"id":"ok"' in p],
+        what="the exit of ok",
+    )
+    assert len(exits) == 1
+    assert not [p for p in events.payloads("/tasks/exit", box) if '"id":"bad"' in p]
+    assert not [p for p in events.payloads("/tasks/exec-started", box) if '"exec_id":"bad"' in p]

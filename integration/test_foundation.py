@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -14,6 +13,7 @@ import pytest
 
 from integration.embed import (
     RUNTIME,
+    Events,
     call,
     daemon_paths,
     daemons,
@@ -90,31 +90,23 @@ def test_twenty_containers_share_one_daemon(containerd: Containerd, busybox: str
 
 
 def test_events_in_order_with_exit_status(containerd: Containerd, busybox: str) -> None:
-    events = containerd.ctr_async("events")
-    lines: list[str] = []
-    reader = threading.Thread(
-        target=lambda: [lines.append(line) for line in events.stdout or []], daemon=True
-    )
-    reader.start()
-    time.sleep(0.3)  # let the subscription settle
-    r = containerd.run(RUNTIME, busybox, "ev1", "sh", "-c", "exit 3", check=False)
-    assert r.returncode == 3
-
-    def topics() -> list[tuple[str, str]]:
-        out = []
-        for line in list(lines):
-            ev = parse_event(line)
-            if ev and ev[1].startswith("/tasks/") and '"ev1"' in ev[2]:
-                out.append((ev[1], ev[2]))
-        return out
-
-    wait_for(lambda: len(topics()) >= 4, what="four task events")
-    seen = topics()
-    assert [t for t, _ in seen] == ["/tasks/create", "/tasks/start", "/tasks/exit", "/tasks/delete"]
-    exit_payload = seen[2][1]
-    assert '"exit_status":3' in exit_payload.replace(" ", ""), exit_payload
-    assert '"id":"ev1"' in exit_payload.replace(" ", ""), exit_payload
-    events.kill()
+    events = Events(containerd)  # subscribed once this returns: no sleep needed
+    try:
+        r = containerd.run(RUNTIME, busybox, "ev1", "sh", "-c", "exit 3", check=False)
+        assert r.returncode == 3
+        wait_for(lambda: "/tasks/delete" in events.topics("ev1"), what="/tasks/delete")
+        events.sync()  # anything containerd published about ev1 is in by now
+        assert events.topics("ev1") == [
+            "/tasks/create",
+            "/tasks/start",
+            "/tasks/exit",
+            "/tasks/delete",
+        ]
+        (exit_payload,) = events.payloads("/tasks/exit", "ev1")
+        assert '"exit_status":3' in exit_payload, exit_payload
+        assert '"id":"ev1"' in exit_payload, exit_payload
+    finally:
+        events.close()
 
 
 # --- errors, straight through the daemon's ttrpc socket -------------------------------------

@@ -9,9 +9,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -34,6 +36,14 @@ from integration.embed import (
 from integration.harness import Containerd, mounts_under, wait_for
 from shim.api import runc_options_pb2, shim_pb2
 from shim.ttrpc import Code, TTRPCError
+from shim.ttrpc.codec import (
+    HEADER_SIZE,
+    FrameHeader,
+    MessageType,
+    Request,
+    Response,
+    encode_frame,
+)
 
 NS = "direct"
 DAEMON_SERVICE = "embedshim.v1.Daemon"
@@ -108,7 +118,8 @@ if mode == "dac":
     libc.prctl(8, 1, 0, 0, 0)  # PR_SET_KEEPCAPS: permitted caps survive setuid
 os.setgroups([])
 os.setgid(65534)
-os.setuid(65534)
+if mode != "gid":  # "gid": still uid 0 (and every capability), only the gid differs
+    os.setuid(65534)
 if mode == "dac":
     cap = 1 << 1  # CAP_DAC_OVERRIDE
     header = ctypes.create_string_buffer(struct.pack("Ii", 0x20080522, 0))
@@ -152,9 +163,13 @@ def test_only_root_may_talk_to_the_daemon(live: Live) -> None:
     assert _as_nobody(paths.socket, "plain") == "EACCES"
     # One that gets past them (CAP_DAC_OVERRIDE) is dropped on its SO_PEERCRED, and logged.
     assert _as_nobody(paths.socket, "dac") == "dropped"
+    # So is root with another group: the gid must match too.
+    assert _as_nobody(paths.socket, "gid") == "dropped"
     with open(paths.log) as f:
         lines = [ln for ln in f if "connection refused" in ln]
-    assert len(lines) == 1 and "uid=65534" in lines[0] and "gid=65534" in lines[0], lines
+    assert len(lines) == 2, lines
+    assert {"uid=65534", "gid=65534"} <= set(lines[0].split()), lines
+    assert {"uid=0", "gid=65534"} <= set(lines[1].split()), lines
     # Root is still served, by the same daemon.
     info = run(call(live.address, "Info", b"", None, service=DAEMON_SERVICE))
     assert b'"pid"' in info
@@ -394,3 +409,143 @@ def test_stdio_and_options_refused(live: Live) -> None:
     live.invalid("spec", "Exec", ex)
     assert live.runc_ids() == ["keep"]
     assert sorted(os.listdir(b)) == ["config.json"]
+
+
+def test_too_many_rootfs_mounts_refused(live: Live) -> None:
+    b = write_bundle(live.c, NS, "m1", oci_spec(live.busybox, "true"))
+    req = shim_pb2.CreateTaskRequest(id="m1", bundle=b)
+    for _ in range(129):
+        req.rootfs.add(type="bind", source=live.busybox, options=["rbind"])
+    message = live.invalid("rootfs", "Create", req)
+    assert "129 mounts, more than 128" in message, message
+    assert mounts_under(live.c.tmp) == []
+    del req.rootfs[128:]  # 128 is allowed (each is checked, none made before all are)
+    req.rootfs[127].type = "bad;type"
+    live.invalid("rootfs[127]", "Create", req)
+    assert mounts_under(live.c.tmp) == []
+
+
+def test_restore_paths_checked(live: Live) -> None:
+    """A checkpoint to restore from must be a clean absolute path to a directory (the criu
+    gate is a fake criu that passes `criu check`, so the path checks are reached)."""
+    c = live.c
+    criu = os.path.join(c.tmp, "fake-criu")
+    with open(criu, "w") as f:
+        f.write('#!/bin/sh\n[ "$1" = check ] && echo "Looks good." && exit 0\nexit 1\n')
+    os.chmod(criu, 0o755)
+    b = write_bundle(c, NS, "r1", oci_spec(live.busybox, "true"))
+    not_a_dir = os.path.join(c.tmp, "file")
+    open(not_a_dir, "w").close()
+
+    def create(**fields: str) -> shim_pb2.CreateTaskRequest:
+        req = shim_pb2.CreateTaskRequest(id="r1", bundle=b, **fields)  # type: ignore[arg-type]
+        req.options.type_url = "containerd.runc.v1.Options"
+        req.options.value = runc_options_pb2.Options(criu_path=criu).SerializeToString()
+        return req
+
+    for bad in ("relative/ckpt", c.tmp + "/../ckpt", not_a_dir, "/no/such/dir"):
+        live.invalid("checkpoint", "Create", create(checkpoint=bad))
+    live.invalid("parent_checkpoint", "Create", create(checkpoint=c.tmp, parent_checkpoint="a/b"))
+    assert live.runc_ids() == ["keep"]
+    assert sorted(os.listdir(b)) == ["config.json"]
+
+
+def test_systemd_cgroup_option_reaches_runc(live: Live) -> None:
+    """Options.SystemdCgroup becomes runc's --systemd-cgroup (a recording runc wrapper; the
+    real runc runs without it, there being no systemd here)."""
+    c = live.c
+    argv_log = os.path.join(c.tmp, "runc-argv")
+    fake = os.path.join(c.tmp, "recording-runc")
+    with open(fake, "w") as f:
+        f.write(
+            "#!/bin/sh\n"
+            f'echo "$*" >> {argv_log}\n'
+            'for a; do shift; [ "$a" = --systemd-cgroup ] || set -- "$@" "$a"; done\n'
+            'exec runc "$@"\n'
+        )
+    os.chmod(fake, 0o755)
+    for cid, systemd in (("sd1", True), ("sd0", False)):
+        b = write_bundle(c, NS, cid, oci_spec(live.busybox, "sleep", "1000"))
+        req = shim_pb2.CreateTaskRequest(id=cid, bundle=b)
+        req.options.type_url = "containerd.runc.v1.Options"
+        req.options.value = runc_options_pb2.Options(
+            binary_name=fake, systemd_cgroup=systemd
+        ).SerializeToString()
+        run(call(live.address, "Create", req))
+        run(call(live.address, "Kill", shim_pb2.KillRequest(id=cid, signal=9)))
+        run(call(live.address, "Wait", shim_pb2.WaitRequest(id=cid)))
+        run(call(live.address, "Delete", shim_pb2.DeleteRequest(id=cid)))
+    with open(argv_log) as f:
+        calls = [ln.split() for ln in f.read().splitlines()]
+    for cid, systemd in (("sd1", True), ("sd0", False)):
+        mine = [a for a in calls if cid in a]  # create, kill, delete, ... of that one
+        assert any("create" in a for a in mine), calls
+        assert all(("--systemd-cgroup" in a) == systemd for a in mine), mine
+
+
+def _request(stream: int, method: str, msg: object) -> bytes:
+    payload = msg.SerializeToString()  # type: ignore[attr-defined]
+    request = Request(
+        "containerd.task.v2.Task", method, payload, metadata=(("containerd-namespace-ttrpc", NS),)
+    )
+    return encode_frame(stream, MessageType.REQUEST, request.encode())
+
+
+def _responses(s: socket.socket, n: int) -> list[tuple[int, Response]]:
+    """The next ``n`` responses on ``s`` (stream id, response), in the order they came."""
+    out = []
+    for _ in range(n):
+        header = FrameHeader.decode(_exactly(s, HEADER_SIZE))
+        out.append((header.stream_id, Response.decode(_exactly(s, header.length))))
+    return out
+
+
+def _exactly(s: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return bytes(data)
+
+
+def test_a_peer_is_not_read_past_128_requests_in_flight(live: Live) -> None:
+    """The real default: with 127 Waits pending on one connection the next request is
+    read and answered at once; with 128 pending it is not read until a Wait answers, while
+    other connections are served as usual."""
+    c = live.c
+    b = write_bundle(c, NS, "hold", oci_spec(live.busybox, "sleep", "1000"))
+    run(call(live.address, "Create", shim_pb2.CreateTaskRequest(id="hold", bundle=b)))
+    wait = shim_pb2.WaitRequest(id="hold")
+    state = shim_pb2.StateRequest(id="hold")
+    conns = []
+    try:
+        for n in (127, 128):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(daemon_paths(c).socket)
+            conns.append(s)
+            s.sendall(b"".join(_request(2 * i + 1, "Wait", wait) for i in range(n)))
+            s.sendall(_request(2 * n + 1, "State", state))
+        # 127 in flight: the State is answered while every Wait still waits.
+        conns[0].settimeout(10)
+        t0 = time.monotonic()
+        [(stream, response)] = _responses(conns[0], 1)
+        took = time.monotonic() - t0
+        assert stream == 255 and response.status.ok
+        # 128 in flight: nothing comes back, though other connections are answered.
+        conns[1].settimeout(10 * took + 1)
+        with pytest.raises(TimeoutError):
+            conns[1].recv(1)
+        live.keep_is_untouched()
+        run(call(live.address, "Kill", shim_pb2.KillRequest(id="hold", signal=9)))
+        conns[1].settimeout(30)
+        got = _responses(conns[1], 129)
+        assert {sid for sid, _ in got[:128]} == {2 * i + 1 for i in range(128)}
+        assert got[128][0] == 257 and got[128][1].status.ok  # read only once Waits answered
+        for _, response in got[:128]:
+            assert shim_pb2.WaitResponse.FromString(response.payload).exit_status == 137
+    finally:
+        for s in conns:
+            s.close()
+    run(call(live.address, "Delete", shim_pb2.DeleteRequest(id="hold")))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import threading
 import time
 
 import pytest
@@ -85,19 +84,17 @@ def test_detached_task_listed_running(containerd: Containerd, busybox: str) -> N
 
 
 def test_events_stream(containerd: Containerd, busybox: str) -> None:
-    ev = containerd.ctr_async("events")
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(iter(ev.stdout.readline, "")))  # type: ignore[union-attr]
-    reader.start()
-    time.sleep(0.2)  # let ctr subscribe
-    containerd.run(RUNC_RUNTIME, busybox, "e1", "true", rm=True)
-    wait_for(lambda: any("/tasks/delete" in ln for ln in lines), 10, what="/tasks/delete event")
-    ev.terminate()
-    ev.wait(5)
-    reader.join(5)
-    events = [e for e in map(parse_event, lines) if e]
+    from integration.embed import Events
+
+    ev = Events(containerd)  # subscribed once this returns (a sentinel came through)
+    try:
+        containerd.run(RUNC_RUNTIME, busybox, "e1", "true", rm=True)
+        wait_for(lambda: "/tasks/delete" in ev.topics("e1"), 10, what="/tasks/delete event")
+    finally:
+        ev.close()
+    events = [e for e in map(parse_event, ev.lines) if e]
     assert all(ns == "test" for ns, _, _ in events)
-    topics = [t for _, t, _ in events]
+    topics = ev.topics("e1")
     assert "/tasks/create" in topics and "/tasks/start" in topics and "/tasks/exit" in topics
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -19,7 +18,13 @@ from integration.embed import (
     kill_daemon_for_good,
     start_daemon,
 )
-from integration.harness import Containerd, task_list, wait_for
+from integration.harness import (
+    Containerd,
+    ProcInfo,
+    processes_matching,
+    task_list,
+    wait_for,
+)
 
 LIMIT = str(32 << 20)  # 32 MiB
 # busybox has no allocator: the shell holds 200 MB of command output in a variable.
@@ -193,5 +198,20 @@ def test_oom_while_no_daemon_runs_is_reported_by_delete(
     wait_for(lambda: "gone" not in task_list(c), timeout=20, what="task cleaned up")
     # Sent from the background once containerd listens (it ran `delete` while starting).
     wait_for(lambda: "/tasks/oom" in _forwarded(c), timeout=20, what="/tasks/oom forwarded")
-    time.sleep(0.5)
+    # Only a `delete` (or the child it leaves retrying) can send it: once none is left,
+    # the count is final.
+    wait_for(lambda: not _deletes(c, "gone"), timeout=40, what="no delete left running")
     assert _forwarded(c).count("/tasks/oom") == 1
+
+
+def _deletes(c: Containerd, cid: str) -> list[ProcInfo]:
+    """Live `delete` subcommands for ``cid`` of this containerd (and their forked
+    children, which keep the command line)."""
+    return processes_matching(
+        lambda p: (
+            not p.zombie
+            and p.cmdline[-1:] == ["delete"]
+            and c.address in p.cmdline
+            and cid in p.cmdline
+        )
+    )

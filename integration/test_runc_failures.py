@@ -113,14 +113,17 @@ def test_runc_hanging_is_killed_at_the_timeout(containerd: Containerd, busybox: 
     worker = threading.Thread(target=hung_create)
     worker.start()
     try:
-        time.sleep(0.5)  # the create is now waiting on the hung runc
+        daemon = _daemon_pid(containerd)
+        (hung,) = wait_for(lambda: _hung_runcs(daemon), what="the create waiting on runc")
         t0 = time.monotonic()
         r = containerd.run(
             RUNTIME, busybox, "meanwhile", "sh", "-c", "exit 3", rm=True, check=False
         )
         took = time.monotonic() - t0
         assert r.returncode == 3, r.stderr
+        # the hang lasted all along: the other container ran beside it, not after it
         assert not outcome, "the other container should have finished first"
+        assert _hung_runcs(daemon) == [hung]
         assert took < timeout, took
     finally:
         worker.join(60)
@@ -128,9 +131,17 @@ def test_runc_hanging_is_killed_at_the_timeout(containerd: Containerd, busybox: 
     assert isinstance(err, TTRPCError) and "runc create: timed out after 3s" in err.message, err
     # runc create, then the cleanup's runc delete, each killed at the timeout.
     assert timeout <= elapsed < 3 * timeout, elapsed  # type: ignore[operator]
-    hung = [p for p in os.listdir("/proc") if p.isdigit() and _cmdline(p) == ["sleep", "600"]]
-    assert not any(_parent(p) == _daemon_pid(containerd) for p in hung), "hung runc not killed"
+    assert not _hung_runcs(_daemon_pid(containerd)), "hung runc not killed"
     _bystander_unaffected(containerd, pid)
+
+
+def _hung_runcs(daemon: int) -> list[str]:
+    """The fake runc (``sleep 600``) running as a child of the daemon."""
+    return [
+        p
+        for p in os.listdir("/proc")
+        if p.isdigit() and _cmdline(p) == ["sleep", "600"] and _parent(p) == daemon
+    ]
 
 
 def _cmdline(pid: str) -> list[str]:

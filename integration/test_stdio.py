@@ -1,12 +1,14 @@
-"""Stdio besides plain FIFOs: ``--log-uri file://`` (the container writes the file itself),
-``binary://`` logging programs (containerd's protocol), no stdio at all, and stdin EOF for a
-piped, non-terminal ``ctr run`` and ``ctr task exec``."""
+"""Stdio: containerd's FIFOs handed to the process (read-write, so that a containerd that
+dies with their reader gives it no SIGPIPE), ``--log-uri file://`` (the container writes the
+file itself), ``binary://`` logging programs (containerd's protocol), no stdio at all, and
+stdin EOF for a piped, non-terminal ``ctr run`` and ``ctr task exec``."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -15,7 +17,13 @@ from pathlib import Path
 import pytest
 
 from integration.embed import RUNTIME, SHIM, daemons
-from integration.harness import Containerd, processes_matching, task_list, wait_for
+from integration.harness import (
+    Containerd,
+    blocked_writing,
+    processes_matching,
+    task_list,
+    wait_for,
+)
 
 # A logging program as containerd documents them.  It records what it was given, waits a
 # little before it says it is ready (the process must not exist before that), then copies
@@ -243,3 +251,81 @@ def test_piped_stdin_reaches_eof(containerd: Containerd, busybox: str) -> None:
     )  # fmt: skip
     assert r.stdout.split() == ["40000", "done"]
     containerd.ctr("task", "kill", "-s", "KILL", "box")
+
+
+def _read_available(fd: int) -> bytes:
+    out = bytearray()
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return bytes(out)
+        if not chunk:
+            return bytes(out)
+        out += chunk
+
+
+def _numbers(data: bytes) -> list[int]:
+    """The counter's numbers in ``data``, from its first whole line to its last."""
+    lines = data.split(b"\n")[1:-1]  # the first and last may be cut
+    return [int(ln.split()[1]) for ln in lines]
+
+
+def test_fifos_are_handed_over_read_write_and_survive_a_containerd_kill(
+    containerd: Containerd, busybox: str
+) -> None:
+    """A container writing all the time to containerd's stdout FIFO: the FIFO itself is its
+    fd 1 (and 2), opened read-write, and the daemon keeps no end of it.  Its reader dies
+    with containerd (kill -9): the writer blocks once the pipe is full, with no SIGPIPE;
+    containerd comes back, a reader again, and the count goes on with nothing lost."""
+    c = containerd
+    pad = "x" * 100  # 64 KiB of pipe is under 640 lines
+    script = f'i=0; while :; do echo "line $i {pad}"; i=$((i+1)); usleep 1000; done'
+    c.run(RUNTIME, busybox, "talker", "sh", "-c", script, detach=True)
+    pid = _init_pid(c, "talker")
+    ticks = _start_ticks(pid)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        link = _fd_link(pid, fd)
+        assert link.startswith(c.fifo_dir + "/") and link.endswith(f"talker-{name}"), link
+        assert stat.S_ISFIFO(os.stat(f"/proc/{pid}/fd/{fd}").st_mode)
+        with open(f"/proc/{pid}/fdinfo/{fd}") as f:
+            flags = int(f.read().split("flags:")[1].split()[0], 8)
+        assert flags & os.O_ACCMODE == os.O_RDWR, oct(flags)
+        assert link not in _daemon_fd_links(c)  # handed over, not copied
+    stdout_path = _fd_link(pid, 1)
+
+    # containerd's reader (ctr's exited with `run -d`): the test reads for it.
+    got = bytearray()
+
+    def read_until(reader: int, last: int) -> bool:
+        got.extend(_read_available(reader))
+        numbers = _numbers(bytes(got))
+        return bool(numbers) and numbers[-1] > last
+
+    reader = os.open(stdout_path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        wait_for(lambda: read_until(reader, 50), what="output")
+    finally:
+        os.close(reader)
+    c.kill9()
+
+    # No reader left but the container's own: it fills the pipe and waits, not killed.
+    def blocked() -> bool:
+        assert os.path.exists(f"/proc/{pid}/stat"), "the writer died (SIGPIPE?)"
+        return blocked_writing(pid, 1)
+
+    wait_for(blocked, what="writer blocked on a full pipe")
+    assert _start_ticks(pid) == ticks
+    c.start()
+    assert task_list(c)["talker"] == (pid, "RUNNING")
+    before = _numbers(bytes(got))[-1]
+    reader = os.open(stdout_path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        # past what the pipe held: it writes again
+        wait_for(lambda: read_until(reader, before + 1000), timeout=30, what="output again")
+    finally:
+        os.close(reader)
+    numbers = _numbers(bytes(got))
+    assert numbers == list(range(numbers[0], numbers[-1] + 1))  # nothing lost or repeated
+    assert _start_ticks(pid) == ticks
+    _kill_and_delete(c, "talker")

@@ -16,7 +16,7 @@ import grpc
 import pytest
 
 from integration.embed import RUNTIME, daemon_paths, daemons
-from integration.harness import Containerd, wait_for
+from integration.harness import Containerd, blocked_writing, processes_matching, wait_for
 from integration.tasks_grpc import Tasks, tasks_client
 from integration.tty import PtySession
 
@@ -201,7 +201,14 @@ def test_reader_that_stops_reading_stalls_only_its_own_terminal(
         tasks.exec(box, "flood", spec, stdout=stdout.path, terminal=True)
         tasks.start(box, "flood")
         s.expect(PROMPT, 20)
-        time.sleep(1.0)  # the FIFO, then the daemon's buffer, then the pty fill up
+        # The FIFO, then the daemon's buffer, then the pty fill up: `cat` waits to write.
+        cgroup = containerd.cgroup_path(box)
+
+        def stalled() -> bool:
+            cats = processes_matching(lambda p: p.cmdline == ["cat"] and cgroup in p.cgroup)
+            return len(cats) == 1 and blocked_writing(cats[0].pid, 1)
+
+        wait_for(stalled, timeout=20, what="the flood stalled on its terminal")
         (daemon,) = daemons(containerd)
         cpu0, t0 = _cpu_seconds(daemon.pid), time.monotonic()
         for i in range(10):

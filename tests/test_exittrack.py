@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from integration.prereq import bpf_problem, missing
 from shim import libbpf
 from shim.exittrack import (
     EXITS_MAX,
@@ -46,15 +47,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def _skip_reason() -> str | None:
     if not sys.platform.startswith("linux"):
         return "BPF exit tracking is Linux-only"
-    if os.geteuid() != 0:
-        return "needs root (loads and pins a BPF program, mounts bpffs)"
-    if not os.path.exists("/sys/kernel/btf/vmlinux"):
-        return "kernel has no BTF: /sys/kernel/btf/vmlinux missing"
-    try:
-        libbpf.lib()
-    except libbpf.BPFError as e:
-        return f"libbpf unusable: {e}"
-    return None
+    problem = bpf_problem()
+    return None if problem is None else missing(problem)
 
 
 _REASON = _skip_reason()

@@ -670,6 +670,40 @@ def test_unfinished_frames_of_all_peers_are_bounded(sock_path: str) -> None:
     run(main())
 
 
+def test_the_biggest_holders_are_dropped_first(sock_path: str) -> None:
+    """Over the budget, the connection holding the most goes, not the one that tipped it:
+    200 kB then 50 kB parked, then 100 kB more (350 kB > 300 kB): the 200 kB peer is dropped,
+    the other two finish their frames and are answered."""
+    limit = 300_000
+
+    async def main() -> None:
+        async with serving(sock_path, {}, max_buffered_bytes=limit) as server:
+            peers = []
+            total = 0
+            for size in (200_000, 50_000, 100_000):
+                reader, writer = await raw_connect(sock_path)
+                frame = request_frame(1, "Echo", b"y" * size)
+                writer.write(frame[:-10])
+                await writer.drain()
+                peers.append((reader, writer, frame[-10:], size))
+                if size != 100_000:
+                    total += len(frame) - 10 - HEADER_SIZE  # the body held so far
+                    await _wait_until(lambda t=total: server.buffered_bytes == t)
+            await _wait_until(lambda: server.dropped_connections == 1)
+            biggest, *rest = peers
+            assert await biggest[0].read() == b""  # dropped: EOF
+            for reader, writer, tail, size in rest:
+                writer.write(tail)
+                await writer.drain()
+                _, response = await read_response(reader)
+                assert response.status.ok and response.payload == b"y" * size
+            for _, writer, _, _ in peers:
+                writer.close()
+            await _wait_until(lambda: server.buffered_bytes == 0)
+
+    run(main())
+
+
 def test_context_gone_is_set_when_the_peer_leaves(sock_path: str) -> None:
     seen: list[Context] = []
 

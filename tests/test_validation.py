@@ -277,6 +277,11 @@ def test_options_of_unknown_type_refused() -> None:
         (runc_options_pb2.Options(binary_name="runc\0x"), "options.binary_name"),
         (runc_options_pb2.Options(root="relative"), "options.root"),
         (runc_options_pb2.Options(root="/run/../etc"), "options.root"),
+        (runc_options_pb2.Options(criu_path="../criu"), "options.criu_path"),
+        (runc_options_pb2.Options(criu_path="sbin/criu"), "options.criu_path"),
+        (runc_options_pb2.Options(criu_path="/usr/sbin/./criu"), "options.criu_path"),
+        (runc_options_pb2.Options(criu_work_path="work"), "options.criu_work_path"),
+        (runc_options_pb2.Options(criu_work_path="/var/../etc"), "options.criu_work_path"),
     ],
 )
 def test_runc_options_refused(options: runc_options_pb2.Options, field: str) -> None:

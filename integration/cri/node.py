@@ -347,16 +347,6 @@ def rpc_code(exc: BaseException) -> grpc.StatusCode | None:
     return code if isinstance(code, grpc.StatusCode) else None
 
 
-def xfail_unimplemented(handler: str, error: object, feature: str) -> None:
-    """Mark the running test as an expected failure when our runtime answered Unimplemented
-    for ``feature`` (work tracked in an issue); anything else is left to fail."""
-    text = str(error.details() if isinstance(error, grpc.RpcError) else error)
-    if handler == "embed" and ("not supported yet" in text or "not implemented" in text):
-        import pytest
-
-        pytest.xfail(f"embedshim: {feature} not implemented yet (issue 5): {text[-160:]}")
-
-
 def poll(cond: Callable[[], Any], timeout: float = 10, what: str = "") -> Any:
     """wait_for with a finer interval (CRI state changes are quick)."""
     return wait_for(cond, timeout=timeout, interval=0.02, what=what)

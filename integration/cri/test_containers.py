@@ -27,7 +27,7 @@ def _alive(pid: int) -> bool:
 def test_container_status_through_its_lifecycle(node: CriNode, handler: str) -> None:
     pod = node.run_pod(handler)
     t0 = time.time_ns()
-    failing = node.create_container(pod, ["sh", "-c", "sleep 0.5; exit 7"], name="failing")
+    failing = node.create_container(pod, ["sh", "-c", "sleep 1; exit 7"], name="failing")
     ok = node.create_container(pod, ["true"], name="ok")
     t1 = time.time_ns()
     for cid, name in ((failing, "failing"), (ok, "ok")):
@@ -45,13 +45,14 @@ def test_container_status_through_its_lifecycle(node: CriNode, handler: str) -> 
     assert running.state == cri.CONTAINER_RUNNING
     assert running.started_at >= running.created_at
     assert running.finished_at == 0
-    assert node.containers(pod)[0].state in (cri.CONTAINER_RUNNING, cri.CONTAINER_CREATED)
+    states = {c.id: c.state for c in node.containers(pod)}
+    assert states == {failing: cri.CONTAINER_RUNNING, ok: cri.CONTAINER_CREATED}
     node.start(ok)
 
     st = node.wait_exited(failing)
     assert st.exit_code == 7
     assert st.reason == "Error"
-    assert st.finished_at - st.started_at >= 400_000_000  # it slept 0.5 s before exiting
+    assert st.finished_at - st.started_at >= 900_000_000  # it slept 1 s before exiting
     st = node.wait_exited(ok)
     assert (st.exit_code, st.reason) == (0, "Completed")
     # both set; no order between them: CRI stamps started_at when Start returns, and a

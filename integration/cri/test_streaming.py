@@ -6,14 +6,10 @@ server code path ``kubectl exec`` reaches through the kubelet (which speaks SPDY
 
 from __future__ import annotations
 
-import time
-
-import grpc
-
 from integration.cri import crilog
 from integration.cri.api import cri_api_pb2 as cri
-from integration.cri.node import CriNode, xfail_unimplemented
-from integration.cri.wsstream import STDERR, STDOUT, StreamError
+from integration.cri.node import CriNode
+from integration.cri.wsstream import STDERR, STDOUT
 
 
 def test_exec_stream(node: CriNode, handler: str) -> None:
@@ -41,16 +37,17 @@ def test_exec_stream(node: CriNode, handler: str) -> None:
 def test_exec_stream_tty(node: CriNode, handler: str) -> None:
     pod = node.run_pod(handler)
     cid = node.run_container(pod, ["sleep", "1000"])
-    script = "[ -t 0 ] && [ -t 1 ] && echo TTY; read l; stty size; echo got:$l; exit 4"
+    # Resize and stdin travel on separate channels, in no set order: after its line the
+    # script waits (up to 5 s) for the new size instead of the test sleeping for it.
+    script = (
+        "[ -t 0 ] && [ -t 1 ] && echo TTY; read l; i=0; "
+        'while [ "$(stty size)" != "30 100" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i+1)); done; '
+        "stty size; echo got:$l; exit 4"
+    )
     s = node.exec_stream(cid, ["sh", "-c", script], tty=True, stdin=True)
     try:
-        try:
-            s.wait_output(b"TTY")
-        except StreamError:
-            xfail_unimplemented(handler, s.status().get("message", ""), "terminals (tty)")
-            raise
+        s.wait_output(b"TTY")
         s.resize(100, 30)
-        time.sleep(0.3)  # resize and stdin travel on separate channels: let it land first
         s.send_stdin(b"x\r")
         s.wait_closed()
         out = s.buffers[STDOUT]
@@ -91,11 +88,7 @@ def test_attach(node: CriNode, handler: str) -> None:
 
 def test_attach_tty(node: CriNode, handler: str) -> None:
     pod = node.run_pod(handler)
-    try:
-        cid = node.run_container(pod, ["sh"], name="shell", tty=True, stdin=True)
-    except grpc.RpcError as exc:
-        xfail_unimplemented(handler, exc, "terminals (tty)")
-        raise
+    cid = node.run_container(pod, ["sh"], name="shell", tty=True, stdin=True)
     s = node.attach_stream(cid, tty=True)
     try:
         s.resize(120, 40)

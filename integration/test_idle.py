@@ -1,0 +1,140 @@
+"""The daemon's idle exit (EMBEDSHIM_IDLE_EXIT), the next `start` bringing one back, and the
+race between the two that start.lock settles.
+
+An idle daemon exits only under the start lock, and only if no `start` reserved it
+meanwhile; a `start` reserves under the same lock, or, finding no daemon, spawns one.  So a
+`start` that meets a daemon on its way out either keeps it or gets a new one: never a dead
+socket.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from integration.embed import RUNTIME, daemon_paths, daemons, embedshim_env, remove_bpf_pins
+from integration.harness import Containerd, task_list, wait_for
+from shim.ttrpc.blocking import BlockingClient
+
+IDLE = 1.0
+DAEMON_SERVICE = "embedshim.v1.Daemon"
+
+
+@pytest.fixture
+def idle_containerd(busybox: str) -> Iterator[Containerd]:
+    c = Containerd(
+        extra_env={**embedshim_env(), "EMBEDSHIM_IDLE_EXIT": str(IDLE)}, watch_paths=[busybox]
+    )
+    try:
+        yield c
+    finally:
+        try:
+            c.cleanup()
+        finally:
+            remove_bpf_pins(c)
+
+
+def _daemon_pids(c: Containerd) -> list[int]:
+    return [p.pid for p in daemons(c)]
+
+
+def _log(c: Containerd) -> str:
+    with open(daemon_paths(c).log) as f:
+        return f.read()
+
+
+def _lock_waiters(path: str) -> set[int]:
+    """Pids blocked in flock() on ``path`` (the ``->`` lines of /proc/locks)."""
+    ino = os.stat(path).st_ino
+    out = set()
+    with open("/proc/locks") as f:
+        for line in f:
+            fields = line.split()
+            if len(fields) > 6 and fields[1] == "->" and fields[2] == "FLOCK":
+                if int(fields[6].rsplit(":", 1)[1]) == ino:
+                    out.add(int(fields[5]))
+    return out
+
+
+def test_idle_exit_after_a_burst_and_the_next_start(
+    idle_containerd: Containerd, busybox: str
+) -> None:
+    """A burst of short-lived containers is served by one daemon; it exits IDLE seconds
+    after the last of them, not sooner; the next container brings a new one."""
+    c = idle_containerd
+    pids = set()
+    for i in range(4):  # each closer than IDLE to the one before
+        before = time.monotonic()
+        r = c.run(RUNTIME, busybox, f"burst{i}", "sh", "-c", f"exit {i + 3}", rm=True, check=False)
+        assert r.returncode == i + 3, r.stderr
+        pids.update(_daemon_pids(c))
+    assert len(pids) == 1, pids  # never restarted during the burst
+    (first,) = pids
+    wait_for(lambda: not _daemon_pids(c), timeout=IDLE + 10, what="idle exit")
+    gone = time.monotonic()
+    assert gone >= before + IDLE  # the last shutdown came after `before`
+    assert _log(c).count("idle, exiting") == 1
+    assert not os.path.exists(daemon_paths(c).socket)
+    r = c.run(RUNTIME, busybox, "again", "sh", "-c", "exit 9", rm=True, check=False)
+    assert r.returncode == 9, r.stderr
+    (second,) = _daemon_pids(c)
+    assert second != first
+
+
+def test_a_start_that_reserved_keeps_the_daemon(idle_containerd: Containerd, busybox: str) -> None:
+    """The daemon's idle timer fires while a `start` holds the lock (the test, here); the
+    start reserves it: it stays, and serves the container that start was for."""
+    c = idle_containerd
+    paths = daemon_paths(c)
+    c.run(RUNTIME, busybox, "first", "true", rm=True)
+    (daemon,) = _daemon_pids(c)
+    lock = os.open(paths.lock, os.O_RDWR)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        wait_for(lambda: daemon in _lock_waiters(paths.lock), timeout=IDLE + 10, what="idle exit")
+        with BlockingClient(paths.address, timeout=5) as client:  # what `start` does
+            assert client.call(DAEMON_SERVICE, "Reserve", b"test\0kept") == str(daemon).encode()
+    finally:
+        os.close(lock)
+    r = c.run(RUNTIME, busybox, "kept", "sh", "-c", "exit 6", rm=True, check=False)
+    assert r.returncode == 6, r.stderr
+    assert _daemon_pids(c) == [daemon]
+    assert "idle, exiting" not in _log(c)
+
+
+def test_start_racing_the_idle_exit_always_gets_a_daemon(
+    idle_containerd: Containerd, busybox: str
+) -> None:
+    """The daemon on its way out and containerd's `start` for a new container both wait on
+    the lock, released at once: whichever wins, the container runs (on the old daemon, or
+    on a new one once the old has removed its socket)."""
+    c = idle_containerd
+    paths = daemon_paths(c)
+    outcomes = []
+    for i in range(3):
+        c.run(RUNTIME, busybox, f"warm{i}", "true", rm=True)  # a daemon, about to go idle
+        (daemon,) = _daemon_pids(c)
+        exits_before = _log(c).count("idle, exiting")
+        lock = os.open(paths.lock, os.O_RDWR)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            wait_for(lambda d=daemon: d in _lock_waiters(paths.lock), timeout=IDLE + 10,
+                     what="the daemon waiting to exit")  # fmt: skip
+            run = c.ctr_async(*c.run_args(RUNTIME, busybox, f"race{i}", "sh", "-c", "exit 7",
+                                          rm=True))  # fmt: skip
+            wait_for(lambda: len(_lock_waiters(paths.lock)) >= 2, what="start waiting too")
+        finally:
+            os.close(lock)
+        out, err = run.communicate(timeout=60)
+        assert run.returncode == 7, (out, err)
+        exited = _log(c).count("idle, exiting") - exits_before
+        assert exited in (0, 1)
+        if exited:
+            wait_for(lambda d=daemon: d not in _daemon_pids(c), what="old daemon gone")
+        outcomes.append("new daemon" if exited else "kept")
+        assert task_list(c) == {}
+    print(f"\nstart vs idle exit: {outcomes}")
