@@ -366,10 +366,17 @@ class Tasks:
         task.close()
 
     def _runc(self, namespace: str, opts: RuncOptions, root: str = "") -> Runc:
-        """runc as a task's options (or its record's root) say."""
+        """runc as a task's options (or its record's root) say.  A ``Root`` setting is
+        the parent of one runc root per namespace, as for containerd's runc shim."""
+        if not root:
+            root = (
+                os.path.join(opts.root, namespace)
+                if opts.root
+                else self.deps.paths.runc_root_for(namespace)
+            )
         return Runc(
             self.deps.reaper,
-            root=root or opts.root or self.deps.paths.runc_root_for(namespace),
+            root=root,
             binary=opts.binary,
             systemd_cgroup=opts.systemd_cgroup,
             criu=opts.criu,

@@ -101,6 +101,7 @@ class Node:
         self.recorder = RECORDER.replace("{tmp}", tmp)
         self.log = os.path.join(self.dir, "calls.jsonl")
         self.sd_toml = os.path.join(self.dir, "sd.toml")
+        self.runc_root = os.path.join(self.dir, "runc-root")
         os.makedirs(self.dir)
         real = shutil.which("runc", path="/usr/local/sbin:/usr/sbin:/usr/bin:/sbin:/bin")
         assert real is not None
@@ -112,7 +113,7 @@ class Node:
             )
         os.chmod(self.recorder, 0o755)
         with open(os.path.join(self.dir, "rec.toml"), "w") as f:
-            f.write(f'BinaryName = "{self.recorder}"\n')
+            f.write(f'BinaryName = "{self.recorder}"\nRoot = "{self.runc_root}"\n')
         self.write_sd_toml()
 
     def write_sd_toml(self) -> None:
@@ -193,6 +194,8 @@ def test_cgroupfs_parent_and_no_setting_no_systemd_driver(node: Node) -> None:
     (create,) = node.command(cid, "create")
     uid = pod.config.metadata.uid
     assert create["cgroupsPath"] == f"/{node.cri.ctrd.cgroup_parent}/pod{uid}/{cid}"
+    # Root is the parent of a runc root per namespace, as for the runc shim
+    assert create["argv"][:2] == ["--root", os.path.join(node.runc_root, "k8s.io")], create
 
 
 def test_systemd_slice_parent_turns_the_driver_on_without_a_setting(node: Node) -> None:
