@@ -52,8 +52,8 @@ bpf:
 	$(MAKE) -C bpf
 
 lint:
-	$(VENV)/bin/ruff check shim tests integration runc_exec conftest.py
-	$(VENV)/bin/ruff format --check shim tests integration runc_exec conftest.py
+	$(VENV)/bin/ruff check shim tests integration runc_exec conftest.py setup.py
+	$(VENV)/bin/ruff format --check shim tests integration runc_exec conftest.py setup.py
 	$(VENV)/bin/mypy shim
 
 unit: setup

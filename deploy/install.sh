@@ -69,6 +69,12 @@ fi
 mkdir -p "$HOST/usr/local/bin"
 ln -sfn "$SHIM" "$HOST/usr/local/bin/containerd-shim-embed-v1"
 say "linked /usr/local/bin/containerd-shim-embed-v1 -> $SHIM"
+# what the daemon will run with: BPF exit tracking and crash survival come from files in the
+# package (shim/data); a node that lacks what they need (BTF, say) gets a warning, not a stop
+REPORT=$(on_host "$SHIM" check 2>&1) || true
+printf '%s\n' "$REPORT" | grep -E '^(mode:|WARNING:)' | while IFS= read -r line; do
+    say "check: $line"
+done
 
 # 2. containerd's CRI config: the "embed" runtime, once
 CFG=$HOST$CONFIG

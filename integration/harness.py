@@ -537,8 +537,12 @@ class Containerd:
         start_timeout: float = START_TIMEOUT,
         sandbox_image: str = "",
         netns: str | None = None,
+        extra_config: str = "",
     ) -> None:
         self.cri = cri
+        #: TOML appended to the generated config (``{tmp}`` is the temp dir), e.g. more CRI
+        #: runtime handlers
+        self.extra_config = extra_config
         #: CRI's pause image (``sandbox_image``); must be imported before the first pod.
         self.sandbox_image = sandbox_image
         #: a persistent network namespace (bind-mounted file) containerd runs in, so CNI
@@ -678,6 +682,8 @@ class Containerd:
                 f'  runtime_type = "{EMBED_RUNTIME}"',
                 "",
             ]
+        if self.extra_config:
+            lines.append(self.extra_config.replace("{tmp}", self.tmp))
         return "\n".join(lines)
 
     def _preexec(self) -> None:  # pragma: no cover - runs in the child

@@ -97,6 +97,12 @@ def main(flags: Flags) -> int:
     from shim import libbpf
 
     rows.append(("bpffs", libbpf.is_bpffs("/sys/fs/bpf"), "/sys/fs/bpf"))
+    from shim.exittrack import default_object_path
+
+    obj = default_object_path()
+    rows.append(
+        ("BPF object", os.path.isfile(obj), obj if os.path.isfile(obj) else f"{obj} missing")
+    )
     bpf_ok, bpf_why = ExitTracker.available(pin_root)
     rows.append(("BPF exit tracking", bpf_ok, bpf_why))
     for tool in ("runc", "containerd"):
@@ -105,16 +111,20 @@ def main(flags: Flags) -> int:
     rows.append(("root", os.geteuid() == 0, f"euid {os.geteuid()}"))
     rows.append(("OOM events", *_oom()))
     rows.append(("checkpoint (CRIU)", *_criu()))
-    from shim.start import keeper_binary
+    from shim import packaged
 
-    keeper = keeper_binary()
-    rows.append(("crash survival", keeper is not None, keeper or "keeper not built (make setup)"))
+    keeper = packaged.keeper()
+    rows.append(("crash survival", keeper is not None, keeper or packaged.keeper_missing()))
     width = max(len(r[0]) for r in rows)
     for name, good, detail in rows:
         sys.stdout.write(f"{name:<{width}}  {'yes' if good else 'no ':<3}  {detail}\n")
     sys.stdout.write(f"cgroups{' ' * (width - 7)}  {_cgroups()}\n")
     mode = "bpf+pidfd" if bpf_ok else "pidfd+waitid only (exits while no daemon runs are lost)"
     sys.stdout.write(f"\nmode: {mode}\n")
+    if not bpf_ok:
+        sys.stdout.write(f"WARNING: no BPF exit tracking: {bpf_why}\n")
+    if keeper is None:
+        sys.stdout.write(f"WARNING: no crash survival: {packaged.keeper_missing()}\n")
     if paths is not None:
         from shim.reload import info
 

@@ -98,6 +98,16 @@ class Daemon:
             except (OSError, TimeoutError) as exc:
                 log.event("keeper does not answer; running without it", logging.ERROR, error=exc)
                 self.keeper = None
+        elif handoff is None:
+            from shim import packaged
+
+            log.event(
+                "running without a keeper: a crash of this daemon ends every task",
+                logging.WARNING,
+                reason=packaged.keeper_missing()
+                if packaged.keeper() is None
+                else "started without one (not by `start`)",
+            )
         reaper = Reaper(loop)
         store = StateStore(self.paths.store)
         publisher = Publisher(self.ttrpc_address)
@@ -497,11 +507,18 @@ def _requeue_events(
     return exits, ooms
 
 
+NO_BPF = "exit statuses of containers that exit while no daemon runs are lost"
+
+
 def open_tracker(paths: DaemonPaths) -> ExitTracker | None:
     """The pinned BPF exit tracker, or None (said once in the log) where BPF cannot be used:
     the daemon then works with its reaper and pidfds alone."""
     if os.environ.get("EMBEDSHIM_BPF", "").lower() in ("off", "0", "no"):
-        log.event("BPF exit tracking disabled by EMBEDSHIM_BPF; using pidfd and waitid only")
+        log.event(
+            "BPF exit tracking disabled by EMBEDSHIM_BPF; using pidfd and waitid only",
+            logging.WARNING,
+            consequence=NO_BPF,
+        )
         return None
     try:
         tracker = ExitTracker.open(paths.bpf_pin_root)
@@ -511,6 +528,7 @@ def open_tracker(paths: DaemonPaths) -> ExitTracker | None:
             "BPF exit tracking unavailable; using pidfd and waitid only",
             logging.WARNING,
             reason=reason if not ok else str(exc),
+            consequence=NO_BPF,
         )
         return None
     log.event("BPF exit tracking on", pins=tracker.pin_dir, link_id=tracker.link_id)

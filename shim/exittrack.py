@@ -78,12 +78,15 @@ class TrackedMapFull(BPFError):
 
 
 def default_object_path() -> str:
-    """The committed object: ``$EMBEDSHIM_EXITSNOOP_OBJ`` or ``<repo>/bpf/exitsnoop.bpf.o``."""
+    """``$EMBEDSHIM_EXITSNOOP_OBJ``, else the object shipped in the package
+    (``shim/data/exitsnoop.bpf.o``), else the committed ``<checkout>/bpf/exitsnoop.bpf.o``
+    (see shim.packaged)."""
     env = os.environ.get(OBJECT_ENV)
     if env:
         return env
-    here = os.path.dirname(os.path.abspath(__file__))
-    return os.path.join(os.path.dirname(here), "bpf", "exitsnoop.bpf.o")
+    from shim import packaged
+
+    return packaged.bpf_object()
 
 
 def process_start_boottime(pid: int) -> int:

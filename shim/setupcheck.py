@@ -199,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from shim.start import keeper_binary
 
     keeper = keeper_binary()
-    missing = Result(False, "not built: no crash survival")
+    missing = Result(False, "not built (make keeper): no crash survival")
     rows.append(("keeper", Result(True, keeper) if keeper else missing))
     width = max(len(k) for k, _ in rows)
     print("embedshim setup check:")

@@ -80,12 +80,10 @@ def _executable() -> str:
 
 
 def keeper_binary() -> str | None:
-    """The keeper built beside the package (``make setup``: keeper/embedshim-keeper), if any."""
-    import os
+    """The keeper shipped in the package, or built in the checkout (shim.packaged), if any."""
+    from shim import packaged
 
-    package = os.path.dirname(os.path.abspath(sys.modules["shim"].__file__ or ""))
-    path = os.path.join(os.path.dirname(package), "keeper", "embedshim-keeper")
-    return path if os.access(path, os.X_OK) else None
+    return packaged.keeper()
 
 
 def containerd_state(flags: Flags) -> str:

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from shim import errors, identifiers, log, procinfo
-from shim.api import events_pb2, mount_pb2, runc_options_pb2, shim_pb2
-from shim.bundle import PATH_MAX, Bundle, check_path
+from shim.api import events_pb2, mount_pb2, shim_pb2
+from shim.bundle import Bundle, check_path
 from shim.cgroups import Cgroup, CgroupError
 from shim.checkpoint import WORK_DIR, RestoreSpec, require_criu
 from shim.events import Publisher
@@ -31,11 +31,17 @@ from shim.process import InitProcess, Process, Status
 from shim.procio import FdKeeper, ProcessIO
 from shim.reaper import Reaper
 from shim.runc import Runc, RuncError, find_executable
+from shim.runcoptions import (  # noqa: F401 (RUNC_OPTIONS, RUNTIME_OPTIONS: for importers)
+    RUNC_OPTIONS,
+    RUNTIME_OPTIONS,
+    RuncOptions,
+    decode_options,
+    for_bundle,
+    stored,
+)
+from shim.runcoptions import is_clean_absolute as _is_clean_absolute
 from shim.statestore import ProcessRecord, StateStore, StoreError, best_effort
 from shim.stdio import Stdio
-
-RUNC_OPTIONS = "containerd.runc.v1.Options"
-RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
 
 
 @dataclass
@@ -52,67 +58,6 @@ class Deps:
     keeper: FdKeeper | None = None  # holds stdio fds across a crash (shim.keeperlink)
     #: where Create takes bundles from (None: bundle.allowed_roots(), the default)
     bundle_roots: tuple[str, ...] | None = None
-
-
-@dataclass
-class RuncOptions:
-    root: str = ""
-    binary: str = "runc"
-    systemd_cgroup: bool = False
-    no_pivot: bool = False
-    no_new_keyring: bool = False
-    criu: str = ""
-    criu_work_path: str = ""
-
-
-def decode_options(type_url: str, value: bytes) -> RuncOptions:
-    """The runtime options containerd passes; an unknown type is refused."""
-    if not type_url:
-        return RuncOptions()
-    name = type_url.rsplit("/", 1)[-1]
-    if name == RUNC_OPTIONS:
-        opts = runc_options_pb2.Options()
-        try:
-            opts.ParseFromString(value)
-        except Exception as exc:
-            raise errors.invalid(f"options: bad {RUNC_OPTIONS}: {exc}") from None
-        for field, name in (("binary_name", opts.binary_name), ("criu_path", opts.criu_path)):
-            if name and not (_is_clean_absolute(name) or _is_plain_name(name)):
-                raise errors.invalid(
-                    f"options.{field}: {name[:100]!r} is neither a command name "
-                    "nor a clean absolute path"
-                )
-        for field, path in (("root", opts.root), ("criu_work_path", opts.criu_work_path)):
-            if path and not _is_clean_absolute(path):
-                raise errors.invalid(
-                    f"options.{field}: {path[:100]!r} is not a clean absolute path"
-                )
-        return RuncOptions(
-            root=opts.root,
-            binary=opts.binary_name or "runc",
-            systemd_cgroup=opts.systemd_cgroup,
-            no_pivot=opts.no_pivot_root,
-            no_new_keyring=opts.no_new_keyring,
-            criu=opts.criu_path,
-            criu_work_path=opts.criu_work_path,
-        )
-    if name == RUNTIME_OPTIONS:
-        return RuncOptions()
-    raise errors.invalid(f"options: unsupported type {type_url[:200]!r}")
-
-
-def _is_clean_absolute(path: str) -> bool:
-    return (
-        os.path.isabs(path)
-        and "\0" not in path
-        and len(path) <= PATH_MAX
-        and os.path.normpath(path) == path
-        and not path.startswith("//")
-    )
-
-
-def _is_plain_name(name: str) -> bool:
-    return name not in (".", "..") and "/" not in name and "\0" not in name and len(name) <= 255
 
 
 def find_runc(runc: Runc, from_options: bool) -> str:
@@ -279,6 +224,7 @@ class Tasks:
         # are removed at the next create or delete that finds the store writable.
         self._forget_later: set[tuple[str, str]] = set()
         self._kept: dict[str, int] = {}  # during restore only
+        self._warned_empty_options = False  # said once per daemon
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -314,7 +260,7 @@ class Tasks:
     async def _create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> Task:
         bundle = Bundle.load(check_path(req.bundle, namespace, req.id, self.deps.bundle_roots))
         bundle.check_rootfs()
-        opts = decode_options(req.options.type_url, req.options.value)
+        opts = self._options(namespace, req, bundle)
         restore: RestoreSpec | None = None
         if req.checkpoint:
             await require_criu(
@@ -337,7 +283,7 @@ class Tasks:
         io = Stdio(req.stdin, req.stdout, req.stderr, req.terminal)
         io.check()
         mounts = _rootfs_mounts(req)
-        blob = req.options.SerializeToString() if req.options.type_url else None
+        blob = stored(opts) if req.options.type_url or opts.systemd_cgroup else None
         task = Task(namespace, req.id, bundle, runc, self.deps, io, blob)
         task.rootfs = list(req.rootfs)
         mounted = False
@@ -376,6 +322,32 @@ class Tasks:
         task.log_line("container created", pid=task.init.pid)
         return task
 
+    def _options(
+        self, namespace: str, req: shim_pb2.CreateTaskRequest, bundle: Bundle
+    ) -> RuncOptions:
+        """runc's settings for a new task: its runtime options, then its spec's cgroupsPath
+        (systemd's form turns the systemd driver on; see shim.runcoptions)."""
+        opts = decode_options(req.options.type_url, req.options.value)
+        opts, by_path = for_bundle(opts, bundle.config)
+        if by_path:
+            log.event(
+                "systemd cgroup driver: cgroupsPath is slice:prefix:name",
+                logging.DEBUG,
+                ns=namespace,
+                id=req.id,
+                cgroups_path=bundle.config["linux"]["cgroupsPath"],
+            )
+        if opts.source.endswith("without settings") and not self._warned_empty_options:
+            self._warned_empty_options = True
+            log.event(
+                "runtime options without settings: runc runs with its defaults (containerd "
+                "1.6 sends a handler's options table only as ConfigPath; see README)",
+                logging.WARNING,
+                ns=namespace,
+                id=req.id,
+            )
+        return opts
+
     async def _undo_create(self, task: Task, mounted: bool) -> None:
         """Leave no runc state, mount, record, fd or logging program behind after a failed
         create."""
@@ -394,10 +366,17 @@ class Tasks:
         task.close()
 
     def _runc(self, namespace: str, opts: RuncOptions, root: str = "") -> Runc:
-        """runc as a task's options (or its record's root) say."""
+        """runc as a task's options (or its record's root) say.  A ``Root`` setting is
+        the parent of one runc root per namespace, as for containerd's runc shim."""
+        if not root:
+            root = (
+                os.path.join(opts.root, namespace)
+                if opts.root
+                else self.deps.paths.runc_root_for(namespace)
+            )
         return Runc(
             self.deps.reaper,
-            root=root or opts.root or self.deps.paths.runc_root_for(namespace),
+            root=root,
             binary=opts.binary,
             systemd_cgroup=opts.systemd_cgroup,
             criu=opts.criu,

@@ -88,12 +88,22 @@ class Pod:
 class CriNode:
     """containerd + CRI + CNI in a private netns, with a gRPC CRI client."""
 
-    def __init__(self, busybox_rootfs: str, log_level: str = "info") -> None:
+    def __init__(
+        self,
+        busybox_rootfs: str,
+        log_level: str = "info",
+        *,
+        env: dict[str, str] | None = None,
+        extra_config: str = "",
+    ) -> None:
+        """``env``: containerd's (embedshim_env() by default; containerd_version_env() for
+        another containerd); ``extra_config``: TOML added to its config (more handlers)."""
         self.ctrd = Containerd(
             cri=True,
             log_level=log_level,
             start=False,
-            extra_env=embedshim_env(),
+            extra_env=env if env is not None else embedshim_env(),
+            extra_config=extra_config,
             sandbox_image=PAUSE_IMAGE,
             watch_paths=[busybox_rootfs],
         )
@@ -160,8 +170,14 @@ class CriNode:
         self._seq += 1
         return f"{prefix}-{self._seq}"
 
-    def pod_config(self, name: str, host_network: bool = False) -> cri.PodSandboxConfig:
+    def pod_config(
+        self, name: str, host_network: bool = False, cgroup_parent: str | None = None
+    ) -> cri.PodSandboxConfig:
+        """``cgroup_parent``: the kubelet's (``{uid}`` is the pod's uid); by default a cgroupfs
+        path under the instance's cgroup parent."""
         uid = uuid.uuid4().hex
+        if cgroup_parent is None:
+            cgroup_parent = f"/{self.ctrd.cgroup_parent}/pod{{uid}}"
         log_dir = os.path.join(self.logs, f"default_{name}_{uid}")
         ns = cri.NamespaceOption(
             network=cri.NODE if host_network else cri.POD,
@@ -175,13 +191,19 @@ class CriNode:
             labels={"esh-test": "1"},
             annotations={"esh/annotation": name},
             linux=cri.LinuxPodSandboxConfig(
-                cgroup_parent=f"/{self.ctrd.cgroup_parent}/pod{uid}",
+                cgroup_parent=cgroup_parent.replace("{uid}", uid),
                 security_context=cri.LinuxSandboxSecurityContext(namespace_options=ns),
             ),
         )
 
-    def run_pod(self, handler: str, name: str = "", host_network: bool = False) -> Pod:
-        config = self.pod_config(name or self._name("pod"), host_network)
+    def run_pod(
+        self,
+        handler: str,
+        name: str = "",
+        host_network: bool = False,
+        cgroup_parent: str | None = None,
+    ) -> Pod:
+        config = self.pod_config(name or self._name("pod"), host_network, cgroup_parent)
         os.makedirs(config.log_directory, exist_ok=True)
         r = self.runtime.RunPodSandbox(
             cri.RunPodSandboxRequest(config=config, runtime_handler=handler)

@@ -34,6 +34,35 @@ def test_snippet_runtimeclass_and_suite_agree(cri_node: CriNode) -> None:
     assert suite["embed"]["runtime_type"] == snippet["embed"]["runtime_type"]
 
 
+def test_systemd_snippet_and_its_runc_settings(tmp_path: Path) -> None:
+    """The handler with runc's settings spelt out (systemd-driver nodes): same handler and
+    runtime type, a ConfigPath that containerd keeps, and a settings file the daemon reads
+    as SystemdCgroup (the CRI suite's test_systemd_cgroup runs the same through CRI)."""
+    from shim.api import runtimeoptions_pb2
+    from shim.runcoptions import RUNTIME_OPTIONS, decode_options
+
+    text = (DEPLOY / "containerd-cri-embed-systemd.toml").read_text()
+    snippet = _runtimes(tomllib.loads(text))
+    assert list(snippet) == ["embed"]
+    assert snippet["embed"]["runtime_type"] == HANDLERS["embed"]
+    options = snippet["embed"]["options"]
+    assert isinstance(options, dict) and options == {"ConfigPath": "/etc/embedshim/runc.toml"}
+    msg = runtimeoptions_pb2.Options(config_path=str(DEPLOY / "embedshim-runc.toml"))
+    opts = decode_options(RUNTIME_OPTIONS, msg.SerializeToString())
+    assert opts.systemd_cgroup and opts.binary == "runc" and opts.root == ""
+    cfg = tmp_path / "config.toml"
+    cfg.write_text("version = 2\n" + text)
+    dump = subprocess.run(
+        ["containerd", "--config", str(cfg), "config", "dump"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert dump.returncode == 0, dump.stderr
+    runtime = _runtimes(tomllib.loads(dump.stdout))["embed"]
+    assert runtime["options"] == {"ConfigPath": "/etc/embedshim/runc.toml"}, runtime
+
+
 def _install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         ["sh", str(DEPLOY / "install.sh"), "--host-root", str(root), *args],

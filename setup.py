@@ -1,0 +1,77 @@
+"""Build steps pyproject.toml cannot express: the package carries its two files that are not
+Python (see shim/packaged.py), and the wheel says it is for one platform.
+
+* ``shim/data/exitsnoop.bpf.o``: the committed CO-RE object ``bpf/exitsnoop.bpf.o``, copied
+  (building it needs clang, llvm and libbpf-dev, which ``make bpf`` uses; the object is
+  the same bytes on every little-endian host).
+* ``shim/data/embedshim-keeper``: ``keeper/keeper.c`` compiled with the C compiler (``$CC``,
+  else ``cc``), statically linked where the C library allows it, so the wheel's keeper runs
+  on a node whatever its C library's version; if static linking fails (no ``libc.a``) it is
+  linked dynamically, and the build says so.  A build without a C compiler fails: a
+  package without its keeper has no crash survival.
+
+The wheel is then tagged ``py3-none-<platform>`` (``linux_x86_64``, ...): any Python 3
+(no extension module), but only the machine type the keeper was compiled for.  An editable
+install (``make setup``) builds neither: a checkout uses ``bpf/`` and ``keeper/``.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+
+from setuptools import setup
+from setuptools.command.bdist_wheel import bdist_wheel
+from setuptools.command.build_py import build_py
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+CFLAGS = ["-std=c11", "-O2", "-g0", "-s", "-Wall", "-Wextra", "-Werror", "-D_GNU_SOURCE"]
+
+
+class BuildPy(build_py):
+    def run(self) -> None:
+        super().run()
+        if self.editable_mode:
+            return
+        data = os.path.join(self.build_lib, "shim", "data")
+        os.makedirs(data, exist_ok=True)
+        shutil.copyfile(
+            os.path.join(HERE, "bpf", "exitsnoop.bpf.o"), os.path.join(data, "exitsnoop.bpf.o")
+        )
+        build_keeper(
+            os.path.join(HERE, "keeper", "keeper.c"), os.path.join(data, "embedshim-keeper")
+        )
+
+
+def build_keeper(source: str, out: str) -> None:
+    cc = shlex.split(os.environ.get("CC", "cc"))
+    tmp = out + ".tmp"
+    for extra in (["-static"], []):
+        argv = [*cc, *CFLAGS, *extra, "-o", tmp, source]
+        print(" ".join(argv))
+        r = subprocess.run(argv, capture_output=True, text=True)
+        if r.returncode == 0:
+            break
+        print(f"embedshim: {' '.join(argv)} failed:\n{r.stdout}{r.stderr}", file=sys.stderr)
+        if extra:
+            print("embedshim: WARNING: linking the keeper dynamically", file=sys.stderr)
+    else:
+        raise SystemExit("embedshim: cannot compile keeper/keeper.c (a C compiler is needed)")
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, out)
+
+
+class BdistWheel(bdist_wheel):
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.root_is_pure = False
+
+    def get_tag(self) -> tuple[str, str, str]:
+        _, _, platform = super().get_tag()
+        return "py3", "none", platform
+
+
+setup(cmdclass={"build_py": BuildPy, "bdist_wheel": BdistWheel})

@@ -1,0 +1,57 @@
+"""The two files that are not Python: the BPF object and the keeper.
+
+An installed package (a wheel: ``pip install .``, ``deploy/Dockerfile``, ``deploy/install.sh
+--dist``) carries both in ``shim/data/``: setup.py's build step copies the committed
+``bpf/exitsnoop.bpf.o`` there and compiles ``keeper/keeper.c`` into
+``shim/data/embedshim-keeper``.  A checkout (``make setup``, an editable install) has no
+``shim/data``; there they are where ``make bpf`` and ``make keeper`` put them, in ``bpf/``
+and ``keeper/`` beside the package.  Without either, the daemon still runs, and says so
+loudly (its log, ``check``): without the object, no BPF exit tracking; without the keeper,
+no crash survival.
+
+Imported only when a daemon is about to be spawned, by ``check``, and by the daemon.
+"""
+
+from __future__ import annotations
+
+import os
+
+import shim
+
+DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(shim.__file__ or "")), "data")
+CHECKOUT = os.path.dirname(os.path.dirname(DATA_DIR))
+KEEPER = "embedshim-keeper"
+BPF_OBJECT = "exitsnoop.bpf.o"
+
+
+def keeper_candidates() -> tuple[str, ...]:
+    """Where the keeper is looked for, in order: in the package, then in the checkout."""
+    return os.path.join(DATA_DIR, KEEPER), os.path.join(CHECKOUT, "keeper", KEEPER)
+
+
+def keeper() -> str | None:
+    """The keeper's path, or None if it is in none of :func:`keeper_candidates`."""
+    for path in keeper_candidates():
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def bpf_object_candidates() -> tuple[str, ...]:
+    """Where the BPF object is looked for, in order: in the package, then in the checkout."""
+    return os.path.join(DATA_DIR, BPF_OBJECT), os.path.join(CHECKOUT, "bpf", BPF_OBJECT)
+
+
+def bpf_object() -> str:
+    """The first of :func:`bpf_object_candidates` that exists (else the first: the error
+    then names where an installed package should have it)."""
+    candidates = bpf_object_candidates()
+    return next((p for p in candidates if os.path.isfile(p)), candidates[0])
+
+
+def keeper_missing() -> str:
+    """What ``check`` and the daemon say when there is no keeper."""
+    return (
+        f"{KEEPER} not found (looked for {' and '.join(keeper_candidates())}): no crash "
+        "survival, a crash of the daemon ends every task; in a checkout: make keeper"
+    )
