@@ -549,3 +549,95 @@ def test_a_peer_is_not_read_past_128_requests_in_flight(live: Live) -> None:
         for s in conns:
             s.close()
     run(call(live.address, "Delete", shim_pb2.DeleteRequest(id="hold")))
+
+
+def _padded(msg: object, size: int) -> object:
+    """``msg`` serialized with an unknown length-delimited field (15) bringing it to about
+    ``size`` bytes: still a valid request, and as large as the peer likes."""
+    body = msg.SerializeToString()  # type: ignore[attr-defined]
+    pad = size - len(body) - 8
+    varint = bytearray()
+    n = pad
+    while True:
+        varint.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            break
+
+    class Raw:
+        def SerializeToString(self) -> bytes:  # noqa: N802 (protobuf's name)
+            return body + b"\x7a" + bytes(varint) + b"\0" * pad
+
+    return Raw()
+
+
+def test_a_peer_is_not_read_past_16_mib_in_flight(live: Live) -> None:
+    """The real default: requests whose payloads add up to 16 MiB stop that connection's
+    reading until one is answered; under it the next request is read at once."""
+    c = live.c
+    b = write_bundle(c, NS, "hold", oci_spec(live.busybox, "sleep", "1000"))
+    run(call(live.address, "Create", shim_pb2.CreateTaskRequest(id="hold", bundle=b)))
+    big_wait = _padded(shim_pb2.WaitRequest(id="hold"), 3_500_000)
+    state = shim_pb2.StateRequest(id="hold")
+    conns = []
+    try:
+        for n in (4, 5):  # 14 MB, then 17.5 MB of Waits
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(daemon_paths(c).socket)
+            conns.append(s)
+            s.sendall(b"".join(_request(2 * i + 1, "Wait", big_wait) for i in range(n)))
+            s.sendall(_request(2 * n + 1, "State", state))
+        conns[0].settimeout(10)
+        t0 = time.monotonic()
+        [(stream, response)] = _responses(conns[0], 1)
+        took = time.monotonic() - t0
+        assert stream == 9 and response.status.ok
+        conns[1].settimeout(10 * took + 1)
+        with pytest.raises(TimeoutError):
+            conns[1].recv(1)
+        live.keep_is_untouched()
+        run(call(live.address, "Kill", shim_pb2.KillRequest(id="hold", signal=9)))
+        conns[1].settimeout(30)
+        got = _responses(conns[1], 6)
+        assert {sid for sid, _ in got[:5]} == {1, 3, 5, 7, 9} and got[5][0] == 11
+    finally:
+        for s in conns:
+            s.close()
+    run(call(live.address, "Delete", shim_pb2.DeleteRequest(id="hold")))
+
+
+def test_a_peer_that_does_not_read_its_answers_is_not_read_either(live: Live) -> None:
+    """A peer that sends and never reads: once its answers back up, the daemon stops reading
+    it, so its requests wait in its own socket, not in the daemon's memory; others are
+    served as usual meanwhile."""
+    (daemon,) = daemons(live.c)
+
+    def rss() -> int:
+        with open(f"/proc/{daemon.pid}/status") as f:
+            return int(next(ln for ln in f if ln.startswith("VmRSS:")).split()[1])
+
+    before = rss()
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(daemon_paths(live.c).socket)
+    s.setblocking(False)
+    frames = b"".join(_request(2 * i + 1, "State", shim_pb2.StateRequest(id="keep"))
+                      for i in range(2000))  # fmt: skip
+    sent, stalled_since = 0, None
+    try:
+        while sent < 200 * len(frames):  # up to about 20 MB of requests
+            try:
+                sent += s.send(frames[sent % len(frames) :][:65536])
+                stalled_since = None
+            except BlockingIOError:
+                stalled_since = stalled_since or time.monotonic()
+                if time.monotonic() - stalled_since > 1.0:
+                    break  # the daemon has stopped reading us
+                time.sleep(0.01)
+        assert sent < 200 * len(frames), "the daemon read everything a non-reader sent"
+        t0 = time.monotonic()
+        live.keep_is_untouched()
+        assert time.monotonic() - t0 < 1.0
+        assert rss() - before < 8 << 10, (before, rss())  # KiB: bounded, not ~20 MB
+    finally:
+        s.close()
+    live.keep_is_untouched()

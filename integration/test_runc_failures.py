@@ -210,7 +210,7 @@ def test_state_disk_full(containerd: Containerd, busybox: str) -> None:
             _create(paths.address, b, "full2", root=alt_root)
         assert info.value.code == Code.UNAVAILABLE, info.value
         assert "state store" in info.value.message and "full" in info.value.message
-        assert _runc_ids(alt_root) == []
+        assert _runc_ids(os.path.join(alt_root, NS)) == []  # Root: one runc root per namespace
         assert _runc_ids(paths.runc_root_for("test")) == ["keep"]
         assert mounts_under(os.path.join(c.state)) == []
         # The running container exits and is deleted while the disk is still full.
