@@ -12,7 +12,14 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from integration.embed import RUNTIME, TASK_SERVICE, Events, bpf_pin_root, daemon_paths
+from integration.embed import (
+    RUNTIME,
+    TASK_SERVICE,
+    Events,
+    bpf_pin_root,
+    daemon_paths,
+    pending_requests,
+)
 from integration.harness import Containerd, parse_event, task_list, wait_for
 from integration.tasks_grpc import code_of, tasks_client
 from shim.api import runc_options_pb2, shim_pb2
@@ -175,12 +182,14 @@ def test_kill_wait_and_delete_of_one_exec(containerd: Containerd, box: str, even
     containerd.ctr("task", "exec", "-d", "--exec-id", "two", box, "sleep", "1000")
     with tasks_client(containerd) as tasks, ThreadPoolExecutor(1) as pool:
         waiter = pool.submit(tasks.wait, box, "one", 30)
+        wait_one = shim_pb2.WaitRequest(id=box, exec_id="one").SerializeToString()
+        wait_for(lambda: ("Wait", wait_one) in pending_requests(containerd), what="Wait read")
         with pytest.raises(grpc.RpcError) as info:
             tasks.delete_process(box, "one")
         assert code_of(info.value) == grpc.StatusCode.FAILED_PRECONDITION
         assert not waiter.done()
         containerd.ctr("task", "kill", "--exec-id", "one", "-s", "TERM", box)
-        # 143 only exists after the TERM: the Wait blocked until then (no sleep needed)
+        # The Wait was in the daemon before the TERM, and returns the TERM's 143
         assert waiter.result(timeout=20) == 143
         assert tasks.wait(box, "one") == 143  # again, at once
         # Only that exec ended.
