@@ -145,6 +145,12 @@ dump_error() { tail -n 5 "$TMP/dump.err" >&2; }
 
 if [ -f "$CFG" ] && grep -Eq '^[[:space:]]*[^[:space:]#]' "$CFG"; then
     dump_handler >"$TMP/before" || { dump_error; die "containerd cannot read $CONFIG"; }
+    # CRI turned off (containerd.io's packaged config does that): no kubelet can use this
+    # containerd, and containerd 1.x then shows no CRI settings to check the handler in
+    if tr -d "\"'" <"$TMP/dump" | grep -Eq \
+        '^disabled_plugins *=.*[[ ,](cri|io\.containerd\.grpc\.v1\.cri|io\.containerd\.cri\.v1\.runtime)[] ,]'; then
+        die "$CONFIG disables containerd's CRI plugin (disabled_plugins), which Kubernetes needs: enable it, then run this again"
+    fi
     VERSION=$(config_version "$CFG")
     if [ -z "$VERSION" ]; then
         if [ "$MAJOR" = 1 ]; then VERSION=1; else VERSION=3; fi
@@ -253,12 +259,6 @@ else
     fi
     mkdir -p "$(dirname "$PENDING")"
     : >"$PENDING"
-fi
-# CRI disabled (containerd.io's packaged config does that): the handler is there, but no
-# kubelet can use containerd until the operator enables it
-if tr -d "\"'" <"$TMP/dump" | grep -Eq \
-    '^disabled_plugins *=.*[[ ,](cri|io\.containerd\.grpc\.v1\.cri|io\.containerd\.cri\.v1\.runtime)[] ,]'; then
-    say "WARNING: $CONFIG disables containerd's CRI plugin (disabled_plugins): the kubelet cannot use this containerd until it is enabled"
 fi
 
 # 3. containerd picks it up on restart.  systemctl refuses to act from a chroot, so from

@@ -313,6 +313,9 @@ V1_CONFIG = 'version = 1\n[plugins.cri]\n  sandbox_image = "p"\n'
 RUNC_EMBED = f'version = 2\n[{CRI_RUNTIMES}.embed]\n  runtime_type = "io.containerd.runc.v2"\n'
 #: a handler "embed" without a runtime type: a second table of that name is invalid TOML
 HALF_EMBED = f"version = 2\n[{CRI_RUNTIMES}.embed]\n  privileged_without_host_devices = true\n"
+#: containerd.io's packaged /etc/containerd/config.toml (CRI off), and a version 3 one
+CRI_OFF = 'disabled_plugins = ["cri"]\n'
+CRI_OFF_V3 = "version = 3\ndisabled_plugins = ['io.containerd.cri.v1.runtime']\n"
 CONFIG = "/etc/containerd/config.toml"
 
 
@@ -338,6 +341,12 @@ CONFIG = "/etc/containerd/config.toml"
         pytest.param(
             "1.6", "version = 2\n[plugins\n", (), f"containerd cannot read {CONFIG}",
             id="broken",
+        ),
+        pytest.param(
+            "1.6", CRI_OFF, (), "disables containerd's CRI plugin", id="cri-off"
+        ),
+        pytest.param(
+            "2.2.7", CRI_OFF_V3, (), "disables containerd's CRI plugin", id="cri-off-2.x"
         ),
         pytest.param(
             "1.6", None, ("--shim", "/nowhere/shim"), "/nowhere/shim is not an executable",
