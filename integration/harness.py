@@ -538,11 +538,15 @@ class Containerd:
         sandbox_image: str = "",
         netns: str | None = None,
         extra_config: str = "",
+        edit_config: Callable[[str], None] | None = None,
     ) -> None:
         self.cri = cri
         #: TOML appended to the generated config (``{tmp}`` is the temp dir), e.g. more CRI
         #: runtime handlers
         self.extra_config = extra_config
+        #: called with the config file's path once it is written, before containerd starts
+        #: (a test of deploy/install.sh lets the installer edit it)
+        self.edit_config = edit_config
         #: CRI's pause image (``sandbox_image``); must be imported before the first pod.
         self.sandbox_image = sandbox_image
         #: a persistent network namespace (bind-mounted file) containerd runs in, so CNI
@@ -706,6 +710,8 @@ class Containerd:
             os.makedirs(self.cni_conf_dir, exist_ok=True)
         with open(self.config_path, "w") as f:
             f.write(self.config_toml())
+        if self.edit_config is not None:
+            self.edit_config(self.config_path)
         if self._log_file is None:
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115
         t0 = time.monotonic()

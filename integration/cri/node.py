@@ -95,15 +95,18 @@ class CriNode:
         *,
         env: dict[str, str] | None = None,
         extra_config: str = "",
+        edit_config: Callable[[str], None] | None = None,
     ) -> None:
         """``env``: containerd's (embedshim_env() by default; containerd_version_env() for
-        another containerd); ``extra_config``: TOML added to its config (more handlers)."""
+        another containerd); ``extra_config``: TOML added to its config (more handlers);
+        ``edit_config``: called with the config file's path before containerd starts."""
         self.ctrd = Containerd(
             cri=True,
             log_level=log_level,
             start=False,
             extra_env=env if env is not None else embedshim_env(),
             extra_config=extra_config,
+            edit_config=edit_config,
             sandbox_image=PAUSE_IMAGE,
             watch_paths=[busybox_rootfs],
         )
