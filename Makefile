@@ -10,7 +10,7 @@ CRI_API := integration/cri/api
 
 .PHONY: setup demo test unit integration cri lint proto bpf bench soak fuzz clean keeper
 
-setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper
+setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper runc_exec/embedshim-runc-exec
 	@$(PY) -m shim.setupcheck
 
 .setup-debs:
@@ -31,6 +31,10 @@ keeper/embedshim-keeper: keeper/keeper.c keeper/Makefile
 	@$(MAKE) -s -C keeper
 
 keeper: keeper/embedshim-keeper
+
+# the exec wrapper in C (runc_exec/runc_exec.c; the daemon falls back to runc_exec.py without it)
+runc_exec/embedshim-runc-exec: runc_exec/runc_exec.c runc_exec/Makefile
+	@$(MAKE) -s -C runc_exec
 
 TEST_PROTOS := $(wildcard integration/proto/*.proto)
 

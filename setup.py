@@ -1,4 +1,4 @@
-"""Build steps pyproject.toml cannot express: the package carries its two files that are not
+"""Build steps pyproject.toml cannot express: the package carries its files that are not
 Python (see shim/packaged.py), and the wheel says it is for one platform.
 
 * ``shim/data/exitsnoop.bpf.o``: the committed CO-RE object ``bpf/exitsnoop.bpf.o``, copied
@@ -9,6 +9,8 @@ Python (see shim/packaged.py), and the wheel says it is for one platform.
   on a node whatever its C library's version; if static linking fails (no ``libc.a``) it is
   linked dynamically, and the build says so.  A build without a C compiler fails: a
   package without its keeper has no crash survival.
+* ``shim/data/embedshim-runc-exec``: ``runc_exec/runc_exec.c``, the exec wrapper in C (no
+  interpreter start-up per exec), compiled the same way.
 
 The wheel is then tagged ``py3-none-<platform>`` (``linux_x86_64``, ...): any Python 3
 (no extension module), but only the machine type the keeper was compiled for.  An editable
@@ -44,6 +46,10 @@ class BuildPy(build_py):
         build_keeper(
             os.path.join(HERE, "keeper", "keeper.c"), os.path.join(data, "embedshim-keeper")
         )
+        build_keeper(
+            os.path.join(HERE, "runc_exec", "runc_exec.c"),
+            os.path.join(data, "embedshim-runc-exec"),
+        )
 
 
 def build_keeper(source: str, out: str) -> None:
@@ -57,9 +63,9 @@ def build_keeper(source: str, out: str) -> None:
             break
         print(f"embedshim: {' '.join(argv)} failed:\n{r.stdout}{r.stderr}", file=sys.stderr)
         if extra:
-            print("embedshim: WARNING: linking the keeper dynamically", file=sys.stderr)
+            print(f"embedshim: WARNING: linking {out} dynamically", file=sys.stderr)
     else:
-        raise SystemExit("embedshim: cannot compile keeper/keeper.c (a C compiler is needed)")
+        raise SystemExit(f"embedshim: cannot compile {source} (a C compiler is needed)")
     os.chmod(tmp, 0o755)
     os.replace(tmp, out)
 

@@ -283,6 +283,64 @@ def test_exit_while_no_daemon_runs_is_reported_with_its_code(
     events.close()
 
 
+@pytest.mark.parametrize("how", ["reload", "SIGKILL", "no daemon"])
+def test_exec_exit_code_across_a_daemon_restart(
+    containerd: Containerd, busybox: str, how: str
+) -> None:
+    """An exec that exits across a reload, a kill -9 of the daemon, or while no daemon runs
+    at all (keeper stopped) is reported with its own code (42) to the `ctr task exec` whose
+    Wait was in flight; its wrapper (the C one, the daemon's child) leaves no zombie."""
+    ctl = os.path.join(containerd.tmp, "ctl")
+    os.makedirs(ctl)
+    bind = ("--mount", f"type=bind,src={ctl},dst=/ctl,options=rbind:rw")
+    containerd.run(RUNTIME, busybox, "box", "sleep", "100000", detach=True, extra=bind)
+    fg = containerd.ctr_async(
+        "task", "exec", "--exec-id", "e1", "box", "sh", "-c",
+        "while [ ! -e /ctl/go ]; do sleep 0.02; done; exit 42",
+    )  # fmt: skip
+    (daemon,) = daemons(containerd)
+    (keeper,) = keepers(containerd)
+
+    def wrapped() -> list[tuple[ProcInfo, ProcInfo]]:
+        """(wrapper, exec'd process) once runc is done and the process is the wrapper's."""
+        procs = processes_matching(lambda p: True)
+        ws = [w for w in procs if w.ppid == daemon.pid and "runc" in w.comm]
+        return [(w, p) for w in ws for p in procs if p.ppid == w.pid and p.comm == "sh"]
+
+    wait_for(lambda: len(wrapped()) == 1, what="the exec running under its wrapper")
+    ((wrapper, exec_proc),) = wrapped()
+    assert os.path.basename(wrapper.exe) == "embedshim-runc-exec", wrapper
+    exec_pid = exec_proc.pid
+    go = os.path.join(ctl, "go")
+    if how == "reload":
+        log_path = daemon_paths(containerd).log
+        reloads = open(log_path).read().count("daemon reloaded")
+        os.kill(daemon.pid, signal.SIGHUP)
+        wait_for(lambda: open(log_path).read().count("daemon reloaded") > reloads, what="reload")
+        open(go, "w").close()
+    elif how == "SIGKILL":
+        _crash(containerd, "SIGKILL")
+        open(go, "w").close()
+    else:
+        os.kill(keeper.pid, signal.SIGSTOP)
+        try:
+            os.kill(daemon.pid, signal.SIGKILL)
+            wait_for(lambda: not os.path.exists(f"/proc/{daemon.pid}/fd/0"), what="daemon dead")
+            open(go, "w").close()
+            wait_for(lambda: not os.path.exists(f"/proc/{exec_pid}/fd/0"), what="exec exited")
+        finally:
+            os.kill(keeper.pid, signal.SIGCONT)
+    assert fg.wait(timeout=30) == 42, fg.stderr.read() if fg.stderr else ""
+    r = containerd.ctr("task", "exec", "--exec-id", "e2", "box", "sh", "-c", "exit 3",
+                       check=False)  # fmt: skip
+    assert r.returncode == 3, r.stderr
+    ours = {p.pid for p in [*daemons(containerd), *keepers(containerd)]}
+    wait_for(
+        lambda: not processes_matching(lambda p: p.zombie and p.ppid in ours),
+        what="no zombie left under the daemon or the keeper",
+    )
+
+
 SLOW_RUNC = """#!/bin/sh
 # runc, one second late to create: time enough for the daemon to die meanwhile.
 for a in "$@"; do [ "$a" = create ] && sleep 1; done

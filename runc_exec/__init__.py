@@ -1,6 +1,10 @@
 """The runc-exec wrapper the daemon runs for every exec process; see README.md here.
 
-The wrapper is a script, not a module to import: run it as
+The daemon runs :func:`command` (then the wrapper's own arguments): the C wrapper
+``embedshim-runc-exec`` (``runc_exec.c``, the same command line and protocol, no interpreter to
+start) where it is built, else the Python script.
+
+The script is not a module to import: run it as
 ``[sys.executable, "-S", "-E", fast_script(), ...]`` (or with SCRIPT).  A script given by its
 ``.py`` path is compiled on every run (its bytecode is never cached), which is most of the
 wrapper's own start-up; Python runs a ``.pyc`` given in its place the same way, minus that.
@@ -9,8 +13,29 @@ wrapper's own start-up; Python runs a ``.pyc`` given in its place the same way, 
 import importlib.util
 import os
 import py_compile
+import sys
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runc_exec.py")
+BINARY_NAME = "embedshim-runc-exec"
+
+
+def binary() -> str | None:
+    """The compiled wrapper: in the package's ``shim/data`` (a wheel), else beside SCRIPT
+    (a checkout, ``make -C runc_exec``); None if neither is there."""
+    from shim import packaged
+
+    for path in packaged.runc_exec_candidates():
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def command() -> list[str]:
+    """The wrapper's argv before its options: the C binary if built, else the script."""
+    path = binary()
+    if path is not None:
+        return [path]
+    return [sys.executable, "-S", "-E", fast_script()]
 
 
 def compile_script(cfile: str) -> str:

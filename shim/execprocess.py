@@ -15,7 +15,6 @@ import logging
 import os
 import signal
 import subprocess
-import sys
 import time
 from typing import TYPE_CHECKING
 
@@ -34,10 +33,11 @@ START_TIMEOUT = 30.0
 UNKNOWN = 255
 
 
-def _wrapper_script() -> str:
+def _wrapper_command() -> list[str]:
+    """The C wrapper if it is built (no interpreter start-up per exec), else the script."""
     import runc_exec
 
-    return runc_exec.fast_script()
+    return runc_exec.command()
 
 
 class ExecProcess(Process):
@@ -124,12 +124,12 @@ class ExecProcess(Process):
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             with open(os.path.join(self.dir, "process.json"), "wb") as f:
                 f.write(self.spec)
-            script = _wrapper_script()
+            wrapper = _wrapper_command()
             pio = self.pio = self.new_io()
             await pio.open()
             r, w = os.pipe()
             try:
-                self.helper_pid = self._spawn_wrapper(script, pio.triple, w, pio.console_path)
+                self.helper_pid = self._spawn_wrapper(wrapper, pio.triple, w, pio.console_path)
                 self.helper_start = procinfo.start_time(self.helper_pid)
                 helper_exit = self.task.deps.reaper.watch(self.helper_pid)
             except BaseException:
@@ -200,12 +200,16 @@ class ExecProcess(Process):
         self.start_failed(UNKNOWN)
 
     def _spawn_wrapper(
-        self, script: str, stdio: tuple[int, int, int], sync_fd: int, console_socket: str | None
+        self,
+        wrapper: list[str],
+        stdio: tuple[int, int, int],
+        sync_fd: int,
+        console_socket: str | None,
     ) -> int:
         runc = self.task.runc
         binary = find_executable(runc.binary, runc.env.get("PATH", "")) or runc.binary
         argv = [
-            sys.executable, "-S", "-E", script,
+            *wrapper,
             "--sync-fd", str(sync_fd),
             "--status-file", self.status_file,
             "--runc", binary,

@@ -31,6 +31,9 @@ from integration.prereq import missing
 from runc_exec import runc_exec as wrapper
 
 BUSYBOX = "/bin/busybox"
+# The wrapper under test (argv before its options); test_runc_exec_c.py runs these tests again
+# with the C wrapper in its place.
+WRAPPER = [sys.executable, "-S", "-E", runc_exec.SCRIPT]
 RUNC = shutil.which("runc")
 LINE_TIMEOUT = 20.0
 
@@ -247,14 +250,15 @@ def start(
     stdin: int = subprocess.DEVNULL,
     stdout: int | None = None,
     extra: list[str] | None = None,
-    script: str = runc_exec.SCRIPT,
+    script: str | None = None,
 ) -> Run:
     """Start the wrapper as the daemon will: stdio = the exec's, the sync pipe as fd N."""
     assert RUNC is not None
     r, w = os.pipe()
     status_file = c.path("status")
     pid_file = c.path("pid")
-    cmd = [sys.executable, "-S", "-E", script, "--sync-fd", str(w)]
+    prefix = WRAPPER if script is None else [sys.executable, "-S", "-E", script]
+    cmd = [*prefix, "--sync-fd", str(w)]
     cmd += ["--status-file", status_file, "--runc", RUNC, "--root", c.root]
     cmd += ["--pid-file", pid_file, "--process", process or c.process_json(args or ["true"])]
     cmd += [*(extra or []), container_id or c.cid]
@@ -334,7 +338,7 @@ def test_last_error_takes_the_last_error_line() -> None:
 
 def test_bad_command_line_exits_2_with_usage() -> None:
     proc = subprocess.run(
-        [sys.executable, "-S", "-E", runc_exec.SCRIPT, "--sync-fd", "999"],
+        [*WRAPPER, "--sync-fd", "999"],
         capture_output=True,
         text=True,
         timeout=30,
@@ -354,7 +358,7 @@ def _with_fake_runc(tmp_path: str, soft: int | None) -> tuple[str, str]:
         f.write(f"#!/bin/sh\nulimit -Sn > {record}\nexit 1\n")
     os.chmod(fake, 0o755)
     r, w = os.pipe()
-    cmd = [sys.executable, "-S", "-E", runc_exec.SCRIPT, "--sync-fd", str(w), "--runc", fake]
+    cmd = [*WRAPPER, "--sync-fd", str(w), "--runc", fake]
     cmd += ["--status-file", f"{tmp_path}/s", "--root", f"{tmp_path}/r"]
     cmd += ["--pid-file", f"{tmp_path}/p", "--process", f"{tmp_path}/j.json"]
     cmd += [*(["--nofile", str(soft)] if soft is not None else []), "ctr"]
@@ -563,7 +567,7 @@ def test_posix_spawned_wrapper_still_leaves_no_signal_ignored(container: Contain
     assert RUNC is not None
     r, w = os.pipe()
     status_file, sync_fd = container.path("status"), 5
-    argv = [sys.executable, "-S", "-E", runc_exec.SCRIPT, "--sync-fd", str(sync_fd)]
+    argv = [*WRAPPER, "--sync-fd", str(sync_fd)]
     argv += ["--status-file", status_file, "--runc", RUNC, "--root", container.root]
     argv += ["--pid-file", container.path("pid")]
     argv += ["--process", container.process_json(["sleep", "1000"]), container.cid]
