@@ -115,6 +115,12 @@ def main(flags: Flags) -> int:
 
     keeper = packaged.keeper()
     rows.append(("crash survival", keeper is not None, keeper or packaged.keeper_missing()))
+    import runc_exec
+
+    wrapper = runc_exec.binary()
+    rows.append(
+        ("exec wrapper (C)", wrapper is not None, wrapper or "not built: the slower Python one")
+    )
     width = max(len(r[0]) for r in rows)
     for name, good, detail in rows:
         sys.stdout.write(f"{name:<{width}}  {'yes' if good else 'no ':<3}  {detail}\n")
