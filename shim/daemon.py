@@ -271,9 +271,12 @@ class Daemon:
 
     def _listen_to_keeper(self, keeper: KeeperLink, server: Server) -> None:
         loop = asyncio.get_running_loop()
+        taking: set[asyncio.Task[None]] = set()  # held until done (the loop's refs are weak)
 
         def connection(key: int, fd: int) -> None:
-            loop.create_task(server.serve_kept(fd, key))
+            task = loop.create_task(server.serve_kept(fd, key))
+            taking.add(task)
+            task.add_done_callback(taking.discard)
 
         def reaped(pid: int, status: int) -> None:
             log.event("orphan reaped by the keeper", logging.DEBUG, pid=pid, status=status)
