@@ -2,9 +2,10 @@
 
 containerd calls it with Go-style flags (``-namespace ns -address a -id x start``).  Each
 subcommand imports only what it needs: ``start`` and ``delete`` run once per container and
-must be quick.  The installed launcher (``shim.launcher``) runs Python without ``site`` for
-them; every other subcommand turns it on first (the daemon needs protobuf from
-site-packages).  Run as the program, they also end without the interpreter's finalisation.
+must be quick, and so must ``-info`` (containerd 2.x asks it before using the runtime).  The
+installed launcher (``shim.launcher``) runs Python without ``site`` for them; every other
+subcommand turns it on first (the daemon needs protobuf from site-packages).  Run as the
+program, they also end without the interpreter's finalisation.
 This module imports only ``sys`` and ``posix`` (no ``os``, no ``__future__``).
 """
 
@@ -38,6 +39,9 @@ commands:
   reload    upgrade the daemon in place (same pid; containers and connections kept)
   check     print which kernel features are present and the mode the daemon would use
   version   print the version
+
+  -info     (containerd 2.x) read runtime options from stdin, write a RuntimeInfo protobuf
+            (name, version, runc's features) to stdout
 
 flags (as containerd passes them):
   -namespace NS -address ADDR -publish-binary PATH -id ID -bundle PATH -debug -v
@@ -132,6 +136,14 @@ def main(argv: list[str] | None = None) -> int:
     if flags.v or flags.version or rest[:1] == ["version"]:
         sys.stdout.write(f"{NAME}:\n  Version: {VERSION}\n  Runtime: io.containerd.embed.v1\n")
         return 0
+    if flags.info:
+        # containerd 2.x: `<shim> -info`, options on stdin, a RuntimeInfo on stdout
+        from shim.info import main as info
+
+        code = info()
+        if argv is None:
+            _exit_now(code)
+        return code
     if flags.h or flags.help or not rest:
         sys.stderr.write(USAGE)
         return 0 if (flags.h or flags.help) else 2

@@ -1,4 +1,5 @@
-"""``start`` and ``delete`` run once per container: what keeps them cheap stays in place.
+"""``start`` and ``delete`` run once per container (and ``-info`` before a runtime's first
+one): what keeps them cheap stays in place.
 
 Their imports (checked in a ``python -S -E`` child, as the launcher runs them), the launcher
 that ``make setup`` installs, and the light stand-ins they rely on (``shim.fsutil`` for os,
@@ -56,7 +57,7 @@ def _run_bare(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_start_and_delete_import_nothing_heavy() -> None:
     code = (
-        "import shim.cli, shim.start, shim.delete; "
+        "import shim.cli, shim.start, shim.delete, shim.info; "
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
     r = _run_bare(code)
@@ -76,6 +77,32 @@ def test_start_and_delete_exit_at_once_with_output_flushed() -> None:
     code = "sys.argv = ['shim', 'version']; from shim.cli import main; main(); print('returned')"
     r = _run_bare(code)
     assert r.returncode == 0 and "Version" in r.stdout and "returned" in r.stdout
+
+
+def test_info_exits_at_once_with_output_flushed_and_nothing_heavy() -> None:
+    """``-info`` as the program: its RuntimeInfo written whole, then out without the
+    interpreter's finalisation; and having run (runc included, through posix_spawn) it has
+    imported nothing on the HEAVY list."""
+    prelude = f"import sys; sys.path.insert(0, {REPO!r}); "
+    runs = {
+        "program": "sys.argv = ['shim', '-info']; from shim.cli import main; main(); "
+        "sys.stdout.write('returned')",
+        "imports": "from shim.info import main; main(); sys.stdout.flush(); "
+        f"sys.stderr.write(repr(sorted(m for m in {HEAVY!r} if m in sys.modules)))",
+    }
+    out = {}
+    for name, code in runs.items():
+        r = subprocess.run(
+            [sys.executable, "-S", "-E", "-c", prelude + code],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.startswith(b"\n\x16io.containerd.embed.v1"), r.stdout[:100]
+        out[name] = r
+    assert b"returned" not in out["program"].stdout and out["program"].stderr == b""
+    assert out["imports"].stderr == b"[]", f"imported by -info: {out['imports'].stderr!r}"
 
 
 def test_other_commands_get_site_packages() -> None:
