@@ -101,6 +101,13 @@ def pending_requests(c: Containerd) -> list[tuple[str, bytes]]:
     return out
 
 
+def runtime_info_failures(c: Containerd) -> list[str]:
+    """containerd 2.x's complaints that a runtime's shim gave it no RuntimeInfo (``-info``),
+    logged at every Create while it fails (the first three)."""
+    with open(c.log_path, errors="replace") as f:
+        return [line for line in f if "failed to load runtime info" in line][:3]
+
+
 def bundle_dir(c: Containerd, namespace: str, id: str) -> str:
     """Where containerd would put the bundle of (namespace, id): the only place the daemon
     accepts one from."""

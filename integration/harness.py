@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import functools
 import gzip
 import hashlib
 import io
@@ -56,6 +57,10 @@ REQUIRED_PLUGINS = [
 ]
 START_TIMEOUT = 20.0
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"
+#: containerd 2.x (config version 3) splits CRI: its runtime and its images are plugins of
+#: their own, configured there; the gRPC service (CRI_PLUGIN) keeps only the streaming server.
+CRI_RUNTIME_PLUGIN = "io.containerd.cri.v1.runtime"
+CRI_IMAGES_PLUGIN = "io.containerd.cri.v1.images"
 #: Debian's containernetworking-plugins install the CNI plugins here.
 CNI_BIN_DIR = "/usr/lib/cni"
 _CLONE_NEWNET = 0x40000000
@@ -83,6 +88,26 @@ class CtrError(subprocess.CalledProcessError):
 
 # --------------------------------------------------------------------------------------
 # small helpers
+
+
+def containerd_version(path: str) -> tuple[int, ...]:
+    """The version of the ``containerd`` found on ``path``: (1, 6, 20) for Debian's
+    "containerd github.com/containerd/containerd 1.6.20~ds1 ...", (2, 2, 7) for "... v2.2.7 ..."."""
+    binary = shutil.which("containerd", path=path)
+    if binary is None:
+        raise HarnessError(f"containerd not found on PATH={path}")
+    return _binary_version(os.path.realpath(binary))
+
+
+@functools.lru_cache(maxsize=8)
+def _binary_version(binary: str) -> tuple[int, ...]:
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout.split()
+    if len(out) < 3:
+        raise HarnessError(f"{binary} --version: {' '.join(out)!r}")
+    numbers = out[2].lstrip("v").split("~")[0].split("-")[0].split("+")[0].split(".")
+    return tuple(int(n) for n in numbers if n.isdigit())
 
 
 def wait_for(
@@ -542,7 +567,7 @@ class Containerd:
     ) -> None:
         self.cri = cri
         #: TOML appended to the generated config (``{tmp}`` is the temp dir), e.g. more CRI
-        #: runtime handlers
+        #: runtime handlers (``[{cri_runtimes}.name]``: see :attr:`cri_runtimes`)
         self.extra_config = extra_config
         #: called with the config file's path once it is written, before containerd starts
         #: (a test of deploy/install.sh lets the installer edit it)
@@ -586,6 +611,8 @@ class Containerd:
         if len(self.ttrpc_address) >= 100:
             raise HarnessError(f"socket path too long: {self.ttrpc_address}")
         self.env = self._make_env(extra_env or {})
+        #: of the containerd on the PATH of ``extra_env`` (Debian's 1.6, or a 2.x first there)
+        self.version = containerd_version(self.env["PATH"])
         if start:
             try:
                 self.start()
@@ -629,13 +656,18 @@ class Containerd:
             # would create /opt/containerd
             "io.containerd.internal.v1.opt",
         ]
+        v3 = self.version >= (2,)  # containerd 2.x: config version 3, its plugin names
+        cri_plugins = [CRI_PLUGIN, CRI_RUNTIME_PLUGIN, CRI_IMAGES_PLUGIN] if v3 else [CRI_PLUGIN]
         required = list(REQUIRED_PLUGINS)
         if self.cri:
-            required.append(CRI_PLUGIN)
+            required += cri_plugins
         else:
-            disabled.append(CRI_PLUGIN)
+            disabled += cri_plugins
+        monitor = (
+            "io.containerd.monitor.task.v1.cgroups" if v3 else "io.containerd.monitor.v1.cgroups"
+        )
         lines = [
-            "version = 2",
+            f"version = {3 if v3 else 2}",
             f'root = "{self.root}"',
             f'state = "{self.state}"',
             f'temp = "{self.temp}"',
@@ -653,7 +685,7 @@ class Containerd:
             '  address = ""',
             f'  level = "{self.log_level}"',
             "",
-            '[plugins."io.containerd.monitor.v1.cgroups"]',
+            f'[plugins."{monitor}"]',
             "  no_prometheus = false",
             "",
             '[plugins."io.containerd.internal.v1.opt"]',
@@ -661,34 +693,84 @@ class Containerd:
             "",
         ]
         if self.cri:
-            lines += [
-                '[plugins."io.containerd.grpc.v1.cri"]',
-                "  disable_tcp_service = true",
-                '  stream_server_address = "127.0.0.1"',
-                '  stream_server_port = "0"',
-                # no CAP_SYS_RESOURCE here: containers may not lower their oom_score_adj
-                "  restrict_oom_score_adj = true",
-                # pod netns under the state dir (not /var/run/netns): cleanup finds them
-                "  netns_mounts_under_state_dir = true",
-                "  enable_selinux = false",
-                *([f'  sandbox_image = "{self.sandbox_image}"'] if self.sandbox_image else []),
-                '[plugins."io.containerd.grpc.v1.cri".cni]',
-                f'  bin_dir = "{CNI_BIN_DIR}"',
-                f'  conf_dir = "{self.cni_conf_dir}"',
-                '[plugins."io.containerd.grpc.v1.cri".containerd]',
-                '  snapshotter = "overlayfs"',
-                '  default_runtime_name = "runc"',
-                '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]',
-                f'  runtime_type = "{RUNC_RUNTIME}"',
-                '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]',
-                f'  Root = "{self.runc_root}"',
-                '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.embed]',
-                f'  runtime_type = "{EMBED_RUNTIME}"',
-                "",
-            ]
+            lines += self._cri_toml_v3() if v3 else self._cri_toml_v2()
         if self.extra_config:
-            lines.append(self.extra_config.replace("{tmp}", self.tmp))
+            extra = self.extra_config.replace("{tmp}", self.tmp)
+            lines.append(extra.replace("{cri_runtimes}", self.cri_runtimes))
         return "\n".join(lines)
+
+    @property
+    def cri_runtimes(self) -> str:
+        """The TOML table of CRI's runtime handlers in this containerd's config version
+        (``{cri_runtimes}`` in ``extra_config``)."""
+        plugin = CRI_RUNTIME_PLUGIN if self.version >= (2,) else CRI_PLUGIN
+        return f'plugins."{plugin}".containerd.runtimes'
+
+    def _cri_toml_v2(self) -> list[str]:
+        """CRI's configuration for containerd 1.6/1.7 (config version 2): all in one plugin."""
+        return [
+            '[plugins."io.containerd.grpc.v1.cri"]',
+            "  disable_tcp_service = true",
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            # no CAP_SYS_RESOURCE here: containers may not lower their oom_score_adj
+            "  restrict_oom_score_adj = true",
+            # pod netns under the state dir (not /var/run/netns): cleanup finds them
+            "  netns_mounts_under_state_dir = true",
+            "  enable_selinux = false",
+            *([f'  sandbox_image = "{self.sandbox_image}"'] if self.sandbox_image else []),
+            '[plugins."io.containerd.grpc.v1.cri".cni]',
+            f'  bin_dir = "{CNI_BIN_DIR}"',
+            f'  conf_dir = "{self.cni_conf_dir}"',
+            '[plugins."io.containerd.grpc.v1.cri".containerd]',
+            '  snapshotter = "overlayfs"',
+            '  default_runtime_name = "runc"',
+            '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]',
+            f'  runtime_type = "{RUNC_RUNTIME}"',
+            '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]',
+            f'  Root = "{self.runc_root}"',
+            '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.embed]',
+            f'  runtime_type = "{EMBED_RUNTIME}"',
+            "",
+        ]
+
+    def _cri_toml_v3(self) -> list[str]:
+        """The same for containerd 2.x (config version 3): the streaming server stays with the
+        gRPC plugin, images (the pause image among them) and runtimes have plugins of their
+        own."""
+        runtime = f'[plugins."{CRI_RUNTIME_PLUGIN}"'
+        return [
+            f'[plugins."{CRI_PLUGIN}"]',
+            "  disable_tcp_service = true",
+            '  stream_server_address = "127.0.0.1"',
+            '  stream_server_port = "0"',
+            f'[plugins."{CRI_IMAGES_PLUGIN}"]',
+            '  snapshotter = "overlayfs"',
+            *(
+                [
+                    f'[plugins."{CRI_IMAGES_PLUGIN}".pinned_images]',
+                    f'  sandbox = "{self.sandbox_image}"',
+                ]
+                if self.sandbox_image
+                else []
+            ),
+            f"{runtime}]",
+            "  restrict_oom_score_adj = true",
+            "  netns_mounts_under_state_dir = true",
+            "  enable_selinux = false",
+            f"{runtime}.cni]",
+            f'  bin_dirs = ["{CNI_BIN_DIR}"]',
+            f'  conf_dir = "{self.cni_conf_dir}"',
+            f"{runtime}.containerd]",
+            '  default_runtime_name = "runc"',
+            f"{runtime}.containerd.runtimes.runc]",
+            f'  runtime_type = "{RUNC_RUNTIME}"',
+            f"{runtime}.containerd.runtimes.runc.options]",
+            f'  Root = "{self.runc_root}"',
+            f"{runtime}.containerd.runtimes.embed]",
+            f'  runtime_type = "{EMBED_RUNTIME}"',
+            "",
+        ]
 
     def _preexec(self) -> None:  # pragma: no cover - runs in the child
         # containerd dies with the test runner (shims outlive it by design; cleanup/reap)

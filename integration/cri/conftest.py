@@ -1,7 +1,9 @@
-"""Fixtures of the CRI suite: one CRI node per session, every test run once per handler.
+"""Fixtures of the CRI suite: one CRI node per containerd version (Debian's 1.6, and 2.2.7
+where ../shared/containerd2 has it), every test run once per handler on each.
 
 Starting containerd with its CRI plugin, a netns and two imported images costs about a
-second, so the node is shared by the session; each test removes every pod it left (pass or
+second, so a node is shared by the session (pytest runs every test of one node before it
+starts the next); each test removes every pod it left (pass or
 fail) and checks that CRI then lists no pod and no container.
 """
 
@@ -15,17 +17,20 @@ import pytest
 
 from integration.cri.api import cri_api_pb2 as cri
 from integration.cri.node import HANDLERS, CriNode
+from integration.embed import containerd_version_env, runtime_info_failures
 
 #: CNI's result cache (libcni's default), outside any temp dir; dropped if this run made it.
 CNI_CACHE_DIRS = ("/var/lib/cni/results", "/var/lib/cni")
 _PREEXISTING = {d for d in CNI_CACHE_DIRS if os.path.isdir(d)}
 
 
-@pytest.fixture(scope="session")
-def cri_node(busybox: str) -> Iterator[CriNode]:
-    node = CriNode(busybox)
+@pytest.fixture(scope="session", params=["1.6", "2.2.7"])
+def cri_node(request: pytest.FixtureRequest, busybox: str) -> Iterator[CriNode]:
+    node = CriNode(busybox, env=containerd_version_env(str(request.param)))
+    failed: list[str] = []
     try:
         yield node
+        failed = runtime_info_failures(node.ctrd)
     finally:
         node.close()
         for d in CNI_CACHE_DIRS:
@@ -34,6 +39,9 @@ def cri_node(busybox: str) -> Iterator[CriNode]:
                     os.rmdir(d)
     left = node.ctrd.leftovers()
     assert not any(left.values()), left
+    # containerd 2.x asks each runtime's shim for its RuntimeInfo (-info) before its first
+    # task, and logs this for every Create while that fails
+    assert not failed, failed
 
 
 @pytest.fixture(params=list(HANDLERS))

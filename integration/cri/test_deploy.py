@@ -91,7 +91,8 @@ def test_snippet_runtimeclass_and_suite_agree(cri_node: CriNode) -> None:
     assert list(snippet) == [handler[1]] == ["embed"]
     assert snippet["embed"]["runtime_type"] == EMBED
     # the suite's containerd serves the same handler with the same runtime type
-    suite = _runtimes(tomllib.loads(cri_node.ctrd.config_toml()))
+    suite_config = tomllib.loads(cri_node.ctrd.config_toml())
+    suite = _runtimes(suite_config, CRI if suite_config["version"] == 2 else V3_RUNTIME)
     assert suite["embed"]["runtime_type"] == snippet["embed"]["runtime_type"]
 
 
@@ -497,7 +498,8 @@ def without_embed(config_path: str) -> str:
     """The suite's config without its own handler ``embed`` (the installer adds it)."""
     with open(config_path) as f:
         lines = f.read().splitlines(keepends=True)
-    i = lines.index(f'[plugins."{CRI}".containerd.runtimes.embed]\n')
+    v3 = lines[0] == "version = 3\n"  # the suite's config for containerd 2.x
+    i = lines.index(f'[plugins."{V3_RUNTIME if v3 else CRI}".containerd.runtimes.embed]\n')
     assert lines[i + 1].strip().startswith("runtime_type")
     return "".join(lines[:i] + lines[i + 2 :])
 

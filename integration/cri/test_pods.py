@@ -23,7 +23,7 @@ def _alive(pid: int) -> bool:
 
 def serving_process(node: CriNode, handler: str) -> set[int]:
     """The pids that serve this node's tasks for ``handler``: our one daemon, or runc.v2's
-    shims."""
+    shims (Debian's in /usr/bin, or 2.2.7's own)."""
     if handler == "embed":
         return {p.pid for p in daemons(node.ctrd)}
     return {
@@ -31,7 +31,7 @@ def serving_process(node: CriNode, handler: str) -> set[int]:
         for p in processes_matching(
             lambda p: (
                 not p.zombie
-                and p.cmdline[:1] == ["/usr/bin/containerd-shim-runc-v2"]
+                and os.path.basename((p.cmdline or [""])[0]) == "containerd-shim-runc-v2"
                 and node.ctrd.address in p.cmdline
             )
         )

@@ -33,7 +33,8 @@ from integration.cri.node import CriNode, Pod
 from integration.embed import containerd_version_env, daemon_paths, daemons
 from integration.harness import wait_for
 
-CRI_RUNTIMES = '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes'
+#: CRI's handlers, in the node's config version (the harness fills in {cri_runtimes})
+CRI_RUNTIMES = "[{cri_runtimes}"
 FLAG = "--systemd-cgroup"
 
 
