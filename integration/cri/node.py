@@ -243,6 +243,7 @@ class CriNode:
         stdin_once: bool = False,
         memory_limit: int = 0,
         log_path: str | None = None,
+        mounts: Sequence[cri.Mount] = (),
     ) -> str:
         name = name or self._name("c")
         config = cri.ContainerConfig(
@@ -255,6 +256,7 @@ class CriNode:
             tty=tty,
             stdin=stdin,
             stdin_once=stdin_once,
+            mounts=list(mounts),
             linux=cri.LinuxContainerConfig(
                 resources=cri.LinuxContainerResources(memory_limit_in_bytes=memory_limit),
                 security_context=cri.LinuxContainerSecurityContext(
