@@ -1,5 +1,6 @@
 """The daemon's idle exit (EMBEDSHIM_IDLE_EXIT), the next `start` bringing one back, and the
-race between the two that start.lock settles.
+race between the two that start.lock settles; a daemon that never gets a task exits too,
+once the reservations of the `start`s that brought it up expire (EMBEDSHIM_RESERVATION_TTL).
 
 An idle daemon exits only under the start lock, and only if no `start` reserved it
 meanwhile; a `start` reserves under the same lock, or, finding no daemon, spawns one.  So a
@@ -16,18 +17,39 @@ from collections.abc import Iterator
 
 import pytest
 
-from integration.embed import RUNTIME, daemon_paths, daemons, embedshim_env, remove_bpf_pins
-from integration.harness import Containerd, task_list, wait_for
+from integration.embed import (
+    RUNTIME,
+    call,
+    daemon_paths,
+    daemons,
+    embedshim_env,
+    keeper_of,
+    oci_spec,
+    remove_bpf_pins,
+    run,
+    start_daemon,
+    write_bundle,
+)
+from integration.harness import Containerd, _proc_info, task_list, wait_for
+from shim.api import shim_pb2
+from shim.ttrpc import TTRPCError
 from shim.ttrpc.blocking import BlockingClient
 
 IDLE = 1.0
+#: a start's reservation, shortened from 30 s
+TTL = 4.0
 DAEMON_SERVICE = "embedshim.v1.Daemon"
 
 
 @pytest.fixture
 def idle_containerd(busybox: str) -> Iterator[Containerd]:
     c = Containerd(
-        extra_env={**embedshim_env(), "EMBEDSHIM_IDLE_EXIT": str(IDLE)}, watch_paths=[busybox]
+        extra_env={
+            **embedshim_env(),
+            "EMBEDSHIM_IDLE_EXIT": str(IDLE),
+            "EMBEDSHIM_RESERVATION_TTL": str(TTL),
+        },
+        watch_paths=[busybox],
     )
     try:
         yield c
@@ -138,3 +160,55 @@ def test_start_racing_the_idle_exit_always_gets_a_daemon(
         outcomes.append("new daemon" if exited else "kept")
         assert task_list(c) == {}
     print(f"\nstart vs idle exit: {outcomes}")
+
+
+def _gone(pid: int) -> bool:
+    info = _proc_info(pid)
+    return info is None or info.zombie
+
+
+def test_a_daemon_that_never_gets_a_task_exits(idle_containerd: Containerd, busybox: str) -> None:
+    """`start` run as containerd runs it, twice, and never a Create (containerd failed or went
+    away after `start`): the daemon stays while either reservation holds, then exits with
+    status 0, its keeper with it, and the next `start` brings a new one that serves."""
+    c = idle_containerd
+    paths = daemon_paths(c)
+    bundles = [write_bundle(c, "test", cid, oci_spec(busybox, "true")) for cid in ("n1", "n2")]
+    first = time.monotonic()
+    assert start_daemon(c, bundles[0], "test", "n1") == paths.address
+    (daemon,) = daemons(c)
+    keeper = keeper_of(daemon)
+    time.sleep(1.5)
+    last = time.monotonic()
+    assert start_daemon(c, bundles[1], "test", "n2") == paths.address
+    assert [p.pid for p in daemons(c)] == [daemon.pid]
+    wait_for(lambda: _gone(daemon.pid) and _gone(keeper), timeout=TTL + 15, what="idle exit")
+    gone = time.monotonic()
+    assert gone >= last + TTL, (gone - first, gone - last)  # each reservation held it
+    log = _log(c)
+    assert log.count("idle, exiting") == 1
+    (exited,) = [line for line in log.splitlines() if 'msg="daemon exited"' in line]
+    assert f"daemon_pid={daemon.pid} " in exited and exited.endswith(" exit_code=0"), exited
+    (keeper_line,) = [line for line in log.splitlines() if 'msg="keeper exiting"' in line]
+    assert 'reason="daemon exited" exit_code=0' in keeper_line, keeper_line
+    assert not os.path.exists(paths.socket) and not os.path.exists(paths.pidfile)
+    print(f"\nno task: daemon and keeper gone {gone - first:.1f} s after the first start, "
+          f"{gone - last:.1f} s after the second (reservation TTL {TTL} s)")  # fmt: skip
+    r = c.run(RUNTIME, busybox, "next", "sh", "-c", "exit 5", rm=True, check=False)
+    assert r.returncode == 5, r.stderr
+    assert [p.pid for p in daemons(c)] != [daemon.pid]
+
+
+def test_a_daemon_whose_only_create_failed_exits(idle_containerd: Containerd, busybox: str) -> None:
+    """The Create a `start` reserved the daemon for fails: nothing holds the daemon any more,
+    so it exits IDLE seconds later (not a reservation's TTL, not never)."""
+    c = idle_containerd
+    bundle = write_bundle(c, "test", "bad", "{not json")
+    address = start_daemon(c, bundle, "test", "bad")
+    (daemon,) = daemons(c)
+    with pytest.raises(TTRPCError):
+        run(call(address, "Create", shim_pb2.CreateTaskRequest(id="bad", bundle=bundle), "test"))
+    failed = time.monotonic()
+    wait_for(lambda: _gone(daemon.pid), timeout=TTL + 10, what="idle exit")
+    assert IDLE <= time.monotonic() - failed < TTL
+    assert _log(c).count("idle, exiting") == 1

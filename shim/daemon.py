@@ -51,6 +51,8 @@ from shim.ttrpc import PeerCred, Server, require_same_user
 from shim.ttrpc.journal import Journal
 from shim.ttrpc.server import FRAME_TIMEOUT
 
+# How long a `start`'s reservation keeps the daemon for a Create that has not come
+# (EMBEDSHIM_RESERVATION_TTL overrides).  A daemon that never gets a task exits after it.
 RESERVATION_TTL = 30.0
 # How long an idle daemon stays up after its last task, so that a burst of short-lived
 # containers does not pay for a daemon start each (EMBEDSHIM_IDLE_EXIT overrides; 0 = at once).
@@ -82,6 +84,10 @@ class Daemon:
         self._reload = False
         self._exiting = False
         self._last_shutdown = 0.0
+        #: until when a daemon that has served no task yet stays up even without a
+        #: reservation: those made before a crash or a reload are not known to this image
+        self._held_until = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
         self.keeper: KeeperLink | None = None
         self.attached: Attached | None = None
         self._recovery: asyncio.Task[None] | None = None
@@ -143,6 +149,7 @@ class Daemon:
         reaper.reap()  # children that exited while no handler was installed (re-exec)
         publisher.start()
         self.service = TaskService(self.tasks, self._on_shutdown, self.info)
+        self.tasks.on_empty = self._on_shutdown
         journal = Journal(self.paths.journal) if self.attached is not None else None
         server = Server(accept_filter=admit_peer, frame_timeout=_frame_timeout(), journal=journal)
         server.register(TASK_SERVICE, self.service.methods())
@@ -199,6 +206,11 @@ class Daemon:
         )
         if ready_fd >= 0:
             _signal_ready(ready_fd)
+        # Idle from the start: a daemon that never gets a task (its Create failed, or
+        # containerd went away after `start`) exits once no reservation holds it.
+        self._last_shutdown = time.monotonic()
+        self._held_until = self._last_shutdown + _reservation_ttl()
+        self._arm_idle_exit()
         await self._stop.wait()
         if self._reload:
             await self._handoff_and_exec(server, publisher, exits, tracker, reaper, store, oom)
@@ -343,37 +355,67 @@ class Daemon:
         os.execve(sys.executable, [sys.executable, *_interpreter_options(), *argv], env)
 
     def _on_shutdown(self) -> None:
+        """A task went (Shutdown, or the last task removed by Delete, Cleanup or a failed
+        Create): idle from now, once no task or reservation is left."""
         self._last_shutdown = time.monotonic()
-        if self._idle():
-            self._arm_idle_exit(self._idle_delay())
+        self._held_until = 0.0
+        self._arm_idle_exit()
 
     @staticmethod
     def _idle_delay() -> float:
         return float(os.environ.get("EMBEDSHIM_IDLE_EXIT", IDLE_EXIT))
 
-    def _arm_idle_exit(self, delay: float) -> None:
-        def fire() -> None:
-            # Idle for the whole delay since the last task left, not since an older one.
-            left = self._last_shutdown + self._idle_delay() - time.monotonic()
-            if left > 0.01:
-                self._arm_idle_exit(left)
-            else:
-                asyncio.ensure_future(self._exit_if_idle())
+    def _idle_deadline(self) -> float | None:
+        """When (time.monotonic()) the daemon may exit if nothing changes meanwhile: the
+        idle delay after the last task left (or after it started), and not before every
+        reservation (and a new daemon's hold) has expired; None while it serves a task."""
+        if len(self.tasks):
+            return None
+        ttl = _reservation_ttl()
+        deadline = max(self._last_shutdown + self._idle_delay(), self._held_until)
+        for t in self.service.reservations.values():
+            deadline = max(deadline, t + ttl)
+        return deadline
 
-        asyncio.get_running_loop().call_later(delay, fire)
+    def _arm_idle_exit(self) -> None:
+        """(Re)arm the one idle timer for the current deadline, if the daemon serves no
+        task; a task's leaving arms it again."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        deadline = self._idle_deadline()
+        if deadline is None or self._exiting:
+            return
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, deadline - time.monotonic())
+        self._idle_timer = loop.call_later(delay, self._on_idle_timer)
+
+    def _on_idle_timer(self) -> None:
+        self._idle_timer = None
+        deadline = self._idle_deadline()
+        if deadline is None:
+            return
+        if deadline > time.monotonic():  # a reservation or a task came and went
+            self._arm_idle_exit()
+        else:
+            asyncio.ensure_future(self._exit_if_idle())
 
     def _idle(self) -> bool:
         now = time.monotonic()
+        ttl = _reservation_ttl()
         res = self.service.reservations
         for key, t in list(res.items()):
-            if now - t > RESERVATION_TTL:
+            if now - t >= ttl:
                 del res[key]
         return len(self.tasks) == 0 and not res
 
     async def _exit_if_idle(self) -> None:
         """Exit if nothing is served; under the start lock, so a ``start`` racing with us
         either reserves us first or finds the socket gone and starts a new daemon."""
-        if self._exiting or self._reload or not self._idle():
+        if self._exiting or self._reload:
+            return
+        if not self._idle():
+            self._arm_idle_exit()
             return
         self._exiting = True
         lock_fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -381,12 +423,21 @@ class Daemon:
             await asyncio.to_thread(fcntl.flock, lock_fd, fcntl.LOCK_EX)
             if not self._idle():
                 self._exiting = False
+                self._arm_idle_exit()  # a `start` reserved us meanwhile: until it expires
                 return
             os.unlink(self.paths.socket)
             log.event("idle, exiting", pid=os.getpid())
             self._stop.set()
         finally:
             os.close(lock_fd)
+
+
+def _reservation_ttl() -> float:
+    try:
+        value = float(os.environ.get("EMBEDSHIM_RESERVATION_TTL", RESERVATION_TTL))
+    except ValueError:
+        return RESERVATION_TTL
+    return value if value >= 0 else RESERVATION_TTL
 
 
 def _fatal_loop_error(loop: asyncio.AbstractEventLoop, context: dict[str, object]) -> None:

@@ -10,7 +10,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -225,6 +225,8 @@ class Tasks:
         self._forget_later: set[tuple[str, str]] = set()
         self._kept: dict[str, int] = {}  # during restore only
         self._warned_empty_options = False  # said once per daemon
+        #: called when the last task has gone (the daemon's idle exit)
+        self.on_empty: Callable[[], None] = lambda: None
 
     def __len__(self) -> int:
         return len(self._tasks)
@@ -253,6 +255,8 @@ class Tasks:
             task = await self._create(namespace, req)
         except BaseException:
             del self._tasks[key]
+            if not self._tasks:
+                self.on_empty()
             raise
         self._tasks[key] = task
         return task
@@ -624,6 +628,8 @@ class Tasks:
         task.log_line("container deleted", exit_status=status)
         task.close()
         self._tasks.pop((namespace, id), None)
+        if not self._tasks:
+            self.on_empty()
         return pid, status, exited_at
 
 
