@@ -23,6 +23,8 @@ from shim.api import introspection_pb2, runc_options_pb2, runtimeoptions_pb2
 from shim.task import decode_options
 
 SHIM = os.path.join(sys.prefix, "bin", launcher.NAME)
+#: containerd 2.2.7's own runc shim (see ../shared/containerd2/README.md), where present
+RUNC_V2 = Path(__file__).resolve().parents[2] / "shared/containerd2/bin/containerd-shim-runc-v2"
 FEATURES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
 RUNC_OPTIONS_URL = "containerd.runc.v1.Options"
 RUNTIME_OPTIONS_URL = "runtimeoptions.v1.Options"
@@ -86,6 +88,33 @@ def test_no_options_reports_the_features_of_runc_on_path() -> None:
     # what CRI looks at: recursive read-only mounts, user namespaces
     assert "rro" in theirs["mountOptions"]
     print(f"\n-info with Debian's runc: {len(r.stdout)} bytes, features {sorted(theirs)}")
+
+
+@pytest.mark.parametrize("with_options", [False, True], ids=["no-options", "binary_name"])
+def test_what_containerd_shim_runc_v2_answers(tmp_path: Path, with_options: bool) -> None:
+    """The same RuntimeInfo as containerd 2.2.7's runc shim, but for the name and version:
+    the same features (as JSON values: theirs is re-marshalled, ours is runc's own text) and
+    the same options back."""
+    if not RUNC_V2.exists():
+        pytest.skip(f"containerd 2.2.7's runc shim not found at {RUNC_V2}")
+    if with_options:
+        runc = fake_runc(tmp_path, "my-runc", '{"ociVersionMin": "1.0.0", "hooks": ["prestart"]}')
+        stdin = runc_options(binary_name=str(runc), root="/run/r", systemd_cgroup=True)
+    elif shutil.which("runc") is None:
+        pytest.skip("no runc on PATH")
+    else:
+        stdin = b""
+    r = subprocess.run(
+        [str(RUNC_V2), "-info"], input=stdin, capture_output=True, timeout=30, check=True
+    )
+    theirs = introspection_pb2.RuntimeInfo.FromString(r.stdout)
+    ours = decode(run_info(stdin).stdout)
+    assert (theirs.name, ours.name) == ("io.containerd.runc.v2", "io.containerd.embed.v1")
+    assert ours.features.type_url == theirs.features.type_url == FEATURES_TYPE
+    assert json.loads(ours.features.value) == json.loads(theirs.features.value)
+    assert ours.options == theirs.options
+    assert ours.HasField("options") == theirs.HasField("options") == with_options
+    assert dict(ours.annotations) == dict(theirs.annotations) == {}
 
 
 def test_binary_name_and_root_of_runc_options(tmp_path: Path) -> None:
