@@ -23,15 +23,18 @@ task manager runs it again before the first Create of each runtime (and logs "fa
 runtime info" for every Create while it fails).
 
 ``features`` is the output of ``runc features`` of the runc the daemon would run for those
-options: the same reading of them as Create's (``shim.task.decode_options``, which
-``tests/test_info.py`` holds this to): ``binary_name`` and ``root`` of
-``containerd.runc.v1.Options``, runc from containerd's PATH otherwise.  A runc that has no
-``features`` command (older than 1.1) gives a RuntimeInfo without features, as containerd's own
-runc shim does; options the daemon would refuse, or a runc that is not there, end in an error
-(exit status 1, the reason on stderr, which containerd logs).
+options, read by Create's own code (``shim.runcoptions``): ``BinaryName`` and ``Root`` from
+``containerd.runc.v1.Options`` or from CRI's ``runtimeoptions.v1.Options`` (the handler's
+``options`` table, or its ``ConfigPath`` file), runc from containerd's PATH otherwise.  A
+runc that has no ``features`` command (older than 1.1) gives a RuntimeInfo without features,
+as containerd's own runc shim does; options the daemon would refuse, or a runc that is not
+there, end in an error (exit status 1, the reason on stderr, which containerd logs).
 
-It runs on the path ``start`` and ``delete`` take (no ``site``, built-in modules only, no
-daemon: see ``tests/test_startup.py``); the only other process is ``runc features``.
+Without options (the task manager's call, and CRI's for a handler without an ``options``
+table) it runs on the path ``start`` and ``delete`` take (no ``site``, built-in modules only:
+see ``tests/test_startup.py``; about 10 ms); with options it also loads protobuf to read
+them (about 70 ms).  It never starts the daemon; the only other process is ``runc
+features``.
 """
 
 import posix
@@ -42,10 +45,6 @@ from shim.cli import VERSION
 
 RUNTIME_NAME = "io.containerd.embed.v1"
 FEATURES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
-RUNC_OPTIONS = "containerd.runc.v1.Options"
-RUNTIME_OPTIONS = "runtimeoptions.v1.Options"
-#: PATH_MAX, as shim.bundle has it (not imported: it brings more than this needs)
-_PATH_MAX = 4096
 _DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -54,8 +53,9 @@ class InfoError(Exception):
 
 
 def runc_for(options: bytes) -> tuple[str, str]:
-    """(runc's name or path, its --root or "") for the options Any ``options`` (b"": none),
-    read as Create reads them (shim.task.decode_options); InfoError for what Create refuses."""
+    """(runc's name or path, the ``Root`` setting or "") for the options Any ``options`` (b"":
+    none), read by the code Create reads them with (shim.runcoptions); InfoError for what
+    Create refuses."""
     if not options:
         return "runc", ""
     try:
@@ -64,26 +64,19 @@ def runc_for(options: bytes) -> tuple[str, str]:
         value = _bytes(fields, 2)
     except (ValueError, UnicodeDecodeError) as exc:
         raise InfoError(f"options: not a google.protobuf.Any: {exc}") from None
-    if not type_url:
-        return "runc", ""
-    name = type_url.rsplit("/", 1)[-1]
-    if name == RUNTIME_OPTIONS:
-        return "runc", ""
-    if name != RUNC_OPTIONS:
-        raise InfoError(f"options: unsupported type {type_url[:200]!r}")
+    # Options come only from CRI's handler tables (once per handler when CRI starts): the
+    # decoder Create uses (protobuf, TOML) is worth its 60 ms here, rather than a copy of it.
+    from shim.cli import enable_site
+
+    enable_site()
+    from shim import runcoptions
+    from shim.ttrpc import TTRPCError
+
     try:
-        opts = wire.read_fields(value)
-        binary, root = _string(opts, 6), _string(opts, 7)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InfoError(f"options: bad {RUNC_OPTIONS}: {exc}") from None
-    if binary and not (_is_clean_absolute(binary) or _is_plain_name(binary)):
-        raise InfoError(
-            f"options.binary_name: {binary[:100]!r} is neither a command name "
-            "nor a clean absolute path"
-        )
-    if root and not _is_clean_absolute(root):
-        raise InfoError(f"options.root: {root[:100]!r} is not a clean absolute path")
-    return binary or "runc", root
+        opts = runcoptions.decode_options(type_url, value)
+    except TTRPCError as exc:
+        raise InfoError(exc.message) from None
+    return opts.binary, opts.root
 
 
 def _string(fields: dict[int, list[int | bytes]], number: int) -> str:
@@ -98,19 +91,6 @@ def _bytes(fields: dict[int, list[int | bytes]], number: int) -> bytes:
     if not isinstance(value, bytes):
         raise ValueError(f"field {number} is not bytes")
     return value
-
-
-def _is_clean_absolute(path: str) -> bool:
-    """os.path.isabs and normpath(path) == path, as shim.task checks, without os.path."""
-    if path == "/":
-        return True
-    if not path.startswith("/") or "\0" in path or len(path) > _PATH_MAX:
-        return False
-    return all(part not in ("", ".", "..") for part in path[1:].split("/"))
-
-
-def _is_plain_name(name: str) -> bool:
-    return name not in ("", ".", "..") and "/" not in name and "\0" not in name and len(name) <= 255
 
 
 def find_executable(name: str, path: str) -> str | None:

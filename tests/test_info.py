@@ -20,7 +20,7 @@ from google.protobuf import any_pb2
 
 from shim import errors, info, launcher
 from shim.api import introspection_pb2, runc_options_pb2, runtimeoptions_pb2
-from shim.task import decode_options
+from shim.runcoptions import decode_options
 
 SHIM = os.path.join(sys.prefix, "bin", launcher.NAME)
 #: containerd 2.2.7's own runc shim (see ../shared/containerd2/README.md), where present
@@ -143,17 +143,35 @@ def test_binary_name_looked_up_on_containerds_path(tmp_path: Path) -> None:
     assert json.loads(msg.features.value) == {"which": "a-runc"}
 
 
-def test_cri_runtime_options_run_runc_from_path(tmp_path: Path) -> None:
-    """What CRI sends for a handler with an options table: the daemon runs the runc on PATH
-    with such options (decode_options), so that is the runc asked."""
-    fake_runc(tmp_path, "runc", '{"which": "path-runc"}')
-    body = runtimeoptions_pb2.Options(config_body=b'BinaryName = "crun"\n')
-    options = any_of(RUNTIME_OPTIONS_URL, body.SerializeToString())
-    r = run_info(options, str(tmp_path))
-    assert r.returncode == 0, r.stderr
-    msg = decode(r.stdout)
-    assert json.loads(msg.features.value) == {"which": "path-runc"}
-    assert msg.options.SerializeToString() == options
+def runtime_options(**kw: object) -> bytes:
+    value = runtimeoptions_pb2.Options(**kw).SerializeToString()  # type: ignore[arg-type]
+    return any_of(RUNTIME_OPTIONS_URL, value)
+
+
+def test_cri_runtime_options(tmp_path: Path) -> None:
+    """What CRI sends for our handler when it has an ``options`` table: runc's settings in
+    its body (containerd 1.7+) or in its ConfigPath file, read as Create reads them."""
+    path_runc = fake_runc(tmp_path / "path", "runc", '{"which": "path-runc"}')
+    body_runc = fake_runc(tmp_path / "body", "runc", '{"which": "body-runc"}')
+    file_runc = fake_runc(tmp_path / "file", "runc", '{"which": "file-runc"}')
+    config = tmp_path / "runc.toml"
+    config.write_text(f'BinaryName = "{file_runc}"\nRoot = "/run/from-file"\n')
+    cases = {
+        # the table as TOML: runc's settings by the runc shim's names, any case
+        runtime_options(config_body=f'binaryname = "{body_runc}"\nSystemdCgroup = true\n'.encode()):
+        ({"which": "body-runc"}, "features", body_runc),
+        runtime_options(config_path=str(config)): ({"which": "file-runc"},
+                                                   "--root /run/from-file features", file_runc),
+        # a table with no runc setting (TypeUrl only): the runc on PATH
+        runtime_options(type_url="x"): ({"which": "path-runc"}, "features", path_runc),
+    }  # fmt: skip
+    for options, (features, args, runc) in cases.items():
+        r = run_info(options, str(tmp_path / "path"))
+        assert r.returncode == 0, r.stderr
+        msg = decode(r.stdout)
+        assert json.loads(msg.features.value) == features
+        assert args_of(runc) == args
+        assert msg.options.SerializeToString() == options
 
 
 def test_a_runc_without_features_gives_info_without_features(tmp_path: Path) -> None:
@@ -175,6 +193,9 @@ def test_a_runc_without_features_gives_info_without_features(tmp_path: Path) -> 
         (runc_options(root="relative"), "options.root: 'relative' is not a clean absolute"),
         (runc_options(binary_name="no-such-runc"), "'no-such-runc' not found"),
         (b"\xff\xff", "not a google.protobuf.Any"),
+        (runtime_options(config_body=b"BinaryName = 3"), "BinaryName must be a TOML string"),
+        (runtime_options(config_body=b"Binary = 'runc'"), "unknown setting 'Binary'"),
+        (runtime_options(config_path="/no/such.toml"), "cannot read /no/such.toml"),
     ],
 )
 def test_options_the_daemon_refuses_are_an_error(
@@ -206,7 +227,12 @@ OPTION_CASES = [
     runc_options(root="/" + "a" * 5000),
     any_of("type.googleapis.com/containerd.runc.v1.Options", b"\x32\x03abc"),
     any_of(RUNC_OPTIONS_URL, b"\x32"),
-    any_of(RUNTIME_OPTIONS_URL, runtimeoptions_pb2.Options(config_path="/x").SerializeToString()),
+    runtime_options(config_path="/x"),
+    runtime_options(config_path="relative.toml"),
+    runtime_options(config_body=b'BinaryName = "crun"\nRoot = "/r"'),
+    runtime_options(config_body=b'binary_name = "crun"'),
+    runtime_options(config_body=b"not toml ]]"),
+    runtime_options(type_url="x"),
     any_of("runtimeoptions.v1.Other", b""),
 ]
 
