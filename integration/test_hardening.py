@@ -510,47 +510,6 @@ def _exactly(s: socket.socket, n: int) -> bytes:
     return bytes(data)
 
 
-def test_a_peer_is_not_read_past_128_requests_in_flight(live: Live) -> None:
-    """The real default: with 127 Waits pending on one connection the next request is
-    read and answered at once; with 128 pending it is not read until a Wait answers, while
-    other connections are served as usual."""
-    c = live.c
-    b = write_bundle(c, NS, "hold", oci_spec(live.busybox, "sleep", "1000"))
-    run(call(live.address, "Create", shim_pb2.CreateTaskRequest(id="hold", bundle=b)))
-    wait = shim_pb2.WaitRequest(id="hold")
-    state = shim_pb2.StateRequest(id="hold")
-    conns = []
-    try:
-        for n in (127, 128):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(daemon_paths(c).socket)
-            conns.append(s)
-            s.sendall(b"".join(_request(2 * i + 1, "Wait", wait) for i in range(n)))
-            s.sendall(_request(2 * n + 1, "State", state))
-        # 127 in flight: the State is answered while every Wait still waits.
-        conns[0].settimeout(10)
-        t0 = time.monotonic()
-        [(stream, response)] = _responses(conns[0], 1)
-        took = time.monotonic() - t0
-        assert stream == 255 and response.status.ok
-        # 128 in flight: nothing comes back, though other connections are answered.
-        conns[1].settimeout(10 * took + 1)
-        with pytest.raises(TimeoutError):
-            conns[1].recv(1)
-        live.keep_is_untouched()
-        run(call(live.address, "Kill", shim_pb2.KillRequest(id="hold", signal=9)))
-        conns[1].settimeout(30)
-        got = _responses(conns[1], 129)
-        assert {sid for sid, _ in got[:128]} == {2 * i + 1 for i in range(128)}
-        assert got[128][0] == 257 and got[128][1].status.ok  # read only once Waits answered
-        for _, response in got[:128]:
-            assert shim_pb2.WaitResponse.FromString(response.payload).exit_status == 137
-    finally:
-        for s in conns:
-            s.close()
-    run(call(live.address, "Delete", shim_pb2.DeleteRequest(id="hold")))
-
-
 def _padded(msg: object, size: int) -> object:
     """``msg`` serialized with an unknown length-delimited field (15) bringing it to about
     ``size`` bytes: still a valid request, and as large as the peer likes."""
@@ -571,35 +530,48 @@ def _padded(msg: object, size: int) -> object:
     return Raw()
 
 
-def test_a_peer_is_not_read_past_16_mib_in_flight(live: Live) -> None:
-    """The real default: requests whose payloads add up to 16 MiB stop that connection's
-    reading until one is answered; under it the next request is read at once."""
+@pytest.mark.parametrize(
+    "bound, under, over, size",
+    [("128 requests", 127, 128, 0), ("16 MiB", 4, 5, 3_500_000)],
+)
+def test_a_peer_is_not_read_past_its_in_flight_bound(
+    live: Live, bound: str, under: int, over: int, size: int
+) -> None:
+    """The real defaults, 128 requests or 16 MiB of them in flight on one connection: under
+    the bound the next request is read and answered at once; at it, the next one is not read
+    until a Wait answers, while other connections are served as usual."""
     c = live.c
     b = write_bundle(c, NS, "hold", oci_spec(live.busybox, "sleep", "1000"))
     run(call(live.address, "Create", shim_pb2.CreateTaskRequest(id="hold", bundle=b)))
-    big_wait = _padded(shim_pb2.WaitRequest(id="hold"), 3_500_000)
+    wait = shim_pb2.WaitRequest(id="hold")
+    big_wait = _padded(wait, size) if size else wait
     state = shim_pb2.StateRequest(id="hold")
     conns = []
     try:
-        for n in (4, 5):  # 14 MB, then 17.5 MB of Waits
+        for n in (under, over):
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(daemon_paths(c).socket)
             conns.append(s)
             s.sendall(b"".join(_request(2 * i + 1, "Wait", big_wait) for i in range(n)))
             s.sendall(_request(2 * n + 1, "State", state))
+        # Under the bound: the State is answered while every Wait still waits.
         conns[0].settimeout(10)
         t0 = time.monotonic()
         [(stream, response)] = _responses(conns[0], 1)
         took = time.monotonic() - t0
-        assert stream == 9 and response.status.ok
+        assert stream == 2 * under + 1 and response.status.ok
+        # At it: nothing comes back, though other connections are answered.
         conns[1].settimeout(10 * took + 1)
         with pytest.raises(TimeoutError):
             conns[1].recv(1)
         live.keep_is_untouched()
         run(call(live.address, "Kill", shim_pb2.KillRequest(id="hold", signal=9)))
         conns[1].settimeout(30)
-        got = _responses(conns[1], 6)
-        assert {sid for sid, _ in got[:5]} == {1, 3, 5, 7, 9} and got[5][0] == 11
+        got = _responses(conns[1], over + 1)
+        assert {sid for sid, _ in got[:over]} == {2 * i + 1 for i in range(over)}
+        assert got[over][0] == 2 * over + 1 and got[over][1].status.ok  # read only then
+        for _, response in got[:over]:
+            assert shim_pb2.WaitResponse.FromString(response.payload).exit_status == 137
     finally:
         for s in conns:
             s.close()

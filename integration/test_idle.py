@@ -22,10 +22,10 @@ from integration.embed import (
     call,
     daemon_paths,
     daemons,
+    embed_containerd,
     embedshim_env,
     keeper_of,
     oci_spec,
-    remove_bpf_pins,
     run,
     start_daemon,
     write_bundle,
@@ -43,21 +43,13 @@ DAEMON_SERVICE = "embedshim.v1.Daemon"
 
 @pytest.fixture
 def idle_containerd(busybox: str) -> Iterator[Containerd]:
-    c = Containerd(
-        extra_env={
-            **embedshim_env(),
-            "EMBEDSHIM_IDLE_EXIT": str(IDLE),
-            "EMBEDSHIM_RESERVATION_TTL": str(TTL),
-        },
-        watch_paths=[busybox],
-    )
-    try:
+    env = {
+        **embedshim_env(),
+        "EMBEDSHIM_IDLE_EXIT": str(IDLE),
+        "EMBEDSHIM_RESERVATION_TTL": str(TTL),
+    }
+    with embed_containerd(busybox, env) as c:
         yield c
-    finally:
-        try:
-            c.cleanup()
-        finally:
-            remove_bpf_pins(c)
 
 
 def _daemon_pids(c: Containerd) -> list[int]:

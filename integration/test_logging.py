@@ -7,21 +7,15 @@ from collections.abc import Iterator
 
 import pytest
 
-from integration.embed import RUNTIME, daemon_paths, daemons, embedshim_env, remove_bpf_pins
+from integration.embed import RUNTIME, daemon_paths, daemons, embed_containerd
 from integration.harness import Containerd, wait_for
 from integration.prereq import bpf_problem
 
 
 @pytest.fixture(params=["info", "debug"])
 def leveled_containerd(request: pytest.FixtureRequest, busybox: str) -> Iterator[Containerd]:
-    c = Containerd(log_level=request.param, extra_env=embedshim_env(), watch_paths=[busybox])
-    try:
+    with embed_containerd(busybox, log_level=request.param) as c:
         yield c
-    finally:
-        try:
-            c.cleanup()
-        finally:
-            remove_bpf_pins(c)
 
 
 def _lines(path: str, needle: str) -> list[str]:
