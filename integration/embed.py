@@ -90,13 +90,12 @@ def embed_containerd(
 def pending_requests(c: Containerd) -> list[tuple[str, bytes]]:
     """(method, payload) of every request the daemon has read and not yet answered, from its
     journal (see shim.ttrpc.journal): proof that a call has reached the daemon."""
-    from shim.ttrpc.codec import HEADER_SIZE, Request
     from shim.ttrpc.journal import Journal
 
     out = []
     for calls in Journal(daemon_paths(c).journal).load().values():
         for call in calls:
-            request = Request.decode(call.frame[HEADER_SIZE:])
+            request = call.request()
             out.append((request.method, request.payload))
     return out
 

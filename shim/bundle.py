@@ -44,6 +44,13 @@ def state_of(path: str, namespace: str, id: str) -> str | None:
     return state
 
 
+def namespace_of(path: str, id: str) -> str:
+    """The ``<namespace>`` of a bundle path ``.../<namespace>/<id>``, or "" if ``path`` does
+    not end in ``id`` (only a guess: check_path is what checks a bundle)."""
+    parent, _, last = path.rstrip("/").rpartition("/")
+    return parent.rpartition("/")[2] if last == id else ""
+
+
 def is_clean_absolute(path: str) -> bool:
     """An absolute path with nothing to normalise (no ``.``, ``..``, ``//``, trailing ``/``)."""
     return (

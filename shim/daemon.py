@@ -261,10 +261,11 @@ class Daemon:
             known_live = known & set(att.connections)
         # Calls of connections that are gone: out of the journal before any live connection
         # writes to it; an interrupted Create among them is undone in the background.
-        orphans = [call for key in known - known_live for call in journaled.get(key, [])]
+        orphans = []
         for key in known - known_live:
             for call in journaled.get(key, []):
-                journal.done(key, call.stream_id)
+                journal.done(key, call.stream_id, answered=call.answer is not None)
+                orphans.append(call)
             journal.forget_connection(key)
         if orphans:
             self._recovery = asyncio.get_running_loop().create_task(

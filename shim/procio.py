@@ -25,12 +25,11 @@ from shim import log, procinfo
 from shim.consolesocket import ConsoleSocket
 from shim.exitwatch import ExitWatch
 from shim.logbinary import LoggingBinary
-from shim.ptycopy import PtyCopier
+from shim.ptycopy import FD_NAMES, PtyCopier
 from shim.reaper import Reaper
 from shim.stdio import Stdio, open_console_input, open_input, open_output, output_scheme
 
 DRAIN_TIMEOUT = 2.0  # at Delete, for a terminal's last output (containerd waits as long)
-_COPY_FDS = ("master", "stdin", "hold", "out")
 
 
 class FdKeeper(Protocol):
@@ -166,7 +165,7 @@ class ProcessIO:
     def _keep_copy(self) -> None:
         if self._keeper is None or self.copier is None:
             return
-        for which, fd in zip(_COPY_FDS, PtyCopier.fds_by_name(self.copier), strict=True):
+        for which, fd in self.copier.fds().items():
             if fd >= 0:
                 self._keep(f"tty.{self._key}.{which}", fd)
         self._unkeep_copy_when_done(self.copier)
@@ -284,7 +283,7 @@ class ProcessIO:
         takes it (the descriptors are taken out of ``kept``); None if nothing."""
         state: dict[str, Any] = {"kept": []}
         copy = {}
-        for which in _COPY_FDS:
+        for which in FD_NAMES:
             name = f"tty.{key}.{which}"
             fd = kept.pop(name, -1)
             copy[which] = fd

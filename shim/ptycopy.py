@@ -33,6 +33,9 @@ from typing import Any
 from shim import log
 
 LIMIT = 64 * 1024
+#: The copy's descriptors: the pty master, the stdin FIFO (read), our own writer holding
+#: that FIFO open, the stdout FIFO (write).
+FD_NAMES = ("master", "stdin", "hold", "out")
 TIOCGPTPEER = 0x5441
 DEFAULT_VEOF = b"\x04"
 _LINE_ENDS = (b"", b"\n", b"\r")
@@ -159,17 +162,16 @@ class PtyCopier:
         self.finished.set()
         return state
 
-    @staticmethod
-    def fds_by_name(copier: PtyCopier) -> tuple[int, int, int, int]:
-        """master, stdin, hold, out (-1 for none)."""
-        return copier.master, copier.stdin, copier.hold, copier.out
+    def fds(self) -> dict[str, int]:
+        """The copy's descriptors by name (FD_NAMES; -1 for none)."""
+        return {name: getattr(self, name) for name in FD_NAMES}
 
     @staticmethod
     def fresh_state(fds: dict[str, int]) -> dict[str, Any]:
         """A ``freeze`` state for these fds with nothing buffered (a crash lost the buffers)."""
         empty = base64.b64encode(b"").decode()
         return {
-            **{k: fds.get(k, -1) for k in ("master", "stdin", "hold", "out")},
+            **{k: fds.get(k, -1) for k in FD_NAMES},
             "inbuf": empty,
             "outbuf": empty,
             "eof_owed": empty,
@@ -180,7 +182,7 @@ class PtyCopier:
 
     @staticmethod
     def fds_of(state: dict[str, Any]) -> list[int]:
-        return [int(state[k]) for k in ("master", "stdin", "hold", "out") if int(state[k]) >= 0]
+        return [int(state[k]) for k in FD_NAMES if int(state[k]) >= 0]
 
     @classmethod
     def thaw(cls, state: dict[str, Any], fields: dict[str, object] | None = None) -> PtyCopier:

@@ -19,6 +19,7 @@ from google.protobuf.message import DecodeError, Message
 
 from shim import errors, identifiers, log, metrics, wire
 from shim.api import runc_options_pb2, shim_pb2
+from shim.bundle import namespace_of
 from shim.cgroups import CgroupError
 from shim.checkpoint import decode_options as decode_checkpoint_options
 from shim.execprocess import ExecProcess
@@ -27,7 +28,6 @@ from shim.runc import RuncError
 from shim.statestore import StoreError
 from shim.task import Tasks
 from shim.ttrpc import Code, Context, Handler, TTRPCError
-from shim.ttrpc.codec import HEADER_SIZE, Request
 from shim.ttrpc.journal import JournaledCall
 
 TASK_SERVICE = "containerd.task.v2.Task"
@@ -184,7 +184,7 @@ class TaskService:
         but a Create it was in the middle of must leave nothing behind."""
         for call in calls:
             try:
-                request = Request.decode(call.frame[HEADER_SIZE:])
+                request = call.request()
             except Exception:
                 continue
             log.event(
@@ -198,8 +198,7 @@ class TaskService:
                 req = shim_pb2.CreateTaskRequest.FromString(request.payload)
             except DecodeError:
                 continue
-            bundle = req.bundle.rstrip("/")
-            ns = os.path.basename(os.path.dirname(bundle))
+            ns = namespace_of(req.bundle, req.id)
             if ns and self.tasks.find(ns, req.id) is None:
                 await self.tasks.recover_create(ns, req)
 
@@ -236,8 +235,8 @@ class TaskService:
             candidates |= {t.namespace for t in self.tasks.all() if t.id == id}
             if len(candidates) == 1:
                 ns = candidates.pop()
-        if not ns and bundle and os.path.basename(bundle.rstrip("/")) == id:
-            ns = os.path.basename(os.path.dirname(bundle.rstrip("/")))
+        if not ns and bundle:
+            ns = namespace_of(bundle, id)
         if not isinstance(ns, str) or not ns:
             raise errors.invalid(f"cannot tell the namespace of this request ({NAMESPACE_KEY})")
         ctx.connection["namespace"] = ns

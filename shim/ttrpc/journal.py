@@ -25,7 +25,7 @@ import contextlib
 import json
 import os
 
-from .codec import HEADER_SIZE, FrameHeader
+from .codec import HEADER_SIZE, FrameHeader, Request
 
 __all__ = ["Journal", "JournaledCall"]
 
@@ -45,6 +45,10 @@ class JournaledCall:
 
     def __repr__(self) -> str:
         return f"JournaledCall({self.connection}.{self.stream_id}, {len(self.frame)} bytes)"
+
+    def request(self) -> Request:
+        """The request in the frame; raises ProtocolError if it is not one."""
+        return Request.decode(self.frame[HEADER_SIZE:])
 
 
 class Journal:

@@ -43,6 +43,7 @@ from .codec import (
     ServerConnection,
     ServerConnectionState,
     Status,
+    encode_frame,
     oversize_message,
     parse_address,
 )
@@ -781,7 +782,6 @@ class _ServerProtocol(asyncio.Protocol):
         self._journal = server.journal if key is not None else None
         self._skip_through = skip_through  # stream ids the journal already holds
         self._sock: socket.socket | None = None
-        self._recorded: set[int] = set()  # journaled before decoding
         self._in_journal: set[int] = set()  # stream ids journaled and not done
         self._handed_off = False
         self._partial = False  # the start of a frame waits in the socket for its rest
@@ -855,8 +855,7 @@ class _ServerProtocol(asyncio.Protocol):
             self._sock = None
         if self._journal is not None and not self._handed_off:
             assert self._key is not None
-            for call in self._backlog:  # never started, never will be
-                self._journal_done(call.stream_id)
+            self._drop_backlog()
             self._journal.forget_connection(self._key)
         self._transport = None
         self._cancel_frame_timer()
@@ -909,10 +908,7 @@ class _ServerProtocol(asyncio.Protocol):
 
         A journaled connection is shut down too (unless ``shutdown`` is false: it is being
         handed over), or the other holder's duplicate would keep it open for the peer."""
-        if self._journal is not None and self._key is not None and not self._handed_off:
-            for call in self._backlog:
-                self._journal_done(call.stream_id)
-        self._backlog.clear()
+        self._drop_backlog()
         self._cancel_frame_timer()
         self._release_buffered()
         if self._transport is not None:
@@ -991,10 +987,10 @@ class _ServerProtocol(asyncio.Protocol):
             self._in_journal.update(p.stream_id for p in adopted.pending)
         for stream_id, answer in adopted.answers:
             # Answered by a predecessor that died just before or after sending it.
+            assert self._journal is not None and self._key is not None
             if self._transport is not None:
                 self._transport.write(answer)
-            self._in_journal.add(stream_id)
-            self._journal_done(stream_id)
+            self._journal.done(self._key, stream_id, answered=True)
         for pending in adopted.pending:
             request = Request(
                 pending.service,
@@ -1018,18 +1014,16 @@ class _ServerProtocol(asyncio.Protocol):
             if sid <= self._skip_through:
                 continue  # a dead predecessor journaled it: it is pending already
             if isinstance(event, RequestReceived):
-                if journal is not None and sid not in self._recorded:
+                if journal is not None and sid not in self._in_journal:
                     # read as it came (a large frame): journaled only now
                     assert self._key is not None
-                    if self._record(journal, self._key, sid, _frame_of(sid, event.request)):
+                    frame = encode_frame(sid, MessageType.REQUEST, event.request.encode())
+                    if self._record(journal, self._key, sid, frame):
                         self._in_journal.add(sid)
-                self._recorded.discard(sid)
                 self._backlog.append(_Call.received(sid, event.request, now))
             else:
                 self._write(sid, Response(event.status))
                 if journal is not None:
-                    assert self._key is not None
-                    self._recorded.discard(sid)
                     self._journal_done(sid)
 
     def _at_limit(self) -> bool:
@@ -1199,10 +1193,17 @@ class _ServerProtocol(asyncio.Protocol):
             sid = header.stream_id
             if header.type == MessageType.REQUEST and sid > self._skip_through:
                 if self._record(journal, key, sid, view[pos:end]):
-                    self._recorded.add(sid)
                     self._in_journal.add(sid)
             pos = end
         return pos, False
+
+    def _drop_backlog(self) -> None:
+        """Forget the requests read and not started (and, unless the connection is being
+        handed over, their journal entries: nobody will run them)."""
+        if self._journal is not None and not self._handed_off:
+            for call in self._backlog:
+                self._journal_done(call.stream_id)
+        self._backlog.clear()
 
     def _journal_done(self, sid: int) -> None:
         assert self._journal is not None and self._key is not None
@@ -1280,16 +1281,10 @@ def _consume(sock: socket.socket, size: int, scratch: bytearray) -> None:
         size -= sock.recv_into(scratch, min(size, len(scratch)))
 
 
-def _frame_of(stream_id: int, request: Request) -> bytes:
-    payload = request.encode()
-    header = FrameHeader(len(payload), stream_id, MessageType.REQUEST)
-    return header.encode() + payload
-
-
 def _pending_from_journal(call: JournaledCall) -> PendingCall | None:
     """The journaled request, to be run again (None if it does not decode as one)."""
     try:
-        request = Request.decode(call.frame[HEADER_SIZE:])
+        request = call.request()
     except Exception:
         logger.error("ttrpc journal: entry %r is not a request; dropped", call)
         return None
