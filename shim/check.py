@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 
-from shim.cli import Flags
+from shim.flags import Flags
 from shim.paths import DEFAULT_BPF_ROOT, DaemonPaths
 
 
