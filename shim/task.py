@@ -23,11 +23,12 @@ from shim.events import Publisher
 from shim.execprocess import ExecProcess, parse_spec
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitWatch
+from shim.lifecycle import Op, Status
 from shim.memcg import MemoryCgroup
 from shim.mount import MAX_MOUNTS, Mount, mount, unmount_all
 from shim.oom import OOMWatcher
 from shim.paths import DaemonPaths
-from shim.process import InitProcess, Process, Status
+from shim.process import InitProcess, Process
 from shim.procio import FdKeeper, ProcessIO
 from shim.reaper import Reaper
 from shim.runc import Runc, RuncError, find_executable
@@ -585,10 +586,7 @@ class Tasks:
         io.check()
         if req.exec_id in task.execs:
             raise errors.already_exists(f"exec {req.exec_id!r} of {req.id} already exists")
-        if not task.init.exited and task.init.status == Status.PAUSED:
-            raise errors.precondition(f"cannot exec in a paused state: container {req.id}")
-        if task.init.exited or task.init.status != Status.RUNNING:
-            raise errors.precondition(f"container {req.id} is not running")
+        task.init.allow(Op.EXEC)
         p = ExecProcess(task, req.exec_id, io, spec)
         p.added()  # persisted first: if the store refuses, there is no exec
         task.execs[req.exec_id] = p
