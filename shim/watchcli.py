@@ -106,11 +106,8 @@ def stream(path: str, flt: Filter, as_json: bool) -> int:
                     return 1
                 if kind in EVENTS:
                     after = max(after, int(ev.get("ktime", 0)))
-                out.write(
-                    json.dumps(ev, separators=(",", ":")) + "\n" if as_json else table_row(ev)
-                )
-                if kind not in EVENTS and not as_json:
-                    _say(notice_text(ev))
+                # drops notices are part of the stream: "-- N events dropped" in the table
+                out.write(json_line(ev) if as_json else table_row(ev))
                 out.flush()
         _say("the daemon closed the stream (reload, restart or exit); reconnecting")
 
