@@ -19,7 +19,7 @@ import time
 from shim.cli import NAME, Flags
 from shim.paths import DaemonPaths
 from shim.watchd import socket_path
-from shim.watchevents import EVENTS, TABLE_HEADER, Filter, prometheus, table_row
+from shim.watchevents import EVENTS, TABLE_HEADER, Filter, json_line, prometheus, table_row
 
 RETRY = 0.2  # seconds between connection attempts
 
