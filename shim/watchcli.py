@@ -69,9 +69,8 @@ def stats(path: str) -> int:
 
 def stream(path: str, flt: Filter, as_json: bool) -> int:
     out = sys.stdout
-    after = 0
+    state = _State()
     waiting_said = False
-    connected_before = False
     if not as_json:
         out.write(TABLE_HEADER)
         out.flush()
@@ -79,37 +78,54 @@ def stream(path: str, flt: Filter, as_json: bool) -> int:
         s = _connect(path)
         if s is None:
             if not waiting_said:
-                _say(f"no embedshim daemon runs yet (nothing listens on {path}); waiting for one")
+                if state.connected_before:
+                    _say("waiting for the daemon to come back")
+                else:
+                    _say(f"no embedshim daemon runs yet (nothing listens on {path}); waiting")
                 waiting_said = True
             time.sleep(RETRY)
             continue
         waiting_said = False
-        with s:
-            s.sendall(json.dumps({"filter": flt.to_json(), "after": after}).encode() + b"\n")
-            f = s.makefile("rb")
-            for raw in f:
-                try:
-                    ev = json.loads(raw)
-                except ValueError:
-                    continue
-                kind = ev.get("event")
-                if kind == "hello":
-                    verb = "reconnected to" if connected_before else "connected to"
-                    _say(
-                        f"{verb} the daemon (pid {ev.get('daemon_pid')}); "
-                        f"events dropped so far: {ev.get('drops', 0)}"
-                    )
-                    connected_before = True
-                    continue
-                if kind == "error":
-                    _say(str(ev.get("message")))
-                    return 1
-                if kind in EVENTS:
-                    after = max(after, int(ev.get("ktime", 0)))
-                # drops notices are part of the stream: "-- N events dropped" in the table
-                out.write(json_line(ev) if as_json else table_row(ev))
-                out.flush()
+        try:
+            _read_stream(s, flt, state, as_json)
+        except OSError:
+            pass  # reset by a dying daemon: as good as closed
+        finally:
+            s.close()
         _say("the daemon closed the stream (reload, restart or exit); reconnecting")
+
+
+class _State:
+    """What outlives one connection: where to resume, and whether a daemon answered yet."""
+
+    def __init__(self) -> None:
+        self.after = 0  # ktime of the last event printed
+        self.connected_before = False
+
+
+def _read_stream(s: socket.socket, flt: Filter, state: _State, as_json: bool) -> None:
+    """Print one connection's events until it ends."""
+    out = sys.stdout
+    s.sendall(json.dumps({"filter": flt.to_json(), "after": state.after}).encode() + b"\n")
+    for raw in s.makefile("rb"):
+        try:
+            ev = json.loads(raw)
+        except ValueError:
+            continue
+        kind = ev.get("event")
+        if kind == "hello":
+            verb = "reconnected to" if state.connected_before else "connected to"
+            pid, drops = ev.get("daemon_pid"), ev.get("drops", 0)
+            _say(f"{verb} the daemon (pid {pid}); events dropped so far: {drops}")
+            state.connected_before = True
+            continue
+        if kind == "error":
+            raise SystemExit(f"watch: {ev.get('message')}")
+        if kind in EVENTS:
+            state.after = max(state.after, int(ev.get("ktime", 0)))
+        # drops notices are part of the stream: "-- N events dropped" in the table
+        out.write(json_line(ev) if as_json else table_row(ev))
+        out.flush()
 
 
 def main(flags: Flags, argv: list[str]) -> int:

@@ -223,7 +223,7 @@ class WatchHub:
         from shim.libbpf import RingBuffer
 
         self.probe.watching = True
-        self._ring = RingBuffer(self.probe.events_fd(), self._samples.append)
+        self._ring = RingBuffer(self.probe.events_fd(), self._on_sample)
         self._ring_fd = self._ring.epoll_fd()
         loop = asyncio.get_running_loop()
         loop.add_reader(self._ring_fd, self._readable)
@@ -246,6 +246,9 @@ class WatchHub:
         self._ring.close()
         self._ring = None
         log.event("watch: stopped", keep_watching=keep_watching)
+
+    def _on_sample(self, data: bytes) -> None:
+        self._samples.append(data)
 
     def _end_grace(self) -> None:
         self._grace = None
