@@ -19,7 +19,7 @@ import time
 from shim.cli import NAME, Flags
 from shim.paths import DaemonPaths
 from shim.watchd import socket_path
-from shim.watchevents import EVENTS, TABLE_HEADER, Filter, json_line, prometheus, table_row
+from shim.watchevents import EVENTS, TABLE_HEADER, Filter, prometheus, table_row
 
 RETRY = 0.2  # seconds between connection attempts
 
@@ -104,28 +104,36 @@ class _State:
 
 
 def _read_stream(s: socket.socket, flt: Filter, state: _State, as_json: bool) -> None:
-    """Print one connection's events until it ends."""
-    out = sys.stdout
+    """Print one connection's events until it ends: a chunk at a time, flushed once each
+    (``--json`` passes the daemon's lines through as they are)."""
+    out = sys.stdout.buffer
     s.sendall(json.dumps({"filter": flt.to_json(), "after": state.after}).encode() + b"\n")
-    for raw in s.makefile("rb"):
-        try:
-            ev = json.loads(raw)
-        except ValueError:
-            continue
-        kind = ev.get("event")
-        if kind == "hello":
-            verb = "reconnected to" if state.connected_before else "connected to"
-            pid, drops = ev.get("daemon_pid"), ev.get("drops", 0)
-            _say(f"{verb} the daemon (pid {pid}); events dropped so far: {drops}")
-            state.connected_before = True
-            continue
-        if kind == "error":
-            raise SystemExit(f"watch: {ev.get('message')}")
-        if kind in EVENTS:
-            state.after = max(state.after, int(ev.get("ktime", 0)))
-        # drops notices are part of the stream: "-- N events dropped" in the table
-        out.write(json_line(ev) if as_json else table_row(ev))
-        out.flush()
+    rest = b""
+    while chunk := s.recv(1 << 16):
+        lines = (rest + chunk).split(b"\n")
+        rest = lines.pop()
+        printed: list[bytes] = []
+        for raw in lines:
+            try:
+                ev = json.loads(raw)
+            except ValueError:
+                continue
+            kind = ev.get("event")
+            if kind == "hello":
+                verb = "reconnected to" if state.connected_before else "connected to"
+                pid, drops = ev.get("daemon_pid"), ev.get("drops", 0)
+                _say(f"{verb} the daemon (pid {pid}); events dropped so far: {drops}")
+                state.connected_before = True
+                continue
+            if kind == "error":
+                raise SystemExit(f"watch: {ev.get('message')}")
+            if kind in EVENTS:
+                state.after = max(state.after, int(ev.get("ktime", 0)))
+            # drops notices are part of the stream: "-- N events dropped" in the table
+            printed.append(raw + b"\n" if as_json else table_row(ev).encode())
+        if printed:
+            out.write(b"".join(printed))
+            out.flush()
 
 
 def main(flags: Flags, argv: list[str]) -> int:

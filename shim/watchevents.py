@@ -76,19 +76,22 @@ def boot_to_wall_offset() -> int:
     return time.time_ns() - time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
 
+_second: list[Any] = [-1, ""]  # the last second formatted, and its text (events come in runs)
+
+
 def rfc3339(wall_ns: int) -> str:
     """UTC, nanoseconds: ``2026-12-05T22:35:01.123456789Z``."""
     secs, ns = divmod(wall_ns, 1_000_000_000)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs)) + f".{ns:09d}Z"
+    if _second[0] != secs:
+        _second[0], _second[1] = secs, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+    return f"{_second[1]}.{ns:09d}Z"
 
 
 def complete(ev: dict[str, Any], tags: Mapping[str, str], offset: int) -> dict[str, Any]:
     """The event as a watcher gets it: time first, then the container's tags."""
     out: dict[str, Any] = {"time": rfc3339(ev["ktime"] + offset), "event": ev["event"]}
     out.update(tags)
-    for k, v in ev.items():
-        if k != "event":
-            out[k] = v
+    out.update(ev)  # "event" keeps its place (second)
     return out
 
 
@@ -129,8 +132,11 @@ class Filter:
         )
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))  # made once: json.dumps would make one a call
+
+
 def json_line(ev: Mapping[str, Any]) -> str:
-    return json.dumps(ev, separators=(",", ":")) + "\n"
+    return _ENCODER.encode(ev) + "\n"
 
 
 def _signame(sig: int) -> str:
