@@ -161,11 +161,18 @@ def test_a_shell_that_segfaults_execs_and_exits_4(
     assert first["filename"] in ("/bin/sh", "sh") or first["filename"].endswith("/sh")
     # the filters: only exits of "seg", nothing of "keep"
     f = _watch(c, watchers, "--id", "seg", "--event", "exit")
+    table = Watcher(c, "--id", "seg")  # the readable table
+    watchers.append(table)
     f.said("connected to the daemon")
+    table.said("connected to the daemon")
     c.ctr("container", "delete", "seg")  # `ctr run` deleted its task
     c.run(RUNTIME, busybox, "seg", "sh", "-c", SEGV, detach=True)  # the task stays for --stats
     c.ctr("task", "exec", "--exec-id", "x1", "keep", "/bin/true")
     f.wait_for(lambda e: e.get("exit_code") == 4)
+    wait_for(lambda: any(ln.rstrip().endswith("exit code 4") for ln in table.lines), what="row")
+    assert table.lines[0].split() == ["TIME", "EVENT", "NAMESPACE", "CONTAINER", "POD", "PID",
+                                      "COMM", "DETAIL"]  # fmt: skip
+    assert any(" seg " in ln and "signal 11 (SIGSEGV)" in ln for ln in table.lines), table.lines
     w.wait_for(lambda e: e["container_id"] == "keep" and e.get("filename") == "/bin/true")
     assert {e["container_id"] for e in f.events()} == {"seg"}
     assert {e["event"] for e in f.events()} == {"exit"}
