@@ -1,7 +1,7 @@
 """Build steps pyproject.toml cannot express: the package carries its files that are not
 Python (see shim/packaged.py), and the wheel says it is for one platform.
 
-* ``shim/data/exitsnoop.bpf.o``: the committed CO-RE object ``bpf/exitsnoop.bpf.o``, copied
+* ``shim/data/exitsnoop.bpf.o`` and ``watch.bpf.o``: the committed CO-RE objects, copied
   (building it needs clang, llvm and libbpf-dev, which ``make bpf`` uses; the object is
   the same bytes on every little-endian host).
 * ``shim/data/embedshim-keeper``: ``keeper/keeper.c`` compiled with the C compiler (``$CC``,
@@ -40,9 +40,8 @@ class BuildPy(build_py):
             return
         data = os.path.join(self.build_lib, "shim", "data")
         os.makedirs(data, exist_ok=True)
-        shutil.copyfile(
-            os.path.join(HERE, "bpf", "exitsnoop.bpf.o"), os.path.join(data, "exitsnoop.bpf.o")
-        )
+        for obj in ("exitsnoop.bpf.o", "watch.bpf.o"):
+            shutil.copyfile(os.path.join(HERE, "bpf", obj), os.path.join(data, obj))
         build_keeper(
             os.path.join(HERE, "keeper", "keeper.c"), os.path.join(data, "embedshim-keeper")
         )

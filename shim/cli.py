@@ -26,6 +26,8 @@ commands:
   daemon    run the daemon (started by `start`)
   reload    upgrade the daemon in place (same pid; containers and connections kept)
   check     print which kernel features are present and the mode the daemon would use
+  watch     stream exec/exit/OOM events of the processes inside our containers
+            (--json, --ns NS, --id ID, --event exec,exit,oom, --stats: Prometheus counters)
   version   print the version
 
   -info     (containerd 2.x) read runtime options from stdin, write a RuntimeInfo protobuf
@@ -94,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         from shim import check
 
         return check.main(flags)
+    if command == "watch":
+        from shim import watchcli
+
+        return watchcli.main(flags, rest[1:])
     if command == "daemon":
         import os
 

@@ -50,6 +50,7 @@ from shim.task import Deps, Tasks
 from shim.ttrpc import PeerCred, Server, require_same_user
 from shim.ttrpc.journal import Journal
 from shim.ttrpc.server import FRAME_TIMEOUT
+from shim.watchd import open_hub
 
 # How long a `start`'s reservation keeps the daemon for a Create that has not come
 # (EMBEDSHIM_RESERVATION_TTL overrides).  A daemon that never gets a task exits after it.
@@ -122,6 +123,7 @@ class Daemon:
         if tracker is not None:
             drain_ring(loop, tracker)
         oom = OOMWatcher(loop)
+        self.watch = open_hub(self.paths)
         self.tasks = Tasks(
             Deps(
                 self.paths,
@@ -133,6 +135,7 @@ class Daemon:
                 oom,
                 keeper=self.keeper,
                 bundle_roots=self.bundle_roots,
+                watch=self.watch,
             )
         )
         queued_exits, queued_ooms = _requeue_events(publisher, store, handoff)
@@ -147,6 +150,7 @@ class Daemon:
             queued_exits, queued_ooms, io_state if isinstance(io_state, dict) else None, kept
         )
         reaper.reap()  # children that exited while no handler was installed (re-exec)
+        await self.watch.start()
         publisher.start()
         self.service = TaskService(self.tasks, self._on_shutdown, self.info)
         self.tasks.on_empty = self._on_shutdown
@@ -217,6 +221,7 @@ class Daemon:
             return  # only if exec failed: keep serving is impossible now; exit
         log.event("daemon stopping", pid=os.getpid(), tasks=len(self.tasks))
         await server.close()
+        await self.watch.close()
         await publisher.flush()
         await publisher.close()
         exits.close()
@@ -324,6 +329,7 @@ class Daemon:
             self.keeper.stop()  # new connections wait in the channel for the new image
         await server.quiesce(keep=lambda ctx: ctx.method in LONG_CALLS, timeout=QUIESCE_TIMEOUT)
         unsent = await publisher.detach()
+        await self.watch.handoff()
         state = server.handoff()
         io_state = self.tasks.handoff_io()  # terminal copies stop here, their fds inherited
         exits.close()

@@ -25,6 +25,7 @@ CHECKOUT = os.path.dirname(os.path.dirname(DATA_DIR))
 KEEPER = "embedshim-keeper"
 RUNC_EXEC = "embedshim-runc-exec"
 BPF_OBJECT = "exitsnoop.bpf.o"
+WATCH_OBJECT = "watch.bpf.o"  # the `watch` stream (shim.watchprobe)
 
 
 def keeper_candidates() -> tuple[str, ...]:
@@ -54,6 +55,12 @@ def bpf_object() -> str:
     """The first of :func:`bpf_object_candidates` that exists (else the first: the error
     then names where an installed package should have it)."""
     candidates = bpf_object_candidates()
+    return next((p for p in candidates if os.path.isfile(p)), candidates[0])
+
+
+def watch_object() -> str:
+    """The ``watch`` BPF object: found like :func:`bpf_object`."""
+    candidates = (os.path.join(DATA_DIR, WATCH_OBJECT), os.path.join(CHECKOUT, "bpf", WATCH_OBJECT))
     return next((p for p in candidates if os.path.isfile(p)), candidates[0])
 
 

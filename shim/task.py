@@ -43,6 +43,7 @@ from shim.runcoptions import (  # noqa: F401 (RUNC_OPTIONS, RUNTIME_OPTIONS: for
 from shim.runcoptions import is_clean_absolute as _is_clean_absolute
 from shim.statestore import ProcessRecord, StateStore, StoreError, best_effort
 from shim.stdio import Stdio
+from shim.watchd import WatchHub
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Deps:
     keeper: FdKeeper | None = None  # holds stdio fds across a crash (shim.keeperlink)
     #: where Create takes bundles from (None: bundle.allowed_roots(), the default)
     bundle_roots: tuple[str, ...] | None = None
+    watch: WatchHub | None = None  # the `watch` stream: our containers' cgroups (shim.watchd)
 
 
 def find_runc(runc: Runc, from_options: bool) -> str:
@@ -171,6 +173,8 @@ class Task:
     def watch_oom(self) -> None:
         """Watch the container's memory cgroup for OOM kills (once its cgroup is known).
         Kills counted there before the container existed are not its own."""
+        if self.deps.watch is not None:
+            self.deps.watch.add(self)  # same moment: the init is alive in its cgroup
         if self.memcg is None:
             self.memcg = MemoryCgroup.of(self.cgroup) if self.cgroup is not None else None
             if self.memcg is None:
@@ -207,6 +211,8 @@ class Task:
 
     def close(self) -> None:
         self.unwatch_oom()
+        if self.deps.watch is not None:
+            self.deps.watch.remove(self)
         if self._log_fd >= 0:
             os.close(self._log_fd)
             self._log_fd = -1
