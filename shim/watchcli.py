@@ -16,7 +16,7 @@ import socket
 import sys
 import time
 
-from shim.cli import NAME, Flags
+from shim.flags import NAME, Flags
 from shim.paths import DaemonPaths
 from shim.watchd import socket_path
 from shim.watchevents import EVENTS, TABLE_HEADER, Filter, prometheus, table_row
