@@ -15,10 +15,14 @@
  * it reaps every orphan of the pod.  Any failure before that is one line on stderr and exit
  * status 1 (nothing written to stdout), so the daemon tells success from failure by stdout.
  *
+ * Before it announces itself it drops every capability (bounding set included) and sets
+ * no_new_privs: from then on it only waits and reaps.
+ *
  * The -pid parent exits right after its child has signalled readiness; the daemon is a child
  * subreaper, so the init becomes the daemon's child.
  */
 #include <errno.h>
+#include <linux/capability.h>
 #include <fcntl.h>
 #include <sched.h>
 #include <signal.h>
@@ -26,6 +30,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -65,6 +70,19 @@ static void set_sysctl(const char *kv) {
         for (char *p = path + 10; *p; p++)
             if (*p == '.') *p = '/';
     write_file(path, eq + 1);
+}
+
+/* Once the namespaces are made the holder needs no privilege: every capability goes (so
+ * the pod's containers, which have fewer, may read /proc/1 of a shared PID namespace, as
+ * with a pause container) and none can come back. */
+static void drop_privileges(void) {
+    for (int cap = 0; prctl(PR_CAPBSET_READ, cap, 0, 0, 0) >= 0; cap++)
+        if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) != 0) die("prctl", "PR_CAPBSET_DROP");
+    struct __user_cap_header_struct hdr = {_LINUX_CAPABILITY_VERSION_3, 0};
+    struct __user_cap_data_struct data[2];
+    memset(data, 0, sizeof data);
+    if (syscall(SYS_capset, &hdr, data) != 0) die("capset", NULL);
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) die("prctl", "PR_SET_NO_NEW_PRIVS");
 }
 
 /* Let go of the daemon's pipe: it reads it to the end. */
@@ -151,6 +169,7 @@ int main(int argc, char **argv) {
         die("sethostname", hostname);
     for (int i = 0; i < nsysctl; i++) set_sysctl(sysctls[i]);
     if (!pidns) {
+        drop_privileges();
         announce(getpid());
         quiet();
         return hold();
@@ -162,6 +181,7 @@ int main(int argc, char **argv) {
     if (child < 0) die("fork", NULL);
     if (child == 0) {
         close(ready[0]);
+        drop_privileges();
         quiet();
         if (write(ready[1], "r", 1) != 1) _exit(1);
         close(ready[1]);

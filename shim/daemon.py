@@ -245,6 +245,7 @@ class Daemon:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "tasks": len(self.tasks),
+            "sandboxes": len(self.sandboxes),
             "containerd": self.containerd_address,
             # Who holds the connections across a crash, and how many crashes it has seen.
             "keeper": self.keeper.keeper_pid if self.keeper is not None else None,
