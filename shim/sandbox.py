@@ -10,8 +10,10 @@ whose init it becomes.  Its pid is what SandboxStatus reports: CRI puts ``/proc/
 in the spec of every container of the pod, and those are ordinary tasks of the daemon.
 
 The holder's exit is watched like a task's init (pidfd, the reaper, the pinned BPF exit map)
-and every sandbox is persisted (its own table in the daemon's state store), so a restarted or
-reloaded daemon finds each holder again, and the exit of one that died meanwhile.
+CRI leaves the pod's hostname, hosts, resolv.conf and /dev/shm to such a controller: they are
+made here too (shim.podfiles).  Every sandbox is persisted (its own table in the daemon's
+state store), so a restarted or reloaded daemon finds each holder again, and the exit of one
+that died meanwhile.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
-from shim import errors, log, procinfo
+from shim import errors, log, podfiles, procinfo
 from shim.api import sandbox_pb2
 from shim.cgroups import cgroup_mounts
 from shim.exittrack import TICK_NS
@@ -67,6 +69,7 @@ class SandboxRecord:
     start_time: int = 0
     trace_id: int = 0
     cgroups: list[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # shim.podfiles's directories
     exit_status: int | None = None
     exited_at: int | None = None
     created_at: int = field(default_factory=time.time_ns)
@@ -224,13 +227,15 @@ class Sandboxes:
             rec = sb.rec
             config = sandbox_pb2.PodConfig.FromString(bytes.fromhex(rec.config))
             rec.cgroups = cgroup_dirs(config.linux.cgroup_parent, id)
-            for d in rec.cgroups:
-                _make_cgroup(d)
             try:
+                for d in rec.cgroups:
+                    _make_cgroup(d)
+                rec.files = podfiles.make(rec.bundle, id, config)
                 pid = await self._spawn(holder_argv(self.holder, config, rec.netns, rec.cgroups))
             except BaseException:
                 _remove_cgroups(rec.cgroups)
-                rec.cgroups = []
+                podfiles.remove(rec.files)
+                rec.cgroups, rec.files = [], []
                 raise
             rec.pid = pid
             rec.start_time = procinfo.start_time(pid)
@@ -347,6 +352,7 @@ class Sandboxes:
         await self.stop(namespace, id, 0)
         self._untrack(sb.rec)
         _remove_cgroups(sb.rec.cgroups)
+        podfiles.remove(sb.rec.files)
         self.store.delete(namespace, id)
         del self._all[(namespace, id)]
         log.event("sandbox removed", namespace=namespace, id=id)

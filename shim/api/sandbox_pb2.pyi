@@ -178,14 +178,26 @@ class SandboxMetricsResponse(_message.Message):
     def __init__(self, metrics: _Optional[_Union[Metric, _Mapping]] = ...) -> None: ...
 
 class PodConfig(_message.Message):
-    __slots__ = ("metadata", "hostname", "linux")
+    __slots__ = ("metadata", "hostname", "dns_config", "linux")
     METADATA_FIELD_NUMBER: _ClassVar[int]
     HOSTNAME_FIELD_NUMBER: _ClassVar[int]
+    DNS_CONFIG_FIELD_NUMBER: _ClassVar[int]
     LINUX_FIELD_NUMBER: _ClassVar[int]
     metadata: PodMetadata
     hostname: str
+    dns_config: PodDNS
     linux: PodLinux
-    def __init__(self, metadata: _Optional[_Union[PodMetadata, _Mapping]] = ..., hostname: _Optional[str] = ..., linux: _Optional[_Union[PodLinux, _Mapping]] = ...) -> None: ...
+    def __init__(self, metadata: _Optional[_Union[PodMetadata, _Mapping]] = ..., hostname: _Optional[str] = ..., dns_config: _Optional[_Union[PodDNS, _Mapping]] = ..., linux: _Optional[_Union[PodLinux, _Mapping]] = ...) -> None: ...
+
+class PodDNS(_message.Message):
+    __slots__ = ("servers", "searches", "options")
+    SERVERS_FIELD_NUMBER: _ClassVar[int]
+    SEARCHES_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    servers: _containers.RepeatedScalarFieldContainer[str]
+    searches: _containers.RepeatedScalarFieldContainer[str]
+    options: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, servers: _Optional[_Iterable[str]] = ..., searches: _Optional[_Iterable[str]] = ..., options: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class PodMetadata(_message.Message):
     __slots__ = ("name", "uid", "namespace")
