@@ -10,7 +10,8 @@ CRI_API := integration/cri/api
 
 .PHONY: setup demo test unit integration cri lint proto bpf bench soak fuzz clean keeper
 
-setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper runc_exec/embedshim-runc-exec
+setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper runc_exec/embedshim-runc-exec \
+	holder/embedshim-holder
 	@$(PY) -m shim.setupcheck
 
 .setup-debs:
@@ -35,6 +36,10 @@ keeper: keeper/embedshim-keeper
 # the exec wrapper in C (runc_exec/runc_exec.c; the daemon falls back to runc_exec.py without it)
 runc_exec/embedshim-runc-exec: runc_exec/runc_exec.c runc_exec/Makefile
 	@$(MAKE) -s -C runc_exec
+
+# the pod sandbox holder of `sandboxer = "shim"` (holder/holder.c; none: only podsandbox mode)
+holder/embedshim-holder: holder/holder.c holder/Makefile
+	@$(MAKE) -s -C holder
 
 TEST_PROTOS := $(wildcard integration/proto/*.proto)
 
