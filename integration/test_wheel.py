@@ -140,7 +140,8 @@ def test_the_wheel_carries_the_bpf_object_and_the_keeper(installed: Installed) -
     ldd = subprocess.run(["ldd", holder], capture_output=True, text=True, timeout=30)
     assert "not a dynamic executable" in ldd.stdout + ldd.stderr, ldd
     out = subprocess.run(
-        [f"{installed.venv}/bin/python", "-c", "from shim import packaged; print(packaged.holder())"],
+        [f"{installed.venv}/bin/python", "-c",
+         "from shim import packaged; print(packaged.holder())"],
         capture_output=True, text=True, timeout=30, cwd="/", env=clean_env(), check=True,
     ).stdout  # fmt: skip
     assert out.strip() == holder, out
