@@ -20,7 +20,10 @@ the pods:
 * ``cgroup_kib``: memory charged to the pod's cgroup (cgroup v1 ``memory.usage_in_bytes``,
   v2 ``memory.current`` of the pod's cgroup parent): the sandbox process's pages and the page
   cache it touched;
-* ``pod_kib`` = sandbox + server PSS: the processes a pod adds.
+* ``pod_kib`` = sandbox + server PSS + cgroup: all a pod adds (an upper bound: the sandbox
+  process's own anonymous pages are in its PSS and in its cgroup's charge).  The issue's
+  target compares it with a pause container's: the pause process's PSS and its cgroup's
+  charge (runc's handler's ``sandbox_pss_kib + cgroup_kib``).
 
 Needs root, ../shared/containerd2 and what the CRI suite needs (busybox-static, CNI plugins).
 Prints a table and writes JSON (``bench/out/sandboxcost-<time>.json`` by default).
@@ -154,8 +157,8 @@ def measure(node: CriNode, handler: str, pods: int) -> dict[str, Any]:
         "remove_ms": stats(remove_ms),
         "sandbox_pss_kib": round(sandbox_avg),
         "server_pss_kib": round(server),
-        "pod_kib": round(sandbox_avg + server),
         "cgroup_kib": round(statistics.mean(cgroups)),
+        "pod_kib": round(sandbox_avg + server + statistics.mean(cgroups)),
     }
 
 
@@ -187,11 +190,13 @@ def targets(results: dict[str, Any]) -> list[str]:
     if "runc" not in h or SHIM_SANDBOXER not in h:
         return []
     ratio = h[SHIM_SANDBOXER]["run_ms"]["p50"] / h["runc"]["run_ms"]["p50"]
-    ours, pause = h[SHIM_SANDBOXER]["pod_kib"], h["runc"]["sandbox_pss_kib"]
+    ours = h[SHIM_SANDBOXER]["pod_kib"]
+    pause = h["runc"]["sandbox_pss_kib"] + h["runc"]["cgroup_kib"]
     return [
         f"RunPodSandbox p50, {SHIM_SANDBOXER} / runc: {ratio:.2f} (target <= "
         f"{RUN_RATIO_TARGET}): {'MET' if ratio <= RUN_RATIO_TARGET else 'NOT MET'}",
-        f"pod memory of {SHIM_SANDBOXER} {ours} KiB vs a pause container's {pause} KiB: "
+        f"a pod of {SHIM_SANDBOXER}, {ours} KiB, vs a pause container (PSS + cgroup), "
+        f"{pause} KiB: "
         f"{'MET' if ours < pause else 'NOT MET'}",
     ]
 
