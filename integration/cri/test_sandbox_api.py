@@ -15,8 +15,12 @@ import pytest
 
 from integration.cri.api import cri_api_pb2 as cri
 from integration.cri.node import SHIM_SANDBOXER, CriNode, poll, rpc_code
-from integration.embed import daemon_paths, daemons
+from integration.embed import daemon_paths, daemons, keeper_of
 from integration.harness import _proc_info, wait_for
+from shim.api import sandbox_pb2
+from shim.sandboxservice import SANDBOX_SERVICE
+from shim.service import NAMESPACE_KEY
+from shim.ttrpc.blocking import BlockingClient
 
 
 def _holder(node: CriNode, pod_id: str) -> int:
@@ -97,5 +101,40 @@ def test_sandbox_survives_crash_reload_and_containerd_restart(cri_node: CriNode)
         assert pod.id not in (os.listdir(sandboxes) if os.path.isdir(sandboxes) else [])
         with open("/proc/self/mountinfo") as f:
             assert pod.id not in f.read()
+    finally:
+        node.remove_all_pods()
+
+
+@pytest.mark.parametrize("cri_node", ["2.2.7"], indirect=True)
+def test_holder_exit_while_no_daemon_runs_is_reported(cri_node: CriNode) -> None:
+    """The holder dies while the daemon is down (its keeper stopped, so nothing restarts it
+    yet): the pinned BPF map kept the status, and the next daemon answers WaitSandbox with
+    it (137: SIGKILL); CRI marks the pod NOTREADY."""
+    node = cri_node
+    try:
+        pod = node.run_pod(SHIM_SANDBOXER)
+        holder = _holder(node, pod.id)
+        (daemon,) = daemons(node.ctrd)
+        keeper = keeper_of(daemon)
+        os.kill(keeper, signal.SIGSTOP)
+        try:
+            os.kill(daemon.pid, signal.SIGKILL)
+            wait_for(lambda: not _alive(daemon.pid), what="daemon dead")
+            os.kill(holder, signal.SIGKILL)
+            wait_for(lambda: not _alive(holder), what="holder dead")
+        finally:
+            os.kill(keeper, signal.SIGCONT)
+        with BlockingClient("unix://" + daemon_paths(node.ctrd).socket) as client:
+            out = client.call(
+                SANDBOX_SERVICE,
+                "WaitSandbox",
+                sandbox_pb2.WaitSandboxRequest(sandbox_id=pod.id).SerializeToString(),
+                metadata={NAMESPACE_KEY: "k8s.io"},
+                timeout=30,
+            )
+        assert sandbox_pb2.WaitSandboxResponse.FromString(out).exit_status == 137
+        poll(lambda: _state(node, pod.id) == cri.SANDBOX_NOTREADY, what="pod NOTREADY")
+        node.stop_pod(pod)
+        node.remove_pod(pod)
     finally:
         node.remove_all_pods()
