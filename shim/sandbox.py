@@ -82,6 +82,7 @@ class SandboxStore:
     def __init__(self, path: str) -> None:
         try:
             self._db = sqlite3.connect(path, isolation_level=None, timeout=5.0)
+            self._db.execute("PRAGMA synchronous=NORMAL")  # as the task store's (WAL)
             self._db.execute(_TABLE)
         except sqlite3.Error as exc:
             raise StoreError(f"sandbox store {path}: {exc}") from exc
