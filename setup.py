@@ -11,6 +11,8 @@ Python (see shim/packaged.py), and the wheel says it is for one platform.
   package without its keeper has no crash survival.
 * ``shim/data/embedshim-runc-exec``: ``runc_exec/runc_exec.c``, the exec wrapper in C (no
   interpreter start-up per exec), compiled the same way.
+* ``shim/data/embedshim-holder``: ``holder/holder.c``, the process that holds a pod's
+  namespaces with ``sandboxer = "shim"`` (containerd 2.x), compiled the same way.
 
 The wheel is then tagged ``py3-none-<platform>`` (``linux_x86_64``, ...): any Python 3
 (no extension module), but only the machine type the keeper was compiled for.  An editable
@@ -48,6 +50,9 @@ class BuildPy(build_py):
         build_keeper(
             os.path.join(HERE, "runc_exec", "runc_exec.c"),
             os.path.join(data, "embedshim-runc-exec"),
+        )
+        build_keeper(
+            os.path.join(HERE, "holder", "holder.c"), os.path.join(data, "embedshim-holder")
         )
 
 

@@ -136,6 +136,16 @@ def test_the_wheel_carries_the_bpf_object_and_the_keeper(installed: Installed) -
         capture_output=True, text=True, timeout=30, cwd="/", env=clean_env(), check=True,
     ).stdout  # fmt: skip
     assert out.strip() == repr([wrapper]), out
+    # the pod sandbox holder (sandboxer = "shim"), static, the one the installed daemon runs
+    holder = os.path.join(installed.data, "embedshim-holder")
+    ldd = subprocess.run(["ldd", holder], capture_output=True, text=True, timeout=30)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr, ldd
+    out = subprocess.run(
+        [f"{installed.venv}/bin/python", "-c",
+         "from shim import packaged; print(packaged.holder())"],
+        capture_output=True, text=True, timeout=30, cwd="/", env=clean_env(), check=True,
+    ).stdout  # fmt: skip
+    assert out.strip() == holder, out
     # the launcher runs the installed package, from site-packages
     with open(installed.shim) as f:
         launcher = f.read()

@@ -137,6 +137,14 @@ def main(flags: Flags) -> int:
     rows.append(
         ("exec wrapper (C)", wrapper is not None, wrapper or "not built: the slower Python one")
     )
+    holder = packaged.holder()
+    rows.append(
+        (
+            "pod sandboxes (sandboxer = shim)",
+            holder is not None,
+            holder or "embedshim-holder not built (make setup): podsandbox mode only",
+        )
+    )
     width = max(len(r[0]) for r in rows)
     for name, good, detail in rows:
         sys.stdout.write(f"{name:<{width}}  {'yes' if good else 'no ':<3}  {detail}\n")

@@ -24,6 +24,7 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(shim.__file__ or "")), "
 CHECKOUT = os.path.dirname(os.path.dirname(DATA_DIR))
 KEEPER = "embedshim-keeper"
 RUNC_EXEC = "embedshim-runc-exec"
+HOLDER = "embedshim-holder"
 BPF_OBJECT = "exitsnoop.bpf.o"
 WATCH_OBJECT = "watch.bpf.o"  # the `watch` stream (shim.watchprobe)
 
@@ -36,6 +37,15 @@ def keeper_candidates() -> tuple[str, ...]:
 def keeper() -> str | None:
     """The keeper's path, or None if it is in none of :func:`keeper_candidates`."""
     for path in keeper_candidates():
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def holder() -> str | None:
+    """The pod sandbox holder (``holder/holder.c``, for ``sandboxer = "shim"``): in the
+    package, then in the checkout; None if neither has it."""
+    for path in (os.path.join(DATA_DIR, HOLDER), os.path.join(CHECKOUT, "holder", HOLDER)):
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
     return None
