@@ -10,7 +10,7 @@ CRI_API := integration/cri/api
 
 .PHONY: setup demo test unit integration cri lint proto bpf bench soak fuzz clean keeper
 
-setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper runc_exec/embedshim-runc-exec
+setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper runc_exec/embedshim-runc-exec entry/embedshim-entry
 	@$(PY) -m shim.setupcheck
 
 .setup-debs:
@@ -35,6 +35,10 @@ keeper: keeper/embedshim-keeper
 # the exec wrapper in C (runc_exec/runc_exec.c; the daemon falls back to runc_exec.py without it)
 runc_exec/embedshim-runc-exec: runc_exec/runc_exec.c runc_exec/Makefile
 	@$(MAKE) -s -C runc_exec
+
+# the installed containerd-shim-embed-v1: start and delete without Python (entry/entry.c)
+entry/embedshim-entry: entry/entry.c entry/sha256.c entry/sha256.h entry/Makefile
+	@$(MAKE) -s -C entry
 
 TEST_PROTOS := $(wildcard integration/proto/*.proto)
 
