@@ -92,7 +92,9 @@ class Prefix:
         self.python.write_text(text)
         self.python.chmod(0o755)
 
-    def run(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[bytes]:
+    def run(
+        self, *args: str, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[bytes]:
         environ = {"PATH": os.environ["PATH"], "EMBEDSHIM_ROOT": str(self.state), **(env or {})}
         return subprocess.run(
             [str(self.bin), *args],
