@@ -20,6 +20,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -281,9 +282,13 @@ static int read_full(int fd, uint8_t *p, size_t len) {
     return 0;
 }
 
+/* A broken pipe is an error to report, not a signal to die of (Python ignores SIGPIPE):
+ * send with MSG_NOSIGNAL to the daemon, and ignore the signal before writing our output. */
 static int write_full(int fd, const uint8_t *p, size_t len) {
     while (len > 0) {
-        ssize_t n = write(fd, p, len);
+        ssize_t n = send(fd, p, len, MSG_NOSIGNAL);
+        if (n < 0 && errno == ENOTSOCK)
+            n = write(fd, p, len);
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0)
@@ -443,6 +448,7 @@ static int start(const struct flags *f, const char *dir, const char *bundle) {
     close(lock_fd);
     if (write_address(bundle, address) < 0)
         python(0); /* Python reserves again (idempotent) and reports the error */
+    signal(SIGPIPE, SIG_IGN);
     return write_full(1, (const uint8_t *)address, strlen(address)) < 0 ? EXIT_UNFLUSHED : 0;
 }
 
@@ -513,6 +519,7 @@ static int delete(const struct flags *f, const char *dir, const char *bundle) {
         if (ts.len)
             put(&out, ts.p, ts.len);
     }
+    signal(SIGPIPE, SIG_IGN);
     return out.len && write_full(1, out.p, out.len) < 0 ? EXIT_UNFLUSHED : 0;
 }
 

@@ -509,3 +509,26 @@ def test_launcher_installs_the_program_with_the_script_beside_it(
         [str(link), "-info"], capture_output=True, timeout=60, stdin=subprocess.DEVNULL
     )
     assert r.returncode == 0 and r.stdout.startswith(b"\n\x16io.containerd.embed.v1")
+
+
+@pytest.mark.parametrize("args", [START, DELETE], ids=["start", "delete"])
+def test_a_closed_stdout_is_exit_120_as_in_python(
+    prefix: Prefix, daemon: Callable[[Handler], FakeDaemon], args: list[str]
+) -> None:
+    """Python ignores SIGPIPE and exits 120 when it cannot flush stdout: so does the C path."""
+    daemon(status(Code.NOT_FOUND) if "delete" in args else ok(b"1"))
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        proc = subprocess.run(
+            [str(prefix.bin), *args],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            cwd=prefix.bundle,
+            env={"EMBEDSHIM_ROOT": str(prefix.state)},
+            timeout=60,
+        )
+    finally:
+        os.close(w)
+    assert prefix.ran_python() is None
+    assert proc.returncode == 120, proc
