@@ -10,6 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from integration.bench.bench import (
+    PHASES,
+    Config,
     _order,
     linear_fit,
     parse_event_time_ns,
@@ -235,3 +237,12 @@ def test_process_tree_cpu_counts_reaped_children() -> None:
     subprocess.run([sys.executable, "-c", "sum(range(30_000_000))"], check=True, timeout=120)
     assert process_tree_cpu_s(os.getpid()) - before >= 0.2
     assert process_tree_cpu_s(2**22 + 1) == 0.0  # no such process
+
+
+def test_config_phases_and_scale() -> None:
+    full = Config.make(False, None, None)
+    assert full.phases == list(PHASES) and full.scale_ns == [10, 300] and full.cri_pods == 20
+    quick = Config.make(True, None, None, [300, 10, 10], ["cri", "scale"])
+    assert quick.scale_ns == [10, 300] and quick.phases == ["scale", "cri"]  # run in order
+    with pytest.raises(ValueError, match="unknown phase"):
+        Config.make(True, None, None, None, ["memory", "bogus"])

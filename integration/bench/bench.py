@@ -80,6 +80,7 @@ EMBED = "embed"
 RUNC = "runc-v2"
 FLOOR = "runc-floor"
 RUNTIMES = {EMBED: EMBED_RUNTIME, RUNC: RUNC_RUNTIME}
+PHASES = ("memory", "start", "exit", "exec", "scale", "cri")
 
 #: our daemon lingers 10 s (EMBEDSHIM_IDLE_EXIT) after its last task; wait this long for it
 IDLE_WAIT = 30.0
@@ -576,12 +577,20 @@ class Config:
     scale_ns: list[int]
     scale_samples: int
     cri_pods: int
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
     concurrency: int = 4
     exit_batch: int = 10
     settle: float = 1.0
 
     @classmethod
-    def make(cls, quick: bool, ns: list[int] | None, exits: int | None) -> Config:
+    def make(
+        cls,
+        quick: bool,
+        ns: list[int] | None,
+        exits: int | None,
+        scale_ns: list[int] | None = None,
+        phases: list[str] | None = None,
+    ) -> Config:
         if quick:
             c = cls(True, [1, 5, 10], 20, 10, 20, [10, 30], 8, 4, settle=0.5)
         else:
@@ -590,6 +599,13 @@ class Config:
             c.ns = sorted(set(ns))
         if exits:
             c.exits = exits
+        if scale_ns:
+            c.scale_ns = sorted(set(scale_ns))
+        if phases:
+            unknown = set(phases) - set(PHASES)
+            if unknown:
+                raise ValueError(f"unknown phase(s): {', '.join(sorted(unknown))}")
+            c.phases = [p for p in PHASES if p in phases]
         return c
 
 
@@ -1497,6 +1513,8 @@ def run(
             ("cri", lambda: phase_cri(bench)),
         ]
         for name, phase in phases:
+            if name not in cfg.phases:
+                continue
             env.append({"phase": name, **_load(), "other_containerds": other_containerds(c.pid)})
             phase()
         env.append({"phase": "end", **_load(), "other_containerds": other_containerds(c.pid)})
@@ -1544,6 +1562,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ns", type=lambda s: [int(x) for x in s.split(",")], help="container counts, e.g. 1,10,50"
     )
     ap.add_argument("--exits", type=int, help="exits per runtime")
+    ap.add_argument(
+        "--scale-ns",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="running containers for the scale phase (default 10,300; quick 10,30)",
+    )
+    ap.add_argument(
+        "--phases",
+        type=lambda s: s.split(","),
+        help=f"only these phases, e.g. scale,cri (default all: {','.join(PHASES)})",
+    )
     ap.add_argument("--floor-helper", metavar="RUNC_ROOT", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.floor_helper:
@@ -1552,7 +1580,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if why:
         sys.stderr.write(f"bench: {why}\n")
         return 2
-    cfg = Config.make(args.quick, args.ns, args.exits)
+    try:
+        cfg = Config.make(args.quick, args.ns, args.exits, args.scale_ns, args.phases)
+    except ValueError as e:
+        ap.error(str(e))
     progress = Progress()
     try:
         with _signals_as_interrupt():
