@@ -1324,7 +1324,8 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         fontsize=10,
     )
     ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=8)
+    if ax1.get_legend_handles_labels()[0]:  # a run of some phases may have none
+        ax1.legend(fontsize=8)
 
     cats: list[tuple[str, str, str, str, float]] = [
         ("start p50", "start", "summary", "p50", 1.0),
@@ -1353,7 +1354,8 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     ax2.set_ylabel("ms (log scale)")
     ax2.set_title("Latency (missing bar = not measured / not implemented)", fontsize=10)
     ax2.grid(True, axis="y", which="both", alpha=0.3)
-    ax2.legend(fontsize=8)
+    if ax2.get_legend_handles_labels()[0]:  # a run of some phases may have none
+        ax2.legend(fontsize=8)
     goals.plot(ax3, results.get("goals") or [])
     meta = results.get("meta", {})
     fig.suptitle(
