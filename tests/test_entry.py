@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from shim import cli, delete, launcher, start, wire
+from shim import delete, flags, launcher, start, wire
 from shim.paths import DaemonPaths
 from shim.ttrpc import Code
 from shim.ttrpc.codec import (
@@ -452,7 +452,7 @@ def test_python_told_the_daemon_is_silent_does_not_ask_it(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("EMBEDSHIM_ROOT", str(tmp_path))
-    flags, _ = cli.parse(["-namespace", "ns", "-address", ADDRESS, "-id", "c1", "-bundle",
+    parsed, _ = flags.parse(["-namespace", "ns", "-address", ADDRESS, "-id", "c1", "-bundle",
                           str(tmp_path), "delete"])  # fmt: skip
     calls: list[str] = []
 
@@ -462,22 +462,22 @@ def test_python_told_the_daemon_is_silent_does_not_ask_it(
 
     monkeypatch.setattr(delete, "via_daemon", no_daemon)
     monkeypatch.setattr(delete, "offline", lambda *a: calls.append("offline") or b"")
-    monkeypatch.setenv(cli.SILENT_ENV, "1")
-    monkeypatch.setattr("posix.environ", {**os.environb, cli.SILENT_ENV.encode(): b"1"})
-    assert delete.main(flags) == 0
+    monkeypatch.setenv(flags.SILENT_ENV, "1")
+    monkeypatch.setattr("posix.environ", {**os.environb, flags.SILENT_ENV.encode(): b"1"})
+    assert delete.main(parsed) == 0
     assert calls == ["offline"]
-    assert cli.SILENT_ENV not in os.environ  # nothing spawned from here inherits it
+    assert flags.SILENT_ENV not in os.environ  # nothing spawned from here inherits it
     calls.clear()
     monkeypatch.setattr(start, "reserve", lambda *a: calls.append("reserve") or 1)
     monkeypatch.setattr(start, "spawn_daemon", lambda *a: calls.append("spawn"))
     monkeypatch.setattr(start, "ttrpc_address", lambda: "")
-    monkeypatch.setenv(cli.SILENT_ENV, "1")
-    monkeypatch.setattr("posix.environ", {**os.environb, cli.SILENT_ENV.encode(): b"1"})
-    flags.bundle = str(tmp_path)
-    assert start.main(flags) == 0
+    monkeypatch.setenv(flags.SILENT_ENV, "1")
+    monkeypatch.setattr("posix.environ", {**os.environb, flags.SILENT_ENV.encode(): b"1"})
+    parsed.bundle = str(tmp_path)
+    assert start.main(parsed) == 0
     assert calls == ["spawn", "reserve"]
     calls.clear()
-    assert start.main(flags) == 0  # without the hint: asked first, nothing spawned
+    assert start.main(parsed) == 0  # without the hint: asked first, nothing spawned
     assert calls == ["reserve"]
 
 
