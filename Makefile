@@ -11,7 +11,7 @@ CRI_API := integration/cri/api
 .PHONY: setup demo test unit integration cri lint proto bpf bench bench-sandbox soak fuzz clean keeper
 
 setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper runc_exec/embedshim-runc-exec \
-	holder/embedshim-holder
+	holder/embedshim-holder entry/embedshim-entry
 	@$(PY) -m shim.setupcheck
 
 .setup-debs:
@@ -40,6 +40,10 @@ runc_exec/embedshim-runc-exec: runc_exec/runc_exec.c runc_exec/Makefile
 # the pod sandbox holder of `sandboxer = "shim"` (holder/holder.c; none: only podsandbox mode)
 holder/embedshim-holder: holder/holder.c holder/Makefile
 	@$(MAKE) -s -C holder
+
+# the installed containerd-shim-embed-v1: start and delete without Python (entry/entry.c)
+entry/embedshim-entry: entry/entry.c entry/sha256.c entry/sha256.h entry/Makefile
+	@$(MAKE) -s -C entry
 
 TEST_PROTOS := $(wildcard integration/proto/*.proto)
 

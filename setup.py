@@ -13,6 +13,10 @@ Python (see shim/packaged.py), and the wheel says it is for one platform.
   interpreter start-up per exec), compiled the same way.
 * ``shim/data/embedshim-holder``: ``holder/holder.c``, the process that holds a pod's
   namespaces with ``sandboxer = "shim"`` (containerd 2.x), compiled the same way.
+        )
+        build_keeper(
+* ``shim/data/embedshim-entry``: ``entry/entry.c`` and ``entry/sha256.c``, the C entry point
+  that ``python -m shim.launcher`` installs as ``containerd-shim-embed-v1``.
 
 The wheel is then tagged ``py3-none-<platform>`` (``linux_x86_64``, ...): any Python 3
 (no extension module), but only the machine type the keeper was compiled for.  An editable
@@ -54,13 +58,18 @@ class BuildPy(build_py):
         build_keeper(
             os.path.join(HERE, "holder", "holder.c"), os.path.join(data, "embedshim-holder")
         )
+        build_keeper(
+            os.path.join(HERE, "entry", "entry.c"),
+            os.path.join(data, "embedshim-entry"),
+            os.path.join(HERE, "entry", "sha256.c"),
+        )
 
 
-def build_keeper(source: str, out: str) -> None:
+def build_keeper(source: str, out: str, *more: str) -> None:
     cc = shlex.split(os.environ.get("CC", "cc"))
     tmp = out + ".tmp"
     for extra in (["-static"], []):
-        argv = [*cc, *CFLAGS, *extra, "-o", tmp, source]
+        argv = [*cc, *CFLAGS, *extra, "-o", tmp, source, *more]
         print(" ".join(argv))
         r = subprocess.run(argv, capture_output=True, text=True)
         if r.returncode == 0:

@@ -203,7 +203,8 @@ if [ -n "$DIST" ]; then
         on_host "$PREFIX/venv/bin/pip" install --quiet --no-index --upgrade --force-reinstall \
             --disable-pip-version-check --find-links "$PREFIX/dist" embedshim \
             || { rm -rf "$HOST$PREFIX/dist"; die "pip could not install the wheels of $DIST"; }
-        # the quicker launcher (python -SE) in place of pip's console script: shim/launcher.py
+        # the C entry point (start/delete without Python) in place of pip's console script,
+        # with the quicker Python launcher (python -SE) in libexec/embedshim: shim/launcher.py
         on_host "$PREFIX/venv/bin/python" -m shim.launcher || say "kept pip's console script"
         say "installed $(cd "$DIST" && echo *.whl) into $PREFIX/venv"
     fi

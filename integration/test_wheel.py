@@ -54,6 +54,11 @@ class Installed:
         return os.path.join(self.venv, "bin", SHIM)
 
     @property
+    def script(self) -> str:
+        """The Python entry point the C one runs for all but the usual start/delete."""
+        return os.path.join(self.venv, "libexec", "embedshim", SHIM)
+
+    @property
     def data(self) -> str:
         return os.path.join(self.site, "shim", "data")
 
@@ -146,8 +151,13 @@ def test_the_wheel_carries_the_bpf_object_and_the_keeper(installed: Installed) -
         capture_output=True, text=True, timeout=30, cwd="/", env=clean_env(), check=True,
     ).stdout  # fmt: skip
     assert out.strip() == holder, out
-    # the launcher runs the installed package, from site-packages
-    with open(installed.shim) as f:
+    # the program containerd runs is the C entry point from the wheel (static too), and the
+    # Python one beside it runs the installed package, from site-packages
+    entry = os.path.join(installed.data, "embedshim-entry")
+    assert Path(installed.shim).read_bytes() == Path(entry).read_bytes()
+    ldd = subprocess.run(["ldd", entry], capture_output=True, text=True, timeout=30)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr, ldd
+    with open(installed.script) as f:
         launcher = f.read()
     assert f"sys.path[0] = {installed.site!r}" in launcher, launcher
     out = subprocess.run(
@@ -189,7 +199,7 @@ def test_installed_shim_survives_a_crash_and_reports_exits(
         tasks = task_list(c)
         (daemon,) = daemons(c)
         # the daemon and its keeper are the installed ones
-        assert daemon.cmdline[:3] == [f"{installed.venv}/bin/python", "-SE", installed.shim]
+        assert daemon.cmdline[:3] == [f"{installed.venv}/bin/python", "-SE", installed.script]
         keeper = keeper_of(daemon)
         exe = os.readlink(f"/proc/{keeper}/exe")
         assert exe == os.path.join(installed.data, "embedshim-keeper"), exe

@@ -16,7 +16,7 @@ import sys
 import time
 
 from shim import identifiers, wire
-from shim.flags import Flags
+from shim.flags import Flags, take_daemon_silent
 from shim.fsutil import exists, is_mountpoint, join
 from shim.paths import DaemonPaths
 from shim.ttrpc.blocking import BlockingClient
@@ -315,7 +315,8 @@ def main(flags: Flags) -> int:
     paths = DaemonPaths.for_containerd(flags.address)
     bundle = flags.bundle or posix.getcwd()
     try:
-        out = via_daemon(paths, flags.namespace, flags.id)
+        # the C entry point asked already and got no answer: clean up offline at once
+        out = None if take_daemon_silent() else via_daemon(paths, flags.namespace, flags.id)
     except AlreadyGone:
         # The normal case: containerd runs `delete` after every task deletion, which the
         # daemon has already done in full.  Only clean up if something is somehow left.

@@ -1,10 +1,13 @@
 """The command line containerd passes the shim: Go-style flags, and the program's name.
 
 Every subcommand (``start``, ``delete``, ``check``, ``reload``, the daemon) reads its flags
-from here; ``shim.cli`` only dispatches.  Like ``shim.cli`` this module imports only ``sys``
-(no ``os``, no ``__future__``): ``start`` and ``delete`` import it.
+from here; ``shim.cli`` only dispatches.  Also the one word the C entry point
+(``entry/entry.c``) passes Python besides the arguments: :func:`take_daemon_silent`.  Like
+``shim.cli`` this module imports only ``sys`` and ``posix`` (no ``os``, no ``__future__``):
+``start`` and ``delete`` import it.
 """
 
+import posix
 import sys
 
 VERSION = "0.1.0"
@@ -74,6 +77,22 @@ def parse(argv: list[str]) -> tuple[Flags, list[str]]:
     if rest[:1] == ["--"]:
         rest = rest[1:]
     return flags, rest
+
+
+SILENT_ENV = "EMBEDSHIM_DAEMON_SILENT"
+
+
+def take_daemon_silent() -> bool:
+    """Whether the C entry point (entry/entry.c) reached the daemon and got no proper answer
+    before handing this ``start``/``delete`` to Python: then it is not asked again (one
+    timeout, as before).  The variable is removed, so nothing spawned from here inherits it."""
+    if posix.environ.pop(SILENT_ENV.encode(), None) is None:
+        return False
+    posix.unsetenv(SILENT_ENV)
+    os = sys.modules.get("os")
+    if os is not None:
+        os.environ.pop(SILENT_ENV, None)
+    return True
 
 
 def enable_site() -> None:

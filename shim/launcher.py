@@ -25,6 +25,13 @@ puts this one back, and leaves it alone when it is already there; ``deploy/insta
 this after installing the wheel (the path entry is then the venv's site-packages).  Nothing
 is written when the interpreter's path cannot go on a ``#!`` line (spaces, too long): pip's
 script stays.
+
+With the C entry point built (``entry/entry.c``: ``make setup`` builds it, the wheel carries
+it, see ``shim.packaged``), that script goes to ``<prefix>/libexec/embedshim/`` instead, and
+the program itself is installed in its place: it answers the usual ``start`` (daemon alive)
+and ``delete`` (task already deleted by the daemon) with no interpreter at all, and executes
+the script for everything else.  The script keeps the name ``containerd-shim-embed-v1``, so
+the daemon (which ``start`` spawns through it) looks the same in ``ps``.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import sys
 import sysconfig
 
 import shim
+from shim import packaged
 
 NAME = "containerd-shim-embed-v1"
 #: Linux reads at most 256 bytes of a ``#!`` line (BINPRM_BUF_SIZE).
@@ -66,33 +74,62 @@ def render(python: str, path_entry: str) -> str | None:
     )
 
 
-def install(path: str | None = None, python: str | None = None) -> tuple[bool, str]:
-    """Write the launcher at ``path`` unless it is already there: (ok, what happened)."""
-    path = path or script_path()
-    text = render(python or sys.executable, package_dir())
-    if text is None:
-        return False, f"{path}: interpreter path unusable on a #! line; pip's script kept"
+def python_entry(path: str) -> str:
+    """Where the script goes when the C entry point is installed at ``path``:
+    ``<prefix>/bin/NAME`` -> ``<prefix>/libexec/embedshim/NAME`` (entry/entry.c looks there,
+    from its own /proc/self/exe)."""
+    prefix = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    return os.path.join(prefix, "libexec", "embedshim", NAME)
+
+
+def _write(path: str, data: bytes) -> bool:
+    """Put ``data`` at ``path`` (mode 0755) unless it is there already: whether it wrote."""
     try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            if f.read() == text:
-                return True, f"{path} (fast launcher)"
-    except FileNotFoundError:
-        return False, f"{path} is missing: is the package installed in this venv?"
+        with open(path, "rb") as f:
+            if f.read() == data:
+                return False
     except OSError:
         pass
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.chmod(tmp, 0o755)
         os.replace(tmp, path)
-    except OSError as exc:
+    except OSError:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        raise
+    return True
+
+
+def install(
+    path: str | None = None, python: str | None = None, entry: str | None = None
+) -> tuple[bool, str]:
+    """Write the launcher at ``path`` unless it is already there: (ok, what happened).
+    ``entry``: the C entry point to install at ``path`` with the script beside it (default
+    :func:`shim.packaged.entry`; "" for none: the script itself at ``path``)."""
+    path = path or script_path()
+    text = render(python or sys.executable, package_dir())
+    if text is None:
+        return False, f"{path}: interpreter path unusable on a #! line; pip's script kept"
+    if not os.path.exists(path):
+        return False, f"{path} is missing: is the package installed in this venv?"
+    program = packaged.entry() if entry is None else entry
+    try:
+        if not program:
+            wrote = _write(path, text.encode())
+            return True, f"{path} (fast launcher{' written' if wrote else ''})"
+        script = python_entry(path)
+        os.makedirs(os.path.dirname(script), exist_ok=True)
+        wrote = _write(script, text.encode())
+        with open(program, "rb") as f:
+            wrote = _write(path, f.read()) or wrote
+    except OSError as exc:
         return False, f"cannot write {path}: {exc}"
-    return True, f"{path} (fast launcher written)"
+    return True, f"{path} (C entry point, Python's at {script}{'; written' if wrote else ''})"
 
 
 def main() -> int:

@@ -1,4 +1,4 @@
-"""The files that are not Python: the BPF object, the keeper and the C exec wrapper.
+"""The files that are not Python: the BPF object, the keeper, the C exec wrapper and entry point.
 
 An installed package (a wheel: ``pip install .``, ``deploy/Dockerfile``, ``deploy/install.sh
 --dist``) carries both in ``shim/data/``: setup.py's build step copies the committed
@@ -9,9 +9,11 @@ and ``keeper/`` beside the package.  Without either, the daemon still runs, and 
 loudly (its log, ``check``): without the object, no BPF exit tracking; without the keeper,
 no crash survival.  The exec wrapper ``embedshim-runc-exec`` (``runc_exec/runc_exec.c``) is
 found the same way (:func:`runc_exec_candidates`); without it each exec runs the Python
-``runc_exec.py`` instead, which is slower to start but the same.
+``runc_exec.py`` instead, which is slower to start but the same.  So is the C entry point
+``embedshim-entry`` (``entry/entry.c``, :func:`entry`), which ``shim.launcher`` installs as
+``containerd-shim-embed-v1``; without it the Python script is installed there.
 
-Imported only when a daemon is about to be spawned, by ``check``, and by the daemon.
+Imported only when a daemon is about to be spawned, by ``check``, the launcher and the daemon.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ CHECKOUT = os.path.dirname(os.path.dirname(DATA_DIR))
 KEEPER = "embedshim-keeper"
 RUNC_EXEC = "embedshim-runc-exec"
 HOLDER = "embedshim-holder"
+ENTRY = "embedshim-entry"
 BPF_OBJECT = "exitsnoop.bpf.o"
 WATCH_OBJECT = "watch.bpf.o"  # the `watch` stream (shim.watchprobe)
 
@@ -46,6 +49,15 @@ def holder() -> str | None:
     """The pod sandbox holder (``holder/holder.c``, for ``sandboxer = "shim"``): in the
     package, then in the checkout; None if neither has it."""
     for path in (os.path.join(DATA_DIR, HOLDER), os.path.join(CHECKOUT, "holder", HOLDER)):
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def entry() -> str | None:
+    """The C entry point (``entry/entry.c``), which the launcher installs as the program
+    containerd runs: in the package, then in the checkout; None if neither has it."""
+    for path in (os.path.join(DATA_DIR, ENTRY), os.path.join(CHECKOUT, "entry", ENTRY)):
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
     return None

@@ -52,12 +52,15 @@ def console_script() -> str:
 
 
 def is_ours(path: str) -> bool:
-    """Whether ``path`` (followed) is a console script of this package."""
+    """Whether ``path`` (followed) is a console script of this package, or the C entry point
+    the launcher installs with such a script beside it."""
     try:
         with open(path, "rb") as f:
             head = f.read(4096)
     except OSError:
         return False
+    if head.startswith(b"\x7fELF"):
+        return is_ours(launcher.python_entry(os.path.realpath(path)))
     return head.startswith(b"#!") and _OUR_MARK in head
 
 

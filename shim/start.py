@@ -18,7 +18,7 @@ import posix
 import sys
 
 from shim import identifiers
-from shim.flags import NAME, Flags
+from shim.flags import NAME, Flags, take_daemon_silent
 from shim.fsutil import write_address
 from shim.paths import DaemonPaths
 from shim.ttrpc.blocking import BlockingClient
@@ -174,12 +174,13 @@ def main(flags: Flags) -> int:
         sys.stdout.write(f"embedshim start: {problem}\n")
         return 1
     paths = DaemonPaths.for_containerd(flags.address)
+    silent = take_daemon_silent()
     try:
         paths.ensure()
         lock_fd = posix.open(paths.lock, posix.O_RDWR | posix.O_CREAT | posix.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
-            if reserve(paths, flags.namespace, flags.id) is None:
+            if silent or reserve(paths, flags.namespace, flags.id) is None:
                 spawn_daemon(paths, flags, ttrpc_address())
                 if reserve(paths, flags.namespace, flags.id) is None:
                     raise RuntimeError(f"daemon does not answer on {paths.socket}")

@@ -1,4 +1,5 @@
-"""The bench's pure helpers: percentiles, least-squares slope, event time parsing."""
+"""The bench's pure helpers: percentiles, least-squares slope, event time parsing, and the
+verdicts on issue 14's goals."""
 
 from __future__ import annotations
 
@@ -9,14 +10,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from integration.bench.bench import (
+    PHASES,
+    Config,
     _order,
     linear_fit,
     parse_event_time_ns,
     parse_rfc3339_ns,
     percentile,
+    process_tree_cpu_s,
     slope,
     summarize,
 )
+from integration.bench.goals import Goal, goals
+from integration.bench.goals import table as goals_table
+from integration.bench.scale import chunks, throughput
 
 finite = st.floats(min_value=-1e6, max_value=1e6, allow_nan=False, allow_infinity=False)
 
@@ -130,3 +137,112 @@ def test_order_alternates() -> None:
     assert _order(0, ["a", "b"]) == ["a", "b"]
     assert _order(1, ["a", "b"]) == ["b", "a"]
     assert _order(4, ["a", "b", "c"]) == ["b", "c", "a"]
+
+
+# -- issue 14's goals, throughput, chunks --------------------------------------------------
+
+
+def test_throughput_and_chunks() -> None:
+    assert throughput(300, 10.0, 5.0) == 20.0
+    assert throughput(0, 1.0, 1.0) is None
+    assert throughput(5, 0.0, 0.0) is None
+    assert chunks(["a", "b", "c", "d", "e"], 2) == [["a", "b"], ["c", "d"], ["e"]]
+    assert chunks([], 8) == []
+    with pytest.raises(ValueError):
+        chunks(["a"], 0)
+
+
+def test_goal_verdicts() -> None:
+    faster = Goal("x", 9.0, 10.0, "ms", 1.0)
+    assert faster.ratio == pytest.approx(0.9) and faster.met is True and faster.verdict == "met"
+    equal = Goal("x", 10.0, 10.0, "ms", 1.0)
+    assert equal.met is True  # "at or below"
+    slower = Goal("x", 10.5, 10.0, "ms", 1.0)
+    assert slower.met is False and slower.verdict == "MISSED"
+    more = Goal("t", 24.0, 23.3, "ctr/s", 1.0, higher_is_better=True)
+    assert more.met is True
+    assert Goal("t", 21.3, 23.3, "ctr/s", 1.0, higher_is_better=True).met is False
+    memory = Goal("pss", 24.9, 254.0, "MiB", 0.1)
+    assert memory.met is True and Goal("pss", 26.0, 254.0, "MiB", 0.1).met is False
+    missing = Goal("x", None, 10.0, "ms", 1.0)
+    assert missing.ratio is None and missing.met is None and missing.verdict == "n/a"
+    assert Goal("x", 1.0, 0.0, "ms", 1.0).ratio is None  # no division by zero
+    report = Goal("cpu", 3.0, 2.0, "ms", None)
+    assert report.met is None and report.verdict == "report" and report.ratio == 1.5
+    d = slower.as_dict()
+    assert d["ratio"] == 1.05 and d["met"] is False and d["runc_v2"] == 10.0
+
+
+def _summary(p50: float, p95: float) -> dict[str, float]:
+    return {"n": 10, "p50": p50, "p95": p95}
+
+
+def test_goals_from_results() -> None:
+    level = {
+        "n": 300,
+        "embed": {"run_ms": _summary(60, 70), "stop_delete_ms": _summary(40, 50)},
+        "runc-v2": {"run_ms": _summary(55, 80), "stop_delete_ms": _summary(40, 45)},
+    }
+    results = {
+        "scale": {
+            "levels": [level],
+            "throughput": {"embed": {"per_s": 21.3}, "runc-v2": {"per_s": 23.3}},
+        },
+        "exec": {
+            "embed": {"summary": _summary(20, 30), "cpu_ms_per_exec": 6.0},
+            "runc-v2": {"summary": _summary(25, 31), "cpu_ms_per_exec": 8.0},
+        },
+        "cri": {
+            "embed": {"StartContainer": {"summary": _summary(40, 45)}},
+            "runc-v2": {"StartContainer": {"summary": _summary(20, 29)}},
+        },
+        "memory": {
+            "embed": [{"n": 10, "shim_pss_kib": 20 * 1024}, {"n": 100, "shim_pss_kib": 25 * 1024}],
+            "runc-v2": [
+                {"n": 10, "shim_pss_kib": 30 * 1024},
+                {"n": 100, "shim_pss_kib": 254 * 1024},
+            ],
+        },
+        "exit": {
+            "embed": {"latency_us": {"p99": 820.0}},
+            "runc-v2": {"latency_us": {"p99": 1480.0}},
+        },
+    }
+    by_name = {g.name: g for g in goals(results)}
+    assert by_name["ctr run -d p50, N=300"].met is False
+    assert by_name["ctr run -d p95, N=300"].met is True
+    assert by_name["stop+delete p50, N=300"].met is True
+    assert by_name["stop+delete p95, N=300"].met is False
+    assert by_name["exec p50"].met is True and by_name["exec p95"].met is True
+    assert by_name["start+teardown, 8 at a time"].met is False
+    assert by_name["CRI StartContainer p50"].ratio == 2.0
+    assert by_name["CRI RunPodSandbox p50"].verdict == "n/a"  # not measured: never met
+    pss = by_name["shim PSS, N=100"]
+    assert (pss.embed, pss.runc, pss.met) == (25.0, 254.0, True)
+    assert by_name["exit -> event p99"].embed == pytest.approx(0.82)
+    assert by_name["CPU per exec (user+sys)"].ratio == 0.75
+    lines = goals_table([g.as_dict() for g in goals(results)])
+    assert any("ctr run -d p50, N=300" in ln and "MISSED" in ln and "1.09" in ln for ln in lines)
+    # judged: 4 scale, 2 exec, throughput, 2 StartContainer, PSS, exit (unmeasured: n/a)
+    assert lines[-1] == "  6 of 11 goals met"
+
+
+def test_process_tree_cpu_counts_reaped_children() -> None:
+    """A child's CPU shows in its parent's counters once it has been waited for."""
+    import os
+    import subprocess
+    import sys
+
+    before = process_tree_cpu_s(os.getpid())
+    subprocess.run([sys.executable, "-c", "sum(range(30_000_000))"], check=True, timeout=120)
+    assert process_tree_cpu_s(os.getpid()) - before >= 0.2
+    assert process_tree_cpu_s(2**22 + 1) == 0.0  # no such process
+
+
+def test_config_phases_and_scale() -> None:
+    full = Config.make(False, None, None)
+    assert full.phases == list(PHASES) and full.scale_ns == [10, 300] and full.cri_pods == 20
+    quick = Config.make(True, None, None, [300, 10, 10], ["cri", "scale"])
+    assert quick.scale_ns == [10, 300] and quick.phases == ["scale", "cri"]  # run in order
+    with pytest.raises(ValueError, match="unknown phase"):
+        Config.make(True, None, None, None, ["memory", "bogus"])

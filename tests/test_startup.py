@@ -121,8 +121,9 @@ def _pip_script(tmp_path: Path) -> Path:
 
 
 def test_launcher_replaces_pip_script_once(tmp_path: Path) -> None:
+    """Without the C entry point (tests/test_entry.py: with it), the script takes its place."""
     path = _pip_script(tmp_path)
-    ok, text = launcher.install(str(path), python=sys.executable)
+    ok, text = launcher.install(str(path), python=sys.executable, entry="")
     assert ok and "written" in text
     content = path.read_text()
     assert content.startswith(f"#!{sys.executable} -SE\n")
@@ -131,14 +132,14 @@ def test_launcher_replaces_pip_script_once(tmp_path: Path) -> None:
     # /usr/local/bin's link to it is still recognised as ours by make setup
     assert setupcheck.is_ours(str(path))
     before = os.stat(path).st_mtime_ns
-    ok, text = launcher.install(str(path), python=sys.executable)
+    ok, text = launcher.install(str(path), python=sys.executable, entry="")
     assert ok and "written" not in text and os.stat(path).st_mtime_ns == before
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".") or ".tmp-" in p]
 
 
 def test_launcher_runs_the_cli(tmp_path: Path) -> None:
     path = _pip_script(tmp_path)
-    assert launcher.install(str(path), python=sys.executable)[0]
+    assert launcher.install(str(path), python=sys.executable, entry="")[0]
     r = subprocess.run([str(path), "-v"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and launcher.NAME in r.stdout, r.stderr
     # through a symlink, as /usr/local/bin/containerd-shim-embed-v1

@@ -13,7 +13,14 @@ start      sequential ``ctr run -d`` wall time, and ``ctr task delete -f`` + ``c
            of the same OCI spec without containerd.
 exit       a container blocks in ``read x < /fifos/<id>``; we write the FIFO at t0 and time
            the ``/tasks/exit`` event reaching a ``ctr events`` subscriber.
-exec       ``ctr task exec --exec-id e<i> <id> true`` wall time.
+exec       ``ctr task exec --exec-id e<i> <id> true`` wall time, and the CPU time of the shim
+           processes per exec (``cpu_per_exec``).
+scale      ``ctr run -d`` and stop+delete with N = 10 and 300 running; throughput 8 at a time
+           (integration/bench/scale.py).
+cri        RunPodSandbox, StartContainer, StopContainer, StopPodSandbox per CRI handler
+           (integration/bench/cri.py).
+
+The goals of issue 14 (integration/bench/goals.py) are printed with their ratios to runc-v2.
 
 Results: a JSON file and a PNG next to it (default ``bench/out/``), and a table on stdout.
 Everything runs inside a harness :class:`~integration.harness.Containerd` whose
@@ -45,6 +52,9 @@ from pathlib import Path
 from types import FrameType
 from typing import IO, Any
 
+from integration.bench import goals
+from integration.bench.cri import phase_cri
+from integration.bench.scale import phase_scale
 from integration.harness import (
     EMBED_RUNTIME,
     RUN_CONTAINERD,
@@ -70,6 +80,7 @@ EMBED = "embed"
 RUNC = "runc-v2"
 FLOOR = "runc-floor"
 RUNTIMES = {EMBED: EMBED_RUNTIME, RUNC: RUNC_RUNTIME}
+PHASES = ("memory", "start", "exit", "exec", "scale", "cri")
 
 #: our daemon lingers 10 s (EMBEDSHIM_IDLE_EXIT) after its last task; wait this long for it
 IDLE_WAIT = 30.0
@@ -222,6 +233,33 @@ def process_cpu_s(pid: int) -> float:
     except (OSError, IndexError):
         return 0.0
     return (int(rest[11]) + int(rest[12])) / _CLK_TCK
+
+
+def process_tree_cpu_s(pid: int) -> float:
+    """utime + stime of ``pid`` and of its children it has waited for (cutime + cstime)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            rest = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return sum(int(x) for x in rest[11:15]) / _CLK_TCK
+
+
+def shim_cpu_with_children_s(runtime: str, address: str) -> float:
+    """CPU seconds of a runtime's long-lived shim processes and everything they reaped: for
+    ours the daemon and its keeper (exec wrappers, runc, the exec'd processes end up in the
+    daemon's children's counters), for runc-v2 every shim (runc, the exec'd processes).
+    Helpers still running are not in it: sample when none is (no exec in flight)."""
+    total = 0.0
+    for pid in shim_pids(runtime, address):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                last = f.read().rstrip(b"\0").rsplit(b"\0", 1)[-1]
+        except OSError:
+            continue
+        if runtime == RUNC or last in (b"daemon", b"keeper"):
+            total += process_tree_cpu_s(pid)
+    return total
 
 
 def _address_arg(cmdline: Sequence[str]) -> str:
@@ -536,20 +574,38 @@ class Config:
     exits: int
     seq: int
     execs: int
+    scale_ns: list[int]
+    scale_samples: int
+    cri_pods: int
+    phases: list[str] = field(default_factory=lambda: list(PHASES))
     concurrency: int = 4
     exit_batch: int = 10
     settle: float = 1.0
 
     @classmethod
-    def make(cls, quick: bool, ns: list[int] | None, exits: int | None) -> Config:
+    def make(
+        cls,
+        quick: bool,
+        ns: list[int] | None,
+        exits: int | None,
+        scale_ns: list[int] | None = None,
+        phases: list[str] | None = None,
+    ) -> Config:
         if quick:
-            c = cls(True, [1, 5, 10], 20, 10, 10, settle=0.5)
+            c = cls(True, [1, 5, 10], 20, 10, 20, [10, 30], 8, 4, settle=0.5)
         else:
-            c = cls(False, [1, 10, 50, 100], 100, 50, 100)
+            c = cls(False, [1, 10, 50, 100], 100, 50, 100, [10, 300], 30, 20)
         if ns:
             c.ns = sorted(set(ns))
         if exits:
             c.exits = exits
+        if scale_ns:
+            c.scale_ns = sorted(set(scale_ns))
+        if phases:
+            unknown = set(phases) - set(PHASES)
+            if unknown:
+                raise ValueError(f"unknown phase(s): {', '.join(sorted(unknown))}")
+            c.phases = [p for p in PHASES if p in phases]
         return c
 
 
@@ -950,6 +1006,7 @@ class Bench:
         ids = {rt: f"e-{rt}" for rt in (EMBED, RUNC)}
         out: dict[str, Any] = {}
         times: dict[str, list[float]] = {}
+        cpu0: dict[str, float] = {}
         try:
             for rt, cid in ids.items():
                 if self.start_one(rt, cid, *SLEEP) is None:
@@ -962,6 +1019,8 @@ class Bench:
                     self.progress.note(f"  exec on {rt} skipped: {err}")
                 else:
                     times[rt] = []
+            time.sleep(self.cfg.settle)  # the probe's helpers reaped, into the counters
+            cpu0 = {rt: shim_cpu_with_children_s(rt, self.c.address) for rt in times}
             for i in range(self.cfg.execs):
                 for rt in _order(i, sorted(times)):
                     self.progress(f"exec latency: {i + 1}/{self.cfg.execs} {rt}")
@@ -970,6 +1029,12 @@ class Bench:
                         self.error(f"exec {rt} e{i}: {err}")
                     else:
                         times[rt].append(dt)
+            time.sleep(self.cfg.settle)
+            for rt, before in cpu0.items():
+                used = shim_cpu_with_children_s(rt, self.c.address) - before
+                out[rt] = {"cpu_s": round(used, 3)}
+                if times[rt]:
+                    out[rt]["cpu_ms_per_exec"] = round(used * 1000 / len(times[rt]), 3)
         finally:
             for cid in ids.values():
                 if cid in self.leftover_tasks():
@@ -977,7 +1042,7 @@ class Bench:
                 else:
                     self.c.ctr("container", "delete", cid, check=False)
         for rt, v in times.items():
-            out[rt] = {"summary": summarize(_ms(v)), "ms": _ms(v)}
+            out.setdefault(rt, {}).update(summary=summarize(_ms(v)), ms=_ms(v))
         self.results["exec"] = out
 
 
@@ -1154,7 +1219,12 @@ def table(results: dict[str, Any], targets: Sequence[Target]) -> str:
         1e-3,
     )
     row("  envelope -> ctr   p50 / p99 / max", "exit", "deliver_us", ("p50", "p99", "max"), 1e-3)
-    row("exec                p50 / p99 / max", "exec", "summary", ("p50", "p99", "max"))
+    row("exec                p50 / p95 / max", "exec", "summary", ("p50", "p95", "max"))
+    cpu = [_get(results, "exec", rt, "cpu_ms_per_exec") for rt in (EMBED, RUNC)]
+    lines.append(
+        f"{'exec CPU per exec (ms, user+sys)':<39} {_fmt(cpu[0], digits=2):>22} "
+        f"{_fmt(cpu[1], digits=2):>22}"
+    )
     for rt in (EMBED, RUNC):
         why = _get(results, "exec", rt, "skipped")
         if why:
@@ -1169,7 +1239,7 @@ def table(results: dict[str, Any], targets: Sequence[Target]) -> str:
             f"note: up to {others} other containerd instance(s) ran during the bench "
             "(other test runs?): expect noisier latencies"
         )
-    lines += ["", "Targets"]
+    lines += ["", *goals.table(results.get("goals") or []), "", "Targets"]
     for t in targets:
         mark = {True: "MET    ", False: "NOT MET", None: "n/a    "}[t.met]
         lines.append(f"  [{mark}] {t.name}: {t.detail}")
@@ -1196,7 +1266,9 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     except ImportError:
         return "matplotlib is not installed (pip install matplotlib)"
     colors = {EMBED: "tab:green", RUNC: "tab:blue", FLOOR: "tab:gray"}
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(14, 5.5))
+    fig, (ax1, ax2, ax3) = plt.subplots(
+        1, 3, figsize=(22, 6.5), gridspec_kw={"width_ratios": [1, 1, 0.9]}
+    )
     mem = results.get("memory") or {}
     for rt in (EMBED, RUNC):
         rows = mem.get(rt) or []
@@ -1252,7 +1324,8 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
         fontsize=10,
     )
     ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=8)
+    if ax1.get_legend_handles_labels()[0]:  # a run of some phases may have none
+        ax1.legend(fontsize=8)
 
     cats: list[tuple[str, str, str, str, float]] = [
         ("start p50", "start", "summary", "p50", 1.0),
@@ -1281,7 +1354,9 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     ax2.set_ylabel("ms (log scale)")
     ax2.set_title("Latency (missing bar = not measured / not implemented)", fontsize=10)
     ax2.grid(True, axis="y", which="both", alpha=0.3)
-    ax2.legend(fontsize=8)
+    if ax2.get_legend_handles_labels()[0]:  # a run of some phases may have none
+        ax2.legend(fontsize=8)
+    goals.plot(ax3, results.get("goals") or [])
     meta = results.get("meta", {})
     fig.suptitle(
         f"embedshim vs runc-v2 — {meta.get('cpus')} cores, {_fmt(meta.get('mem_gib'))} GiB, "
@@ -1436,8 +1511,12 @@ def run(
             ("start", bench.phase_start),
             ("exit", bench.phase_exit),
             ("exec", bench.phase_exec),
+            ("scale", lambda: phase_scale(bench)),
+            ("cri", lambda: phase_cri(bench)),
         ]
         for name, phase in phases:
+            if name not in cfg.phases:
+                continue
             env.append({"phase": name, **_load(), "other_containerds": other_containerds(c.pid)})
             phase()
         env.append({"phase": "end", **_load(), "other_containerds": other_containerds(c.pid)})
@@ -1464,6 +1543,7 @@ def run(
                     os.rmdir(d)
         targets = evaluate(results)
         results["targets"] = [t.__dict__ for t in targets]
+        results["goals"] = [g.as_dict() for g in goals.goals(results)]
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
         progress.clear()
@@ -1484,6 +1564,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--ns", type=lambda s: [int(x) for x in s.split(",")], help="container counts, e.g. 1,10,50"
     )
     ap.add_argument("--exits", type=int, help="exits per runtime")
+    ap.add_argument(
+        "--scale-ns",
+        type=lambda s: [int(x) for x in s.split(",")],
+        help="running containers for the scale phase (default 10,300; quick 10,30)",
+    )
+    ap.add_argument(
+        "--phases",
+        type=lambda s: s.split(","),
+        help=f"only these phases, e.g. scale,cri (default all: {','.join(PHASES)})",
+    )
     ap.add_argument("--floor-helper", metavar="RUNC_ROOT", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.floor_helper:
@@ -1492,7 +1582,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if why:
         sys.stderr.write(f"bench: {why}\n")
         return 2
-    cfg = Config.make(args.quick, args.ns, args.exits)
+    try:
+        cfg = Config.make(args.quick, args.ns, args.exits, args.scale_ns, args.phases)
+    except ValueError as e:
+        ap.error(str(e))
     progress = Progress()
     try:
         with _signals_as_interrupt():

@@ -1,0 +1,77 @@
+"""The bench's CRI phase: what the kubelet waits for, per runtime handler.
+
+A CRI node of its own (integration/cri/node.py: containerd with its CRI plugin in a private
+netns, CNI bridge, busybox and pause images) with both handlers, ``embed`` and ``runc``.
+``pods`` rounds (the handlers alternate who goes first): RunPodSandbox, then two containers
+joining the pod (CreateContainer untimed, StartContainer timed), one at a time; then, round
+by round, StopContainer (timeout 0: SIGKILL, as after a grace period) and RemoveContainer
+for each, StopPodSandbox and RemovePodSandbox.  Each CRI call's wall time, as the kubelet's
+gRPC client sees it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from integration.bench.bench import Bench
+
+OPS = ("RunPodSandbox", "StartContainer", "StopContainer", "StopPodSandbox")
+#: CRI handler name -> the bench's runtime key
+HANDLER_KEYS = {"embed": "embed", "runc": "runc-v2"}
+CONTAINERS_PER_POD = 2
+#: CNI's result cache (libcni's default), outside any temp dir; dropped if this run made it.
+CNI_CACHE_DIRS = ("/var/lib/cni/results", "/var/lib/cni")
+
+
+def phase_cri(b: Bench) -> None:
+    from integration.bench.bench import _ms, _order, summarize
+    from integration.cri.node import CriNode
+
+    pods_n = b.cfg.cri_pods
+    handlers = list(HANDLER_KEYS)
+    times: dict[str, dict[str, list[float]]] = {h: {op: [] for op in OPS} for h in handlers}
+    preexisting = {d for d in CNI_CACHE_DIRS if os.path.isdir(d)}
+    b.progress("CRI: starting a CRI node", force=True)
+    node = CriNode(b.rootfs)
+
+    def timed(h: str, op: str, fn: Any, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        out = fn(*args)
+        times[h][op].append(time.perf_counter() - t0)
+        return out
+
+    try:
+        pods: dict[str, list[Any]] = {h: [] for h in handlers}
+        for i in range(pods_n):
+            for h in _order(i, handlers):
+                b.progress(f"CRI: pod {i + 1}/{pods_n} {h}")
+                pod = timed(h, "RunPodSandbox", node.run_pod, h)
+                pods[h].append(pod)
+                for _ in range(CONTAINERS_PER_POD):
+                    cid = node.create_container(pod, ["sleep", "100000"])
+                    timed(h, "StartContainer", node.start, cid)
+        for i in range(pods_n):
+            for h in _order(i, handlers):
+                b.progress(f"CRI: stopping pod {i + 1}/{pods_n} {h}")
+                pod = pods[h][i]
+                for cid in pod.containers:
+                    timed(h, "StopContainer", node.stop, cid, 0)
+                    node.remove(cid)
+                timed(h, "StopPodSandbox", node.stop_pod, pod)
+                node.remove_pod(pod)
+    finally:
+        node.close()
+        for d in CNI_CACHE_DIRS:
+            if d not in preexisting:
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+    out: dict[str, Any] = {"pods": pods_n, "containers_per_pod": CONTAINERS_PER_POD}
+    for h, key in HANDLER_KEYS.items():
+        out[key] = {
+            op: {"summary": summarize(_ms(times[h][op])), "ms": _ms(times[h][op])} for op in OPS
+        }
+    b.results["cri"] = out
