@@ -8,9 +8,10 @@ CRI_PROTO := proto/cri_api.proto
 PROTOS := $(filter-out $(CRI_PROTO),$(wildcard proto/*.proto))
 CRI_API := integration/cri/api
 
-.PHONY: setup demo test unit integration cri lint proto bpf bench soak fuzz clean keeper
+.PHONY: setup demo test unit integration cri lint proto bpf bench bench-sandbox soak fuzz clean keeper
 
-setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper runc_exec/embedshim-runc-exec
+setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper runc_exec/embedshim-runc-exec \
+	holder/embedshim-holder
 	@$(PY) -m shim.setupcheck
 
 .setup-debs:
@@ -35,6 +36,10 @@ keeper: keeper/embedshim-keeper
 # the exec wrapper in C (runc_exec/runc_exec.c; the daemon falls back to runc_exec.py without it)
 runc_exec/embedshim-runc-exec: runc_exec/runc_exec.c runc_exec/Makefile
 	@$(MAKE) -s -C runc_exec
+
+# the pod sandbox holder of `sandboxer = "shim"` (holder/holder.c; none: only podsandbox mode)
+holder/embedshim-holder: holder/holder.c holder/Makefile
+	@$(MAKE) -s -C holder
 
 TEST_PROTOS := $(wildcard integration/proto/*.proto)
 
@@ -78,6 +83,10 @@ demo: setup
 
 bench: setup
 	$(PY) -m integration.bench.bench $(BENCH_ARGS)
+
+# what a pod's sandbox costs through CRI on containerd 2.2.7: runc, embed, embed-shim
+bench-sandbox: setup
+	$(PY) -m integration.bench.sandboxcost $(SANDBOX_BENCH_ARGS)
 
 # 1,000 create/start/exit/delete cycles (half with an exec); prints the before/after figures.
 soak: setup

@@ -1,7 +1,7 @@
 """Build steps pyproject.toml cannot express: the package carries its files that are not
 Python (see shim/packaged.py), and the wheel says it is for one platform.
 
-* ``shim/data/exitsnoop.bpf.o``: the committed CO-RE object ``bpf/exitsnoop.bpf.o``, copied
+* ``shim/data/exitsnoop.bpf.o`` and ``watch.bpf.o``: the committed CO-RE objects, copied
   (building it needs clang, llvm and libbpf-dev, which ``make bpf`` uses; the object is
   the same bytes on every little-endian host).
 * ``shim/data/embedshim-keeper``: ``keeper/keeper.c`` compiled with the C compiler (``$CC``,
@@ -11,6 +11,8 @@ Python (see shim/packaged.py), and the wheel says it is for one platform.
   package without its keeper has no crash survival.
 * ``shim/data/embedshim-runc-exec``: ``runc_exec/runc_exec.c``, the exec wrapper in C (no
   interpreter start-up per exec), compiled the same way.
+* ``shim/data/embedshim-holder``: ``holder/holder.c``, the process that holds a pod's
+  namespaces with ``sandboxer = "shim"`` (containerd 2.x), compiled the same way.
 
 The wheel is then tagged ``py3-none-<platform>`` (``linux_x86_64``, ...): any Python 3
 (no extension module), but only the machine type the keeper was compiled for.  An editable
@@ -40,15 +42,17 @@ class BuildPy(build_py):
             return
         data = os.path.join(self.build_lib, "shim", "data")
         os.makedirs(data, exist_ok=True)
-        shutil.copyfile(
-            os.path.join(HERE, "bpf", "exitsnoop.bpf.o"), os.path.join(data, "exitsnoop.bpf.o")
-        )
+        for obj in ("exitsnoop.bpf.o", "watch.bpf.o"):
+            shutil.copyfile(os.path.join(HERE, "bpf", obj), os.path.join(data, obj))
         build_keeper(
             os.path.join(HERE, "keeper", "keeper.c"), os.path.join(data, "embedshim-keeper")
         )
         build_keeper(
             os.path.join(HERE, "runc_exec", "runc_exec.c"),
             os.path.join(data, "embedshim-runc-exec"),
+        )
+        build_keeper(
+            os.path.join(HERE, "holder", "holder.c"), os.path.join(data, "embedshim-holder")
         )
 
 

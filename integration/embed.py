@@ -125,7 +125,9 @@ def bpf_pin_root(c: Containerd) -> str:
 def remove_bpf_pins(c: Containerd) -> None:
     """Unpin this instance's BPF program and maps (it detaches once nobody holds them)."""
     from shim.exittrack import ExitTracker
+    from shim.watchprobe import WatchProbe
 
+    WatchProbe.uninstall(bpf_pin_root(c))
     ExitTracker.uninstall(bpf_pin_root(c))
     try:
         os.rmdir(BPF_TEST_ROOT)

@@ -769,6 +769,10 @@ class Containerd:
             f'  Root = "{self.runc_root}"',
             f"{runtime}.containerd.runtimes.embed]",
             f'  runtime_type = "{EMBED_RUNTIME}"',
+            # ours again, with the Sandbox API (no pause container): containerd 2.x only
+            f"{runtime}.containerd.runtimes.embed-shim]",
+            f'  runtime_type = "{EMBED_RUNTIME}"',
+            '  sandboxer = "shim"',
             "",
         ]
 

@@ -119,8 +119,9 @@ def installed() -> Iterator[Installed]:
 def test_the_wheel_carries_the_bpf_object_and_the_keeper(installed: Installed) -> None:
     # py3-none-<platform>: any Python 3, the machine type the keeper was compiled for
     assert os.path.basename(installed.wheel).startswith("embedshim-0.1.0-py3-none-linux_")
-    obj = os.path.join(installed.data, "exitsnoop.bpf.o")
-    assert Path(obj).read_bytes() == (REPO / "bpf" / "exitsnoop.bpf.o").read_bytes()
+    for name in ("exitsnoop.bpf.o", "watch.bpf.o"):  # the exit tracker; the `watch` stream
+        obj = os.path.join(installed.data, name)
+        assert Path(obj).read_bytes() == (REPO / "bpf" / name).read_bytes()
     keeper = os.path.join(installed.data, "embedshim-keeper")
     assert os.access(keeper, os.X_OK)
     ldd = subprocess.run(["ldd", keeper], capture_output=True, text=True, timeout=30)
@@ -135,6 +136,16 @@ def test_the_wheel_carries_the_bpf_object_and_the_keeper(installed: Installed) -
         capture_output=True, text=True, timeout=30, cwd="/", env=clean_env(), check=True,
     ).stdout  # fmt: skip
     assert out.strip() == repr([wrapper]), out
+    # the pod sandbox holder (sandboxer = "shim"), static, the one the installed daemon runs
+    holder = os.path.join(installed.data, "embedshim-holder")
+    ldd = subprocess.run(["ldd", holder], capture_output=True, text=True, timeout=30)
+    assert "not a dynamic executable" in ldd.stdout + ldd.stderr, ldd
+    out = subprocess.run(
+        [f"{installed.venv}/bin/python", "-c",
+         "from shim import packaged; print(packaged.holder())"],
+        capture_output=True, text=True, timeout=30, cwd="/", env=clean_env(), check=True,
+    ).stdout  # fmt: skip
+    assert out.strip() == holder, out
     # the launcher runs the installed package, from site-packages
     with open(installed.shim) as f:
         launcher = f.read()

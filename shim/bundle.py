@@ -27,6 +27,8 @@ from typing import Any
 from shim import errors
 
 TASK_DIR = "io.containerd.runtime.v2.task"
+#: where containerd 2.x's shim sandbox controller puts a pod sandbox's bundle
+SANDBOX_DIR = "io.containerd.sandbox.controller.v1.shim"
 ROOTS_ENV = "EMBEDSHIM_BUNDLE_ROOTS"
 DEFAULT_ROOTS = ("/run/containerd",)
 PATH_MAX = 4096
@@ -35,13 +37,15 @@ MAX_CONFIG = 16 << 20  # a config.json beyond this is cut short, so it fails to 
 
 def state_of(path: str, namespace: str, id: str) -> str | None:
     """``<state>`` of a bundle path ``<state>/io.containerd.runtime.v2.task/<namespace>/<id>``
-    (absolute and clean, ``<state>`` not ``/``), or None if ``path`` is not one."""
+    (or a pod sandbox's, under SANDBOX_DIR) (absolute and clean, ``<state>`` not ``/``), or
+    None if ``path`` is not one."""
     if not is_clean_absolute(path):
         return None
-    state, _, rest = path.rpartition(f"/{TASK_DIR}/")
-    if rest != f"{namespace}/{id}" or not state:
-        return None
-    return state
+    for parent in (TASK_DIR, SANDBOX_DIR):
+        state, _, rest = path.rpartition(f"/{parent}/")
+        if rest == f"{namespace}/{id}" and state:
+            return state
+    return None
 
 
 def namespace_of(path: str, id: str) -> str:

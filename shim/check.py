@@ -6,7 +6,7 @@ import os
 import shutil
 import sys
 
-from shim.cli import Flags
+from shim.flags import Flags
 from shim.paths import DEFAULT_BPF_ROOT, DaemonPaths
 
 
@@ -57,6 +57,21 @@ def _oom() -> tuple[bool, str]:
     return False, "no memory cgroup controller mounted"
 
 
+def _watch(pin_root: str) -> tuple[bool, str]:
+    """The `watch` program of this daemon, and how many events the kernel dropped."""
+    from shim.watchprobe import WatchProbe, default_object_path
+
+    probe = WatchProbe.open_existing(pin_root)
+    if probe is None:
+        obj = default_object_path()
+        if not os.path.isfile(obj):
+            return False, f"BPF object {obj} missing"
+        return True, f"not loaded yet (the daemon loads {obj})"
+    with probe:
+        state = "streaming" if probe.watching else "no watcher"
+        return True, f"loaded, {state}; events dropped: {probe.drops()}"
+
+
 def _read(path: str) -> str:
     try:
         with open(path) as f:
@@ -105,6 +120,7 @@ def main(flags: Flags) -> int:
     )
     bpf_ok, bpf_why = ExitTracker.available(pin_root)
     rows.append(("BPF exit tracking", bpf_ok, bpf_why))
+    rows.append(("watch", *_watch(pin_root)))
     for tool in ("runc", "containerd"):
         found = shutil.which(tool)
         rows.append((tool, found is not None, found or "not on PATH"))
@@ -120,6 +136,14 @@ def main(flags: Flags) -> int:
     wrapper = runc_exec.binary()
     rows.append(
         ("exec wrapper (C)", wrapper is not None, wrapper or "not built: the slower Python one")
+    )
+    holder = packaged.holder()
+    rows.append(
+        (
+            "pod sandboxes (sandboxer = shim)",
+            holder is not None,
+            holder or "embedshim-holder not built (make setup): podsandbox mode only",
+        )
     )
     width = max(len(r[0]) for r in rows)
     for name, good, detail in rows:

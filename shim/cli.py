@@ -12,24 +12,12 @@ This module imports only ``sys`` and ``posix`` (no ``os``, no ``__future__``).
 import posix
 import sys
 
+from shim.flags import NAME, VERSION, UsageError, enable_site, parse
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import NoReturn
 
-VERSION = "0.1.0"
-NAME = "containerd-shim-embed-v1"
-_BOOL_FLAGS = {"debug", "v", "version", "info", "h", "help"}
-_VALUE_FLAGS = {
-    "namespace",
-    "address",
-    "publish-binary",
-    "id",
-    "bundle",
-    "socket",
-    "ttrpc-address",
-    "ready-fd",
-    "containerd-state",
-}
 USAGE = f"""usage: {NAME} [flags] <command>
 
 commands:
@@ -38,6 +26,8 @@ commands:
   daemon    run the daemon (started by `start`)
   reload    upgrade the daemon in place (same pid; containers and connections kept)
   check     print which kernel features are present and the mode the daemon would use
+  watch     stream exec/exit/OOM events of the processes inside our containers
+            (--json, --ns NS, --id ID, --event exec,exit,oom, --stats: Prometheus counters)
   version   print the version
 
   -info     (containerd 2.x) read runtime options from stdin, write a RuntimeInfo protobuf
@@ -49,67 +39,6 @@ flags (as containerd passes them):
 daemon flags (as `start` passes them):
   -ttrpc-address ADDR -ready-fd FD -containerd-state DIR
 """
-
-
-class Flags:
-    """The flags containerd passes (Go ``flag`` names, dashes as underscores)."""
-
-    def __init__(self) -> None:
-        self.namespace = ""
-        self.address = ""
-        self.publish_binary = ""
-        self.id = ""
-        self.bundle = ""
-        self.socket = ""
-        self.ttrpc_address = ""
-        self.ready_fd = ""
-        self.containerd_state = ""
-        self.debug = False
-        self.v = False
-        self.version = False
-        self.info = False
-        self.h = False
-        self.help = False
-
-
-class UsageError(Exception):
-    pass
-
-
-def parse(argv: list[str]) -> tuple[Flags, list[str]]:
-    """Parse Go ``flag`` style arguments: ``-f v``, ``-f=v``, ``--f v``; flags stop at the
-    first non-flag argument (the command)."""
-    flags = Flags()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if arg == "--" or not arg.startswith("-") or arg == "-":
-            break
-        name, eq, value = arg.lstrip("-").partition("=")
-        if name in _BOOL_FLAGS:
-            setattr(flags, name, value.lower() not in ("false", "0") if eq else True)
-        elif name in _VALUE_FLAGS:
-            if not eq:
-                i += 1
-                if i >= len(argv):
-                    raise UsageError(f"flag needs an argument: -{name}")
-                value = argv[i]
-            setattr(flags, name.replace("-", "_"), value)
-        else:
-            raise UsageError(f"flag provided but not defined: -{name}")
-        i += 1
-    rest = argv[i:]
-    if rest[:1] == ["--"]:
-        rest = rest[1:]
-    return flags, rest
-
-
-def enable_site() -> None:
-    """What ``python`` without ``-S`` would have done at start-up: site-packages on sys.path."""
-    if sys.flags.no_site and "site" not in sys.modules:
-        import site
-
-        site.main()
 
 
 def _exit_now(code: int) -> "NoReturn":
@@ -167,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
         from shim import check
 
         return check.main(flags)
+    if command == "watch":
+        from shim import watchcli
+
+        return watchcli.main(flags, rest[1:])
     if command == "daemon":
         import os
 

@@ -44,12 +44,15 @@ from shim.keeperlink import Attached, KeeperLink
 from shim.oom import OOMWatcher
 from shim.paths import DaemonPaths
 from shim.reaper import Reaper, become_subreaper
+from shim.sandbox import Sandboxes
+from shim.sandboxservice import SANDBOX_SERVICE, SandboxService
 from shim.service import DAEMON_SERVICE, TASK_SERVICE, TaskService
 from shim.statestore import StateStore
 from shim.task import Deps, Tasks
 from shim.ttrpc import PeerCred, Server, require_same_user
 from shim.ttrpc.journal import Journal
 from shim.ttrpc.server import FRAME_TIMEOUT
+from shim.watchd import open_hub
 
 # How long a `start`'s reservation keeps the daemon for a Create that has not come
 # (EMBEDSHIM_RESERVATION_TTL overrides).  A daemon that never gets a task exits after it.
@@ -60,7 +63,7 @@ IDLE_EXIT = 10.0
 HANDOFF_ENV = "EMBEDSHIM_HANDOFF"
 QUIESCE_TIMEOUT = 10.0
 # Calls that may wait for as long as a container runs: handed over, not waited for.
-LONG_CALLS = frozenset({"Wait"})
+LONG_CALLS = frozenset({"Wait", "WaitSandbox"})
 
 
 class Daemon:
@@ -122,6 +125,7 @@ class Daemon:
         if tracker is not None:
             drain_ring(loop, tracker)
         oom = OOMWatcher(loop)
+        self.watch = open_hub(self.paths)
         self.tasks = Tasks(
             Deps(
                 self.paths,
@@ -133,6 +137,7 @@ class Daemon:
                 oom,
                 keeper=self.keeper,
                 bundle_roots=self.bundle_roots,
+                watch=self.watch,
             )
         )
         queued_exits, queued_ooms = _requeue_events(publisher, store, handoff)
@@ -146,14 +151,20 @@ class Daemon:
         self.tasks.restore(
             queued_exits, queued_ooms, io_state if isinstance(io_state, dict) else None, kept
         )
+        self.sandboxes = Sandboxes(self.tasks.deps, _holder())
+        self.sandboxes.restore()
         reaper.reap()  # children that exited while no handler was installed (re-exec)
+        await self.watch.start()
         publisher.start()
         self.service = TaskService(self.tasks, self._on_shutdown, self.info)
-        self.tasks.on_empty = self._on_shutdown
+        self.tasks.on_empty = self.sandboxes.on_empty = self._on_shutdown
         journal = Journal(self.paths.journal) if self.attached is not None else None
         server = Server(accept_filter=admit_peer, frame_timeout=_frame_timeout(), journal=journal)
         server.register(TASK_SERVICE, self.service.methods())
         server.register(DAEMON_SERVICE, self.service.daemon_methods())
+        server.register(
+            SANDBOX_SERVICE, SandboxService(self.sandboxes, self.service.reservations).methods()
+        )
         if handoff is not None:
             from shim.ttrpc.server import ServerHandoff
 
@@ -217,8 +228,10 @@ class Daemon:
             return  # only if exec failed: keep serving is impossible now; exit
         log.event("daemon stopping", pid=os.getpid(), tasks=len(self.tasks))
         await server.close()
+        await self.watch.close()
         await publisher.flush()
         await publisher.close()
+        self.sandboxes.close()
         exits.close()
         oom.close()
         if tracker is not None:
@@ -237,6 +250,7 @@ class Daemon:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "tasks": len(self.tasks),
+            "sandboxes": len(self.sandboxes),
             "containerd": self.containerd_address,
             # Who holds the connections across a crash, and how many crashes it has seen.
             "keeper": self.keeper.keeper_pid if self.keeper is not None else None,
@@ -324,8 +338,10 @@ class Daemon:
             self.keeper.stop()  # new connections wait in the channel for the new image
         await server.quiesce(keep=lambda ctx: ctx.method in LONG_CALLS, timeout=QUIESCE_TIMEOUT)
         unsent = await publisher.detach()
+        await self.watch.handoff()
         state = server.handoff()
         io_state = self.tasks.handoff_io()  # terminal copies stop here, their fds inherited
+        self.sandboxes.close()
         exits.close()
         oom.close()  # kills from now on are counted by the kernel; the new image looks
         if tracker is not None:
@@ -370,7 +386,7 @@ class Daemon:
         """When (time.monotonic()) the daemon may exit if nothing changes meanwhile: the
         idle delay after the last task left (or after it started), and not before every
         reservation (and a new daemon's hold) has expired; None while it serves a task."""
-        if len(self.tasks):
+        if self._serving():
             return None
         ttl = _reservation_ttl()
         deadline = max(self._last_shutdown + self._idle_delay(), self._held_until)
@@ -408,7 +424,11 @@ class Daemon:
         for key, t in list(res.items()):
             if now - t >= ttl:
                 del res[key]
-        return len(self.tasks) == 0 and not res
+        return not self._serving() and not res
+
+    def _serving(self) -> int:
+        """Tasks and pod sandboxes: the daemon stays while it has either."""
+        return len(self.tasks) + len(self.sandboxes)
 
     async def _exit_if_idle(self) -> None:
         """Exit if nothing is served; under the start lock, so a ``start`` racing with us
@@ -431,6 +451,12 @@ class Daemon:
             self._stop.set()
         finally:
             os.close(lock_fd)
+
+
+def _holder() -> str | None:
+    from shim import packaged
+
+    return packaged.holder()
 
 
 def _reservation_ttl() -> float:

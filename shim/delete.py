@@ -16,7 +16,7 @@ import sys
 import time
 
 from shim import identifiers, wire
-from shim.cli import Flags
+from shim.flags import Flags
 from shim.fsutil import exists, is_mountpoint, join
 from shim.paths import DaemonPaths
 from shim.ttrpc.blocking import BlockingClient
@@ -198,7 +198,7 @@ def _report_oom(namespace: str, id: str, memcg: str, published: int) -> None:
     address = os.environ.get("TTRPC_ADDRESS", "")
     if count is None or count <= published or not address:
         return
-    from shim.cli import enable_site
+    from shim.flags import enable_site
 
     enable_site()  # the rare OOM path needs protobuf from site-packages (the launcher's -S)
     from shim.api import events_pb2

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 
 from shim import errors, log, procinfo
 from shim.api import events_pb2
-from shim.process import Process, Status
+from shim.lifecycle import Op, Status
+from shim.process import Process
 from shim.reaper import Exit
 from shim.runc import RuncError
 from shim.statestore import ProcessRecord, StoreError, best_effort
@@ -109,13 +110,8 @@ class ExecProcess(Process):
         )
 
     async def start(self) -> int:
-        if self.status != Status.CREATED:
-            raise errors.precondition(f"exec {self.exec_id} is {self.status}, not created")
-        init = self.task.init
-        if not init.exited and init.status == Status.PAUSED:
-            raise errors.precondition(f"cannot start an exec in a paused container {self.task.id}")
-        if init.exited or init.status not in (Status.RUNNING,):
-            raise errors.precondition(f"container {self.task.id} is not running")
+        running = self.allow(Op.START)
+        self.task.init.allow(Op.START_EXEC)
         async with self.start_lock:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
             process_file = os.path.join(self.dir, "process.json")
@@ -168,7 +164,7 @@ class ExecProcess(Process):
                 log.event("no trace id", logging.ERROR, **self.fields(), error=exc)
             if self.trace_id and not exited.done():
                 self.track()
-            self.status = Status.RUNNING
+            self.status = running
             best_effort(
                 lambda: self.task.deps.store.put(self.record()), "exec started", **self.fields()
             )
@@ -217,7 +213,7 @@ class ExecProcess(Process):
         return UNKNOWN, time.time_ns()
 
     async def kill(self, sig: int) -> None:
-        self.signal_check()
+        self.allow(Op.KILL)
         fd = self._pidfd
         if fd is None:
             raise errors.not_found(f"process {self.id} already finished")
@@ -227,9 +223,7 @@ class ExecProcess(Process):
             raise errors.not_found(f"process {self.id} already finished") from None
 
     async def delete(self) -> tuple[int, int, int]:
-        if self.status == Status.RUNNING and not self.exited:
-            raise errors.precondition(f"cannot delete a running process: exec {self.exec_id}")
-        self.status = Status.DELETED
+        self.status = self.allow(Op.DELETE)
         self.untrack()
         self._close_pidfd()
         self._remove_files()

@@ -41,7 +41,7 @@ import posix
 import sys
 
 from shim import wire
-from shim.cli import VERSION
+from shim.flags import VERSION
 
 RUNTIME_NAME = "io.containerd.embed.v1"
 FEATURES_TYPE = "types.containerd.io/opencontainers/runtime-spec/1/features/Features"
@@ -66,7 +66,7 @@ def runc_for(options: bytes) -> tuple[str, str]:
         raise InfoError(f"options: not a google.protobuf.Any: {exc}") from None
     # Options come only from CRI's handler tables (once per handler when CRI starts): the
     # decoder Create uses (protobuf, TOML) is worth its 60 ms here, rather than a copy of it.
-    from shim.cli import enable_site
+    from shim.flags import enable_site
 
     enable_site()
     from shim import runcoptions

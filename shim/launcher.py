@@ -1,4 +1,4 @@
-"""``python -m shim.launcher``: install the fast ``containerd-shim-embed-v1`` (``make setup`` does).
+"""``python -m shim.launcher``: install the fast ``containerd-shim-embed-v1`` (``make setup``).
 
 containerd runs ``containerd-shim-embed-v1 start`` for every container and ``... delete``
 after every task deletion, so the interpreter's own start-up is most of their cost.  pip's

@@ -24,7 +24,9 @@ DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(shim.__file__ or "")), "
 CHECKOUT = os.path.dirname(os.path.dirname(DATA_DIR))
 KEEPER = "embedshim-keeper"
 RUNC_EXEC = "embedshim-runc-exec"
+HOLDER = "embedshim-holder"
 BPF_OBJECT = "exitsnoop.bpf.o"
+WATCH_OBJECT = "watch.bpf.o"  # the `watch` stream (shim.watchprobe)
 
 
 def keeper_candidates() -> tuple[str, ...]:
@@ -35,6 +37,15 @@ def keeper_candidates() -> tuple[str, ...]:
 def keeper() -> str | None:
     """The keeper's path, or None if it is in none of :func:`keeper_candidates`."""
     for path in keeper_candidates():
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def holder() -> str | None:
+    """The pod sandbox holder (``holder/holder.c``, for ``sandboxer = "shim"``): in the
+    package, then in the checkout; None if neither has it."""
+    for path in (os.path.join(DATA_DIR, HOLDER), os.path.join(CHECKOUT, "holder", HOLDER)):
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
     return None
@@ -54,6 +65,12 @@ def bpf_object() -> str:
     """The first of :func:`bpf_object_candidates` that exists (else the first: the error
     then names where an installed package should have it)."""
     candidates = bpf_object_candidates()
+    return next((p for p in candidates if os.path.isfile(p)), candidates[0])
+
+
+def watch_object() -> str:
+    """The ``watch`` BPF object: found like :func:`bpf_object`."""
+    candidates = (os.path.join(DATA_DIR, WATCH_OBJECT), os.path.join(CHECKOUT, "bpf", WATCH_OBJECT))
     return next((p for p in candidates if os.path.isfile(p)), candidates[0])
 
 

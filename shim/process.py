@@ -1,18 +1,13 @@
-"""Init and exec processes as explicit state machines.
+"""Init and exec processes: what each operation does to a container's processes.
 
-Every process is created, then running (or paused), then stopped, then deleted; the methods
-below are the only places those transitions happen, and each one persists the new state
-before it is published, so a crash never loses what containerd was told.
-
-    CREATED --start--> RUNNING <--pause/resume--> PAUSED
-       |                  |
-       +------exit--------+----> STOPPED --delete--> DELETED
+Whether an operation is allowed, and the status it leads to, is ``shim.lifecycle``'s table;
+the methods below do the work and then the transition, each persisting the new status before
+it is published, so a crash never loses what containerd was told.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
 import os
 import signal
@@ -26,6 +21,7 @@ from shim.cgroups import Cgroup, CgroupError
 from shim.checkpoint import CheckpointOptions, RestoreSpec
 from shim.exittrack import TICK_NS
 from shim.fsutil import remove_tree
+from shim.lifecycle import Op, Status, transition
 from shim.paths import short_hash
 from shim.procio import ProcessIO
 from shim.reaper import Exit
@@ -36,23 +32,6 @@ from shim.stdio import Stdio
 if TYPE_CHECKING:
     from shim.task import Task
 
-
-class Status(enum.StrEnum):
-    CREATED = "created"
-    RUNNING = "running"
-    PAUSED = "paused"
-    STOPPED = "stopped"
-    DELETED = "deleted"
-
-
-# containerd.v1.types.Status numbers
-STATUS_NUMBER = {
-    Status.CREATED: 1,
-    Status.RUNNING: 2,
-    Status.STOPPED: 3,
-    Status.PAUSED: 4,
-    Status.DELETED: 3,
-}
 
 DELETE_WAIT = 10.0
 
@@ -144,6 +123,21 @@ class Process:
     def exited(self) -> bool:
         return self._exited.is_set()
 
+    @property
+    def state(self) -> Status:
+        """The status the lifecycle table reads: an exited process is stopped until deleted."""
+        if self.exited and self.status != Status.DELETED:
+            return Status.STOPPED
+        return self.status
+
+    @property
+    def kind(self) -> str:
+        return "exec" if self.exec_id else "container"
+
+    def allow(self, op: Op) -> Status:
+        """The status ``op`` leads to, or its refusal (``shim.lifecycle.TABLE``)."""
+        return transition(self.state, op, self.kind, self.id)
+
     def reported_status(self) -> Status:
         """The status State answers with."""
         return self.status
@@ -176,8 +170,7 @@ class Process:
         self.task.check_oom()
         self.exit_status = status
         self.exited_at = at
-        if self.status != Status.DELETED:
-            self.status = Status.STOPPED
+        self.status = transition(self.status, Op.EXIT, self.kind, self.id)
         best_effort(
             lambda: self.task.deps.store.update(
                 self.task.namespace,
@@ -258,10 +251,6 @@ class Process:
             tracker.unregister(self.pid)
         except OSError as exc:
             log.event("BPF cleanup failed", logging.ERROR, **self.fields(), error=exc)
-
-    def signal_check(self) -> None:
-        if self.exited or self.status in (Status.STOPPED, Status.DELETED):
-            raise errors.not_found(f"process {self.id} already finished")
 
     def pid_is_ours(self) -> bool:
         return procinfo.is_same(self.pid, self.start_time)
@@ -378,11 +367,9 @@ class InitProcess(Process):
             pass
 
     async def start(self) -> int:
-        if self.status != Status.CREATED:
-            raise errors.precondition(f"container {self.task.id} is {self.status}, not created")
+        self.allow(Op.START)
         async with self.start_lock:
-            if self.exited:
-                raise errors.precondition(f"container {self.task.id} exited before it started")
+            running = self.allow(Op.START)  # it may have exited meanwhile
             try:
                 if self.restore_from is not None:
                     await self._restore(self.restore_from)
@@ -390,14 +377,14 @@ class InitProcess(Process):
                     await self.task.runc.start(self.task.id, log_path=self.task.bundle.runc_log)
             except RuncError as exc:
                 raise errors.internal(str(exc)) from None
-            self._set_started()
+            self._set_started(running)
         return self.pid
 
-    def _set_started(self) -> None:
-        self.status = Status.RUNNING
+    def _set_started(self, running: Status) -> None:
+        self.status = running
         best_effort(
             lambda: self.task.deps.store.update(
-                self.task.namespace, self.task.id, status=str(Status.RUNNING)
+                self.task.namespace, self.task.id, status=str(running)
             ),
             "started",
             **self.fields(),
@@ -430,15 +417,13 @@ class InitProcess(Process):
             return False
         async with self.start_lock:
             if self.status == Status.CREATED:
-                self._set_started()
+                self._set_started(self.allow(Op.START))
         return True
 
     async def checkpoint(self, path: str, opts: CheckpointOptions) -> str:
         """Dump the running (or paused) container with CRIU; returns the image path."""
         task = self.task
-        if self.exited or self.status not in (Status.RUNNING, Status.PAUSED):
-            status = Status.STOPPED if self.exited else self.status
-            raise errors.precondition(f"cannot checkpoint container {task.id}: it is {status}")
+        self.allow(Op.CHECKPOINT)
         image = opts.image_path or path
         if not os.path.isabs(image):
             raise errors.invalid(f"checkpoint: image path {image!r} is not an absolute path")
@@ -481,17 +466,12 @@ class InitProcess(Process):
         """Freeze the container's cgroup (runc pause): RUNNING -> PAUSED, /tasks/paused."""
         task = self.task
         async with self.start_lock:
-            if self.exited or self.status in (Status.STOPPED, Status.DELETED):
-                raise errors.precondition(f"cannot pause a stopped container: {task.id}")
-            if self.status == Status.CREATED:
-                raise errors.precondition(f"cannot pause task in created state: {task.id}")
-            if self.status == Status.PAUSED:
-                raise errors.precondition(f"cannot pause a paused container: {task.id}")
+            paused = self.allow(Op.PAUSE)
             try:
                 await task.runc.pause(task.id, log_path=task.bundle.runc_log)
             except RuncError as exc:
                 raise errors.internal(f"OCI runtime pause failed: {exc}") from None
-            self._persist_status(Status.PAUSED)
+            self._persist_status(paused)
             task.deps.events.publish(task.namespace, events_pb2.TaskPaused(container_id=task.id))
         log.event("container paused", **self.fields())
 
@@ -499,17 +479,12 @@ class InitProcess(Process):
         """Thaw the container's cgroup (runc resume): PAUSED -> RUNNING, /tasks/resumed."""
         task = self.task
         async with self.start_lock:
-            if self.exited or self.status in (Status.STOPPED, Status.DELETED):
-                raise errors.precondition(f"cannot resume a stopped container: {task.id}")
-            if self.status == Status.CREATED:
-                raise errors.precondition(f"cannot resume task in created state: {task.id}")
-            if self.status == Status.RUNNING:
-                raise errors.precondition(f"cannot resume a running process: {task.id}")
+            running = self.allow(Op.RESUME)
             try:
                 await task.runc.resume(task.id, log_path=task.bundle.runc_log)
             except RuncError as exc:
                 raise errors.internal(f"OCI runtime resume failed: {exc}") from None
-            self._persist_status(Status.RUNNING)
+            self._persist_status(running)
             task.deps.events.publish(task.namespace, events_pb2.TaskResumed(container_id=task.id))
         log.event("container resumed", **self.fields())
 
@@ -530,8 +505,7 @@ class InitProcess(Process):
     async def update(self, resources: bytes) -> None:
         """Apply new OCI LinuxResources (JSON) to the container's cgroup (runc update)."""
         task = self.task
-        if self.exited or self.status in (Status.STOPPED, Status.DELETED):
-            raise errors.precondition(f"cannot update a stopped container: {task.id}")
+        self.allow(Op.UPDATE)
         # Our own temp file (tempfile would pull shutil, bz2 and lzma into the daemon).
         path = os.path.join(task.deps.paths.dir, f"update-{os.urandom(8).hex()}.json")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -547,7 +521,7 @@ class InitProcess(Process):
 
     async def kill(self, sig: int, all: bool) -> None:
         if not all:
-            self.signal_check()
+            self.allow(Op.KILL)
         try:
             await self.task.runc.kill(self.task.id, sig, all=all)
         except RuncError as exc:
@@ -558,10 +532,7 @@ class InitProcess(Process):
     async def delete(self) -> tuple[int, int, int]:
         """Remove the container; returns (pid, exit status, exited_at ns)."""
         task = self.task
-        if self.status == Status.PAUSED and not self.exited:
-            raise errors.precondition(f"cannot delete a paused process: {task.id}")
-        if self.status == Status.RUNNING and not self.exited:
-            raise errors.precondition(f"cannot delete a running process: {task.id}")
+        deleted = self.allow(Op.DELETE)
         try:
             await task.runc.delete(task.id, force=True)
         except RuncError as exc:
@@ -578,7 +549,7 @@ class InitProcess(Process):
             except TimeoutError:
                 log.event("no exit after runc delete", logging.WARNING, **self.fields())
                 self.set_exited(128 + signal.SIGKILL, time.time_ns())
-        self.status = Status.DELETED
+        self.status = deleted
         assert self.exited_at is not None
         return self.pid, self.exit_status, self.exited_at
 

@@ -13,7 +13,7 @@ import signal
 import sys
 import time
 
-from shim.cli import NAME, Flags
+from shim.flags import NAME, Flags
 from shim.paths import DaemonPaths
 from shim.ttrpc.blocking import BlockingClient
 from shim.ttrpc.errors import TTRPCError

@@ -23,7 +23,7 @@ from shim.bundle import namespace_of
 from shim.cgroups import CgroupError
 from shim.checkpoint import decode_options as decode_checkpoint_options
 from shim.execprocess import ExecProcess
-from shim.process import STATUS_NUMBER, Status
+from shim.lifecycle import STATUS_NUMBER, Status
 from shim.runc import RuncError
 from shim.statestore import StoreError
 from shim.task import Tasks

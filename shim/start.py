@@ -18,7 +18,7 @@ import posix
 import sys
 
 from shim import identifiers
-from shim.cli import NAME, Flags
+from shim.flags import NAME, Flags
 from shim.fsutil import write_address
 from shim.paths import DaemonPaths
 from shim.ttrpc.blocking import BlockingClient

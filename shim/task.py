@@ -23,11 +23,12 @@ from shim.events import Publisher
 from shim.execprocess import ExecProcess, parse_spec
 from shim.exittrack import ExitTracker
 from shim.exitwatch import ExitWatch
+from shim.lifecycle import Op, Status
 from shim.memcg import MemoryCgroup
 from shim.mount import MAX_MOUNTS, Mount, mount, unmount_all
 from shim.oom import OOMWatcher
 from shim.paths import DaemonPaths
-from shim.process import InitProcess, Process, Status
+from shim.process import InitProcess, Process
 from shim.procio import FdKeeper, ProcessIO
 from shim.reaper import Reaper
 from shim.runc import Runc, RuncError, find_executable
@@ -42,6 +43,7 @@ from shim.runcoptions import (  # noqa: F401 (RUNC_OPTIONS, RUNTIME_OPTIONS: for
 from shim.runcoptions import is_clean_absolute as _is_clean_absolute
 from shim.statestore import ProcessRecord, StateStore, StoreError, best_effort
 from shim.stdio import Stdio
+from shim.watchd import WatchHub
 
 
 @dataclass
@@ -58,6 +60,7 @@ class Deps:
     keeper: FdKeeper | None = None  # holds stdio fds across a crash (shim.keeperlink)
     #: where Create takes bundles from (None: bundle.allowed_roots(), the default)
     bundle_roots: tuple[str, ...] | None = None
+    watch: WatchHub | None = None  # the `watch` stream: our containers' cgroups (shim.watchd)
 
 
 def find_runc(runc: Runc, from_options: bool) -> str:
@@ -170,6 +173,8 @@ class Task:
     def watch_oom(self) -> None:
         """Watch the container's memory cgroup for OOM kills (once its cgroup is known).
         Kills counted there before the container existed are not its own."""
+        if self.deps.watch is not None:
+            self.deps.watch.add(self)  # same moment: the init is alive in its cgroup
         if self.memcg is None:
             self.memcg = MemoryCgroup.of(self.cgroup) if self.cgroup is not None else None
             if self.memcg is None:
@@ -206,6 +211,8 @@ class Task:
 
     def close(self) -> None:
         self.unwatch_oom()
+        if self.deps.watch is not None:
+            self.deps.watch.remove(self)
         if self._log_fd >= 0:
             os.close(self._log_fd)
             self._log_fd = -1
@@ -585,10 +592,7 @@ class Tasks:
         io.check()
         if req.exec_id in task.execs:
             raise errors.already_exists(f"exec {req.exec_id!r} of {req.id} already exists")
-        if not task.init.exited and task.init.status == Status.PAUSED:
-            raise errors.precondition(f"cannot exec in a paused state: container {req.id}")
-        if task.init.exited or task.init.status != Status.RUNNING:
-            raise errors.precondition(f"container {req.id} is not running")
+        task.init.allow(Op.EXEC)
         p = ExecProcess(task, req.exec_id, io, spec)
         p.added()  # persisted first: if the store refuses, there is no exec
         task.execs[req.exec_id] = p

@@ -120,8 +120,8 @@ def test_options_type_name() -> None:
 def test_a_task_created_from_a_checkpoint_is_still_to_restore_after_a_daemon_restart(
     tmp_path: Path,
 ) -> None:
+    from shim.lifecycle import Status
     from shim.paths import DaemonPaths
-    from shim.process import Status
     from shim.statestore import ProcessRecord, StateStore
     from shim.task import Deps, Tasks
 

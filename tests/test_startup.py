@@ -157,7 +157,7 @@ def test_launcher_leaves_pip_script_for_an_unusable_interpreter(tmp_path: Path) 
     assert not launcher.install(str(tmp_path / "missing"), python=sys.executable)[0]
 
 
-# -- shim.fsutil and shim.paths: os.path's behaviour without os ------------------------------
+# -- shim.fsutil and shim.paths: os.path's behaviour without os --------------------------
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from shim import bundle, delete, start
-from shim.cli import Flags, parse
+from shim.flags import Flags, parse
 from shim.paths import DaemonPaths
 
 

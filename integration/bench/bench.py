@@ -1508,5 +1508,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0 if results.get("complete") else 1
 
 
+def watch_cost_row(busybox: str, quick: bool = False) -> dict[str, Any]:
+    """The `watch` row (issue 15), measured by integration/bench/watchcost.py on its own
+    containerd; to wire into the phases and the table at merge."""
+    from integration.bench import watchcost
+
+    return watchcost.measure(busybox, seconds=5 if quick else 10, rounds=1 if quick else 2)
+
+
 if __name__ == "__main__":
     sys.exit(main())

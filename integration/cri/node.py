@@ -5,7 +5,8 @@ the CNI bridge, the pods' veths and the streaming server never touch the host's 
 pod sandboxes get network namespaces of their own under containerd's state dir.  Nothing can
 be pulled here, so the busybox and pause images are built from busybox-static and imported
 with ``ctr -n k8s.io images import``.  The two runtime handlers the suite compares are
-``embed`` (our io.containerd.embed.v1) and ``runc`` (io.containerd.runc.v2).
+``embed`` (our io.containerd.embed.v1) and ``runc`` (io.containerd.runc.v2); on containerd 2.x
+also ``embed-shim``, ours with ``sandboxer = "shim"`` (our holder instead of a pause container).
 """
 
 from __future__ import annotations
@@ -45,6 +46,22 @@ PAUSE_IMAGE = "registry.k8s.io/esh-pause:cri"
 PAUSE_ENTRYPOINT = ("/bin/sh", "-c", 'trap "exit 0" TERM INT; while :; do sleep 1000 & wait; done')
 #: runtime handler name -> containerd runtime type (the RuntimeClass ``handler`` names these)
 HANDLERS = {"embed": "io.containerd.embed.v1", "runc": "io.containerd.runc.v2"}
+#: ours again with the Sandbox API (``sandboxer = "shim"``, no pause container): 2.x only
+SHIM_SANDBOXER = "embed-shim"
+#: every handler's runtime type, that one included
+RUNTIME_TYPES = {**HANDLERS, SHIM_SANDBOXER: HANDLERS["embed"]}
+
+
+def handlers_of(version: str) -> list[str]:
+    """The handlers a node of this containerd version runs the suite for."""
+    return list(HANDLERS) if version.startswith("1.") else [*HANDLERS, SHIM_SANDBOXER]
+
+
+def is_ours(handler: str) -> bool:
+    """Served by our daemon (with pause containers or with the Sandbox API)."""
+    return RUNTIME_TYPES[handler] == HANDLERS["embed"]
+
+
 BRIDGE = "esh-cni0"
 POD_SUBNET = "10.250.0.0/24"
 _CLONE_NEWNET = 0x40000000
@@ -174,7 +191,13 @@ class CriNode:
         return f"{prefix}-{self._seq}"
 
     def pod_config(
-        self, name: str, host_network: bool = False, cgroup_parent: str | None = None
+        self,
+        name: str,
+        host_network: bool = False,
+        cgroup_parent: str | None = None,
+        *,
+        shared_pid: bool = False,
+        sysctls: dict[str, str] | None = None,
     ) -> cri.PodSandboxConfig:
         """``cgroup_parent``: the kubelet's (``{uid}`` is the pod's uid); by default a cgroupfs
         path under the instance's cgroup parent."""
@@ -184,7 +207,7 @@ class CriNode:
         log_dir = os.path.join(self.logs, f"default_{name}_{uid}")
         ns = cri.NamespaceOption(
             network=cri.NODE if host_network else cri.POD,
-            pid=cri.CONTAINER,
+            pid=cri.POD if shared_pid else cri.CONTAINER,
             ipc=cri.POD,
         )
         return cri.PodSandboxConfig(
@@ -196,6 +219,7 @@ class CriNode:
             linux=cri.LinuxPodSandboxConfig(
                 cgroup_parent=cgroup_parent.replace("{uid}", uid),
                 security_context=cri.LinuxSandboxSecurityContext(namespace_options=ns),
+                sysctls=sysctls or {},
             ),
         )
 
@@ -205,8 +229,10 @@ class CriNode:
         name: str = "",
         host_network: bool = False,
         cgroup_parent: str | None = None,
+        **kw: Any,
     ) -> Pod:
-        config = self.pod_config(name or self._name("pod"), host_network, cgroup_parent)
+        """``kw``: pod_config's (shared_pid, sysctls)."""
+        config = self.pod_config(name or self._name("pod"), host_network, cgroup_parent, **kw)
         os.makedirs(config.log_directory, exist_ok=True)
         r = self.runtime.RunPodSandbox(
             cri.RunPodSandboxRequest(config=config, runtime_handler=handler)

@@ -11,7 +11,7 @@ import pytest
 
 from integration.cri import crilog
 from integration.cri.api import cri_api_pb2 as cri
-from integration.cri.node import HANDLERS, CriNode, poll, rpc_code
+from integration.cri.node import RUNTIME_TYPES, CriNode, is_ours, poll, rpc_code
 from integration.cri.test_pods import serving_process
 from integration.embed import Events
 from integration.harness import _proc_info, wait_for
@@ -38,7 +38,7 @@ def test_container_status_through_its_lifecycle(node: CriNode, handler: str) -> 
         assert st.metadata.name == name and st.metadata.attempt == 0
         assert dict(st.labels) == {"esh-container": name}
         assert dict(st.annotations) == {"esh/container": name}
-        assert node.container_info(cid)["runtimeType"] == HANDLERS[handler]
+        assert node.container_info(cid)["runtimeType"] == RUNTIME_TYPES[handler]
 
     node.start(failing)
     running = node.status(failing)
@@ -186,7 +186,7 @@ def test_many_containers_in_one_pod(node: CriNode, handler: str) -> None:
     # embed: the one daemon serves them all; runc.v2: one shim per pod (grouped by sandbox)
     serving = serving_process(node, handler)
     assert len(serving) == 1, serving
-    if handler == "embed":
+    if is_ours(handler):
         assert serving == before
     node.stop_pod(pod)
     assert all(node.status(c).state == cri.CONTAINER_EXITED for c in ids)
@@ -208,7 +208,7 @@ def test_oom_killed_container_reports_oomkilled(node: CriNode, handler: str) -> 
         # always; containerd-shim-runc-v2 sends it from its own OOM watcher, which can lose
         # that race (seen here: reason "Error" once in several runs), so the baseline is
         # held only to the event itself.
-        if handler == "embed":
+        if is_ours(handler):
             assert st.reason == "OOMKilled"
         else:
             assert st.reason in ("OOMKilled", "Error")

@@ -31,7 +31,7 @@ from typing import Any
 
 import pytest
 
-from integration.cri.node import HANDLERS, CriNode
+from integration.cri.node import HANDLERS, SHIM_SANDBOXER, CriNode
 from integration.embed import CONTAINERD2_BIN, containerd_version_env, daemons
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
@@ -94,6 +94,22 @@ def test_snippet_runtimeclass_and_suite_agree(cri_node: CriNode) -> None:
     suite_config = tomllib.loads(cri_node.ctrd.config_toml())
     suite = _runtimes(suite_config, CRI if suite_config["version"] == 2 else V3_RUNTIME)
     assert suite["embed"]["runtime_type"] == snippet["embed"]["runtime_type"]
+
+
+def test_shim_sandboxer_snippet_runtimeclass_and_suite_agree(tmp_path: Path) -> None:
+    """The Sandbox API handler: its RuntimeClass names it, and containerd 2.2.7 reads it with
+    ``sandboxer = "shim"`` (the suite runs a handler of that name, integration/harness.py)."""
+    text = (DEPLOY / "containerd-cri-embed-shim.toml").read_text()
+    snippet = _runtimes(tomllib.loads(text), V3_RUNTIME)
+    handler = re.search(r"^handler:\s*(\S+)", (DEPLOY / "runtimeclass-shim.yaml").read_text(), re.M)
+    assert handler is not None
+    assert list(snippet) == [handler[1]] == [SHIM_SANDBOXER]
+    assert snippet[SHIM_SANDBOXER] == {"runtime_type": EMBED, "sandboxer": "shim"}
+    containerd_version_env("2.2.7")  # skips where ../shared/containerd2 is missing
+    config = tmp_path / "config.toml"
+    config.write_text("version = 3\n" + text)
+    read = _runtimes(dump("2.2.7", config), V3_RUNTIME)[SHIM_SANDBOXER]
+    assert (read["runtime_type"], read["sandboxer"]) == (EMBED, "shim")
 
 
 @pytest.mark.parametrize("version", VERSIONS)

@@ -7,10 +7,10 @@ import json
 import os
 from dataclasses import dataclass
 
-from integration.cri.node import CriNode, poll
+from integration.cri.node import SHIM_SANDBOXER, CriNode, is_ours, poll
 from integration.cri.test_pods import serving_process
 from integration.embed import daemon_paths, daemons
-from integration.harness import HarnessError
+from integration.harness import HarnessError, processes_matching
 from shim.ttrpc.blocking import BlockingClient
 
 PODS = 50
@@ -40,9 +40,10 @@ def usage(pid: int) -> Usage:
 
 
 def daemon_tasks(node: CriNode) -> int:
+    """Tasks and pod sandboxes (Sandbox API) the daemon holds."""
     with BlockingClient("unix://" + daemon_paths(node.ctrd).socket) as client:
         info = json.loads(client.call("embedshim.v1.Daemon", "Info", b""))
-    return int(info["tasks"])
+    return int(info["tasks"]) + int(info.get("sandboxes", 0))
 
 
 def cycle(node: CriNode, handler: str) -> None:
@@ -55,8 +56,23 @@ def cycle(node: CriNode, handler: str) -> None:
 
 
 def task_bundles(node: CriNode) -> list[str]:
-    base = os.path.join(node.ctrd.state, "io.containerd.runtime.v2.task", "k8s.io")
-    return sorted(os.listdir(base)) if os.path.isdir(base) else []
+    """The bundles of tasks and of Sandbox API pod sandboxes."""
+    found = []
+    for kind in ("io.containerd.runtime.v2.task", "io.containerd.sandbox.controller.v1.shim"):
+        base = os.path.join(node.ctrd.state, kind, "k8s.io")
+        found += os.listdir(base) if os.path.isdir(base) else []
+    return sorted(found)
+
+
+def holders(node: CriNode) -> set[int]:
+    """Our pod sandbox holders (Sandbox API) of this node's daemon."""
+    served = {p.pid for p in daemons(node.ctrd)}
+    return {
+        p.pid
+        for p in processes_matching(
+            lambda p: not p.zombie and p.ppid in served and p.comm == "embedshim-holde"
+        )
+    }
 
 
 def test_fifty_pods_leave_no_fds_or_memory_behind(node: CriNode, handler: str) -> None:
@@ -71,8 +87,10 @@ def test_fifty_pods_leave_no_fds_or_memory_behind(node: CriNode, handler: str) -
     assert ctrd_pid is not None
     base_ctrd = usage(ctrd_pid)
     base = {pid: usage(pid) for pid in servers}
-    if handler == "embed":
+    if is_ours(handler):
         assert daemon_tasks(node) == 2
+    held = holders(node)
+    assert len(held) == (1 if handler == SHIM_SANDBOXER else 0)
 
     for _ in range(PODS):
         cycle(node, handler)
@@ -80,9 +98,10 @@ def test_fifty_pods_leave_no_fds_or_memory_behind(node: CriNode, handler: str) -
     # the same processes serve (no daemon restarted, no runc shim left for a removed pod)
     assert serving_process(node, handler) == servers
     assert task_bundles(node) == bundles
-    if handler == "embed":
+    if is_ours(handler):
         assert {p.pid for p in daemons(node.ctrd)} == servers
         assert daemon_tasks(node) == 2
+    assert holders(node) == held  # embed-shim: the anchor's; the others: none
 
     def settled() -> bool:
         return usage(ctrd_pid).fds <= base_ctrd.fds and all(

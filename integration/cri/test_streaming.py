@@ -6,6 +6,8 @@ server code path ``kubectl exec`` reaches through the kubelet (which speaks SPDY
 
 from __future__ import annotations
 
+import time
+
 from integration.cri import crilog
 from integration.cri.api import cri_api_pb2 as cri
 from integration.cri.node import CriNode
@@ -102,3 +104,39 @@ def test_attach_tty(node: CriNode, handler: str) -> None:
     st = node.wait_exited(cid, timeout=15)
     assert st.exit_code == 5
     assert st.state == cri.CONTAINER_EXITED
+
+
+PORT = 8080
+PREFIX = PORT.to_bytes(2, "little")
+
+
+def _forward_once(node: CriNode, url: str) -> dict[int, bytes]:
+    """One forwarded connection: send a line, return what came back on each channel."""
+    s = node.stream(f"{url}?port={PORT}")
+    try:
+        s.wait_for(lambda: len(s.buffers.get(0, b"")) >= 2, what="the port prefix")
+        s.send_stdin(b"ping\n")
+
+        def answered() -> bool:
+            got = s.buffers.get(0, b"")[2:]
+            return b"\n" in got or len(s.buffers.get(1, b"")) > 2 or s.closed.is_set()
+
+        s.wait_for(answered, what="an answer or an error")
+        return dict(s.buffers)
+    finally:
+        s.close()
+
+
+def test_port_forward(node: CriNode, handler: str) -> None:
+    """PortForward: CRI connects to localhost:<port> in the pod's network namespace (the one
+    the sandbox holds) and relays it on the WebSocket's channel 0 (data; 1 is errors), each
+    channel's first message the port, little-endian."""
+    pod = node.run_pod(handler)
+    node.run_container(pod, ["sh", "-c", f"while :; do echo pong | nc -l -p {PORT}; done"])
+    url = node.runtime.PortForward(cri.PortForwardRequest(pod_sandbox_id=pod.id, port=[PORT])).url
+    for _ in range(50):  # until nc listens
+        got = _forward_once(node, url)
+        if got[0] != PREFIX:
+            break
+        time.sleep(0.1)
+    assert got[0] == PREFIX + b"pong\n", got

@@ -109,6 +109,11 @@ class RuntimeServiceStub:
                 request_serializer=cri__api__pb2.AttachRequest.SerializeToString,
                 response_deserializer=cri__api__pb2.AttachResponse.FromString,
                 _registered_method=True)
+        self.PortForward = channel.unary_unary(
+                '/runtime.v1.RuntimeService/PortForward',
+                request_serializer=cri__api__pb2.PortForwardRequest.SerializeToString,
+                response_deserializer=cri__api__pb2.PortForwardResponse.FromString,
+                _registered_method=True)
         self.Status = channel.unary_unary(
                 '/runtime.v1.RuntimeService/Status',
                 request_serializer=cri__api__pb2.StatusRequest.SerializeToString,
@@ -209,6 +214,12 @@ class RuntimeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PortForward(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Status(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -292,6 +303,11 @@ def add_RuntimeServiceServicer_to_server(servicer, server):
                     servicer.Attach,
                     request_deserializer=cri__api__pb2.AttachRequest.FromString,
                     response_serializer=cri__api__pb2.AttachResponse.SerializeToString,
+            ),
+            'PortForward': grpc.unary_unary_rpc_method_handler(
+                    servicer.PortForward,
+                    request_deserializer=cri__api__pb2.PortForwardRequest.FromString,
+                    response_serializer=cri__api__pb2.PortForwardResponse.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
@@ -704,6 +720,33 @@ class RuntimeService:
             '/runtime.v1.RuntimeService/Attach',
             cri__api__pb2.AttachRequest.SerializeToString,
             cri__api__pb2.AttachResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PortForward(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/runtime.v1.RuntimeService/PortForward',
+            cri__api__pb2.PortForwardRequest.SerializeToString,
+            cri__api__pb2.PortForwardResponse.FromString,
             options,
             channel_credentials,
             insecure,

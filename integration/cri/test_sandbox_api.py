@@ -1,0 +1,140 @@
+"""Pods without pause containers (``sandboxer = "shim"``, containerd 2.x): the sandbox our
+daemon holds keeps every guarantee a task has.  A daemon crash, a reload and a containerd
+restart leave the pod READY with the same holder and its containers running; the holder's
+exit (even killed from outside) makes the pod NOTREADY, as a dead pause container does; and
+removing the pod leaves no holder, cgroup, file or mount behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import grpc
+import pytest
+
+from integration.cri.api import cri_api_pb2 as cri
+from integration.cri.node import SHIM_SANDBOXER, CriNode, poll, rpc_code
+from integration.embed import daemon_paths, daemons, keeper_of
+from integration.harness import _proc_info, wait_for
+from shim.api import sandbox_pb2
+from shim.sandboxservice import SANDBOX_SERVICE
+from shim.service import NAMESPACE_KEY
+from shim.ttrpc.blocking import BlockingClient
+
+
+def _holder(node: CriNode, pod_id: str) -> int:
+    r = node.runtime.PodSandboxStatus(
+        cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id, verbose=True)
+    )
+    return int(json.loads(r.info["info"])["pid"])
+
+
+def _state(node: CriNode, pod_id: str) -> int | None:
+    """The pod's state; None while CRI is still starting (UNAVAILABLE)."""
+    try:
+        r = node.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
+    except grpc.RpcError as exc:
+        if rpc_code(exc) == grpc.StatusCode.UNAVAILABLE:
+            return None
+        raise
+    return int(r.status.state)
+
+
+def _alive(pid: int) -> bool:
+    info = _proc_info(pid)
+    return info is not None and not info.zombie
+
+
+@pytest.mark.parametrize("cri_node", ["2.2.7"], indirect=True)
+def test_sandbox_survives_crash_reload_and_containerd_restart(cri_node: CriNode) -> None:
+    node = cri_node
+    try:
+        pod = node.run_pod(SHIM_SANDBOXER)
+        holder = _holder(node, pod.id)
+        info = node.sandbox_info(pod)
+        cgroups, netns = info["cgroups"], info["netns"]
+        assert cgroups and all(os.path.isdir(d) for d in cgroups)
+        long = node.run_container(pod, ["sleep", "100000"], name="long")
+        short = node.run_container(pod, ["sh", "-c", "sleep 2; exit 3"], name="short")
+
+        # a daemon crash: the keeper restarts it, nothing changes for CRI
+        pids = {p.pid for p in daemons(node.ctrd)}
+        (daemon,) = daemons(node.ctrd)
+        os.kill(daemon.pid, signal.SIGKILL)
+        wait_for(lambda: {p.pid for p in daemons(node.ctrd)} - pids, what="a new daemon")
+        assert node.exec_sync(long, ["true"]).exit_code == 0
+        st = node.wait_exited(short)
+        assert st.exit_code == 3, st
+        assert node.pod_status(pod).state == cri.SANDBOX_READY
+        assert _holder(node, pod.id) == holder and _alive(holder)
+
+        # a reload (SIGHUP: the daemon re-executes itself)
+        log_path = daemon_paths(node.ctrd).log
+        reloads = open(log_path).read().count("daemon reloaded")
+        (daemon,) = daemons(node.ctrd)
+        os.kill(daemon.pid, signal.SIGHUP)
+        wait_for(lambda: open(log_path).read().count("daemon reloaded") > reloads, what="reload")
+        assert node.pod_status(pod).state == cri.SANDBOX_READY
+        assert node.exec_sync(long, ["true"]).exit_code == 0
+
+        # containerd restarts: it finds the sandbox again through our daemon
+        node.ctrd.restart()
+        poll(lambda: _state(node, pod.id) == cri.SANDBOX_READY, timeout=30, what="pod READY again")
+        assert _holder(node, pod.id) == holder and _alive(holder)
+        assert node.status(long).state == cri.CONTAINER_RUNNING
+        assert node.exec_sync(long, ["true"]).exit_code == 0
+        log = node.ctrd.log_tail(100000).splitlines()
+        torn = [ln for ln in log if "shim disconnected" in ln and pod.id in ln]
+        assert torn == [], torn
+
+        # the holder killed from outside: WaitSandbox answers, CRI marks the pod NOTREADY
+        os.kill(holder, signal.SIGKILL)
+        poll(lambda: node.pod_status(pod).state == cri.SANDBOX_NOTREADY, what="pod NOTREADY")
+
+        node.stop_pod(pod)
+        node.remove_pod(pod)
+        assert not _alive(holder)
+        assert not any(os.path.exists(d) for d in cgroups), cgroups
+        assert not netns or not os.path.exists(netns)
+        sandboxes = os.path.join(node.ctrd.root, "io.containerd.grpc.v1.cri", "sandboxes")
+        assert pod.id not in (os.listdir(sandboxes) if os.path.isdir(sandboxes) else [])
+        with open("/proc/self/mountinfo") as f:
+            assert pod.id not in f.read()
+    finally:
+        node.remove_all_pods()
+
+
+@pytest.mark.parametrize("cri_node", ["2.2.7"], indirect=True)
+def test_holder_exit_while_no_daemon_runs_is_reported(cri_node: CriNode) -> None:
+    """The holder dies while the daemon is down (its keeper stopped, so nothing restarts it
+    yet): the pinned BPF map kept the status, and the next daemon answers WaitSandbox with
+    it (137: SIGKILL); CRI marks the pod NOTREADY."""
+    node = cri_node
+    try:
+        pod = node.run_pod(SHIM_SANDBOXER)
+        holder = _holder(node, pod.id)
+        (daemon,) = daemons(node.ctrd)
+        keeper = keeper_of(daemon)
+        os.kill(keeper, signal.SIGSTOP)
+        try:
+            os.kill(daemon.pid, signal.SIGKILL)
+            wait_for(lambda: not _alive(daemon.pid), what="daemon dead")
+            os.kill(holder, signal.SIGKILL)
+            wait_for(lambda: not _alive(holder), what="holder dead")
+        finally:
+            os.kill(keeper, signal.SIGCONT)
+        with BlockingClient("unix://" + daemon_paths(node.ctrd).socket) as client:
+            out = client.call(
+                SANDBOX_SERVICE,
+                "WaitSandbox",
+                sandbox_pb2.WaitSandboxRequest(sandbox_id=pod.id).SerializeToString(),
+                metadata={NAMESPACE_KEY: "k8s.io"},
+                timeout=30,
+            )
+        assert sandbox_pb2.WaitSandboxResponse.FromString(out).exit_status == 137
+        poll(lambda: _state(node, pod.id) == cri.SANDBOX_NOTREADY, what="pod NOTREADY")
+        node.stop_pod(pod)
+        node.remove_pod(pod)
+    finally:
+        node.remove_all_pods()
