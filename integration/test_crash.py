@@ -289,7 +289,8 @@ def test_exec_exit_code_across_a_daemon_restart(
 ) -> None:
     """An exec that exits across a reload, a kill -9 of the daemon, or while no daemon runs
     at all (keeper stopped) is reported with its own code (42) to the `ctr task exec` whose
-    Wait was in flight; its wrapper (the C one, the daemon's child) leaves no zombie."""
+    Wait was in flight; it is the daemon's own child (runc exec'd it, no wrapper in between)
+    and leaves no zombie."""
     ctl = os.path.join(containerd.tmp, "ctl")
     os.makedirs(ctl)
     bind = ("--mount", f"type=bind,src={ctl},dst=/ctl,options=rbind:rw")
@@ -301,15 +302,12 @@ def test_exec_exit_code_across_a_daemon_restart(
     (daemon,) = daemons(containerd)
     (keeper,) = keepers(containerd)
 
-    def wrapped() -> list[tuple[ProcInfo, ProcInfo]]:
-        """(wrapper, exec'd process) once runc is done and the process is the wrapper's."""
-        procs = processes_matching(lambda p: True)
-        ws = [w for w in procs if w.ppid == daemon.pid and "runc" in w.comm]
-        return [(w, p) for w in ws for p in procs if p.ppid == w.pid and p.comm == "sh"]
+    def execs() -> list[ProcInfo]:
+        """The exec'd process, once runc is done and it is the daemon's."""
+        return processes_matching(lambda p: p.ppid == daemon.pid and p.comm == "sh")
 
-    wait_for(lambda: len(wrapped()) == 1, what="the exec running under its wrapper")
-    ((wrapper, exec_proc),) = wrapped()
-    assert os.path.basename(wrapper.exe) == "embedshim-runc-exec", wrapper
+    wait_for(lambda: len(execs()) == 1, what="the exec running as the daemon's child")
+    (exec_proc,) = execs()
     exec_pid = exec_proc.pid
     go = os.path.join(ctl, "go")
     if how == "reload":

@@ -1,4 +1,4 @@
-"""Exec processes through the runc_exec wrapper: statuses, events, signals, many in a row."""
+"""Exec processes (runc exec straight from the daemon): statuses, events, signals, many runs."""
 
 from __future__ import annotations
 

@@ -190,7 +190,7 @@ def test_300_containers_under_a_soft_limit_of_256(low: Containerd, busybox: str)
     peak = _fds(daemon.pid)
     if N >= 100:  # about three per container
         assert peak > SOFT, f"{peak} fds: the test would not need the raised limit"
-    # An exec goes through runc_exec with the original limit too.
+    # An exec (runc exec, started like every runc command) gets the original limit too.
     r = c.ctr("task", "exec", "--exec-id", "e1", ids[0], "sh", "-c", "ulimit -Sn")
     assert r.stdout.strip() == "1024"  # the process spec's, like the container's
     # A reload re-executes the daemon already raised: the teardown's runc commands below

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 PROC = "/proc"
 
+_mounts: dict[str, list[Mount]] = {}  # proc dir -> its cgroup mounts, as last read (of_pid)
+
 
 class CgroupError(Exception):
     """The cgroup cannot be found (the process is gone) or is gone itself."""
@@ -96,15 +98,28 @@ class Cgroup:
 
     @classmethod
     def of_pid(cls, pid: int, proc: str = PROC) -> Cgroup:
-        """The cgroup of a live process, as this process's mounts show it."""
+        """The cgroup of a live process, as this process's mounts show it.
+
+        The cgroup mounts are read once and kept (read again only when they do not show a
+        process's cgroup): ``mountinfo`` grows with every container's mounts, and parsing
+        it at every create made creates slower the more containers ran."""
         try:
             with open(os.path.join(proc, str(pid), "cgroup")) as f:
                 text = f.read()
-            with open(os.path.join(proc, "self", "mountinfo")) as f:
-                mountinfo = f.read()
         except OSError as exc:
             raise CgroupError(f"cgroup of pid {pid}: {exc.strerror or exc}") from None
-        return cls.resolve(text, cgroup_mounts(mountinfo))
+        kept = _mounts.get(proc)
+        if kept is not None:
+            try:
+                return cls.resolve(text, kept)
+            except CgroupError:
+                pass  # mounted elsewhere since: look again
+        try:
+            with open(os.path.join(proc, "self", "mountinfo")) as f:
+                mounts = _mounts[proc] = cgroup_mounts(f.read())
+        except OSError as exc:
+            raise CgroupError(f"cgroup of pid {pid}: {exc.strerror or exc}") from None
+        return cls.resolve(text, mounts)
 
     @classmethod
     def resolve(cls, proc_cgroup: str, mounts: list[Mount]) -> Cgroup:

@@ -278,7 +278,7 @@ class Daemon:
         orphans = []
         for key in known - known_live:
             for call in journaled.get(key, []):
-                journal.done(key, call.stream_id, answered=call.answer is not None)
+                journal.done(key, call.stream_id)
                 orphans.append(call)
             journal.forget_connection(key)
         if orphans:

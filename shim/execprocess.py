@@ -1,10 +1,12 @@
-"""Exec processes, run through the runc_exec wrapper so no exit can be missed.
+"""Exec processes: ``runc exec --detach`` straight from the daemon, no wrapper in between.
 
-``runc exec --detach`` re-parents the exec'd process as soon as it forks it, so a fast exit
-could be gone before anyone had a pidfd or a map entry for it.  The wrapper is a child
-subreaper: the process becomes its child, stays its zombie until the wrapper has written the
-status to a file, and the wrapper tells us ``pid``/``exit``/``error`` over a pipe.  The status
-file outlives a daemon restart; the pinned BPF map is the backup if the wrapper itself dies.
+The daemon is a child subreaper: when runc exits, the process it started is re-parented to
+us, and our reaper keeps any exit nobody has claimed yet, so an exec that exits at once is
+still reported with its own code (an exit kept from before runc was started is of an earlier
+process with a recycled pid, and is not taken).  Across a restart the exit comes from the
+exit watch: our reaper after a re-exec, else the pinned BPF record.  Records of execs an
+older image started through the runc_exec wrapper (``helper_pid``) are still taken back:
+their wrapper writes the status file.
 """
 
 from __future__ import annotations
@@ -14,31 +16,22 @@ import json
 import logging
 import os
 import signal
-import subprocess
 import time
 from typing import TYPE_CHECKING
 
-from shim import errors, limits, log, procinfo
+from shim import errors, log, procinfo
 from shim.api import events_pb2
 from shim.lifecycle import Op, Status
 from shim.process import Process
 from shim.reaper import Exit
-from shim.runc import find_executable
+from shim.runc import RuncError
 from shim.statestore import ProcessRecord, StoreError, best_effort
 from shim.stdio import Stdio
 
 if TYPE_CHECKING:
     from shim.task import Task
 
-START_TIMEOUT = 30.0
 UNKNOWN = 255
-
-
-def _wrapper_command() -> list[str]:
-    """The C wrapper if it is built (no interpreter start-up per exec), else the script."""
-    import runc_exec
-
-    return runc_exec.command()
 
 
 class ExecProcess(Process):
@@ -70,13 +63,16 @@ class ExecProcess(Process):
         return p
 
     async def _await_helper(self) -> None:
-        """Wait for the wrapper (or, if it is not ours any more, the process) to finish."""
+        """Wait for the process (or an older image's wrapper, which writes its status)."""
         exits = self.task.deps.exits
-        if procinfo.is_same(self.helper_pid, self.helper_start):
+        if self.helper_pid and procinfo.is_same(self.helper_pid, self.helper_start):
             await exits.watch(self.helper_pid, self.helper_start)
+            status, at = self.status_from_elsewhere()
         elif procinfo.is_same(self.pid, self.start_time):
-            await exits.watch(self.pid, self.start_time, self.trace_id)
-        status, at = self.status_from_elsewhere()
+            ex = await exits.watch(self.pid, self.start_time, self.trace_id)
+            status, at = self.status_from_elsewhere() if self.helper_pid else (ex.status, ex.at)
+        else:
+            status, at = self.status_from_elsewhere()
         async with self.start_lock:
             self.set_exited(status, at)
         self._close_pidfd()
@@ -118,46 +114,46 @@ class ExecProcess(Process):
         self.task.init.allow(Op.START_EXEC)
         async with self.start_lock:
             os.makedirs(self.dir, mode=0o700, exist_ok=True)
-            with open(os.path.join(self.dir, "process.json"), "wb") as f:
+            process_file = os.path.join(self.dir, "process.json")
+            with open(process_file, "wb") as f:
                 f.write(self.spec)
-            wrapper = _wrapper_command()
             pio = self.pio = self.new_io()
             await pio.open()
-            r, w = os.pipe()
+            since = time.time_ns()
             try:
-                self.helper_pid = self._spawn_wrapper(wrapper, pio.triple, w, pio.console_path)
-                self.helper_start = procinfo.start_time(self.helper_pid)
-                helper_exit = self.task.deps.reaper.watch(self.helper_pid)
+                await self.task.runc.exec(
+                    self.task.id,
+                    process_file,
+                    os.path.join(self.dir, "pid"),
+                    pio.triple,
+                    console_socket=pio.console_path,
+                    log_path=os.path.join(self.dir, "runc.log"),
+                )
+                pid = self._read_pid()
+            except (RuncError, OSError, ValueError) as exc:
+                pio.runc_done()
+                await self._failed()
+                message = exc.message if isinstance(exc, RuncError) else f"no pid: {exc}"
+                raise errors.internal(f"exec {self.exec_id}: {message}") from None
             except BaseException:
-                os.close(r)
+                pio.runc_done()
                 pio.abort()
                 raise
-            finally:
-                pio.runc_done()
-                os.close(w)
-            lines = _LineReader(r)
-            try:
-                async with asyncio.timeout(START_TIMEOUT):
-                    first = await lines.next()
-            except TimeoutError:
-                first = "error runc_exec gave no pid in time"
-            word, _, rest = first.partition(" ")
-            if word != "pid":
-                message = rest if word == "error" else "runc_exec exited without a pid"
-                await self._failed(lines, helper_exit)
-                raise errors.internal(f"exec {self.exec_id}: {message}")
-            pid_s, _, start_s = rest.partition(" ")
-            self.pid, self.start_time = int(pid_s), int(start_s or 0)
-            self._pidfd = procinfo.open_pidfd(self.pid, self.start_time)
+            pio.runc_done()
+            self.pid = pid
+            exited = self.task.deps.exits.watch(pid, 0, since=since)
+            if not exited.done():  # still ours, alive or a zombie: its pid is not reused yet
+                self.start_time = procinfo.start_time(pid)
+                self._pidfd = procinfo.open_pidfd(pid, self.start_time)
             try:
                 await pio.attach_console()
             except (OSError, TimeoutError) as exc:
                 # A terminal nobody can reach: the process is of no use to anyone.
                 if self._pidfd is not None:
                     signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-                await lines.next()
+                await exited
                 self._close_pidfd()
-                await self._failed(lines, helper_exit)
+                await self._failed()
                 message = f"exec {self.exec_id}: no terminal from runc: {exc!r}"
                 raise errors.internal(message) from None
             # The process runs: from here on a store that cannot be written costs only the
@@ -166,7 +162,7 @@ class ExecProcess(Process):
                 self.trace_id = self.task.deps.store.next_trace_id()
             except StoreError as exc:
                 log.event("no trace id", logging.ERROR, **self.fields(), error=exc)
-            if self.trace_id:
+            if self.trace_id and not exited.done():
                 self.track()
             self.status = running
             best_effort(
@@ -178,14 +174,16 @@ class ExecProcess(Process):
                     container_id=self.task.id, exec_id=self.exec_id, pid=self.pid
                 ),
             )
-            self.task.spawn(self._await_exit(lines, helper_exit), f"exit-{self.id}")
+            self.task.spawn(self._await_exit(exited), f"exit-{self.id}")
         log.event("exec started", **self.fields())
         return self.pid
 
-    async def _failed(self, lines: _LineReader, helper_exit: asyncio.Future[Exit]) -> None:
+    def _read_pid(self) -> int:
+        with open(os.path.join(self.dir, "pid")) as f:
+            return int(f.read().strip())
+
+    async def _failed(self) -> None:
         """No process to track after all: forget this exec's files, record and stdio."""
-        lines.close()
-        await helper_exit
         await self.close_io()  # a logging program may still be writing runc's error down
         self._remove_files()
         best_effort(
@@ -195,62 +193,15 @@ class ExecProcess(Process):
         )
         self.start_failed(UNKNOWN)
 
-    def _spawn_wrapper(
-        self,
-        wrapper: list[str],
-        stdio: tuple[int, int, int],
-        sync_fd: int,
-        console_socket: str | None,
-    ) -> int:
-        runc = self.task.runc
-        binary = find_executable(runc.binary, runc.env.get("PATH", "")) or runc.binary
-        argv = [
-            *wrapper,
-            "--sync-fd", str(sync_fd),
-            "--status-file", self.status_file,
-            "--runc", binary,
-            "--root", runc.root,
-            "--log", os.path.join(self.dir, "runc.log"),
-            "--timeout", str(max(1, round(runc.timeout))),
-            "--pid-file", os.path.join(self.dir, "pid"),
-            "--process", os.path.join(self.dir, "process.json"),
-        ]  # fmt: skip
-        if runc.systemd_cgroup:
-            argv.append("--systemd-cgroup")
-        if console_socket:
-            argv += ["--console-socket", console_socket]
-        nofile = limits.child_soft()
-        if nofile is not None:
-            argv += ["--nofile", str(nofile)]
-        argv.append(self.task.id)
-        proc = subprocess.Popen(
-            argv,
-            stdin=stdio[0],
-            stdout=stdio[1],
-            stderr=stdio[2],
-            pass_fds=(sync_fd,),
-            env=runc.env,
-            restore_signals=True,
-        )
-        proc.returncode = 0  # the reaper, not Popen, collects it
-        return proc.pid
-
-    async def _await_exit(self, lines: _LineReader, helper_exit: asyncio.Future[Exit]) -> None:
-        line = await lines.next()
-        lines.close()
-        word, _, rest = line.partition(" ")
-        if word == "exit":
-            status_s, _, at_s = rest.partition(" ")
-            status, at = int(status_s), int(at_s or time.time_ns())
-        else:
-            await helper_exit
-            status, at = self.status_from_elsewhere()
+    async def _await_exit(self, exited: asyncio.Future[Exit]) -> None:
+        ex = await exited
         async with self.start_lock:
-            self.set_exited(status, at)
+            self.set_exited(ex.status, ex.at)
         self._close_pidfd()
 
     def status_from_elsewhere(self) -> tuple[int, int]:
-        """The wrapper said no ``exit``: its status file, else the pinned BPF record."""
+        """An exit our reaper did not see: an older image's wrapper's status file, else the
+        pinned BPF record."""
         found = read_status_file(self.status_file)
         if found is not None:
             return found
@@ -324,42 +275,3 @@ def parse_spec(value: bytes) -> bytes:
     if not isinstance(args, list) or not args or not all(isinstance(a, str) for a in args):
         raise errors.invalid("spec: args must be a non-empty list of strings")
     return value
-
-
-class _LineReader:
-    """Lines from the wrapper's sync pipe, read on the event loop."""
-
-    def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._buf = b""
-        self._eof = False
-        self._loop = asyncio.get_running_loop()
-        self._waiter: asyncio.Future[None] | None = None
-        os.set_blocking(fd, False)
-        self._loop.add_reader(fd, self._readable)
-
-    def _readable(self) -> None:
-        try:
-            chunk = os.read(self._fd, 4096)
-        except BlockingIOError:
-            return
-        if not chunk:
-            self._eof = True
-            self._loop.remove_reader(self._fd)
-        self._buf += chunk
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    async def next(self) -> str:
-        """The next line, or '' at EOF."""
-        while b"\n" not in self._buf and not self._eof:
-            self._waiter = self._loop.create_future()
-            await self._waiter
-        line, sep, self._buf = self._buf.partition(b"\n")
-        return line.decode(errors="replace") if sep or line else ""
-
-    def close(self) -> None:
-        if self._fd >= 0:
-            self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1

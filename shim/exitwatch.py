@@ -39,11 +39,14 @@ class ExitWatch:
     def pidfd(self, pid: int) -> int | None:
         return self._pidfds.get(pid)
 
-    def watch(self, pid: int, start_time: int, trace_id: int = 0) -> asyncio.Future[Exit]:
+    def watch(
+        self, pid: int, start_time: int, trace_id: int = 0, since: int = 0
+    ) -> asyncio.Future[Exit]:
         """A future for the exit of ``pid``.  Call it in the loop thread as soon as the pid is
-        known (for our children the reaper may already hold the status)."""
+        known (for our children the reaper may already hold the status; ``since``: see
+        :meth:`Reaper.watch`)."""
         fut: asyncio.Future[Exit] = self._loop.create_future()
-        child = self._reaper.watch(pid)
+        child = self._reaper.watch(pid, since)
         if child.done() or _is_our_child(pid):
             child.add_done_callback(lambda f: _chain(f, fut))
             self._hold_pidfd(pid, start_time)

@@ -59,15 +59,17 @@ class Reaper:
     def close(self) -> None:
         self._loop.remove_signal_handler(signal.SIGCHLD)
 
-    def watch(self, pid: int) -> asyncio.Future[Exit]:
+    def watch(self, pid: int, since: int = 0) -> asyncio.Future[Exit]:
         """A future for the exit of our child ``pid``; call it in the loop thread right
-        after the pid became known, before yielding to the loop."""
+        after the pid became known, before yielding to the loop.  A kept exit from before
+        ``since`` (wall clock, ns: when the caller started the program that made it) is of an
+        earlier process with the same pid, not of this one."""
         fut = self._waiters.get(pid)
         if fut is not None:
             return fut
         fut = self._loop.create_future()
         found = self._unclaimed.pop(pid, None)
-        if found is not None:
+        if found is not None and found[0].at >= since:
             fut.set_result(found[0])
         else:
             self._waiters[pid] = fut

@@ -244,6 +244,23 @@ class Runc:
     async def start(self, id: str, log_path: str | None = None) -> None:
         await self.run(["start", id], log_path=log_path)
 
+    async def exec(
+        self,
+        id: str,
+        process_file: str,
+        pid_file: str,
+        stdio: tuple[int, int, int],
+        *,
+        console_socket: str | None = None,
+        log_path: str | None = None,
+    ) -> None:
+        """``runc exec --detach``: the process is left running, re-parented to us (we are
+        its subreaper) when runc exits, so its exit reaches our reaper however early."""
+        args = ["exec", "--detach", "--pid-file", pid_file, "--process", process_file]
+        if console_socket:
+            args += ["--console-socket", console_socket]
+        await self.run([*args, id], stdio=stdio, log_path=log_path)
+
     async def kill(self, id: str, sig: int, all: bool = False) -> None:
         await self.run(["kill", *(["--all"] if all else []), id, str(sig)])
 

@@ -254,3 +254,20 @@ def test_frozen(tmp_path: Path) -> None:
     _files(tmp_path / "u", {"cgroup.freeze": "1\n"})
     assert Cgroup(v2=str(tmp_path / "u")).frozen() is True
     assert Cgroup(v2=str(tmp_path / "nothing")).frozen() is None
+
+
+def test_of_pid_reads_the_mounts_once_and_again_when_they_moved(tmp_path: Path) -> None:
+    """mountinfo grows with every container: it is parsed once, and again only when the kept
+    mounts no longer show a process's cgroup."""
+    proc = tmp_path / "proc"
+    _files(proc / "7", {"cgroup": "0::/pods/a\n"})
+    v2_at = "30 1 0:26 / {} rw - cgroup2 cgroup2 rw\n"
+    _files(proc / "self", {"mountinfo": v2_at.format("/sys/fs/cgroup")})
+    assert Cgroup.of_pid(7, proc=str(proc)).v2 == "/sys/fs/cgroup/pods/a"
+    (proc / "self" / "mountinfo").write_text("")  # not read again while the kept ones serve
+    assert Cgroup.of_pid(7, proc=str(proc)).v2 == "/sys/fs/cgroup/pods/a"
+    # A cgroup the kept mounts do not show: mountinfo is read again.
+    _files(proc / "8", {"cgroup": "4:memory:/b\n"})
+    v1_at = "31 1 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
+    (proc / "self" / "mountinfo").write_text(v1_at)
+    assert Cgroup.of_pid(8, proc=str(proc)).v1 == {"memory": "/sys/fs/cgroup/memory/b"}

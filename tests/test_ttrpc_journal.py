@@ -374,3 +374,36 @@ def test_connection_left_mid_frame_is_closed_by_the_successor(journal_dir: str) 
         client.close()
 
     run(main())
+
+
+def test_answer_cut_short_is_no_answer_and_a_new_one_fits(journal_dir: str) -> None:
+    """A died in the middle of appending its answer (so it never reached the socket): the
+    request runs again, and the successor's answer is read back whole after another death."""
+    journal = Journal(journal_dir)
+    frame = request_frame(9, "Kill", b"x")
+    journal.record(3, 9, frame)
+    answer = encode_frame(9, MessageType.RESPONSE, Response(payload=b"done").encode())
+    journal.answer(3, 9, answer[:-2])
+    (call,) = journal.load()[3]
+    assert call.frame == frame and call.answer is None
+    journal.answer(3, 9, answer)
+    (call,) = journal.load()[3]
+    assert call.frame == frame and call.answer == answer
+    journal.done(3, 9)
+    assert journal.load() == {}
+
+
+def test_an_older_images_answer_beside_the_request_is_read(journal_dir: str) -> None:
+    """Images before one file per request wrote the answer to ``<conn>.<stream>.r``: after an
+    upgrade the new image still sends it, and leaves one file that ``done`` removes."""
+    journal = Journal(journal_dir)
+    frame = request_frame(11, "Delete", b"y")
+    journal.record(4, 11, frame)
+    answer = encode_frame(11, MessageType.RESPONSE, Response(payload=b"old").encode())
+    with open(os.path.join(journal_dir, "4.11.r"), "wb") as f:
+        f.write(answer)
+    (call,) = journal.load()[4]
+    assert call.answer == answer
+    assert sorted(os.listdir(journal_dir)) == ["4.11"]
+    journal.done(4, 11)
+    assert os.listdir(journal_dir) == []

@@ -10,10 +10,13 @@ socket by its stream id, see :meth:`Journal.load`).
 One file per request, ``<connection>.<stream id>``, holding the raw frame (header and
 payload), written with one ``write``; a file cut short by the writer's death is recognised by
 its header's length and dropped (its frame is still in the socket, unread).  The answer is
-written beside it, ``<connection>.<stream id>.r``, just before it goes to the socket: a
-successor that finds one sends it again rather than running the request a second time (a
-peer that had it already drops the copy: ttrpc clients ignore answers to streams they no
-longer wait on).  Each
+appended to the same file, just before it goes to the socket: a successor that finds a whole
+answer frame after the request sends it again rather than running the request a second time
+(a peer that had it already drops the copy: ttrpc clients ignore answers to streams they no
+longer wait on); an answer cut short is as good as none (it never reached the socket).  One
+file created and one removed per request, and no rename: on a busy node this is the
+daemon's most frequent disk work.  (Older images wrote the answer beside it, as
+``<connection>.<stream id>.r``; :meth:`Journal.load` still reads those.)  Each
 connection's state (:attr:`.server.Context.connection`) is kept beside, as
 ``<connection>.state`` (JSON).  Nothing is synced: the journal survives the process, not the
 machine, and lives best on tmpfs (``/run``).
@@ -56,6 +59,7 @@ class Journal:
         self.dir = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._states: dict[int, str] = {}  # what was last written, to write only changes
+        self._saved: dict[int, object] = {}  # the same, as read back from that JSON
 
     def _path(self, connection: int, name: str) -> str:
         return os.path.join(self.dir, f"{connection}.{name}")
@@ -73,26 +77,25 @@ class Journal:
             os.close(fd)
 
     def answer(self, connection: int, stream_id: int, frame: bytes) -> None:
-        """The response about to be written for a journaled request (raises OSError)."""
-        tmp = self._path(connection, f"{stream_id}.t")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        """The response about to be written for a journaled request, appended to it (raises
+        OSError)."""
+        fd = os.open(
+            self._path(connection, str(stream_id)), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
+        )
         try:
             os.write(fd, frame)
         finally:
             os.close(fd)
-        os.rename(tmp, self._path(connection, f"{stream_id}.r"))  # whole, or not there
 
-    def done(self, connection: int, stream_id: int, answered: bool = False) -> None:
-        """Forget a request and its answer, after it: an answer left alone is removed by
-        ``load``)."""
+    def done(self, connection: int, stream_id: int) -> None:
+        """Forget a request (and its answer), after it."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(connection, str(stream_id)))
-        if answered:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._path(connection, f"{stream_id}.r"))
 
     def save_state(self, connection: int, state: dict[str, object]) -> None:
         """Keep a connection's state, if it changed since last time."""
+        if self._saved.get(connection) == state:
+            return  # compared with what was written, read back: no JSON per request
         try:
             text = json.dumps(state, sort_keys=True)
         except (TypeError, ValueError):
@@ -104,6 +107,7 @@ class Journal:
             f.write(text)
         os.replace(tmp, self._path(connection, "state"))
         self._states[connection] = text
+        self._saved[connection] = json.loads(text)  # a copy the caller cannot change
 
     def state(self, connection: int) -> dict[str, object]:
         try:
@@ -114,6 +118,7 @@ class Journal:
         if not isinstance(data, dict):
             return {}
         self._states[connection] = json.dumps(data, sort_keys=True)
+        self._saved[connection] = json.loads(self._states[connection])
         return data
 
     def mark(self, connection: int, what: str, on: bool) -> None:
@@ -139,6 +144,7 @@ class Journal:
     def forget_connection(self, connection: int) -> None:
         """The connection is gone: its state file goes (its calls go as they finish)."""
         self._states.pop(connection, None)
+        self._saved.pop(connection, None)
         for what in ("state", "midread", "midwrite"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(connection, what))
@@ -162,19 +168,30 @@ class Journal:
             path = os.path.join(self.dir, name)
             try:
                 with open(path, "rb") as f:
-                    frame = f.read()
+                    data = f.read()
             except OSError:
                 continue
-            header = FrameHeader.decode(frame[:HEADER_SIZE]) if len(frame) >= HEADER_SIZE else None
-            if header is None or len(frame) != HEADER_SIZE + header.length:
+            size = _whole_frame(data)
+            if size is None:
                 with contextlib.suppress(OSError):
                     os.unlink(path)  # the writer died mid-write: the frame is still unread
                 continue
-            answer = None
-            if name in answers:
+            frame, answer = data[:size], data[size:]
+            if _whole_frame(answer) != len(answer):
+                answer = b""  # cut short: it never reached the socket
+            if not answer and name in answers:  # an older image's answer, beside it
                 with contextlib.suppress(OSError), open(path + ".r", "rb") as f:
                     answer = f.read()
-            call = JournaledCall(int(conn_text), int(stream_text), frame, answer)
+            if len(data) != len(frame) + len(answer) or name in answers:
+                # One file again, as a successor appends its own answer to it.
+                with contextlib.suppress(OSError):
+                    with open(path, "r+b") as f:
+                        f.truncate(size)
+                        f.seek(size)
+                        f.write(answer)
+                    if name in answers:
+                        os.unlink(path + ".r")
+            call = JournaledCall(int(conn_text), int(stream_text), frame, answer or None)
             out.setdefault(call.connection, []).append(call)
         for calls in out.values():
             calls.sort(key=lambda c: c.stream_id)
@@ -186,3 +203,11 @@ class Journal:
             for name in os.listdir(self.dir)
             if name.endswith(".state") and name.partition(".")[0].isdigit()
         }
+
+
+def _whole_frame(data: bytes) -> int | None:
+    """The length of the whole frame at the start of ``data``, None if it is cut short."""
+    if len(data) < HEADER_SIZE:
+        return None
+    size = HEADER_SIZE + FrameHeader.decode(data[:HEADER_SIZE]).length
+    return size if len(data) >= size else None

@@ -990,7 +990,7 @@ class _ServerProtocol(asyncio.Protocol):
             assert self._journal is not None and self._key is not None
             if self._transport is not None:
                 self._transport.write(answer)
-            self._journal.done(self._key, stream_id, answered=True)
+            self._journal.done(self._key, stream_id)
         for pending in adopted.pending:
             request = Request(
                 pending.service,
@@ -1209,7 +1209,7 @@ class _ServerProtocol(asyncio.Protocol):
         assert self._journal is not None and self._key is not None
         if sid in self._in_journal:
             self._in_journal.discard(sid)
-            self._journal.done(self._key, sid, answered=True)
+            self._journal.done(self._key, sid)
 
     def _record(self, journal: Journal, key: int, sid: int, frame: bytes | memoryview) -> bool:
         """Journal a request; if the journal cannot be written (disk full), serve it anyway,
