@@ -232,6 +232,7 @@ class Sandboxes:
             try:
                 for d in rec.cgroups:
                     _make_cgroup(d)
+                await kill_stale_holders(rec.cgroups)
                 rec.files = podfiles.make(rec.bundle, id, config)
                 pid = await self._spawn(holder_argv(self.holder, config, rec.netns, rec.cgroups))
             except BaseException:
@@ -433,6 +434,79 @@ def _make_cgroup(path: str) -> None:
                     f.write(value)
             except FileNotFoundError:
                 break  # not a cpuset hierarchy
+
+
+def stale_holders(dirs: list[str]) -> list[int]:
+    """Holders already in the pod's cgroups before its StartSandbox spawns one.
+
+    Only a daemon that died during an earlier StartSandbox of this pod leaves one there: the
+    leaf ``<parent>/<id>`` is named after the sandbox, which nothing else joins (the pod's
+    containers get their own cgroups beside it), and its holder's pid was never stored.  Such
+    a holder is one that announced its pid before the daemon died (or a -pid init whose
+    parent did): any other dies of SIGPIPE when it writes to the dead daemon's pipe.  Having
+    announced, it had joined every cgroup (its first step), so this finds all that survive."""
+    pids: set[int] = set()
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                pids.update(int(x) for x in f.read().split())
+        except FileNotFoundError:
+            continue
+    return sorted(p for p in pids if _is_holder(p))
+
+
+def _is_holder(pid: int) -> bool:
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:  # gone, or a zombie
+        return False
+    return os.path.basename(exe.removesuffix(" (deleted)")) == HOLDER
+
+
+async def kill_stale_holders(dirs: list[str], timeout: float = HOLDER_TIMEOUT) -> list[int]:
+    """SIGKILL each of :func:`stale_holders` and wait until it has exited (the keeper, whose
+    orphan it is, reaps it).  The sandbox was never reported started, so nothing uses it."""
+    killed = []
+    for pid in stale_holders(dirs):
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            if not _is_holder(pid):  # the pid was reused before the pidfd pinned it
+                continue
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            try:
+                await _exited(fd, timeout)
+            except TimeoutError:
+                raise errors.internal(
+                    f"{HOLDER} {pid} of an earlier start of this pod did not exit"
+                ) from None
+            killed.append(pid)
+            log.event("stale holder killed", pid=pid, cgroup=dirs[0])
+        finally:
+            os.close(fd)
+    return killed
+
+
+async def _exited(pidfd: int, timeout: float) -> None:
+    """Once the process of ``pidfd`` has exited (a pidfd becomes readable then)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        async with asyncio.timeout(timeout):
+            await done
+    finally:
+        loop.remove_reader(pidfd)
 
 
 def _remove_cgroups(dirs: list[str]) -> None:
