@@ -402,6 +402,7 @@ class Sandboxes:
             sb = Sandbox(rec)
             self._all[(rec.namespace, rec.id)] = sb
             if sb.running:
+                self._track(rec)  # again: a daemon may die between storing and registering
                 self._watch(sb)
         if self._all:
             log.event("sandboxes restored", count=len(self._all))

@@ -3,8 +3,9 @@
 containerd 2.x's ``shim`` sandbox controller calls it on the address ``start`` printed for
 the sandbox's id, for pods of a CRI handler with ``sandboxer = "shim"``.  Every call may be
 sent again by a restarted daemon (shim.ttrpc.journal) and converges on the same end:
-Create and Start of a sandbox that exists answer as done, Stop and Shutdown of one that is
-gone succeed.
+Create and Start of a sandbox that exists answer as done (a Start the dead daemon had not
+finished first removes the holder it left, see shim.sandbox.stale_holders), Stop and
+Shutdown of one that is gone succeed.
 """
 
 from __future__ import annotations
