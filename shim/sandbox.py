@@ -466,31 +466,43 @@ def _is_holder(pid: int) -> bool:
 
 async def kill_stale_holders(dirs: list[str], timeout: float = HOLDER_TIMEOUT) -> list[int]:
     """SIGKILL each of :func:`stale_holders` and wait until it has exited (the keeper, whose
-    orphan it is, reaps it).  The sandbox was never reported started, so nothing uses it."""
-    killed = []
-    for pid in stale_holders(dirs):
+    orphan it is, reaps it); the sandbox was never reported started, so nothing uses it.
+    Scanned again until none is left: a -pid holder may fork its init (into the same
+    cgroups) between a scan and its kill, and nothing else forks there."""
+    killed: list[int] = []
+    for _ in range(4):  # a holder and its init, then an empty scan
+        found = stale_holders(dirs)
+        if not found:
+            return killed
+        for pid in found:
+            if await _kill(pid, timeout):
+                killed.append(pid)
+                log.event("stale holder killed", pid=pid, cgroup=dirs[0])
+    raise errors.internal(f"{HOLDER}s of an earlier start of this pod keep appearing")
+
+
+async def _kill(pid: int, timeout: float) -> bool:
+    """SIGKILL the holder ``pid`` and wait for its exit; False if it was gone already."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if not _is_holder(pid):  # the pid was reused before the pidfd pinned it
+            return False
         try:
-            fd = os.pidfd_open(pid)
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
         except ProcessLookupError:
-            continue
+            return False
         try:
-            if not _is_holder(pid):  # the pid was reused before the pidfd pinned it
-                continue
-            try:
-                signal.pidfd_send_signal(fd, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            try:
-                await _exited(fd, timeout)
-            except TimeoutError:
-                raise errors.internal(
-                    f"{HOLDER} {pid} of an earlier start of this pod did not exit"
-                ) from None
-            killed.append(pid)
-            log.event("stale holder killed", pid=pid, cgroup=dirs[0])
-        finally:
-            os.close(fd)
-    return killed
+            await _exited(fd, timeout)
+        except TimeoutError:
+            raise errors.internal(
+                f"{HOLDER} {pid} of an earlier start of this pod did not exit"
+            ) from None
+        return True
+    finally:
+        os.close(fd)
 
 
 async def _exited(pidfd: int, timeout: float) -> None:

@@ -235,7 +235,13 @@ def test_daemon_crash_during_start_sandbox_leaves_one_holder(
         assert not _alive(orphan) and not _alive(first)
         cid = node.run_container(pod, ["sleep", "100000"], name="c")
         assert node.exec_sync(cid, ["true"]).exit_code == 0
+        # the pod's containers get cgroups of their own beside the holder's leaf: only a
+        # holder is ever in that leaf (what the replayed start relies on)
+        spec = node.container_info(cid)["runtimeSpec"]
+        assert spec["linux"]["cgroupsPath"] == f"{parent}/{cid}", spec["linux"]
+        assert _holders_in(parent) == [holder]
         cgroups = node.sandbox_info(pod)["cgroups"]
+        assert all(d.endswith(f"{parent}/{pod.id}") for d in cgroups), cgroups
 
         node.stop_pod(pod)
         node.remove_pod(pod)
