@@ -37,6 +37,7 @@ from shim.exittrack import TICK_NS
 from shim.reaper import Exit
 from shim.statestore import StoreError
 from shim.task import Deps
+from shim.ttrpc import TTRPCError
 
 HOLDER = "embedshim-holder"
 #: CRI's runtime.v1.NamespaceMode values
@@ -385,6 +386,9 @@ class Sandboxes:
         sb = self.find(namespace, id)
         if sb is None:
             return
+        async with sb.lock:  # a start in flight finishes first; its holder is then stopped
+            if not sb.rec.pid:
+                await self._sweep(sb.rec)
         await self.stop(namespace, id, 0)
         self._untrack(sb.rec)
         _remove_cgroups(sb.rec.cgroups)
@@ -394,6 +398,18 @@ class Sandboxes:
         log.event("sandbox removed", namespace=namespace, id=id)
         if not self._all:
             self.on_empty()
+
+    async def _sweep(self, rec: SandboxRecord) -> None:
+        """A sandbox with no stored pid may still have what a start made before it failed or
+        its daemon died: a holder in its leaf cgroups, the leaves, the pod's files.  All are
+        named from the pod's config, so shutdown finds and removes them."""
+        config = sandbox_pb2.PodConfig.FromString(bytes.fromhex(rec.config))
+        try:
+            rec.cgroups = cgroup_dirs(config.linux.cgroup_parent, rec.id)
+        except TTRPCError:  # a parent no start could have used
+            rec.cgroups = []
+        await kill_stale_holders(rec.cgroups)
+        rec.files = podfiles.where(rec.bundle, rec.id)
 
     def restore(self) -> None:
         """After a restart or a reload: every persisted sandbox, its holder watched again

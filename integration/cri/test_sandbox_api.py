@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import signal
+import subprocess
 import threading
 
 import grpc
@@ -19,8 +20,9 @@ from integration.cri.api import cri_api_pb2 as cri
 from integration.cri.node import SHIM_SANDBOXER, CriNode, Pod, poll, rpc_code
 from integration.embed import daemon_paths, daemons, keeper_of
 from integration.harness import _proc_info, wait_for
+from shim import packaged
 from shim.api import sandbox_pb2
-from shim.sandbox import HOLDER
+from shim.sandbox import HOLDER, cgroup_dirs
 from shim.sandboxservice import SANDBOX_SERVICE
 from shim.service import NAMESPACE_KEY
 from shim.ttrpc.blocking import BlockingClient
@@ -255,3 +257,74 @@ def test_daemon_crash_during_start_sandbox_leaves_one_holder(
         _freeze(freezer, "THAWED")
         runner.join(60)
         node.remove_all_pods()
+
+
+def _call(node: CriNode, method: str, msg: object) -> bytes:
+    with BlockingClient("unix://" + daemon_paths(node.ctrd).socket) as client:
+        return client.call(
+            SANDBOX_SERVICE,
+            method,
+            msg.SerializeToString(),  # type: ignore[attr-defined]
+            metadata={NAMESPACE_KEY: "k8s.io"},
+            timeout=30,
+        )
+
+
+def _stale_holder(dirs: list[str]) -> subprocess.Popen[bytes]:
+    """A holder in the pod's leaves of the pids and freezer hierarchies, as a dead daemon's
+    start leaves it (announced, waiting), not known to the daemon."""
+    holder = packaged.holder()
+    assert holder is not None
+    leaves = [d for d in dirs if d.split("/")[4] in ("pids", "freezer")]
+    assert len(leaves) == 2, dirs
+    for d in leaves:
+        os.makedirs(d, exist_ok=True)
+    p = subprocess.Popen(
+        [holder, *[a for d in leaves for a in ("-cgroup", d)]], stdout=subprocess.PIPE
+    )
+    assert p.stdout is not None and int(p.stdout.read()) == p.pid
+    return p
+
+
+@pytest.mark.parametrize("cri_node", ["2.2.7"], indirect=True)
+def test_start_and_shutdown_remove_a_holder_left_in_the_pods_cgroups(cri_node: CriNode) -> None:
+    """What the daemon finds of a start that never stored its pid: StartSandbox kills that
+    holder before it spawns its own; ShutdownSandbox of a sandbox never started kills it and
+    removes the pod's leaves (as CRI does when a RunPodSandbox fails)."""
+    node = cri_node
+    keep = node.run_pod(SHIM_SANDBOXER)  # the daemon stays up while it has a pod
+    parent = f"/{node.ctrd.cgroup_parent}/podstale"
+    config = sandbox_pb2.PodConfig(
+        hostname="stale", linux=sandbox_pb2.PodLinux(cgroup_parent=parent)
+    )
+    stale: list[subprocess.Popen[bytes]] = []
+    try:
+        for id in ("stale-start", "stale-shutdown"):
+            req = sandbox_pb2.CreateSandboxRequest(sandbox_id=id, bundle_path=node.ctrd.tmp)
+            req.options.type_url = "type.googleapis.com/runtime.v1.PodSandboxConfig"
+            req.options.value = config.SerializeToString()
+            _call(node, "CreateSandbox", req)
+        dirs = cgroup_dirs(parent, "stale-start")
+        stale.append(_stale_holder(dirs))
+        out = _call(node, "StartSandbox", sandbox_pb2.StartSandboxRequest(sandbox_id="stale-start"))
+        pid = sandbox_pb2.StartSandboxResponse.FromString(out).pid
+        assert stale[0].wait(timeout=5) == -signal.SIGKILL
+        assert _holders_in(parent) == [pid] and _alive(pid)
+
+        dirs2 = cgroup_dirs(parent, "stale-shutdown")
+        stale.append(_stale_holder(dirs2))
+        _call(
+            node, "ShutdownSandbox", sandbox_pb2.ShutdownSandboxRequest(sandbox_id="stale-shutdown")
+        )
+        assert stale[1].wait(timeout=5) == -signal.SIGKILL
+        assert not any(os.path.exists(d) for d in dirs2), dirs2
+
+        _call(node, "ShutdownSandbox", sandbox_pb2.ShutdownSandboxRequest(sandbox_id="stale-start"))
+        assert not _alive(pid) and _holders_in(parent) == []
+        assert not any(os.path.exists(d) for d in dirs), dirs
+    finally:
+        for p in stale:
+            p.kill()
+            p.wait()
+        node.stop_pod(keep)
+        node.remove_pod(keep)
