@@ -51,14 +51,20 @@ def resolv_conf(dns: sandbox_pb2.PodDNS) -> str:
     return out
 
 
-def make(bundle: str, id: str, config: sandbox_pb2.PodConfig) -> list[str]:
-    """Write the pod's files; the directories made (to hand to :func:`remove` later)."""
+def where(bundle: str, id: str) -> list[str]:
+    """The directories :func:`make` writes for this pod ([] outside containerd's tree)."""
     dirs = containerd_dirs(bundle)
     if dirs is None:
         return []
-    root = os.path.join(dirs[0], CRI_DIR, "sandboxes", id)
-    volatile = os.path.join(dirs[1], CRI_DIR, "sandboxes", id)
-    made = [root, volatile]
+    return [os.path.join(d, CRI_DIR, "sandboxes", id) for d in dirs]
+
+
+def make(bundle: str, id: str, config: sandbox_pb2.PodConfig) -> list[str]:
+    """Write the pod's files; the directories made (to hand to :func:`remove` later)."""
+    made = where(bundle, id)
+    if not made:
+        return []
+    root, volatile = made
     try:
         os.makedirs(root, mode=0o755, exist_ok=True)
         _write(os.path.join(root, "hostname"), (config.hostname or socket.gethostname()) + "\n")

@@ -37,6 +37,7 @@ from shim.exittrack import TICK_NS
 from shim.reaper import Exit
 from shim.statestore import StoreError
 from shim.task import Deps
+from shim.ttrpc import TTRPCError
 
 HOLDER = "embedshim-holder"
 #: CRI's runtime.v1.NamespaceMode values
@@ -232,6 +233,7 @@ class Sandboxes:
             try:
                 for d in rec.cgroups:
                     _make_cgroup(d)
+                await kill_stale_holders(rec.cgroups)
                 rec.files = podfiles.make(rec.bundle, id, config)
                 pid = await self._spawn(holder_argv(self.holder, config, rec.netns, rec.cgroups))
             except BaseException:
@@ -384,6 +386,9 @@ class Sandboxes:
         sb = self.find(namespace, id)
         if sb is None:
             return
+        async with sb.lock:  # a start in flight finishes first; its holder is then stopped
+            if not sb.rec.pid:
+                await self._sweep(sb.rec)
         await self.stop(namespace, id, 0)
         self._untrack(sb.rec)
         _remove_cgroups(sb.rec.cgroups)
@@ -394,6 +399,18 @@ class Sandboxes:
         if not self._all:
             self.on_empty()
 
+    async def _sweep(self, rec: SandboxRecord) -> None:
+        """A sandbox with no stored pid may still have what a start made before it failed or
+        its daemon died: a holder in its leaf cgroups, the leaves, the pod's files.  All are
+        named from the pod's config, so shutdown finds and removes them."""
+        config = sandbox_pb2.PodConfig.FromString(bytes.fromhex(rec.config))
+        try:
+            rec.cgroups = cgroup_dirs(config.linux.cgroup_parent, rec.id)
+        except TTRPCError:  # a parent no start could have used
+            rec.cgroups = []
+        await kill_stale_holders(rec.cgroups)
+        rec.files = podfiles.where(rec.bundle, rec.id)
+
     def restore(self) -> None:
         """After a restart or a reload: every persisted sandbox, its holder watched again
         (one that exited meanwhile gets its status from the BPF exit map)."""
@@ -401,6 +418,7 @@ class Sandboxes:
             sb = Sandbox(rec)
             self._all[(rec.namespace, rec.id)] = sb
             if sb.running:
+                self._track(rec)  # again: a daemon may die between storing and registering
                 self._watch(sb)
         if self._all:
             log.event("sandboxes restored", count=len(self._all))
@@ -433,6 +451,91 @@ def _make_cgroup(path: str) -> None:
                     f.write(value)
             except FileNotFoundError:
                 break  # not a cpuset hierarchy
+
+
+def stale_holders(dirs: list[str]) -> list[int]:
+    """Holders already in the pod's cgroups before its StartSandbox spawns one.
+
+    Only a daemon that died during an earlier StartSandbox of this pod leaves one there: the
+    leaf ``<parent>/<id>`` is named after the sandbox, which nothing else joins (the pod's
+    containers get their own cgroups beside it), and its holder's pid was never stored.  Such
+    a holder is one that announced its pid before the daemon died (or a -pid init whose
+    parent did): any other dies of SIGPIPE when it writes to the dead daemon's pipe.  Having
+    announced, it had joined every cgroup (its first step), so this finds all that survive."""
+    pids: set[int] = set()
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "cgroup.procs")) as f:
+                pids.update(int(x) for x in f.read().split())
+        except FileNotFoundError:
+            continue
+    return sorted(p for p in pids if _is_holder(p))
+
+
+def _is_holder(pid: int) -> bool:
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+    except OSError:  # gone, or a zombie
+        return False
+    return os.path.basename(exe.removesuffix(" (deleted)")) == HOLDER
+
+
+async def kill_stale_holders(dirs: list[str], timeout: float = HOLDER_TIMEOUT) -> list[int]:
+    """SIGKILL each of :func:`stale_holders` and wait until it has exited (the keeper, whose
+    orphan it is, reaps it); the sandbox was never reported started, so nothing uses it.
+    Scanned again until none is left: a -pid holder may fork its init (into the same
+    cgroups) between a scan and its kill, and nothing else forks there."""
+    killed: list[int] = []
+    for _ in range(4):  # a holder and its init, then an empty scan
+        found = stale_holders(dirs)
+        if not found:
+            return killed
+        for pid in found:
+            if await _kill(pid, timeout):
+                killed.append(pid)
+                log.event("stale holder killed", pid=pid, cgroup=dirs[0])
+    raise errors.internal(f"{HOLDER}s of an earlier start of this pod keep appearing")
+
+
+async def _kill(pid: int, timeout: float) -> bool:
+    """SIGKILL the holder ``pid`` and wait for its exit; False if it was gone already."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if not _is_holder(pid):  # the pid was reused before the pidfd pinned it
+            return False
+        try:
+            signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        try:
+            await _exited(fd, timeout)
+        except TimeoutError:
+            raise errors.internal(
+                f"{HOLDER} {pid} of an earlier start of this pod did not exit"
+            ) from None
+        return True
+    finally:
+        os.close(fd)
+
+
+async def _exited(pidfd: int, timeout: float) -> None:
+    """Once the process of ``pidfd`` has exited (a pidfd becomes readable then)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def readable() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    loop.add_reader(pidfd, readable)
+    try:
+        async with asyncio.timeout(timeout):
+            await done
+    finally:
+        loop.remove_reader(pidfd)
 
 
 def _remove_cgroups(dirs: list[str]) -> None:

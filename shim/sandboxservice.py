@@ -3,8 +3,9 @@
 containerd 2.x's ``shim`` sandbox controller calls it on the address ``start`` printed for
 the sandbox's id, for pods of a CRI handler with ``sandboxer = "shim"``.  Every call may be
 sent again by a restarted daemon (shim.ttrpc.journal) and converges on the same end:
-Create and Start of a sandbox that exists answer as done, Stop and Shutdown of one that is
-gone succeed.
+Create and Start of a sandbox that exists answer as done (a Start the dead daemon had not
+finished first removes the holder it left, see shim.sandbox.stale_holders), Stop and
+Shutdown of one that is gone succeed.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from google.protobuf.message import DecodeError, Message
 
 from shim import errors, identifiers
 from shim.api import sandbox_pb2 as pb
+from shim.handlers import guard, unless_gone
 from shim.sandbox import HOLDER, NOTREADY, READY, Sandboxes, goarch, pod_config
-from shim.service import NAMESPACE_KEY, _guard, _unless_gone
+from shim.service import NAMESPACE_KEY
 from shim.ttrpc import Context, Handler
 
 SANDBOX_SERVICE = "containerd.runtime.sandbox.v1.Sandbox"
@@ -55,7 +57,7 @@ class SandboxService:
             "ShutdownSandbox": self.shutdown,
             "SandboxMetrics": self.metrics,
         }
-        return {name: _guard(name, fn) for name, fn in table.items()}  # type: ignore[arg-type]
+        return {name: guard(name, fn) for name, fn in table.items()}  # type: ignore[arg-type]
 
     @staticmethod
     def _key(ctx: Context, id: str) -> tuple[str, str]:
@@ -100,7 +102,7 @@ class SandboxService:
     async def wait(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(pb.WaitSandboxRequest, payload)
         assert isinstance(req, pb.WaitSandboxRequest)
-        rec = await _unless_gone(ctx, self.sandboxes.wait(*self._key(ctx, req.sandbox_id)))
+        rec = await unless_gone(ctx, self.sandboxes.wait(*self._key(ctx, req.sandbox_id)))
         resp = pb.WaitSandboxResponse(exit_status=rec.exit_status or 0)
         resp.exited_at.FromNanoseconds(rec.exited_at or 0)
         return resp.SerializeToString()

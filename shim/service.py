@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import TypeVar
 
 from google.protobuf.message import DecodeError, Message
@@ -23,9 +22,9 @@ from shim.bundle import namespace_of
 from shim.cgroups import CgroupError
 from shim.checkpoint import decode_options as decode_checkpoint_options
 from shim.execprocess import ExecProcess
+from shim.handlers import guard, unless_gone
 from shim.lifecycle import STATUS_NUMBER, Status
 from shim.runc import RuncError
-from shim.statestore import StoreError
 from shim.task import Tasks
 from shim.ttrpc import Code, Context, Handler, TTRPCError
 from shim.ttrpc.journal import JournaledCall
@@ -39,7 +38,6 @@ VERSION = "embedshim 0.1.0"
 MAX_RESERVATIONS = 4096
 
 M = TypeVar("M", bound=Message)
-T = TypeVar("T")
 EMPTY = b""
 
 NOT_YET: dict[str, str] = {}  # RPCs still answered Unimplemented: none
@@ -104,7 +102,7 @@ class TaskService:
         }
         for name in NOT_YET:
             table[name] = self._unimplemented(name)
-        return {name: _guard(name, self._replayable(name, fn)) for name, fn in table.items()}
+        return {name: guard(name, self._replayable(name, fn)) for name, fn in table.items()}
 
     def daemon_methods(self) -> dict[str, Handler]:
         table = {
@@ -113,7 +111,7 @@ class TaskService:
             "Info": self.daemon_info,
             "Fault": self.fault,
         }
-        return {name: _guard(name, self._replayable(name, fn)) for name, fn in table.items()}
+        return {name: guard(name, self._replayable(name, fn)) for name, fn in table.items()}
 
     def _replayable(self, name: str, fn: Handler) -> Handler:
         """``fn``, or for a request a dead daemon left unanswered, what SAFE_TO_REPEAT says."""
@@ -289,7 +287,7 @@ class TaskService:
     async def wait(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.WaitRequest, payload)
         p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
-        status, exited_at = await _unless_gone(ctx, p.wait())
+        status, exited_at = await unless_gone(ctx, p.wait())
         resp = shim_pb2.WaitResponse(exit_status=status)
         _set_time(resp.exited_at, exited_at)
         return resp.SerializeToString()
@@ -446,22 +444,6 @@ def _ns_and_id(payload: bytes) -> tuple[str, str]:
     return identifiers.validate("namespace", ns), identifiers.validate("id", id)
 
 
-async def _unless_gone(ctx: Context, waiting: Awaitable[T]) -> T:
-    """``waiting``, given up once the caller has disconnected: a Wait nobody will read must
-    not outlive its connection (or a peer could pile them up without bound)."""
-    task = asyncio.ensure_future(waiting)
-    gone = asyncio.ensure_future(ctx.gone.wait())
-    try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        gone.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        raise TTRPCError(Code.CANCELLED, "the caller went away")
-    return task.result()
-
-
 def _linux_resources(type_url: str, value: bytes) -> bytes:
     """The OCI LinuxResources JSON of an Update, checked enough to hand to runc."""
     if not type_url and not value:
@@ -482,21 +464,3 @@ def _linux_resources(type_url: str, value: bytes) -> bytes:
 def _set_time(ts: object, ns: int | None) -> None:
     if ns is not None:
         ts.FromNanoseconds(ns)  # type: ignore[attr-defined]
-
-
-def _guard(name: str, fn: Callable[[Context, bytes], Awaitable[bytes]]) -> Handler:
-    """Every handler answers with a proper code; nothing it raises can hurt the daemon."""
-
-    async def handler(ctx: Context, payload: bytes) -> bytes:
-        try:
-            return await fn(ctx, payload)
-        except TTRPCError:
-            raise
-        except StoreError as exc:
-            log.event("state store error", logging.ERROR, method=name, error=exc)
-            raise TTRPCError(Code.UNAVAILABLE, str(exc)) from None
-        except Exception as exc:
-            log.event("request failed", logging.ERROR, method=name, error=repr(exc))
-            raise TTRPCError(Code.UNKNOWN, f"{name}: {exc}") from None
-
-    return handler

@@ -5,6 +5,7 @@ pod's cgroups and files; the sandboxes' table."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from shim.sandbox import (
     SandboxStore,
     cgroup_dirs,
     holder_argv,
+    kill_stale_holders,
     pod_config,
 )
 from shim.ttrpc import TTRPCError
@@ -119,6 +121,70 @@ def test_holder_as_pid_namespace_init_reaps_orphans(holder: str, run_holder: lis
     while zombies() and time.monotonic() < deadline:
         time.sleep(0.05)
     assert zombies() == []
+
+
+@pytest.fixture
+def pod_cgroups() -> Iterator[list[str]]:
+    """A pod's leaf in two real cgroup v1 hierarchies (pids, freezer), removed after."""
+    name = f"embedshim-test-stale-{os.getpid()}"
+    dirs = [f"/sys/fs/cgroup/{h}/{name}" for h in ("pids", "freezer")]
+    if not all(os.path.isdir(os.path.dirname(d)) for d in dirs):
+        pytest.fail("missing prerequisite: cgroup v1 pids and freezer hierarchies")
+    for d in dirs:
+        os.makedirs(d, exist_ok=True)
+    yield dirs
+    _write(f"{dirs[1]}/freezer.state", "THAWED")
+    for d in dirs:
+        for pid in open(f"{d}/cgroup.procs").read().split():
+            os.kill(int(pid), signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                os.rmdir(d)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def test_stale_holder_in_the_pods_cgroup_is_killed_and_waited_for(
+    holder: str, run_holder: list[int], pod_cgroups: list[str]
+) -> None:
+    """What a replayed StartSandbox finds of the dead daemon's start: the holder (killed,
+    gone when this returns); anything else in the cgroup is left alone."""
+    other = subprocess.Popen(["sleep", "1000"])
+    try:
+        _write(f"{pod_cgroups[0]}/cgroup.procs", str(other.pid))
+        p, pid = _start(holder, *[a for d in pod_cgroups for a in ("-cgroup", d)])
+        run_holder.append(pid)
+        assert asyncio.run(kill_stale_holders(pod_cgroups)) == [pid]
+        assert p.poll() == -signal.SIGKILL  # exited already: only reaping was left
+        assert other.poll() is None
+        assert asyncio.run(kill_stale_holders(pod_cgroups)) == []
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_stale_holder_that_cannot_exit_fails_the_start(
+    holder: str, run_holder: list[int], pod_cgroups: list[str]
+) -> None:
+    """A holder that does not exit (frozen: v1 holds even SIGKILL) is an error, not a
+    second holder beside it; it exits once thawed."""
+    p, pid = _start(holder, *[a for d in pod_cgroups for a in ("-cgroup", d)])
+    run_holder.append(pid)
+    _write(f"{pod_cgroups[1]}/freezer.state", "FROZEN")
+    with pytest.raises(TTRPCError, match=f"{pid} of an earlier start"):
+        asyncio.run(kill_stale_holders(pod_cgroups, timeout=0.5))
+    assert p.poll() is None
+    _write(f"{pod_cgroups[1]}/freezer.state", "THAWED")
+    assert p.wait(timeout=5) == -signal.SIGKILL
 
 
 def test_holder_says_why_it_failed(holder: str) -> None:
