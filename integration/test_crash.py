@@ -15,17 +15,20 @@ import os
 import random
 import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
 
 from integration.embed import (
     RUNTIME,
     SHIM,
     Events,
+    bundle_dir,
     call,
     containerd_version_env,
     daemon_paths,
@@ -44,6 +47,7 @@ from integration.harness import (
     task_list,
     wait_for,
 )
+from integration.tasks_grpc import code_of, tasks_client
 from shim.api import runc_options_pb2, shim_pb2
 from shim.statestore import StateStore
 from shim.ttrpc.blocking import BlockingClient
@@ -337,6 +341,57 @@ def test_exec_exit_code_across_a_daemon_restart(
         lambda: not processes_matching(lambda p: p.zombie and p.ppid in ours),
         what="no zombie left under the daemon or the keeper",
     )
+
+
+def test_delete_done_but_not_answered_is_answered_by_the_next_daemon(
+    containerd: Containerd, busybox: str
+) -> None:
+    """The daemon is killed right after a Delete removed an exec, then a task, and before
+    its answer (the Fault ``kill-after-delete``: the window a crash hits by chance): the
+    next daemon answers the `ctr task delete` with the process's real exit status, and
+    nothing of either is left."""
+    containerd.run(RUNTIME, busybox, "box", "sleep", "100000", detach=True)
+    containerd.ctr("task", "exec", "-d", "--exec-id", "e1", "box", "sh", "-c", "exit 5")
+    with tasks_client(containerd) as tasks:
+        assert tasks.wait("box", "e1") == 5
+    log_path = daemon_paths(containerd).log
+
+    def delete_killing_the_daemon(*args: str) -> subprocess.CompletedProcess[str]:
+        (daemon,) = daemons(containerd)
+        with BlockingClient(daemon_paths(containerd).address, timeout=5.0) as client:
+            client.call(DAEMON_SERVICE, "Fault", b"kill-after-delete")
+        r = containerd.ctr("task", "delete", *args, check=False)
+        assert not os.path.exists(f"/proc/{daemon.pid}/fd/0"), "the daemon lived on"
+        return r
+
+    def replayed() -> int:
+        return open(log_path).read().count("delete of the dead daemon answered")
+
+    r = delete_killing_the_daemon("--exec-id", "e1", "box")
+    assert r.returncode == 5, r.stderr  # ctr exits with the deleted exec's status
+    assert replayed() == 1
+    with tasks_client(containerd) as tasks:
+        with pytest.raises(grpc.RpcError) as exc:
+            tasks.delete_process("box", "e1")
+        assert code_of(exc.value) == grpc.StatusCode.NOT_FOUND
+    assert task_list(containerd)["box"][1] == "RUNNING"
+    containerd.ctr("task", "kill", "-s", "KILL", "box")
+    with tasks_client(containerd) as tasks:
+        assert tasks.wait("box") == 137
+    r = delete_killing_the_daemon("box")
+    assert r.returncode == 0 and "exit with non-zero exit code 137" in r.stderr, r.stderr
+    assert replayed() == 2
+    assert "box" not in task_list(containerd)
+    bundle = bundle_dir(containerd, containerd.namespace, "box")
+    assert not os.path.exists(bundle) and mounts_under(os.path.dirname(bundle)) == []
+    paths = daemon_paths(containerd)
+    runc_root = paths.runc_root_for(containerd.namespace)
+    assert not os.path.isdir(runc_root) or os.listdir(runc_root) == []
+    store = StateStore(paths.store)
+    try:
+        assert store.count() == 0
+    finally:
+        store.close()
 
 
 SLOW_RUNC = """#!/bin/sh

@@ -227,12 +227,15 @@ class ExecProcess(Process):
         self.untrack()
         self._close_pidfd()
         self._remove_files()
+        answer = self.pid, self.exit_status, self.exited_at or time.time_ns()
         best_effort(
-            lambda: self.task.deps.store.delete(self.task.namespace, self.task.id, self.exec_id),
+            lambda: self.task.deps.store.delete(
+                self.task.namespace, self.task.id, self.exec_id, answer=answer
+            ),
             "exec deleted",
             **self.fields(),
         )
-        return self.pid, self.exit_status, self.exited_at or time.time_ns()
+        return answer
 
     def _close_pidfd(self) -> None:
         if self._pidfd is not None:

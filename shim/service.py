@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -45,13 +46,13 @@ NOT_YET: dict[str, str] = {}  # RPCs still answered Unimplemented: none
 # A request the daemon had read but not answered when it died is answered by the next daemon
 # (see shim.ttrpc.journal); if the dead daemon had written its answer to the journal, that
 # answer is sent again and nothing runs.  Otherwise these are run again as they are: reading,
-# waiting, or converging on the same end (a Delete that had happened, except for its answer,
-# is NotFound: the journal makes that window a few microseconds).  Create, Start, Exec and
-# Kill check first what the dead daemon got done (TaskService._replay_*).  Anything else is
+# waiting, or converging on the same end.  Create, Start, Exec, Kill, Delete and Cleanup
+# check first what the dead daemon got done (TaskService._replay_*; a Delete it had done
+# except for the answer is answered from the store's record of it).  Anything else is
 # answered Unavailable: it may or may not have taken effect.
 SAFE_TO_REPEAT = frozenset(
-    {"State", "Wait", "Delete", "Pids", "Connect", "Shutdown", "Stats", "CloseIO",
-     "ResizePty", "Reserve", "Cleanup", "Info"}
+    {"State", "Wait", "Pids", "Connect", "Shutdown", "Stats", "CloseIO",
+     "ResizePty", "Reserve", "Info"}
 )  # fmt: skip
 # The Any types of Update's resources and of an exec's entry in Pids (bare type URLs, as
 # containerd's typeurl registry names them).
@@ -79,6 +80,7 @@ class TaskService:
         self.on_shutdown = on_shutdown
         self.info = info
         self.reservations: dict[tuple[str, str], float] = {}
+        self.kill_after_delete = False  # set by Fault (tests)
 
     def methods(self) -> dict[str, Handler]:
         table: dict[str, Handler] = {
@@ -120,6 +122,8 @@ class TaskService:
             "Start": self._replay_start,
             "Exec": self._replay_exec,
             "Kill": self._replay_kill,
+            "Delete": self._replay_delete,
+            "Cleanup": self._replay_delete,
         }.get(name)
 
         async def handler(ctx: Context, payload: bytes) -> bytes:
@@ -177,6 +181,25 @@ class TaskService:
                 raise
             return EMPTY
 
+    async def _replay_delete(self, ctx: Context, payload: bytes, fn: Handler) -> bytes:
+        """Run again; a process already gone that the dead daemon deleted (and died before
+        answering) gets the answer that daemon would have sent."""
+        try:
+            return await fn(ctx, payload)
+        except TTRPCError as exc:
+            if exc.code != Code.NOT_FOUND:
+                raise
+            if ctx.method == "Cleanup":
+                (ns, id), exec_id = _ns_and_id(payload), ""
+            else:
+                req = _parse(shim_pb2.DeleteRequest, payload)
+                ns, id, exec_id = self._namespace(ctx, req.id), req.id, req.exec_id
+            answer = self.tasks.deleted(ns, id, exec_id)
+            if answer is None:
+                raise
+        log.event("delete of the dead daemon answered", ns=ns, id=id, exec_id=exec_id)
+        return wire.delete_response(*answer)
+
     async def recover_unanswered(self, calls: list[JournaledCall]) -> None:
         """Requests of a dead daemon whose connection is gone too: nobody wants an answer,
         but a Create it was in the middle of must leave nothing behind."""
@@ -203,14 +226,19 @@ class TaskService:
     async def fault(self, ctx: Context, payload: bytes) -> bytes:
         """Crash on purpose, as a bug would (tests of crash survival; root only, like every
         call here, and no worse than root's kill -9): ``exception`` raises in the event
-        loop, ``memory`` raises MemoryError there."""
+        loop, ``memory`` raises MemoryError there, ``kill-after-delete`` makes the next
+        Delete kill -9 the daemon once the task or exec is gone and before the answer."""
+        if payload == b"kill-after-delete":
+            self.kill_after_delete = True
+            return EMPTY
         kinds: dict[bytes, type[BaseException]] = {
             b"exception": RuntimeError,
             b"memory": MemoryError,
         }
         kind = kinds.get(payload)
         if kind is None:
-            raise errors.invalid(f"fault: {payload[:40]!r} is not one of {sorted(kinds)}")
+            known = [*sorted(kinds), b"kill-after-delete"]
+            raise errors.invalid(f"fault: {payload[:40]!r} is not one of {known}")
 
         def fail() -> None:
             raise kind(f"fault injected: {payload.decode()}")
@@ -310,6 +338,8 @@ class TaskService:
         pid, status, exited_at = await self.tasks.delete(
             self._namespace(ctx, req.id), req.id, req.exec_id
         )
+        if self.kill_after_delete:
+            os.kill(os.getpid(), signal.SIGKILL)  # Fault: the window a crash can hit
         resp = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
         resp.exited_at.FromNanoseconds(exited_at)
         return resp.SerializeToString()

@@ -61,9 +61,28 @@ MIGRATIONS: list[str] = [
     ALTER TABLE process ADD COLUMN oom_published INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE process ADD COLUMN checkpoint TEXT NOT NULL DEFAULT '';
     """,
+    # What a Delete answered, written with the removal: a Delete the dead daemon did but
+    # did not answer is answered the same by its successor (see StateStore.delete).
+    """
+    CREATE TABLE deleted (
+        seq         INTEGER PRIMARY KEY,
+        namespace   TEXT NOT NULL,
+        id          TEXT NOT NULL,
+        exec_id     TEXT NOT NULL,
+        pid         INTEGER NOT NULL,
+        exit_status INTEGER NOT NULL,
+        exited_at   INTEGER NOT NULL,
+        deleted_at  INTEGER NOT NULL
+    );
+    """,
 ]
 
 SCHEMA_VERSION = len(MIGRATIONS)
+# Deletes remembered for a successor's replay (which comes within a second or so of the
+# death): the newest this many, none older than this.
+MAX_DELETED = 256
+PRUNE_EVERY = 32  # the oldest go once in so many deletes (so at most MAX + PRUNE_EVERY - 1)
+DELETED_TTL_NS = 3600 * 10**9
 
 
 @dataclass
@@ -121,6 +140,9 @@ class StateStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
+            self._db.execute(
+                "DELETE FROM deleted WHERE deleted_at < ?", (time.time_ns() - DELETED_TTL_NS,)
+            )
         except sqlite3.Error as exc:
             raise StoreError(f"state store {path}: {exc}") from exc
         self.path = path
@@ -174,15 +196,56 @@ class StateStore:
         ).fetchone()
         return _record(row) if row else None
 
-    def delete(self, namespace: str, id: str, exec_id: str | None = None) -> None:
-        """Forget a process; with exec_id None, the task and all its execs."""
-        if exec_id is None:
-            self._write("DELETE FROM process WHERE namespace=? AND id=?", (namespace, id))
-        else:
-            self._write(
-                "DELETE FROM process WHERE namespace=? AND id=? AND exec_id=?",
-                (namespace, id, exec_id),
-            )
+    def delete(
+        self,
+        namespace: str,
+        id: str,
+        exec_id: str | None = None,
+        answer: tuple[int, int, int] | None = None,
+    ) -> None:
+        """Forget a process; with exec_id None, the task and all its execs.  ``answer``
+        (pid, exit status, exited_at ns), what the Delete answers, is kept in the same
+        transaction for :meth:`deleted`; now and then the oldest past MAX_DELETED go in it too."""
+        args: tuple[str, ...] = (namespace, id)
+        sql = "DELETE FROM process WHERE namespace=? AND id=?"
+        if exec_id is not None:
+            sql, args = sql + " AND exec_id=?", (namespace, id, exec_id)
+        if answer is None:
+            self._write(sql, args)
+            return
+        try:
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(sql, args)
+                seq = self._db.execute(
+                    "INSERT INTO deleted (namespace, id, exec_id, pid, exit_status, exited_at,"
+                    " deleted_at) VALUES (?,?,?,?,?,?,?)",
+                    (namespace, id, exec_id or "", *answer, time.time_ns()),
+                ).lastrowid
+                if seq is not None and seq % PRUNE_EVERY == 0:
+                    self._db.execute("DELETE FROM deleted WHERE seq <= ?", (seq - MAX_DELETED,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store: {exc}") from exc
+
+    def deleted(self, namespace: str, id: str, exec_id: str = "") -> tuple[int, int, int] | None:
+        """What the last Delete of this process answered (pid, exit status, exited_at ns), if
+        it is recent (DELETED_TTL_NS) and the process was not created again since."""
+        try:
+            row = self._db.execute(
+                "SELECT pid, exit_status, exited_at FROM deleted WHERE namespace=? AND id=?"
+                " AND exec_id=? AND deleted_at >= ? ORDER BY seq DESC LIMIT 1",
+                (namespace, id, exec_id, time.time_ns() - DELETED_TTL_NS),
+            ).fetchone()
+            if row is None or self.get(namespace, id, exec_id) is not None:
+                return None
+        except sqlite3.Error as exc:
+            raise StoreError(f"state store: {exc}") from exc
+        return int(row[0]), int(row[1]), int(row[2])
 
     def all(self) -> Iterator[ProcessRecord]:
         rows = self._db.execute(

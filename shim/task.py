@@ -418,10 +418,14 @@ class Tasks:
         self._forget(namespace, req.id, "interrupted create")
         log.event("interrupted create undone", ns=namespace, id=req.id)
 
-    def _forget(self, namespace: str, id: str, what: str) -> None:
+    def _forget(
+        self, namespace: str, id: str, what: str, answer: tuple[int, int, int] | None = None
+    ) -> None:
         self._forget_pending()
         store = self.deps.store
-        if not best_effort(lambda: store.delete(namespace, id), what, ns=namespace, id=id):
+        if not best_effort(
+            lambda: store.delete(namespace, id, answer=answer), what, ns=namespace, id=id
+        ):
             self._forget_later.add((namespace, id))
 
     def _forget_pending(self) -> None:
@@ -599,6 +603,14 @@ class Tasks:
         log.event("exec added", **p.fields())
         return p
 
+    def deleted(self, namespace: str, id: str, exec_id: str) -> tuple[int, int, int] | None:
+        """What the Delete of a process gone answered (for a Delete replayed after a crash
+        between the removal and its answer); None if the store does not know."""
+        try:
+            return self.deps.store.deleted(namespace, id, exec_id)
+        except StoreError:
+            return None
+
     async def delete(self, namespace: str, id: str, exec_id: str) -> tuple[int, int, int]:
         task = self.get(namespace, id)
         if exec_id:
@@ -624,7 +636,7 @@ class Tasks:
         except OSError as exc:
             log.event("unmount failed", logging.ERROR, ns=namespace, id=id, error=exc)
         task.init.cleanup_files()
-        self._forget(namespace, id, "delete")
+        self._forget(namespace, id, "delete", (pid, status, exited_at))
         event = events_pb2.TaskDelete(container_id=id, pid=pid, exit_status=status)
         event.exited_at.FromNanoseconds(exited_at)
         self.deps.events.publish(namespace, event)
