@@ -10,7 +10,7 @@ CRI_API := integration/cri/api
 
 .PHONY: setup demo test unit integration cri lint proto bpf bench bench-sandbox soak fuzz clean keeper
 
-setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper runc_exec/embedshim-runc-exec \
+setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper \
 	holder/embedshim-holder entry/embedshim-entry
 	@$(PY) -m shim.setupcheck
 
@@ -24,7 +24,7 @@ setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper runc_exec/embedshi
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]' --config-settings editable_mode=compat
-	@$(PY) -m compileall -q shim runc_exec >/dev/null
+	@$(PY) -m compileall -q shim >/dev/null
 	@touch $@
 
 # the daemon's parent, which holds containerd's connections across a crash (keeper/keeper.c)
@@ -32,10 +32,6 @@ keeper/embedshim-keeper: keeper/keeper.c keeper/Makefile
 	@$(MAKE) -s -C keeper
 
 keeper: keeper/embedshim-keeper
-
-# the exec wrapper in C (runc_exec/runc_exec.c; the daemon falls back to runc_exec.py without it)
-runc_exec/embedshim-runc-exec: runc_exec/runc_exec.c runc_exec/Makefile
-	@$(MAKE) -s -C runc_exec
 
 # the pod sandbox holder of `sandboxer = "shim"` (holder/holder.c; none: only podsandbox mode)
 holder/embedshim-holder: holder/holder.c holder/Makefile
@@ -65,8 +61,8 @@ bpf:
 	$(MAKE) -C bpf
 
 lint:
-	$(VENV)/bin/ruff check shim tests integration runc_exec conftest.py setup.py
-	$(VENV)/bin/ruff format --check shim tests integration runc_exec conftest.py setup.py
+	$(VENV)/bin/ruff check shim tests integration conftest.py setup.py
+	$(VENV)/bin/ruff format --check shim tests integration conftest.py setup.py
 	$(VENV)/bin/mypy shim
 
 unit: setup

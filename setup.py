@@ -9,8 +9,6 @@ Python (see shim/packaged.py), and the wheel says it is for one platform.
   on a node whatever its C library's version; if static linking fails (no ``libc.a``) it is
   linked dynamically, and the build says so.  A build without a C compiler fails: a
   package without its keeper has no crash survival.
-* ``shim/data/embedshim-runc-exec``: ``runc_exec/runc_exec.c``, the exec wrapper in C (no
-  interpreter start-up per exec), compiled the same way.
 * ``shim/data/embedshim-holder``: ``holder/holder.c``, the process that holds a pod's
   namespaces with ``sandboxer = "shim"`` (containerd 2.x), compiled the same way.
         )
@@ -50,10 +48,6 @@ class BuildPy(build_py):
             shutil.copyfile(os.path.join(HERE, "bpf", obj), os.path.join(data, obj))
         build_keeper(
             os.path.join(HERE, "keeper", "keeper.c"), os.path.join(data, "embedshim-keeper")
-        )
-        build_keeper(
-            os.path.join(HERE, "runc_exec", "runc_exec.c"),
-            os.path.join(data, "embedshim-runc-exec"),
         )
         build_keeper(
             os.path.join(HERE, "holder", "holder.c"), os.path.join(data, "embedshim-holder")

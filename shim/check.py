@@ -131,12 +131,6 @@ def main(flags: Flags) -> int:
 
     keeper = packaged.keeper()
     rows.append(("crash survival", keeper is not None, keeper or packaged.keeper_missing()))
-    import runc_exec
-
-    wrapper = runc_exec.binary()
-    rows.append(
-        ("exec wrapper (C)", wrapper is not None, wrapper or "not built: the slower Python one")
-    )
     holder = packaged.holder()
     rows.append(
         (

@@ -5,8 +5,8 @@ us, and our reaper keeps any exit nobody has claimed yet, so an exec that exits 
 still reported with its own code (an exit kept from before runc was started is of an earlier
 process with a recycled pid, and is not taken).  Across a restart the exit comes from the
 exit watch: our reaper after a re-exec, else the pinned BPF record.  Records of execs an
-older image started through the runc_exec wrapper (``helper_pid``) are still taken back:
-their wrapper writes the status file.
+older image started through its exec wrapper (``helper_pid``; removed since) are still
+taken back after a reload: the wrapper, already running, writes the status file.
 """
 
 from __future__ import annotations

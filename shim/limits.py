@@ -5,14 +5,14 @@ bundle's log FIFO, stdio while a process is created), so under a soft RLIMIT_NOF
 (systemd's default, and what containerd 2.x, built with Go 1.21 or later, gives its shims) it
 runs out at about 300 containers.  At start it raises its soft limit to the hard limit, as Go
 programs do; runc, and so every container without an RLIMIT_NOFILE of its own in its OCI
-spec, and the logging programs and exec wrappers it starts get the original soft limit back.
+spec, and the logging programs it starts get the original soft limit back.
 
 There is no way to set a child's limit between fork and exec without a ``preexec_fn``, which
 is unsafe in the daemon (it has threads), so a raised daemon starts its programs through
-``/bin/sh -c 'ulimit -Sn <original> && exec "$@"'`` (about 0.3 ms per command); the runc_exec
-wrapper takes ``--nofile`` and lowers its own.  A daemon whose soft limit already is its hard
-limit (containerd 1.6's unit sets LimitNOFILE=infinity, and Go before 1.21 passed its raised
-limit on) raises nothing and starts its programs directly.
+``/bin/sh -c 'ulimit -Sn <original> && exec "$@"'`` (about 0.3 ms per command).  A daemon
+whose soft limit already is its hard limit (containerd 1.6's unit sets LimitNOFILE=infinity,
+and Go before 1.21 passed its raised limit on) raises nothing and starts its programs
+directly.
 
 A re-exec (reload) keeps the original through :data:`ENV`, which only the daemon's own
 execve carries.

@@ -1,4 +1,4 @@
-"""The files that are not Python: the BPF object, the keeper, the C exec wrapper and entry point.
+"""The files that are not Python: the BPF objects, the keeper, the holder and the entry point.
 
 An installed package (a wheel: ``pip install .``, ``deploy/Dockerfile``, ``deploy/install.sh
 --dist``) carries both in ``shim/data/``: setup.py's build step copies the committed
@@ -7,10 +7,8 @@ An installed package (a wheel: ``pip install .``, ``deploy/Dockerfile``, ``deplo
 ``shim/data``; there they are where ``make bpf`` and ``make keeper`` put them, in ``bpf/``
 and ``keeper/`` beside the package.  Without either, the daemon still runs, and says so
 loudly (its log, ``check``): without the object, no BPF exit tracking; without the keeper,
-no crash survival.  The exec wrapper ``embedshim-runc-exec`` (``runc_exec/runc_exec.c``) is
-found the same way (:func:`runc_exec_candidates`); without it each exec runs the Python
-``runc_exec.py`` instead, which is slower to start but the same.  So is the C entry point
-``embedshim-entry`` (``entry/entry.c``, :func:`entry`), which ``shim.launcher`` installs as
+no crash survival.  The C entry point ``embedshim-entry`` (``entry/entry.c``,
+:func:`entry`) is found the same way; ``shim.launcher`` installs it as
 ``containerd-shim-embed-v1``; without it the Python script is installed there.
 
 Imported only when a daemon is about to be spawned, by ``check``, the launcher and the daemon.
@@ -25,7 +23,6 @@ import shim
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(shim.__file__ or "")), "data")
 CHECKOUT = os.path.dirname(os.path.dirname(DATA_DIR))
 KEEPER = "embedshim-keeper"
-RUNC_EXEC = "embedshim-runc-exec"
 HOLDER = "embedshim-holder"
 ENTRY = "embedshim-entry"
 BPF_OBJECT = "exitsnoop.bpf.o"
@@ -61,11 +58,6 @@ def entry() -> str | None:
         if os.path.isfile(path) and os.access(path, os.X_OK):
             return path
     return None
-
-
-def runc_exec_candidates() -> tuple[str, ...]:
-    """Where the C exec wrapper is looked for: in the package, then in the checkout."""
-    return os.path.join(DATA_DIR, RUNC_EXEC), os.path.join(CHECKOUT, "runc_exec", RUNC_EXEC)
 
 
 def bpf_object_candidates() -> tuple[str, ...]:

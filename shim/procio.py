@@ -2,8 +2,8 @@
 
 ``open`` prepares the three fds runc hands to the process (shim/stdio.py), starts a
 ``binary://`` logging program first if there is one, and for a terminal the console socket
-and the copy's ends.  ``runc_done`` drops the fds only the process needed once runc (or the
-exec wrapper) has them; ``attach_console`` takes the pty master and starts the copy.
+and the copy's ends.  ``runc_done`` drops the fds only the process needed once runc has
+them; ``attach_console`` takes the pty master and starts the copy.
 ``abort`` undoes everything of a process that did not come to be; ``close`` (Delete) lets
 a terminal's copy drain, then stops the logging program.
 
@@ -137,7 +137,7 @@ class ProcessIO:
             self._runc_fds.append(fd)
 
     def runc_done(self) -> None:
-        """runc (or the exec wrapper) holds the process's fds now: drop ours, so readers see
+        """runc holds the process's fds now: drop ours, so readers see
         EOF when the process is done with them."""
         for fd in self._runc_fds:
             _close(fd)

@@ -204,11 +204,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     keeper = keeper_binary()
     missing = Result(False, "not built (make keeper): no crash survival")
     rows.append(("keeper", Result(True, keeper) if keeper else missing))
-    import runc_exec
-
-    wrapper = runc_exec.binary()
-    slow = Result(False, "not built (make setup): execs use the slower Python wrapper")
-    rows.append(("exec wrapper", Result(True, wrapper) if wrapper else slow))
     width = max(len(k) for k, _ in rows)
     print("embedshim setup check:")
     for key, res in rows:

@@ -46,7 +46,7 @@ MIGRATIONS: list[str] = [
     """
     ALTER TABLE process ADD COLUMN exit_published INTEGER NOT NULL DEFAULT 0;
     """,
-    # The runc_exec wrapper of an exec (its status file outlives a daemon restart).
+    # The exec wrapper older images ran (its status file outlives a daemon restart).
     """
     ALTER TABLE process ADD COLUMN helper_pid INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE process ADD COLUMN helper_start INTEGER NOT NULL DEFAULT 0;

@@ -247,7 +247,7 @@ def process_tree_cpu_s(pid: int) -> float:
 
 def shim_cpu_with_children_s(runtime: str, address: str) -> float:
     """CPU seconds of a runtime's long-lived shim processes and everything they reaped: for
-    ours the daemon and its keeper (exec wrappers, runc, the exec'd processes end up in the
+    ours the daemon and its keeper (runc, the exec'd processes end up in the
     daemon's children's counters), for runc-v2 every shim (runc, the exec'd processes).
     Helpers still running are not in it: sample when none is (no exec in flight)."""
     total = 0.0
@@ -273,8 +273,8 @@ def shim_pids(runtime: str, address: str) -> list[int]:
     """The shim processes of one containerd (by its gRPC ``address``).
 
     embed: the daemon (``containerd-shim-embed-v1 ... daemon`` with ``-address <address>``),
-    its keeper (its parent, ``... keeper``), and every helper below it (the ``runc_exec``
-    wrappers of execs): its descendants in its own PID namespace, less transient ``runc``
+    its keeper (its parent, ``... keeper``), and every helper below it (logging programs,
+    pod holders): its descendants in its own PID namespace, less transient ``runc``
     calls.  Container processes live in PID
     namespaces of their own and never count.  runc-v2: every ``containerd-shim-runc-v2 ...
     -address <address>``."""
