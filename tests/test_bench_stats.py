@@ -308,7 +308,7 @@ def test_watch_sandbox_goals() -> None:
     assert by["embed-shim: RunPodSandbox p50"].verdict == "MISSED"
     assert by["embed-shim: a pod's memory"].verdict == "met"
     lines = goals_table([g.as_dict() for g in by.values()], "t", ("ours", "baseline"))
-    assert any("a pod's memory" in ln and "< 1" in ln and "(pause ctr)" in ln for ln in lines)
+    assert any("a pod's memory" in ln and "< 1" in ln and "vs pause ctr" in ln for ln in lines)
     assert lines[-1] == "  2 of 4 goals met"  # speed and RunPodSandbox missed
 
 

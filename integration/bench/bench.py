@@ -1397,6 +1397,17 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     if ax2.get_legend_handles_labels()[0]:  # a run of some phases may have none
         ax2.legend(fontsize=8)
     goals.plot(ax3, [*(results.get("goals") or []), *(results.get("goals_watch_sandbox") or [])])
+    w = results.get("watch") or {}
+    if "daemon_cpu_pct_on" in w:  # its ratio to ~0 % says little: the figures themselves
+        ax3.text(
+            0.99,
+            0.01,
+            f"watch, {w['rate_target']} forks/s: daemon CPU {w['daemon_cpu_pct_off']:.1f} % "
+            f"without a watcher, {w['daemon_cpu_pct_on']:.1f} % with one",
+            transform=ax3.transAxes,
+            ha="right",
+            fontsize=7,
+        )
     meta = results.get("meta", {})
     fig.suptitle(
         f"embedshim vs runc-v2 — {meta.get('cpus')} cores, {_fmt(meta.get('mem_gib'))} GiB, "

@@ -222,13 +222,13 @@ def table(
     lines = [
         title,
         f"  {'figure':<{width}} {columns[0]:>9} {columns[1]:>9} {'unit':<5} {'ratio':>6} "
-        f"{'goal':>8}  verdict" + ("  (vs)" if base else ""),
+        f"{'goal':>8}  verdict" + ("    baseline" if base else ""),
     ]
     for g in rows:
         lines.append(
             f"  {g['name']:<{width}} {_num(g.get('embed')):>9} {_num(g.get('runc_v2')):>9} "
-            f"{g['unit']:<5} {_num(g.get('ratio')):>6} {_bound(g):>8}  {g['verdict']}"
-            + (f"  ({g.get('baseline')})" if base else "")
+            f"{g['unit']:<5} {_num(g.get('ratio')):>6} {_bound(g):>8}  "
+            + (f"{g['verdict']:<7} vs {g.get('baseline')}" if base else g["verdict"])
         )
     met = sum(1 for g in rows if g.get("met") is True)
     judged = sum(1 for g in rows if g.get("met") is not None)
