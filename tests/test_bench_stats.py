@@ -312,6 +312,14 @@ def test_watch_sandbox_goals() -> None:
     assert lines[-1] == "  2 of 4 goals met"  # speed and RunPodSandbox missed
 
 
+def test_sandbox_goal_names_the_phase_handler() -> None:
+    from integration.bench.goals import SANDBOXER
+    from integration.bench.sandboxcost import HANDLERS
+    from integration.cri.node import SHIM_SANDBOXER
+
+    assert SANDBOXER == SHIM_SANDBOXER and {"runc", SANDBOXER} <= set(HANDLERS)
+
+
 def test_watch_sandbox_goals_unmeasured_or_skipped() -> None:
     for results in ({}, {"sandbox": {"skipped": "no containerd 2.2.7"}}):
         gs = watch_sandbox_goals(results)

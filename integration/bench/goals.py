@@ -129,7 +129,7 @@ def goals(results: dict[str, Any]) -> list[Goal]:
 WATCH_SPEED_BOUND = 0.9
 #: issue 17: ours with the Sandbox API, RunPodSandbox p50 at most this share of runc's handler's
 SANDBOX_RUN_BOUND = 0.6
-SANDBOXER = "embed-shim"
+SANDBOXER = "embed-shim"  # integration.cri.node.SHIM_SANDBOXER (goals.py stays pure)
 
 
 def watch_sandbox_goals(results: dict[str, Any]) -> list[Goal]:
