@@ -84,9 +84,10 @@ demo: setup
 bench: setup
 	$(PY) -m integration.bench.bench $(BENCH_ARGS)
 
-# what a pod's sandbox costs through CRI on containerd 2.2.7: runc, embed, embed-shim
+# only the bench's sandbox phase (a pod's sandbox through CRI on containerd 2.2.7: runc,
+# embed, embed-shim); `make bench` runs it too
 bench-sandbox: setup
-	$(PY) -m integration.bench.sandboxcost $(SANDBOX_BENCH_ARGS)
+	$(PY) -m integration.bench.bench --phases sandbox $(BENCH_ARGS)
 
 # 1,000 create/start/exit/delete cycles (half with an exec); prints the before/after figures.
 soak: setup

@@ -4,6 +4,7 @@ verdicts on issue 14's goals."""
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 import pytest
 from hypothesis import given
@@ -21,7 +22,7 @@ from integration.bench.bench import (
     slope,
     summarize,
 )
-from integration.bench.goals import Goal, goals
+from integration.bench.goals import Goal, goals, watch_sandbox_goals
 from integration.bench.goals import table as goals_table
 from integration.bench.scale import chunks, throughput
 
@@ -242,7 +243,84 @@ def test_process_tree_cpu_counts_reaped_children() -> None:
 def test_config_phases_and_scale() -> None:
     full = Config.make(False, None, None)
     assert full.phases == list(PHASES) and full.scale_ns == [10, 300] and full.cri_pods == 20
+    assert {"watch", "sandbox"} <= set(PHASES)  # one `make bench` measures everything
+    assert (full.watch_rounds, full.watch_seconds, full.sandbox_pods) == (2, 10, 20)
+    small = Config.make(True, None, None)
+    assert small.watch_rounds == 1 and small.watch_seconds < 10 and small.sandbox_pods < 20
     quick = Config.make(True, None, None, [300, 10, 10], ["cri", "scale"])
     assert quick.scale_ns == [10, 300] and quick.phases == ["scale", "cri"]  # run in order
     with pytest.raises(ValueError, match="unknown phase"):
         Config.make(True, None, None, None, ["memory", "bogus"])
+
+
+def test_strict_goal_is_below_not_at() -> None:
+    assert Goal("m", 9.9, 10.0, "MiB", 1.0, strict=True).met is True
+    assert Goal("m", 10.0, 10.0, "MiB", 1.0, strict=True).met is False  # "below"
+    assert Goal("s", 10.0, 10.0, "/s", 1.0, higher_is_better=True, strict=True).met is False
+    assert Goal("c", 3.0, 0.0, "%", None).verdict == "report"  # baseline 0: still reported
+
+
+def _sandbox(run_p50: float, pod_kib: int, sandbox_pss: int, cgroup: int) -> dict[str, Any]:
+    ms = {"p50": run_p50, "p95": run_p50 * 2, "max": run_p50 * 3}
+    return {
+        "run_ms": ms,
+        "stop_ms": ms,
+        "remove_ms": ms,
+        "pod_kib": pod_kib,
+        "sandbox_pss_kib": sandbox_pss,
+        "cgroup_kib": cgroup,
+    }
+
+
+def test_watch_sandbox_goals() -> None:
+    results = {
+        "watch": {
+            "rate_target": 5000,
+            "speed_forks_per_s_off": 4000.0,
+            "speed_forks_per_s_on": 3500.0,  # 0.875 < 0.9: slowed beyond noise
+            "forks_per_s_off": 4990.0,
+            "forks_per_s_on": 4980.0,
+            "daemon_cpu_pct_off": 0.0,
+            "daemon_cpu_pct_on": 12.5,
+        },
+        "sandbox": {
+            "handlers": {
+                "runc": _sandbox(300.0, 3000, 400, 200),  # a pause container: 600 KiB
+                "embed": _sandbox(200.0, 900, 300, 200),
+                "embed-shim": _sandbox(150.0, 700, 100, 0),  # 0.5 of runc's; 700 > 600
+            }
+        },
+    }
+    by = {g.name: g for g in watch_sandbox_goals(results)}
+    speed = by["watch: container forks/s flat out"]
+    assert speed.ratio == pytest.approx(0.875) and speed.verdict == "MISSED"
+    assert by["watch: forks/s at 5000/s paced"].verdict == "met"
+    cpu = by["watch: daemon CPU at 5000 forks/s"]
+    assert (cpu.embed, cpu.met, cpu.verdict) == (12.5, None, "report")
+    run = by["embed-shim: RunPodSandbox p50"]
+    assert run.ratio == 0.5 and run.verdict == "met" and run.baseline == "runc pod"
+    assert by["embed-shim: StopPodSandbox p50"].verdict == "report"
+    mem = by["embed-shim: a pod's memory"]
+    assert mem.runc == pytest.approx(600 / 1024) and mem.met is False
+    results["sandbox"]["handlers"]["embed-shim"]["run_ms"]["p50"] = 181.0  # 0.603 > 0.6
+    results["sandbox"]["handlers"]["embed-shim"]["pod_kib"] = 599
+    by = {g.name: g for g in watch_sandbox_goals(results)}
+    assert by["embed-shim: RunPodSandbox p50"].verdict == "MISSED"
+    assert by["embed-shim: a pod's memory"].verdict == "met"
+    lines = goals_table([g.as_dict() for g in by.values()], "t", ("ours", "baseline"))
+    assert any("a pod's memory" in ln and "< 1" in ln and "vs pause ctr" in ln for ln in lines)
+    assert lines[-1] == "  2 of 4 goals met"  # speed and RunPodSandbox missed
+
+
+def test_sandbox_goal_names_the_phase_handler() -> None:
+    from integration.bench.goals import SANDBOXER
+    from integration.bench.sandboxcost import HANDLERS
+    from integration.cri.node import SHIM_SANDBOXER
+
+    assert SANDBOXER == SHIM_SANDBOXER and {"runc", SANDBOXER} <= set(HANDLERS)
+
+
+def test_watch_sandbox_goals_unmeasured_or_skipped() -> None:
+    for results in ({}, {"sandbox": {"skipped": "no containerd 2.2.7"}}):
+        gs = watch_sandbox_goals(results)
+        assert gs and all(g.met is None and g.verdict == "n/a" for g in gs)

@@ -54,7 +54,9 @@ from typing import IO, Any
 
 from integration.bench import goals
 from integration.bench.cri import phase_cri
+from integration.bench.sandboxcost import phase_sandbox
 from integration.bench.scale import phase_scale
+from integration.bench.watchcost import phase_watch
 from integration.harness import (
     EMBED_RUNTIME,
     RUN_CONTAINERD,
@@ -80,7 +82,7 @@ EMBED = "embed"
 RUNC = "runc-v2"
 FLOOR = "runc-floor"
 RUNTIMES = {EMBED: EMBED_RUNTIME, RUNC: RUNC_RUNTIME}
-PHASES = ("memory", "start", "exit", "exec", "scale", "cri")
+PHASES = ("memory", "start", "exit", "exec", "scale", "cri", "watch", "sandbox")
 
 #: our daemon lingers 10 s (EMBEDSHIM_IDLE_EXIT) after its last task; wait this long for it
 IDLE_WAIT = 30.0
@@ -581,6 +583,10 @@ class Config:
     concurrency: int = 4
     exit_batch: int = 10
     settle: float = 1.0
+    watch_seconds: int = 10  # watch phase: seconds per paced round, rounds, flat-out forks
+    watch_rounds: int = 2
+    watch_speed_forks: int = 20000
+    sandbox_pods: int = 20  # sandbox phase: pods per handler
 
     @classmethod
     def make(
@@ -593,6 +599,7 @@ class Config:
     ) -> Config:
         if quick:
             c = cls(True, [1, 5, 10], 20, 10, 20, [10, 30], 8, 4, settle=0.5)
+            c.watch_seconds, c.watch_rounds, c.watch_speed_forks, c.sandbox_pods = 4, 1, 5000, 3
         else:
             c = cls(False, [1, 10, 50, 100], 100, 50, 100, [10, 300], 30, 20)
         if ns:
@@ -1134,6 +1141,28 @@ def _fmt(v: Any, scale: float = 1.0, digits: int = 1) -> str:
     return f"{v * scale:.{digits}f}"
 
 
+def _watch_sandbox_lines(results: dict[str, Any]) -> list[str]:
+    """The ``watch`` and ``sandbox`` phases' own tables (watchcost.py, sandboxcost.py)."""
+    from integration.bench import sandboxcost, watchcost
+
+    lines: list[str] = []
+    w = results.get("watch")
+    if w:
+        lines += ["", "Watch (issue 15; a private containerd, embed runtime)", watchcost.table(w)]
+    sb = results.get("sandbox")
+    if sb and "skipped" in sb:
+        lines += ["", f"Pod sandboxes (issue 17): skipped: {sb['skipped']}"]
+    elif sb and sb.get("handlers"):
+        n = next(iter(sb["handlers"].values()))["pods"]
+        lines += [
+            "",
+            f"Pod sandboxes (issue 17; CRI on containerd {sb.get('containerd')}, {n} pods per "
+            "handler, no container in them; memory per pod)",
+            sandboxcost.table(sb, with_targets=False),
+        ]
+    return lines
+
+
 def table(results: dict[str, Any], targets: Sequence[Target]) -> str:
     meta = results.get("meta", {})
     lines = [
@@ -1239,7 +1268,18 @@ def table(results: dict[str, Any], targets: Sequence[Target]) -> str:
             f"note: up to {others} other containerd instance(s) ran during the bench "
             "(other test runs?): expect noisier latencies"
         )
-    lines += ["", *goals.table(results.get("goals") or []), "", "Targets"]
+    lines += _watch_sandbox_lines(results)
+    lines += ["", *goals.table(results.get("goals") or [])]
+    if results.get("goals_watch_sandbox"):
+        lines += [
+            "",
+            *goals.table(
+                results["goals_watch_sandbox"],
+                "Goals of issues 15 (watch) and 17 (pod sandboxes) (ratio = ours / baseline)",
+                ("ours", "baseline"),
+            ),
+        ]
+    lines += ["", "Targets"]
     for t in targets:
         mark = {True: "MET    ", False: "NOT MET", None: "n/a    "}[t.met]
         lines.append(f"  [{mark}] {t.name}: {t.detail}")
@@ -1356,7 +1396,18 @@ def plot(results: dict[str, Any], path: Path) -> str | None:
     ax2.grid(True, axis="y", which="both", alpha=0.3)
     if ax2.get_legend_handles_labels()[0]:  # a run of some phases may have none
         ax2.legend(fontsize=8)
-    goals.plot(ax3, results.get("goals") or [])
+    goals.plot(ax3, [*(results.get("goals") or []), *(results.get("goals_watch_sandbox") or [])])
+    w = results.get("watch") or {}
+    if "daemon_cpu_pct_on" in w:  # its ratio to ~0 % says little: the figures themselves
+        ax3.text(
+            0.99,
+            0.01,
+            f"watch, {w['rate_target']} forks/s: daemon CPU {w['daemon_cpu_pct_off']:.1f} % "
+            f"without a watcher, {w['daemon_cpu_pct_on']:.1f} % with one",
+            transform=ax3.transAxes,
+            ha="right",
+            fontsize=7,
+        )
     meta = results.get("meta", {})
     fig.suptitle(
         f"embedshim vs runc-v2 — {meta.get('cpus')} cores, {_fmt(meta.get('mem_gib'))} GiB, "
@@ -1513,6 +1564,8 @@ def run(
             ("exec", bench.phase_exec),
             ("scale", lambda: phase_scale(bench)),
             ("cri", lambda: phase_cri(bench)),
+            ("watch", lambda: phase_watch(bench)),
+            ("sandbox", lambda: phase_sandbox(bench)),
         ]
         for name, phase in phases:
             if name not in cfg.phases:
@@ -1544,6 +1597,7 @@ def run(
         targets = evaluate(results)
         results["targets"] = [t.__dict__ for t in targets]
         results["goals"] = [g.as_dict() for g in goals.goals(results)]
+        results["goals_watch_sandbox"] = [g.as_dict() for g in goals.watch_sandbox_goals(results)]
         with open(json_path, "w") as f:
             json.dump(results, f, indent=1)
         progress.clear()
@@ -1599,14 +1653,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nresults: {json_path}")
     print(f"plot:    {png}" if why_not is None else f"plot:    none: {why_not}")
     return 0 if results.get("complete") else 1
-
-
-def watch_cost_row(busybox: str, quick: bool = False) -> dict[str, Any]:
-    """The `watch` row (issue 15), measured by integration/bench/watchcost.py on its own
-    containerd; to wire into the phases and the table at merge."""
-    from integration.bench import watchcost
-
-    return watchcost.measure(busybox, seconds=5 if quick else 10, rounds=1 if quick else 2)
 
 
 if __name__ == "__main__":

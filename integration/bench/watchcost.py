@@ -13,7 +13,7 @@ rate    a static C forker (compiled here, bind-mounted in) forks ``--rate`` chil
 speed   the same forker, flat out, for ``--speed-forks`` children: forks per second of the
         container with and without a watcher (the container's own speed).
 
-Runs on its own; ``bench.py`` can take the row from :func:`measure`.
+Runs on its own, and as the ``watch`` phase of ``make bench`` (:func:`phase_watch`).
 """
 
 from __future__ import annotations
@@ -27,10 +27,13 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from integration.embed import RUNTIME, SHIM, daemons, embed_containerd
 from integration.harness import Containerd, busybox_rootfs, task_list, wait_for
+
+if TYPE_CHECKING:
+    from integration.bench.bench import Bench
 
 FORKER_C = r"""
 #include <stdio.h>
@@ -211,6 +214,18 @@ def measure(
         out[f"speed_forks_per_s_{mode}"] = round(mean(speed[mode]), 1)
         out[f"speed_samples_{mode}"] = [round(x, 1) for x in speed[mode]]
     return out
+
+
+def phase_watch(b: Bench) -> None:
+    """The bench's ``watch`` phase: :func:`measure` at the bench's size, on its own
+    containerd (the forker must not share a machine-wide daemon with the other phases)."""
+    cfg = b.cfg
+    b.progress(
+        f"watch: {cfg.watch_rounds} round(s) of {cfg.watch_seconds} s at 5000 forks/s", force=True
+    )
+    b.results["watch"] = measure(
+        b.rootfs, cfg.watch_seconds, 5000, cfg.watch_speed_forks, cfg.watch_rounds
+    )
 
 
 def table(row: dict[str, Any]) -> str:
