@@ -36,14 +36,37 @@ def _holder(node: CriNode, pod_id: str) -> int:
 
 
 def _state(node: CriNode, pod_id: str) -> int | None:
-    """The pod's state; None while CRI is still starting (UNAVAILABLE)."""
+    """The pod's state; None while CRI is still starting (UNAVAILABLE).
+
+    Anything else fails, on purpose: containerd never reconnects to a shim, so a
+    "ttrpc: closed" means containerd's connection to the daemon closed and containerd has
+    written the sandbox's shim off (its dead-shim path), which a daemon crash or restart
+    must never cause (the keeper holds the connection).  What the daemon and containerd
+    logged comes with the failure."""
     try:
         r = node.runtime.PodSandboxStatus(cri.PodSandboxStatusRequest(pod_sandbox_id=pod_id))
     except grpc.RpcError as exc:
         if rpc_code(exc) == grpc.StatusCode.UNAVAILABLE:
             return None
-        raise
+        raise AssertionError(f"PodSandboxStatus: {exc}\n{_logs(node)}") from None
     return int(r.status.state)
+
+
+def _logs(node: CriNode) -> str:
+    """The daemon's log, and what containerd logged about its shim connections and errors,
+    for a failure message."""
+
+    def lines(path: str) -> list[str]:
+        try:
+            with open(path, errors="replace") as f:
+                return f.read().splitlines()
+        except OSError as exc:
+            return [str(exc)]
+
+    daemon = lines(daemon_paths(node.ctrd).log)[-30:]
+    about = ("to shim", "shim disconnected", "=error", "=warn")
+    ctrd = [line for line in lines(node.ctrd.log_path) if any(a in line for a in about)]
+    return "\n".join(["--- daemon log ---", *daemon, "--- containerd log ---", *ctrd[-20:]])
 
 
 def _alive(pid: int) -> bool:
