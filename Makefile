@@ -12,7 +12,7 @@ CRI_API := integration/cri/api
 
 setup: .setup-debs $(VENV)/.installed keeper/embedshim-keeper \
 	holder/embedshim-holder entry/embedshim-entry
-	@$(PY) -m shim.setupcheck
+	@$(PY) -m shim.cmd.setupcheck
 
 .setup-debs:
 	@missing=$$(for p in $(DEB_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q 'install ok installed' || echo $$p; done); \

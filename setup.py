@@ -1,5 +1,5 @@
 """Build steps pyproject.toml cannot express: the package carries its files that are not
-Python (see shim/packaged.py), and the wheel says it is for one platform.
+Python (see shim/util/packaged.py), and the wheel says it is for one platform.
 
 * ``shim/data/exitsnoop.bpf.o`` and ``watch.bpf.o``: the committed CO-RE objects, copied
   (building it needs clang, llvm and libbpf-dev, which ``make bpf`` uses; the object is
@@ -14,7 +14,7 @@ Python (see shim/packaged.py), and the wheel says it is for one platform.
         )
         build_keeper(
 * ``shim/data/embedshim-entry``: ``entry/entry.c`` and ``entry/sha256.c``, the C entry point
-  that ``python -m shim.launcher`` installs as ``containerd-shim-embed-v1``.
+  that ``python -m shim.cmd.launcher`` installs as ``containerd-shim-embed-v1``.
 
 The wheel is then tagged ``py3-none-<platform>`` (``linux_x86_64``, ...): any Python 3
 (no extension module), but only the machine type the keeper was compiled for.  An editable

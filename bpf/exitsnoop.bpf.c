@@ -16,7 +16,7 @@
  * valid as raw_tp (used) and tp_btf.
  *
  * Layout version: any change to a map's type, key, value or size must bump
- * EXITSNOOP_LAYOUT_VERSION (and LAYOUT_VERSION in shim/exittrack.py).  Pins
+ * EXITSNOOP_LAYOUT_VERSION (and LAYOUT_VERSION in shim/exits/exittrack.py).  Pins
  * live under <pin root>/v<N>/, and the program name carries N, so an old
  * layout is never reused by mistake.
  */

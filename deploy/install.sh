@@ -204,8 +204,8 @@ if [ -n "$DIST" ]; then
             --disable-pip-version-check --find-links "$PREFIX/dist" embedshim \
             || { rm -rf "$HOST$PREFIX/dist"; die "pip could not install the wheels of $DIST"; }
         # the C entry point (start/delete without Python) in place of pip's console script,
-        # with the quicker Python launcher (python -SE) in libexec/embedshim: shim/launcher.py
-        on_host "$PREFIX/venv/bin/python" -m shim.launcher || say "kept pip's console script"
+        # with the quicker Python launcher (python -SE) in libexec/embedshim: shim/cmd/launcher.py
+        on_host "$PREFIX/venv/bin/python" -m shim.cmd.launcher || say "kept pip's console script"
         say "installed $(cd "$DIST" && echo *.whl) into $PREFIX/venv"
     fi
 fi

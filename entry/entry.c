@@ -1,8 +1,8 @@
-/* embedshim-entry: installed as containerd-shim-embed-v1 (python -m shim.launcher).
+/* embedshim-entry: installed as containerd-shim-embed-v1 (python -m shim.cmd.launcher).
  *
  * containerd runs `containerd-shim-embed-v1 start` before every task and `... delete` after
  * every task deletion.  In the usual cases neither needs Python, whose start-up is most of
- * their cost, so this answers them itself, exactly as shim/start.py and shim/delete.py would:
+ * their cost, so this answers them itself, exactly as shim/cmd/start.py and shim/cmd/delete.py would:
  *
  *   start   the daemon answers Reserve: under the same lock file, the same reservation, the
  *           bundle's address file, the daemon's address on stdout, exit 0;
@@ -67,7 +67,7 @@ __attribute__((noreturn)) static void python(int silent) {
     _exit(1);
 }
 
-/* -- the command line: Go flag syntax, as shim/cli.py parses it ---------------------------- */
+/* -- the command line: Go flag syntax, as shim/cmd/cli.py parses it ---------------------------- */
 
 struct flags {
     const char *namespace, *address, *id, *bundle, *command;
@@ -127,7 +127,7 @@ static void parse(int argc, char **argv, struct flags *f) {
     f->command = argv[i];
 }
 
-/* shim/identifiers.py: runs of [A-Za-z0-9] joined by single '.', '_' or '-', at most 76. */
+/* shim/util/identifiers.py: runs of [A-Za-z0-9] joined by single '.', '_' or '-', at most 76. */
 static int valid_id(const char *s) {
     size_t n = strlen(s);
     if (n == 0 || n > MAX_ID)
@@ -152,7 +152,7 @@ static int printable(const char *s) {
     return 1;
 }
 
-/* -- paths: shim/paths.py and shim/fsutil.py ---------------------------------------------- */
+/* -- paths: shim/util/paths.py and shim/util/fsutil.py ---------------------------------------------- */
 
 /* fsutil.join of two components, into a static-sized buffer; NULL if it does not fit. */
 static char *join(char *out, size_t size, const char *head, const char *tail) {

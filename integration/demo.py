@@ -44,8 +44,8 @@ from integration.harness import (
     task_list,
     wait_for,
 )
-from shim.bundle import ROOTS_ENV as BUNDLE_ROOTS_ENV
-from shim.paths import DEFAULT_BPF_ROOT, DaemonPaths
+from shim.oci.bundle import ROOTS_ENV as BUNDLE_ROOTS_ENV
+from shim.util.paths import DEFAULT_BPF_ROOT, DaemonPaths
 
 NAMESPACE = "embedshim-demo"
 LABEL = "io.embedshim.demo"
@@ -571,7 +571,7 @@ def bpf_root(ctrd: Containerd) -> str:
 def remove_bpf_pins(root: str) -> list[str]:
     """Unpin everything under ``root`` (a bpffs dir of this run; the program detaches once
     no process holds it).  Returns what is still there."""
-    from shim.libbpf import is_bpffs
+    from shim.exits.libbpf import is_bpffs
 
     if not os.path.isdir(root) or not is_bpffs(root):
         return []

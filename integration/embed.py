@@ -24,9 +24,9 @@ from integration.harness import (
     processes_matching,
     wait_for,
 )
-from shim import wire
-from shim.paths import DaemonPaths
 from shim.ttrpc import Client
+from shim.util import wire
+from shim.util.paths import DaemonPaths
 
 RUNTIME = "io.containerd.embed.v1"
 SHIM = "containerd-shim-embed-v1"
@@ -124,8 +124,8 @@ def bpf_pin_root(c: Containerd) -> str:
 
 def remove_bpf_pins(c: Containerd) -> None:
     """Unpin this instance's BPF program and maps (it detaches once nobody holds them)."""
-    from shim.exittrack import ExitTracker
-    from shim.watchprobe import WatchProbe
+    from shim.exits.exittrack import ExitTracker
+    from shim.watch.watchprobe import WatchProbe
 
     WatchProbe.uninstall(bpf_pin_root(c))
     ExitTracker.uninstall(bpf_pin_root(c))

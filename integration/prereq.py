@@ -28,7 +28,7 @@ def bpf_problem() -> str | None:
         return "not root (BPF exit tracking loads and pins a BPF program)"
     if not os.path.exists("/sys/kernel/btf/vmlinux"):
         return "kernel has no BTF: /sys/kernel/btf/vmlinux missing"
-    from shim import libbpf
+    from shim.exits import libbpf
 
     try:
         libbpf.lib()

@@ -14,8 +14,8 @@ from dataclasses import asdict, dataclass
 
 from integration.embed import bpf_pin_root, daemon_paths
 from integration.harness import Containerd, all_processes, mounts_under
-from shim.exittrack import ExitTracker
-from shim.statestore import StateStore
+from shim.exits.exittrack import ExitTracker
+from shim.store.statestore import StateStore
 
 
 @dataclass(frozen=True)

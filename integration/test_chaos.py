@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from integration.embed import RUNTIME, SHIM, daemon_paths, daemons, shim_command
 from integration.harness import Containerd, mounts_under, task_list, wait_for
-from shim.statestore import ProcessRecord, StateStore
+from shim.store.statestore import ProcessRecord, StateStore
 
 N = 20
 

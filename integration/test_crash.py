@@ -49,7 +49,7 @@ from integration.harness import (
 )
 from integration.tasks_grpc import code_of, tasks_client
 from shim.api import runc_options_pb2, shim_pb2
-from shim.statestore import StateStore
+from shim.store.statestore import StateStore
 from shim.ttrpc.blocking import BlockingClient
 from shim.ttrpc.codec import FrameDecoder, MessageType, Request, Response, encode_frame
 from shim.ttrpc.errors import TTRPCError

@@ -23,7 +23,7 @@ from integration.embed import (
 from integration.harness import Containerd, parse_event, task_list, wait_for
 from integration.tasks_grpc import code_of, tasks_client
 from shim.api import runc_options_pb2, shim_pb2
-from shim.exittrack import ExitTracker
+from shim.exits.exittrack import ExitTracker
 from shim.ttrpc import Client, Code, TTRPCError
 
 

@@ -26,8 +26,8 @@ from integration.harness import Containerd, task_list, wait_for
 from integration.prereq import bpf_problem, missing
 from integration.tasks_grpc import tasks_client
 from shim.api import shim_pb2
-from shim.exittrack import ExitTracker
-from shim.statestore import StateStore
+from shim.exits.exittrack import ExitTracker
+from shim.store.statestore import StateStore
 
 HOST_PID_NS = ("--with-ns", f"pid:/proc/{os.getpid()}/ns/pid")
 

@@ -25,7 +25,7 @@ from integration.embed import (
 )
 from integration.harness import Containerd, mounts_under, task_list, wait_for
 from shim.api import runc_options_pb2, shim_pb2
-from shim.statestore import StateStore
+from shim.store.statestore import StateStore
 from shim.ttrpc import Code, TTRPCError
 
 NS = "direct"

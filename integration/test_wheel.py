@@ -4,7 +4,7 @@ What every Kubernetes node gets (deploy/Dockerfile builds the wheel with ``pip w
 deploy/install.sh installs it into a venv and writes the fast launcher) is done here the same
 way, outside the checkout: the source copied to a temp dir, ``pip wheel`` there, a fresh
 venv made by the base interpreter, ``pip install`` of the wheel (protobuf from the
-configured index, as a user gets it), ``python -m shim.launcher``.  Then, with that venv
+configured index, as a user gets it), ``python -m shim.cmd.launcher``.  Then, with that venv
 alone on containerd's PATH (no checkout anywhere on any path): ``check`` reports
 ``bpf+pidfd`` and crash survival from the files inside the package, the daemon and its keeper
 run from site-packages, a kill -9 of the daemon is survived, and an exit while no daemon runs
@@ -114,7 +114,7 @@ def installed() -> Iterator[Installed]:
         base = getattr(sys, "_base_executable", "") or shutil.which("python3") or "python3"
         _run([base, "-m", "venv", venv], cwd=top, env=clean_env())
         _run([f"{venv}/bin/pip", "install", "-q", wheel], cwd=top, env=clean_env())
-        _run([f"{venv}/bin/python", "-m", "shim.launcher"], cwd="/", env=clean_env())
+        _run([f"{venv}/bin/python", "-m", "shim.cmd.launcher"], cwd="/", env=clean_env())
         (site,) = glob.glob(os.path.join(venv, "lib", "python3*", "site-packages"))
         yield Installed(venv, wheel, site)
     finally:
@@ -138,7 +138,7 @@ def test_the_wheel_carries_the_bpf_object_and_the_keeper(installed: Installed) -
     assert "not a dynamic executable" in ldd.stdout + ldd.stderr, ldd
     out = subprocess.run(
         [f"{installed.venv}/bin/python", "-c",
-         "from shim import packaged; print(packaged.holder())"],
+         "from shim.util import packaged; print(packaged.holder())"],
         capture_output=True, text=True, timeout=30, cwd="/", env=clean_env(), check=True,
     ).stdout  # fmt: skip
     assert out.strip() == holder, out

@@ -90,7 +90,7 @@ static int64_t now_ms(void) {
     return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-// ---- logging: the daemon's format (shim/log.py), one open/append/close per line, so the
+// ---- logging: the daemon's format (shim/util/log.py), one open/append/close per line, so the
 // daemon may rotate the file.
 
 struct line {

@@ -1,5 +1,5 @@
 import sys
 
-from shim.cli import main
+from shim.cmd.cli import main
 
 sys.exit(main())

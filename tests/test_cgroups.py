@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from shim import metrics
 from shim.api import cgroups_v1_metrics_pb2 as v1pb
 from shim.api import cgroups_v2_metrics_pb2 as v2pb
-from shim.cgroups import Cgroup, CgroupError, cgroup_mounts, parse_proc_cgroup
+from shim.oci import metrics
+from shim.oci.cgroups import Cgroup, CgroupError, cgroup_mounts, parse_proc_cgroup
 
 HYBRID_MOUNTINFO = """\
 25 30 0:22 / /sys rw,nosuid,nodev,noexec,relatime shared:7 - sysfs sysfs rw

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from shim.api import runc_options_pb2
-from shim.checkpoint import (
+from shim.exits.reaper import Reaper
+from shim.oci.checkpoint import (
     CHECKPOINT_OPTIONS,
     CheckpointOptions,
     RestoreSpec,
@@ -18,7 +19,6 @@ from shim.checkpoint import (
     decode_options,
     require_criu,
 )
-from shim.reaper import Reaper
 from shim.ttrpc import Code, TTRPCError
 
 
@@ -120,10 +120,10 @@ def test_options_type_name() -> None:
 def test_a_task_created_from_a_checkpoint_is_still_to_restore_after_a_daemon_restart(
     tmp_path: Path,
 ) -> None:
-    from shim.lifecycle import Status
-    from shim.paths import DaemonPaths
-    from shim.statestore import ProcessRecord, StateStore
-    from shim.task import Deps, Tasks
+    from shim.store.statestore import ProcessRecord, StateStore
+    from shim.tasks.lifecycle import Status
+    from shim.tasks.task import Deps, Tasks
+    from shim.util.paths import DaemonPaths
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from shim import consolesocket
-from shim.consolesocket import ConsoleSocket
+from shim.io import consolesocket
+from shim.io.consolesocket import ConsoleSocket
 
 
 def _send(path: str, fds: list[int], name: bytes = b"/dev/pts/7") -> None:

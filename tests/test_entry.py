@@ -1,11 +1,11 @@
 """The C entry point (entry/entry.c), installed as ``containerd-shim-embed-v1``.
 
 It answers the usual ``start`` and ``delete`` itself and must then say exactly what
-shim/start.py and shim/delete.py say; for everything else it must run the Python entry point
+shim/cmd/start.py and shim/cmd/delete.py say; for everything else it must run the Python entry point
 beside it with the same arguments.  Each test compiles it into a private prefix
 (``<prefix>/bin``) with, in ``<prefix>/libexec/embedshim``, either a stand-in that records
-how it was run, or the real script from ``shim.launcher``; a fake daemon answers on the
-socket ``shim.paths`` names for the address, so the fast path is only taken when the C
+how it was run, or the real script from ``shim.cmd.launcher``; a fake daemon answers on the
+socket ``shim.util.paths`` names for the address, so the fast path is only taken when the C
 program found the same directory (its sha256 and its reading of ``$EMBEDSHIM_ROOT``).
 """
 
@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from shim import delete, flags, launcher, start, wire
-from shim.paths import DaemonPaths
+from shim.cmd import delete, flags, launcher, start
 from shim.ttrpc import Code
 from shim.ttrpc.codec import (
     Frame,
@@ -36,6 +35,8 @@ from shim.ttrpc.codec import (
     Status,
     encode_frame,
 )
+from shim.util import wire
+from shim.util.paths import DaemonPaths
 
 REPO = Path(__file__).resolve().parents[1]
 ENTRY = REPO / "entry"
@@ -484,11 +485,11 @@ def test_python_told_the_daemon_is_silent_does_not_ask_it(
 def test_launcher_installs_the_program_with_the_script_beside_it(
     tmp_path: Path, program: Path
 ) -> None:
-    from shim import setupcheck
+    from shim.cmd import setupcheck
 
     bin_path = tmp_path / "bin" / launcher.NAME
     bin_path.parent.mkdir()
-    bin_path.write_text("#!/usr/bin/python3\nfrom shim.cli import main\n")  # pip's script
+    bin_path.write_text("#!/usr/bin/python3\nfrom shim.cmd.cli import main\n")  # pip's script
     ok, text = launcher.install(str(bin_path), python=sys.executable, entry=str(program))
     assert ok and "written" in text, text
     assert bin_path.read_bytes() == program.read_bytes()

@@ -8,12 +8,12 @@ import asyncio
 import os
 from pathlib import Path
 
-from shim import procinfo
-from shim.exitwatch import ExitWatch
-from shim.paths import DaemonPaths
-from shim.reaper import Reaper
-from shim.statestore import ProcessRecord, StateStore
-from shim.task import Deps, Tasks
+from shim.exits.exitwatch import ExitWatch
+from shim.exits.reaper import Reaper
+from shim.store.statestore import ProcessRecord, StateStore
+from shim.tasks.task import Deps, Tasks
+from shim.util import procinfo
+from shim.util.paths import DaemonPaths
 
 
 class _Events:

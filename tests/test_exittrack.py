@@ -1,4 +1,4 @@
-"""Exit tracking against the real kernel: bpf/exitsnoop.bpf.o + shim.exittrack.
+"""Exit tracking against the real kernel: bpf/exitsnoop.bpf.o + shim.exits.exittrack.
 
 Needs root (or CAP_BPF+CAP_PERFMON+CAP_SYS_ADMIN), kernel BTF and libbpf.so.1.
 Every test session works under its own /sys/fs/bpf/embedshim-test-<pid>-<rand>
@@ -27,8 +27,8 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from integration.prereq import bpf_problem, missing
-from shim import libbpf
-from shim.exittrack import (
+from shim.exits import libbpf
+from shim.exits.exittrack import (
     EXITS_MAX,
     LAYOUT_VERSION,
     MAPS,
@@ -283,7 +283,7 @@ def test_concurrent_open_loads_once(pins: Pins) -> None:
         f"""
         import sys
         sys.path.insert(0, {REPO!r})
-        from shim.exittrack import ExitTracker
+        from shim.exits.exittrack import ExitTracker
         sys.stdin.readline()
         t = ExitTracker.open({root!r})
         print(t.link_id)
@@ -492,7 +492,7 @@ def test_records_exit_while_no_process_holds_tracker(
         f"""
         import sys
         sys.path.insert(0, {REPO!r})
-        from shim.exittrack import ExitTracker, process_start_boottime
+        from shim.exits.exittrack import ExitTracker, process_start_boottime
         t = ExitTracker.open({root!r})
         t.register({target.pid}, {tid}, process_start_boottime({target.pid}))
         print(t.link_id)

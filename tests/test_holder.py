@@ -1,5 +1,5 @@
 """The pod sandbox holder (holder/holder.c) and what the daemon makes of a pod's config
-(shim.sandbox, shim.podfiles): the namespaces, hostname, sysctls, PID namespace init that
+(shim.pods.sandbox, shim.pods.podfiles): the namespaces, hostname, sysctls, PID namespace init that
 reaps, no privilege left, failures said on stdout-less exit; the holder's command line, the
 pod's cgroups and files; the sandboxes' table."""
 
@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from shim import packaged, podfiles
 from shim.api import sandbox_pb2 as pb
-from shim.sandbox import (
+from shim.pods import podfiles
+from shim.pods.sandbox import (
     SandboxRecord,
     SandboxStore,
     cgroup_dirs,
@@ -26,6 +26,7 @@ from shim.sandbox import (
     pod_config,
 )
 from shim.ttrpc import TTRPCError
+from shim.util import packaged
 
 NODE, CONTAINER, POD = 2, 1, 0
 

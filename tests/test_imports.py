@@ -150,8 +150,8 @@ def test_the_walk_sees_every_kind_of_import() -> None:
     ``from pkg import module``; and leaves out type-only imports."""
     graph = import_graph()
     assert "shim.ttrpc.codec" in graph["shim.ttrpc.server"]  # relative, `from .codec import`
-    assert "shim.api.shim_pb2" in graph["shim.service"]  # `from shim.api import shim_pb2`
-    assert "shim.task" not in graph["shim.process"]  # only under TYPE_CHECKING
+    assert "shim.api.shim_pb2" in graph["shim.tasks.service"]  # `from shim.api import shim_pb2`
+    assert "shim.tasks.task" not in graph["shim.tasks.process"]  # only under TYPE_CHECKING
 
 
 def test_a_cycle_is_found_and_named() -> None:

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from google.protobuf import any_pb2
 
-from shim import errors, info, launcher
 from shim.api import introspection_pb2, runc_options_pb2, runtimeoptions_pb2
-from shim.runcoptions import decode_options
+from shim.cmd import info, launcher
+from shim.oci.runcoptions import decode_options
+from shim.util import errors
 
 SHIM = os.path.join(sys.prefix, "bin", launcher.NAME)
 #: containerd 2.2.7's own runc shim (see ../shared/containerd2/README.md), where present

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from shim.lifecycle import TABLE, Op, Status, transition
+from shim.tasks.lifecycle import TABLE, Op, Status, transition
 from shim.ttrpc import Code, TTRPCError
 
 C, R, P, S, D = Status.CREATED, Status.RUNNING, Status.PAUSED, Status.STOPPED, Status.DELETED

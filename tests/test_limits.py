@@ -2,7 +2,7 @@
 for every program it starts (runc, logging programs), and kept across a re-exec.
 
 Each case runs in a child interpreter started under a low soft limit, so the test runner's
-own limit and shim.limits' module state are left alone."""
+own limit and shim.util.limits' module state are left alone."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ REPO = str(Path(__file__).resolve().parents[1])
 _CHILD = """
 import json, os, resource, sys
 sys.path.insert(0, {repo!r})
-from shim import limits, logbinary, runc
+from shim.util import limits
+from shim.io import logbinary
+from shim.oci import runc
 
 def nofile():
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
@@ -104,7 +106,7 @@ def test_reexec_keeps_the_original() -> None:
 
 
 def test_wrap_leaves_argv_alone_when_not_raised() -> None:
-    from shim import limits
+    from shim.util import limits
 
     before = limits.child_soft()
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from shim import log
+from shim.util import log
 
 
 @pytest.fixture(autouse=True)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from shim.cgroups import Cgroup, cgroup_mounts
-from shim.memcg import V1, V2, MemoryCgroup, parse_oom_kills
-from shim.oom import OOMWatcher
+from shim.exits.memcg import V1, V2, MemoryCgroup, parse_oom_kills
+from shim.exits.oom import OOMWatcher
+from shim.oci.cgroups import Cgroup, cgroup_mounts
 
 V1_MOUNTINFO = """\
 25 1 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw
@@ -118,10 +118,10 @@ class _Events:
 
 
 def test_restore_reports_a_missed_kill_before_the_exit(tmp_path: Path) -> None:
-    from shim.paths import DaemonPaths
-    from shim.reaper import Reaper
-    from shim.statestore import ProcessRecord, StateStore
-    from shim.task import Deps, Tasks
+    from shim.exits.reaper import Reaper
+    from shim.store.statestore import ProcessRecord, StateStore
+    from shim.tasks.task import Deps, Tasks
+    from shim.util.paths import DaemonPaths
 
     bundle = tmp_path / "bundle"
     bundle.mkdir()

@@ -1,4 +1,4 @@
-"""The terminal copy (shim/ptycopy.py) against a real pty pair: the slave side plays the
+"""The terminal copy (shim/io/ptycopy.py) against a real pty pair: the slave side plays the
 container's process, FIFOs and pipes play containerd's side."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from shim.ptycopy import LIMIT, PtyCopier
+from shim.io.ptycopy import LIMIT, PtyCopier
 
 
 class Ends:

@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 
-from shim.reaper import Reaper
+from shim.exits.reaper import Reaper
 
 
 def test_an_early_exit_is_kept_for_its_watcher_and_not_for_a_recycled_pid() -> None:

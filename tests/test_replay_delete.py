@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from shim import errors, service, statestore
 from shim.api import shim_pb2
-from shim.service import DAEMON_SERVICE, NAMESPACE_KEY, TASK_SERVICE, TaskService
-from shim.statestore import ProcessRecord, StateStore, StoreError
+from shim.store import statestore
+from shim.store.statestore import ProcessRecord, StateStore, StoreError
+from shim.tasks import service
+from shim.tasks.service import DAEMON_SERVICE, NAMESPACE_KEY, TASK_SERVICE, TaskService
 from shim.ttrpc import Code, Context, TTRPCError
+from shim.util import errors
 
 ANSWER = (4242, 137, 1_700_000_000_123_456_789)
 

@@ -1,5 +1,5 @@
 """runc's settings from runtimeoptions.v1.Options (CRI's message for non-runc runtime types)
-and the systemd cgroup driver from a spec's cgroupsPath (shim/runcoptions.py)."""
+and the systemd cgroup driver from a spec's cgroupsPath (shim/oci/runcoptions.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 import pytest
 
 from shim.api import runc_options_pb2, runtimeoptions_pb2
-from shim.delete import _runc_binary
-from shim.runcoptions import (
+from shim.cmd.delete import _runc_binary
+from shim.oci.runcoptions import (
     MAX_CONFIG_FILE,
     RUNC_OPTIONS,
     RUNTIME_OPTIONS,

@@ -2,7 +2,7 @@
 one): what keeps them cheap stays in place.
 
 Their imports (checked in a ``python -S -E`` child, as the launcher runs them), the launcher
-that ``make setup`` installs, and the light stand-ins they rely on (``shim.fsutil`` for os,
+that ``make setup`` installs, and the light stand-ins they rely on (``shim.util.fsutil`` for os,
 ``_intenum`` for enum, ``__slots__`` records for dataclasses) behaving like what they replace.
 """
 
@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from shim import fsutil, launcher, setupcheck
-from shim.paths import DaemonPaths
+from shim.cmd import launcher, setupcheck
 from shim.ttrpc import Code
 from shim.ttrpc.codec import Flags, FrameHeader, MessageType, Request, Response, Status
+from shim.util import fsutil
+from shim.util.paths import DaemonPaths
 
 REPO = str(Path(__file__).resolve().parents[1])
 
@@ -57,7 +58,7 @@ def _run_bare(code: str) -> subprocess.CompletedProcess[str]:
 
 def test_start_and_delete_import_nothing_heavy() -> None:
     code = (
-        "import shim.cli, shim.start, shim.delete, shim.info; "
+        "import shim.cmd.cli, shim.cmd.start, shim.cmd.delete, shim.cmd.info; "
         f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))"
     )
     r = _run_bare(code)
@@ -68,13 +69,15 @@ def test_start_and_delete_import_nothing_heavy() -> None:
 def test_start_and_delete_exit_at_once_with_output_flushed() -> None:
     """As the program, they skip the interpreter's finalisation, but not their output."""
     code = (
-        "sys.argv = ['shim', 'start']; from shim.cli import main; main(); "
+        "sys.argv = ['shim', 'start']; from shim.cmd.cli import main; main(); "
         "sys.stdout.write('returned')"
     )
     r = _run_bare(code)
     assert (r.returncode, r.stdout) == (1, "")
     assert r.stderr == "start: -address (containerd's address) is required\n"
-    code = "sys.argv = ['shim', 'version']; from shim.cli import main; main(); print('returned')"
+    code = (
+        "sys.argv = ['shim', 'version']; from shim.cmd.cli import main; main(); print('returned')"
+    )
     r = _run_bare(code)
     assert r.returncode == 0 and "Version" in r.stdout and "returned" in r.stdout
 
@@ -85,9 +88,9 @@ def test_info_exits_at_once_with_output_flushed_and_nothing_heavy() -> None:
     imported nothing on the HEAVY list."""
     prelude = f"import sys; sys.path.insert(0, {REPO!r}); "
     runs = {
-        "program": "sys.argv = ['shim', '-info']; from shim.cli import main; main(); "
+        "program": "sys.argv = ['shim', '-info']; from shim.cmd.cli import main; main(); "
         "sys.stdout.write('returned')",
-        "imports": "from shim.info import main; main(); sys.stdout.flush(); "
+        "imports": "from shim.cmd.info import main; main(); sys.stdout.flush(); "
         f"sys.stderr.write(repr(sorted(m for m in {HEAVY!r} if m in sys.modules)))",
     }
     out = {}
@@ -108,13 +111,13 @@ def test_info_exits_at_once_with_output_flushed_and_nothing_heavy() -> None:
 def test_other_commands_get_site_packages() -> None:
     """The daemon needs protobuf, which lives in site-packages: cli turns site on for it."""
     assert _run_bare("import google.protobuf").returncode != 0
-    r = _run_bare("from shim import cli; cli.enable_site(); import google.protobuf")
+    r = _run_bare("from shim.cmd import cli; cli.enable_site(); import google.protobuf")
     assert r.returncode == 0, r.stderr
 
 
 def _pip_script(tmp_path: Path) -> Path:
     path = tmp_path / launcher.NAME
-    script = f"#!{sys.executable}\nimport sys\nfrom shim.cli import main\nsys.exit(main())\n"
+    script = f"#!{sys.executable}\nimport sys\nfrom shim.cmd.cli import main\nsys.exit(main())\n"
     path.write_text(script)
     path.chmod(0o755)
     return path
@@ -158,7 +161,7 @@ def test_launcher_leaves_pip_script_for_an_unusable_interpreter(tmp_path: Path) 
     assert not launcher.install(str(tmp_path / "missing"), python=sys.executable)[0]
 
 
-# -- shim.fsutil and shim.paths: os.path's behaviour without os --------------------------
+# -- shim.util.fsutil and shim.util.paths: os.path's behaviour without os --------------------------
 
 
 @pytest.mark.parametrize(

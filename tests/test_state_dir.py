@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from shim import bundle, delete, start
-from shim.flags import Flags, parse
-from shim.paths import DaemonPaths
+from shim.cmd import delete, start
+from shim.cmd.flags import Flags, parse
+from shim.oci import bundle
+from shim.util.paths import DaemonPaths
 
 
 def _bundle(state: Path, ns: str = "k8s.io", id: str = "c1") -> Path:

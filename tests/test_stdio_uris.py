@@ -1,4 +1,4 @@
-"""Stdio URIs (shim/stdio.py) and the logging-binary protocol (shim/logbinary.py) on their
+"""Stdio URIs (shim/io/stdio.py) and the logging-binary protocol (shim/io/logbinary.py) on their
 own: parsing, refusal of what containerd refuses, start/ready/stop of a real program."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from shim import logbinary
-from shim.logbinary import LoggingBinary, command
-from shim.reaper import Reaper
-from shim.stdio import Stdio, output_scheme
+from shim.exits.reaper import Reaper
+from shim.io import logbinary
+from shim.io.logbinary import LoggingBinary, command
+from shim.io.stdio import Stdio, output_scheme
 from shim.ttrpc import Code, TTRPCError
 
 

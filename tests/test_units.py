@@ -8,14 +8,16 @@ import sqlite3
 
 import pytest
 
-from shim import cli, identifiers, log, mount, wire
 from shim.api import shim_pb2
-from shim.paths import DaemonPaths, instance_key
-from shim.reaper import exit_status
-from shim.start import ttrpc_address_from
-from shim.statestore import SCHEMA_VERSION, ProcessRecord, StateStore, StoreError
-from shim.task import decode_options
+from shim.cmd import cli
+from shim.cmd.start import ttrpc_address_from
+from shim.exits.reaper import exit_status
+from shim.oci import mount
+from shim.store.statestore import SCHEMA_VERSION, ProcessRecord, StateStore, StoreError
+from shim.tasks.task import decode_options
 from shim.ttrpc import Code, TTRPCError
+from shim.util import identifiers, log, wire
+from shim.util.paths import DaemonPaths, instance_key
 
 
 def test_go_style_flags_as_containerd_passes_them() -> None:

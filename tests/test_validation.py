@@ -9,11 +9,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from shim import bundle, stdio
 from shim.api import runc_options_pb2
-from shim.execprocess import parse_spec
-from shim.mount import Mount
-from shim.task import RUNC_OPTIONS, decode_options
+from shim.io import stdio
+from shim.oci import bundle
+from shim.oci.mount import Mount
+from shim.tasks.execprocess import parse_spec
+from shim.tasks.task import RUNC_OPTIONS, decode_options
 from shim.ttrpc import Code, TTRPCError
 
 

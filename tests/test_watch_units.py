@@ -8,7 +8,7 @@ import struct
 
 import pytest
 
-from shim.watchevents import (
+from shim.watch.watchevents import (
     FILENAME_LEN,
     HEAD,
     Filter,

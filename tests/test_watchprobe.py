@@ -12,10 +12,10 @@ from collections.abc import Iterator
 import pytest
 
 from integration.prereq import bpf_problem, missing
-from shim import libbpf
-from shim.cgroups import cgroup_mounts
-from shim.watchevents import decode
-from shim.watchprobe import WatchProbe, cgroup_id_of_pid
+from shim.exits import libbpf
+from shim.oci.cgroups import cgroup_mounts
+from shim.watch.watchevents import decode
+from shim.watch.watchprobe import WatchProbe, cgroup_id_of_pid
 
 
 def _v2_mount() -> str | None:

@@ -1,7 +1,7 @@
 """What a pod's sandbox costs, through CRI on containerd 2.2.7, for three runtime handlers:
 runc's (``io.containerd.runc.v2``, a pause container and one runc shim per pod), ours with a
 pause container (``embed``) and ours with the Sandbox API (``embed-shim``, no pause container:
-our holder process, shim/sandbox.py).
+our holder process, shim/pods/sandbox.py).
 
     .venv/bin/python -m integration.bench.sandboxcost              # 20 pods per handler
     .venv/bin/python -m integration.bench.sandboxcost --pods 5 --out /tmp/sb.json

@@ -118,7 +118,7 @@ def test_systemd_snippet_and_its_runc_settings(tmp_path: Path, version: str) -> 
     runtime type, a ConfigPath that containerd keeps, and a settings file the daemon reads
     as SystemdCgroup (the CRI suite's test_systemd_cgroup runs the same through CRI)."""
     from shim.api import runtimeoptions_pb2
-    from shim.runcoptions import RUNTIME_OPTIONS, decode_options
+    from shim.oci.runcoptions import RUNTIME_OPTIONS, decode_options
 
     text = (DEPLOY / "containerd-cri-embed-systemd.toml").read_text()
     snippet = _runtimes(tomllib.loads(text))
@@ -444,7 +444,7 @@ def test_installer_from_wheels_on_a_node(node_top: Path, wheels: str) -> None:
     assert os.readlink(node.path("/usr/local/bin/containerd-shim-embed-v1")) == shim
     assert node.path(shim).read_bytes().startswith(b"\x7fELF")  # the C entry point
     script = "/opt/embedshim/venv/libexec/embedshim/containerd-shim-embed-v1"
-    assert "python -m shim.launcher" in node.path(script).read_text()
+    assert "python -m shim.cmd.launcher" in node.path(script).read_text()
     assert "install.sh: check: mode: bpf+pidfd" in r.stdout, r.stdout
     assert "WARNING" not in r.stdout, r.stdout
     # again (a DaemonSet pod that runs anew): nothing changes, the venv included

@@ -3,7 +3,7 @@
 
 containerd 2.x lets a container have one only if the handler's runtime says it can: CRI runs
 each handler's shim with ``-info`` when it starts and looks for ``rro`` in the ``runc
-features`` the shim reports (shim/info.py).  Without ``-info`` CRI refused such a container
+features`` the shim reports (shim/cmd/info.py).  Without ``-info`` CRI refused such a container
 for our handler ("runtime handler does not support recursive read-only mounts") and the task
 manager logged "failed to load runtime info" for each container it created.  containerd 1.6
 has no recursive read-only mounts (the field is unknown to it).

@@ -20,12 +20,12 @@ from integration.cri.api import cri_api_pb2 as cri
 from integration.cri.node import SHIM_SANDBOXER, CriNode, Pod, poll, rpc_code
 from integration.embed import daemon_paths, daemons, keeper_of
 from integration.harness import _proc_info, wait_for
-from shim import packaged
 from shim.api import sandbox_pb2
-from shim.sandbox import HOLDER, cgroup_dirs
-from shim.sandboxservice import SANDBOX_SERVICE
-from shim.service import NAMESPACE_KEY
+from shim.pods.sandbox import HOLDER, cgroup_dirs
+from shim.pods.sandboxservice import SANDBOX_SERVICE
+from shim.tasks.service import NAMESPACE_KEY
 from shim.ttrpc.blocking import BlockingClient
+from shim.util import packaged
 
 
 def _holder(node: CriNode, pod_id: str) -> int:

@@ -1,0 +1,1 @@
+"""Entry points: the subcommands (start, delete, check, reload, -info) and the daemon."""

@@ -1,0 +1,1 @@
+"""Task events to containerd, in order, never blocking a request."""

@@ -1,0 +1,1 @@
+"""Exit watching: the reaper, pidfds, the pinned BPF exit tracker, OOM kills."""

@@ -1,0 +1,1 @@
+"""Process stdio: containerd's stdio URIs, FIFOs, logging programs, terminals."""

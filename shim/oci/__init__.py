@@ -1,0 +1,1 @@
+"""The container under runc: runc, bundles, runc options, rootfs mounts, cgroups, CRIU."""

@@ -1,0 +1,1 @@
+"""Pods without pause containers: the Sandbox service, the holder it runs, the pod's files."""

@@ -1,0 +1,1 @@
+"""The daemon's persistent state (sqlite), read back after a crash or a reload."""

@@ -1,0 +1,1 @@
+"""The containerd Task service, its tasks and their processes, the lifecycle table."""

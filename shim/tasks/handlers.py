@@ -1,0 +1,49 @@
+"""What every ttrpc service of the daemon wraps its handlers in (shim.tasks.service's Task and
+Daemon services, shim.pods.sandboxservice's Sandbox service): one place, so all answer alike."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from shim.store.statestore import StoreError
+from shim.ttrpc import Code, Context, Handler, TTRPCError
+from shim.util import log
+
+T = TypeVar("T")
+
+
+async def unless_gone(ctx: Context, waiting: Awaitable[T]) -> T:
+    """``waiting``, given up once the caller has disconnected: a Wait nobody will read must
+    not outlive its connection (or a peer could pile them up without bound)."""
+    task = asyncio.ensure_future(waiting)
+    gone = asyncio.ensure_future(ctx.gone.wait())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not task.done():
+            task.cancel()
+    if task.cancelled():
+        raise TTRPCError(Code.CANCELLED, "the caller went away")
+    return task.result()
+
+
+def guard(name: str, fn: Callable[[Context, bytes], Awaitable[bytes]]) -> Handler:
+    """Every handler answers with a proper code; nothing it raises can hurt the daemon."""
+
+    async def handler(ctx: Context, payload: bytes) -> bytes:
+        try:
+            return await fn(ctx, payload)
+        except TTRPCError:
+            raise
+        except StoreError as exc:
+            log.event("state store error", logging.ERROR, method=name, error=exc)
+            raise TTRPCError(Code.UNAVAILABLE, str(exc)) from None
+        except Exception as exc:
+            log.event("request failed", logging.ERROR, method=name, error=repr(exc))
+            raise TTRPCError(Code.UNKNOWN, f"{name}: {exc}") from None
+
+    return handler
