@@ -31,6 +31,7 @@ import os
 import struct
 import time
 
+from shim.exits import pins
 from shim.exits.libbpf import BPFError
 
 TYPE_CHECKING = False
@@ -207,30 +208,12 @@ class ExitTracker:
         pinned under a temporary name then renamed, so nobody sees half a set.
         """
         vdir = cls.versioned_dir(pin_root)
-        t = cls._open_pins(vdir)
-        if t is not None:
-            return t
-        from shim.exits import libbpf
-
-        if _under(pin_root, BPFFS_MOUNT):
-            libbpf.ensure_bpffs(BPFFS_MOUNT)
-        os.makedirs(vdir, mode=0o700, exist_ok=True)
-        if not libbpf.is_bpffs(vdir):
-            raise BPFError(errno.EINVAL, f"pin directory {vdir!r} is not on a bpf filesystem")
-        import fcntl
-
-        dfd = os.open(vdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(dfd, fcntl.LOCK_EX)
-            t = cls._open_pins(vdir)
-            if t is None:
-                cls._load_and_pin(vdir, obj_path or default_object_path())
-                t = cls._open_pins(vdir)
-            if t is None:
-                raise BPFError(errno.EIO, f"pins under {vdir!r} missing right after loading")
-            return t
-        finally:
-            os.close(dfd)  # releases the flock
+        return pins.open_or_load(
+            vdir,
+            lambda: cls._open_pins(vdir),
+            lambda: cls._load_and_pin(vdir, obj_path or default_object_path()),
+            bpffs_mount=BPFFS_MOUNT if _under(pin_root, BPFFS_MOUNT) else None,
+        )
 
     @classmethod
     def open_existing(cls, pin_root: str = DEFAULT_PIN_ROOT) -> ExitTracker | None:
@@ -247,15 +230,10 @@ class ExitTracker:
     def _load_and_pin(vdir: str, obj_path: str) -> None:
         from shim.exits import libbpf
 
-        link_path = os.path.join(vdir, LINK_PIN)
-        tmp_path = link_path + "_new"  # bpffs names must not contain dots
         with libbpf.BPFObject.open(obj_path, pin_root_path=vdir) as obj:
             obj.load()  # pins the maps, or re-uses compatible pinned ones
             with obj.program(PROG_NAME).attach() as link:
-                if os.path.lexists(tmp_path):
-                    os.unlink(tmp_path)
-                link.pin(tmp_path)
-                os.rename(tmp_path, link_path)  # replaces a stale link atomically
+                pins.pin_link(link, os.path.join(vdir, LINK_PIN))
             # destroying the link object only closes its fd: the pin keeps it attached
 
     @classmethod
@@ -268,12 +246,10 @@ class ExitTracker:
         link_fd = -1
         ok = False
         try:
-            try:
-                link_fd = libbpf.obj_get(os.path.join(vdir, LINK_PIN))
-            except BPFError as e:
-                if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                    return None
-                raise
+            fd = pins.get_pinned(os.path.join(vdir, LINK_PIN))
+            if fd is None:
+                return None
+            link_fd = fd
             prog_id = libbpf.link_info(link_fd)[2]
             if prog_id == 0:
                 return None
@@ -284,12 +260,10 @@ class ExitTracker:
             finally:
                 os.close(prog_fd)
             for name in MAPS:
-                try:
-                    fds[name] = libbpf.obj_get(os.path.join(vdir, name))
-                except BPFError as e:
-                    if e.errno == errno.ENOENT:
-                        return None
-                    raise
+                fd = pins.get_pinned(os.path.join(vdir, name))
+                if fd is None:
+                    return None
+                fds[name] = fd
             ok = True
             return cls(vdir, fds, link_fd)
         finally:
@@ -303,17 +277,7 @@ class ExitTracker:
     def uninstall(pin_root: str = DEFAULT_PIN_ROOT) -> None:
         """Remove the pins of this layout version; the program detaches once
         no process holds a tracker on them any more."""
-        vdir = ExitTracker.versioned_dir(pin_root)
-        for name in (LINK_PIN, LINK_PIN + "_new", *MAPS):
-            try:
-                os.unlink(os.path.join(vdir, name))
-            except FileNotFoundError:
-                pass
-        for d in (vdir, pin_root):
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass  # missing, or still holds other versions
+        pins.remove(ExitTracker.versioned_dir(pin_root), (LINK_PIN, *MAPS), pin_root)
 
     @staticmethod
     def available(

@@ -20,6 +20,7 @@ import errno
 import os
 import struct
 
+from shim.exits import pins
 from shim.exits.libbpf import BPFError
 
 TYPE_CHECKING = False
@@ -75,28 +76,11 @@ class WatchProbe:
         """Re-use the pins under ``<pin_root>/watch-v<N>`` or load, attach and pin the object
         (serialised on an flock of that directory, like ExitTracker.open)."""
         vdir = pin_dir(pin_root)
-        probe = cls._open_pins(vdir)
-        if probe is not None:
-            return probe
-        import fcntl
-
-        from shim.exits import libbpf
-
-        os.makedirs(vdir, mode=0o700, exist_ok=True)
-        if not libbpf.is_bpffs(vdir):
-            raise BPFError(errno.EINVAL, f"pin directory {vdir!r} is not on a bpf filesystem")
-        dfd = os.open(vdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            fcntl.flock(dfd, fcntl.LOCK_EX)
-            probe = cls._open_pins(vdir)
-            if probe is None:
-                cls._load_and_pin(vdir, obj_path or default_object_path())
-                probe = cls._open_pins(vdir)
-            if probe is None:
-                raise BPFError(errno.EIO, f"pins under {vdir!r} missing right after loading")
-            return probe
-        finally:
-            os.close(dfd)
+        return pins.open_or_load(
+            vdir,
+            lambda: cls._open_pins(vdir),
+            lambda: cls._load_and_pin(vdir, obj_path or default_object_path()),
+        )
 
     @classmethod
     def open_existing(cls, pin_root: str) -> WatchProbe | None:
@@ -121,11 +105,7 @@ class WatchProbe:
                         continue  # no oom:mark_victim here: exec and exit still work
                     raise
                 with link:
-                    tmp = path + "_new"
-                    if os.path.lexists(tmp):
-                        os.unlink(tmp)
-                    link.pin(tmp)
-                    os.rename(tmp, path)
+                    pins.pin_link(link, path)
 
     @classmethod
     def _open_pins(cls, vdir: str) -> WatchProbe | None:
@@ -135,12 +115,10 @@ class WatchProbe:
         ok = False
         try:
             for name in (*MAPS, *link_names()[: len(PROGRAMS)]):
-                try:
-                    fds[name] = libbpf.obj_get(os.path.join(vdir, name))
-                except BPFError as e:
-                    if e.errno in (errno.ENOENT, errno.ENOTDIR):
-                        return None
-                    raise
+                fd = pins.get_pinned(os.path.join(vdir, name))
+                if fd is None:
+                    return None
+                fds[name] = fd
             for name in link_names()[: len(PROGRAMS)]:
                 if libbpf.link_info(fds.pop(name))[2] == 0:
                     return None
@@ -153,17 +131,7 @@ class WatchProbe:
 
     @staticmethod
     def uninstall(pin_root: str) -> None:
-        vdir = pin_dir(pin_root)
-        for name in (*MAPS, *link_names(), *(n + "_new" for n in link_names())):
-            try:
-                os.unlink(os.path.join(vdir, name))
-            except FileNotFoundError:
-                pass
-        for d in (vdir, pin_root):
-            try:
-                os.rmdir(d)
-            except OSError:
-                pass
+        pins.remove(pin_dir(pin_root), (*MAPS, *link_names()), pin_root)
 
     # ---------------------------------------------------------------- maps
 
