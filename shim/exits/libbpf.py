@@ -23,7 +23,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import ctypes
     from collections.abc import Callable, Iterator
-    from typing import Any
+    from typing import Any, Self
 
 LIBBPF_SONAME = "libbpf.so.1"
 
@@ -202,12 +202,43 @@ def _log_tail(n: int = 30) -> str:
 # --------------------------------------------------------------------------
 
 
-class BPFObject:
+class _Owned:
+    """A libbpf pointer this handle frees once: :attr:`ptr` raises EBADF after
+    :meth:`close`, so a stale handle never reaches libbpf (NULL would crash us)."""
+
+    _what = "handle"
+
+    def __init__(self, ptr: int) -> None:
+        self._ptr: int | None = ptr
+
+    @property
+    def ptr(self) -> int:
+        if self._ptr is None:
+            raise BPFError(_errno.EBADF, f"{self._what} is closed")
+        return self._ptr
+
+    def _free(self, ptr: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        if self._ptr is not None:
+            self._free(self._ptr)
+            self._ptr = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class BPFObject(_Owned):
     """A ``struct bpf_object`` opened from an ELF file."""
 
     def __init__(self, ptr: int, path: str) -> None:
-        self._ptr: int | None = ptr
+        super().__init__(ptr)
         self.path = path
+        self._what = f"BPF object {path!r}"
 
     @classmethod
     def open(
@@ -246,12 +277,6 @@ class BPFObject:
         ptr = L.bpf_object__open_file(os.fsencode(path), C.byref(opts))
         return cls(_check_ptr(ptr, f"bpf_object__open_file({path!r}) failed{_log_tail()}"), path)
 
-    @property
-    def ptr(self) -> int:
-        if self._ptr is None:
-            raise BPFError(_errno.EBADF, f"BPF object {self.path!r} is closed")
-        return self._ptr
-
     def load(self) -> None:
         """``bpf_object__load``: CO-RE relocation, verifier, map creation/pinning."""
         messages(clear=True)
@@ -269,78 +294,59 @@ class BPFObject:
             raise BPFError(_errno.ENOENT, f"no map {name!r} in {self.path!r}")
         return BPFMap(self, m, name)
 
-    def close(self) -> None:
+    def _free(self, ptr: int) -> None:
         """``bpf_object__close``: closes the object's fds (pins stay)."""
-        if self._ptr is not None:
-            lib().bpf_object__close(self._ptr)
-            self._ptr = None
-
-    def __enter__(self) -> BPFObject:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        lib().bpf_object__close(ptr)
 
 
-class BPFProgram:
-    def __init__(self, obj: BPFObject, ptr: int, name: str) -> None:
-        self._obj = obj
-        self._ptr = ptr
-        self.name = name
-
-    @property
-    def fd(self) -> int:
-        self._obj.ptr  # noqa: B018  (raises if the object was closed)
-        return _check(lib().bpf_program__fd(self._ptr), f"program {self.name!r} not loaded")
-
-    def attach(self) -> BPFLink:
-        """``bpf_program__attach`` (auto-attach from the ELF section name)."""
-        self._obj.ptr  # noqa: B018
-        ptr = lib().bpf_program__attach(self._ptr)
-        return BPFLink(_check_ptr(ptr, f"attaching {self.name!r} failed{_log_tail(10)}"))
-
-
-class BPFMap:
-    """A map of an open :class:`BPFObject` (valid while the object is open)."""
+class _Part:
+    """A program or map of an open :class:`BPFObject` (valid while the object is open)."""
 
     def __init__(self, obj: BPFObject, ptr: int, name: str) -> None:
         self._obj = obj
-        self._ptr = ptr
+        self._part = ptr
         self.name = name
-
-    @property
-    def fd(self) -> int:
-        self._obj.ptr  # noqa: B018
-        return _check(lib().bpf_map__fd(self._ptr), f"map {self.name!r} not created")
-
-    def pin(self, path: str) -> None:
-        self._obj.ptr  # noqa: B018
-        _check(lib().bpf_map__pin(self._ptr, os.fsencode(path)), f"pinning {self.name!r}")
-
-    def unpin(self, path: str | None = None) -> None:
-        self._obj.ptr  # noqa: B018
-        p = os.fsencode(path) if path is not None else None
-        _check(lib().bpf_map__unpin(self._ptr, p), f"unpinning {self.name!r}")
-
-    def set_pin_path(self, path: str | None) -> None:
-        """Before load: where to pin/re-use this map; ``None`` disables pinning."""
-        self._obj.ptr  # noqa: B018
-        p = os.fsencode(path) if path is not None else None
-        _check(lib().bpf_map__set_pin_path(self._ptr, p), f"set_pin_path {self.name!r}")
-
-
-class BPFLink:
-    """A ``struct bpf_link``.  Destroying it only closes the fd: a pinned link
-    stays attached until its last pin and fd are gone."""
-
-    def __init__(self, ptr: int) -> None:
-        self._ptr: int | None = ptr
 
     @property
     def ptr(self) -> int:
-        if self._ptr is None:
-            raise BPFError(_errno.EBADF, "BPF link is destroyed")
-        return self._ptr
+        self._obj.ptr  # noqa: B018  (raises if the object was closed)
+        return self._part
+
+
+class BPFProgram(_Part):
+    @property
+    def fd(self) -> int:
+        return _check(lib().bpf_program__fd(self.ptr), f"program {self.name!r} not loaded")
+
+    def attach(self) -> BPFLink:
+        """``bpf_program__attach`` (auto-attach from the ELF section name)."""
+        ptr = lib().bpf_program__attach(self.ptr)
+        return BPFLink(_check_ptr(ptr, f"attaching {self.name!r} failed{_log_tail(10)}"))
+
+
+class BPFMap(_Part):
+    @property
+    def fd(self) -> int:
+        return _check(lib().bpf_map__fd(self.ptr), f"map {self.name!r} not created")
+
+    def pin(self, path: str) -> None:
+        _check(lib().bpf_map__pin(self.ptr, os.fsencode(path)), f"pinning {self.name!r}")
+
+    def unpin(self, path: str | None = None) -> None:
+        p = os.fsencode(path) if path is not None else None
+        _check(lib().bpf_map__unpin(self.ptr, p), f"unpinning {self.name!r}")
+
+    def set_pin_path(self, path: str | None) -> None:
+        """Before load: where to pin/re-use this map; ``None`` disables pinning."""
+        p = os.fsencode(path) if path is not None else None
+        _check(lib().bpf_map__set_pin_path(self.ptr, p), f"set_pin_path {self.name!r}")
+
+
+class BPFLink(_Owned):
+    """A ``struct bpf_link``.  Closing (destroying) it only closes the fd: a pinned
+    link stays attached until its last pin and fd are gone."""
+
+    _what = "BPF link"
 
     @property
     def fd(self) -> int:
@@ -353,16 +359,8 @@ class BPFLink:
     def unpin(self) -> None:
         _check(lib().bpf_link__unpin(self.ptr), "unpinning link")
 
-    def destroy(self) -> None:
-        if self._ptr is not None:
-            lib().bpf_link__destroy(self._ptr)
-            self._ptr = None
-
-    def __enter__(self) -> BPFLink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.destroy()
+    def _free(self, ptr: int) -> None:
+        lib().bpf_link__destroy(ptr)
 
 
 # --------------------------------------------------------------------------
@@ -472,13 +470,15 @@ def map_keys(fd: int, key_size: int) -> Iterator[bytes]:
 # --------------------------------------------------------------------------
 
 
-class RingBuffer:
+class RingBuffer(_Owned):
     """``ring_buffer__new`` on a BPF_MAP_TYPE_RINGBUF fd.
 
     ``on_sample(data)`` is called from :meth:`consume`/:meth:`poll` in the
     calling thread.  The consumer position lives in the kernel map, so one
     ring has exactly one logical reader across processes.
     """
+
+    _what = "ring buffer"
 
     def __init__(self, map_fd: int, on_sample: Callable[[bytes], None]) -> None:
         import ctypes as C
@@ -495,13 +495,7 @@ class RingBuffer:
 
         self._cb = C.CFUNCTYPE(C.c_int, C.c_void_p, C.c_void_p, C.c_size_t)(_cb)
         ptr = lib().ring_buffer__new(map_fd, C.cast(self._cb, C.c_void_p), None, None)
-        self._ptr: int | None = _check_ptr(ptr, "ring_buffer__new")
-
-    @property
-    def ptr(self) -> int:
-        if self._ptr is None:
-            raise BPFError(_errno.EBADF, "ring buffer is closed")
-        return self._ptr
+        super().__init__(_check_ptr(ptr, "ring_buffer__new"))
 
     def epoll_fd(self) -> int:
         """An epoll fd that becomes readable when data is available."""
@@ -525,16 +519,8 @@ class RingBuffer:
             return 0
         return _check(ret, "ring_buffer__poll")
 
-    def close(self) -> None:
-        if self._ptr is not None:
-            lib().ring_buffer__free(self._ptr)
-            self._ptr = None
-
-    def __enter__(self) -> RingBuffer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def _free(self, ptr: int) -> None:
+        lib().ring_buffer__free(ptr)
 
 
 # --------------------------------------------------------------------------
