@@ -54,6 +54,7 @@ from typing import IO, Any
 
 from integration.bench import goals
 from integration.bench.cri import phase_cri
+from integration.bench.goals import dig as _get
 from integration.bench.sandboxcost import phase_sandbox
 from integration.bench.scale import phase_scale
 from integration.bench.watchcost import phase_watch
@@ -1062,15 +1063,6 @@ class Target:
     name: str
     met: bool | None
     detail: str
-
-
-def _get(d: Any, *keys: str | int) -> Any:
-    for k in keys:
-        try:
-            d = d[k]
-        except (KeyError, IndexError, TypeError):
-            return None
-    return d
 
 
 def evaluate(results: dict[str, Any]) -> list[Target]:

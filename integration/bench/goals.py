@@ -67,7 +67,8 @@ class Goal:
         }
 
 
-def _get(d: Any, *keys: str | int) -> Any:
+def dig(d: Any, *keys: str | int) -> Any:
+    """``d[k1][k2]...``, or None where a key is missing (results of a partial run)."""
     for k in keys:
         try:
             d = d[k]
@@ -79,21 +80,21 @@ def _get(d: Any, *keys: str | int) -> Any:
 def _pair(results: dict[str, Any], *path: str | int) -> tuple[Any, Any]:
     """The same figure for both runtimes: ``path`` with the runtime key after its first part."""
     head, rest = path[0], path[1:]
-    return _get(results, head, EMBED, *rest), _get(results, head, RUNC, *rest)
+    return dig(results, head, EMBED, *rest), dig(results, head, RUNC, *rest)
 
 
 def goals(results: dict[str, Any]) -> list[Goal]:
     out: list[Goal] = []
-    for level in _get(results, "scale", "levels") or []:
+    for level in dig(results, "scale", "levels") or []:
         n = level.get("n")
         for key, label in (("run_ms", "ctr run -d"), ("stop_delete_ms", "stop+delete")):
             for stat in ("p50", "p95"):
-                e, r = _get(level, EMBED, key, stat), _get(level, RUNC, key, stat)
+                e, r = dig(level, EMBED, key, stat), dig(level, RUNC, key, stat)
                 out.append(Goal(f"{label} {stat}, N={n}", e, r, "ms", 1.0))
     for stat in ("p50", "p95"):
         e, r = _pair(results, "exec", "summary", stat)
         out.append(Goal(f"exec {stat}", e, r, "ms", 1.0))
-    e, r = (_get(results, "scale", "throughput", rt, "per_s") for rt in (EMBED, RUNC))
+    e, r = (dig(results, "scale", "throughput", rt, "per_s") for rt in (EMBED, RUNC))
     out.append(Goal("start+teardown, 8 at a time", e, r, "ctr/s", 1.0, higher_is_better=True))
     for op in ("RunPodSandbox", "StartContainer", "StopContainer", "StopPodSandbox"):
         for stat in ("p50", "p95"):
@@ -164,7 +165,7 @@ def watch_sandbox_goals(results: dict[str, Any]) -> list[Goal]:
             baseline=nw,
         ),
     ]
-    h = _get(results, "sandbox", "handlers") or {}
+    h = dig(results, "sandbox", "handlers") or {}
     sb, runc = h.get(SANDBOXER) or {}, h.get("runc") or {}
     for op, key, bound in (
         ("RunPodSandbox", "run_ms", SANDBOX_RUN_BOUND),
@@ -174,8 +175,8 @@ def watch_sandbox_goals(results: dict[str, Any]) -> list[Goal]:
         out.append(
             Goal(
                 f"{SANDBOXER}: {op} p50",
-                _get(sb, key, "p50"),
-                _get(runc, key, "p50"),
+                dig(sb, key, "p50"),
+                dig(runc, key, "p50"),
                 "ms",
                 bound,
                 baseline="runc pod",

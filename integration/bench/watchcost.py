@@ -67,17 +67,6 @@ int main(int argc, char **argv) {
 }
 """
 
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu_s(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(rest[11]) + int(rest[12])) / _CLK_TCK
-
 
 def build_forker(tmp: str) -> str:
     src = os.path.join(tmp, "forker.c")
@@ -143,6 +132,8 @@ def _finish(c: Containerd, p: subprocess.Popen[str], cid: str) -> tuple[int, flo
 def _rate_phase(
     c: Containerd, rootfs: str, bindir: str, cid: str, rate: int, seconds: int, watcher: bool
 ) -> dict[str, float]:
+    from integration.bench.bench import process_cpu_s
+
     w = Watch(c) if watcher else None
     if w is not None:
         w.connected.wait(20)
