@@ -11,8 +11,6 @@ gRPC client sees it.
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -23,18 +21,16 @@ OPS = ("RunPodSandbox", "StartContainer", "StopContainer", "StopPodSandbox")
 #: CRI handler name -> the bench's runtime key
 HANDLER_KEYS = {"embed": "embed", "runc": "runc-v2"}
 CONTAINERS_PER_POD = 2
-#: CNI's result cache (libcni's default), outside any temp dir; dropped if this run made it.
-CNI_CACHE_DIRS = ("/var/lib/cni/results", "/var/lib/cni")
 
 
 def phase_cri(b: Bench) -> None:
     from integration.bench.bench import _ms, _order, summarize
-    from integration.cri.node import CriNode
+    from integration.cri.node import CriNode, cni_cache_dirs, drop_cni_cache
 
     pods_n = b.cfg.cri_pods
     handlers = list(HANDLER_KEYS)
     times: dict[str, dict[str, list[float]]] = {h: {op: [] for op in OPS} for h in handlers}
-    preexisting = {d for d in CNI_CACHE_DIRS if os.path.isdir(d)}
+    preexisting = cni_cache_dirs()
     b.progress("CRI: starting a CRI node", force=True)
     node = CriNode(b.rootfs)
 
@@ -65,10 +61,7 @@ def phase_cri(b: Bench) -> None:
                 node.remove_pod(pod)
     finally:
         node.close()
-        for d in CNI_CACHE_DIRS:
-            if d not in preexisting:
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+        drop_cni_cache(preexisting)
     out: dict[str, Any] = {"pods": pods_n, "containers_per_pod": CONTAINERS_PER_POD}
     for h, key in HANDLER_KEYS.items():
         out[key] = {

@@ -33,7 +33,6 @@ Prints a table and writes JSON (``bench/out/sandboxcost-<time>.json`` by default
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -46,7 +45,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from integration.bench.goals import SANDBOX_RUN_BOUND
-from integration.cri.node import SHIM_SANDBOXER, CriNode, Pod, is_ours
+from integration.cri.node import (
+    SHIM_SANDBOXER,
+    CriNode,
+    Pod,
+    cni_cache_dirs,
+    drop_cni_cache,
+    is_ours,
+)
 from integration.embed import CONTAINERD2_BIN, containerd_version_env, daemons
 from integration.harness import busybox_rootfs, processes_matching
 
@@ -171,15 +177,13 @@ def measure(node: CriNode, handler: str, pods: int, warmup: int = WARMUP) -> dic
 def phase_sandbox(b: Bench) -> None:
     """The bench's ``sandbox`` phase: every handler on one CRI node of containerd 2.2.7
     (its own, private), ``cfg.sandbox_pods`` pods each; "skipped" without containerd 2.2.7."""
-    from integration.bench.cri import CNI_CACHE_DIRS
-
     if not (CONTAINERD2_BIN / "containerd").exists():
         b.results["sandbox"] = {"skipped": f"containerd 2.2.7 not found in {CONTAINERD2_BIN}"}
         b.error(b.results["sandbox"]["skipped"])
         return
     pods = b.cfg.sandbox_pods
     warmup = 1 if b.cfg.quick else WARMUP
-    preexisting = {d for d in CNI_CACHE_DIRS if os.path.isdir(d)}
+    preexisting = cni_cache_dirs()
     b.progress("sandbox: starting a containerd 2.2.7 CRI node", force=True)
     results: dict[str, Any] = {"containerd": "2.2.7", "warmup": warmup, "handlers": {}}
     b.results["sandbox"] = results
@@ -190,10 +194,7 @@ def phase_sandbox(b: Bench) -> None:
             results["handlers"][h] = measure(node, h, pods, warmup)
     finally:
         node.close()
-        for d in CNI_CACHE_DIRS:
-            if d not in preexisting:
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+        drop_cni_cache(preexisting)
 
 
 def table(results: dict[str, Any], with_targets: bool = True) -> str:

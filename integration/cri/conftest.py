@@ -9,19 +9,21 @@ fail) and checks that CRI then lists no pod and no container.
 
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from integration.cri.api import cri_api_pb2 as cri
-from integration.cri.node import SHIM_SANDBOXER, CriNode, handlers_of
+from integration.cri.node import (
+    SHIM_SANDBOXER,
+    CriNode,
+    cni_cache_dirs,
+    drop_cni_cache,
+    handlers_of,
+)
 from integration.embed import containerd_version_env, runtime_info_failures
 
-#: CNI's result cache (libcni's default), outside any temp dir; dropped if this run made it.
-CNI_CACHE_DIRS = ("/var/lib/cni/results", "/var/lib/cni")
-_PREEXISTING = {d for d in CNI_CACHE_DIRS if os.path.isdir(d)}
+_PREEXISTING = cni_cache_dirs()
 
 
 VERSIONS = ("1.6", "2.2.7")
@@ -74,10 +76,7 @@ def cri_node(request: pytest.FixtureRequest, busybox: str) -> Iterator[CriNode]:
         failed = runtime_info_failures(node.ctrd)
     finally:
         node.close()
-        for d in CNI_CACHE_DIRS:
-            if d not in _PREEXISTING:
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+        drop_cni_cache(_PREEXISTING)
     left = node.ctrd.leftovers()
     assert not any(left.values()), left
     # containerd 2.x asks each runtime's shim for its RuntimeInfo (-info) before its first

@@ -62,6 +62,23 @@ def is_ours(handler: str) -> bool:
     return RUNTIME_TYPES[handler] == HANDLERS["embed"]
 
 
+#: CNI's result cache (libcni's default), outside any temp dir; dropped if this run made it.
+CNI_CACHE_DIRS = ("/var/lib/cni/results", "/var/lib/cni")
+
+
+def cni_cache_dirs() -> set[str]:
+    """The CNI cache directories there are now: :func:`drop_cni_cache` leaves them alone."""
+    return {d for d in CNI_CACHE_DIRS if os.path.isdir(d)}
+
+
+def drop_cni_cache(preexisting: set[str]) -> None:
+    """Remove the (empty) CNI cache directories that were not in ``preexisting``."""
+    for d in CNI_CACHE_DIRS:
+        if d not in preexisting:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
 BRIDGE = "esh-cni0"
 POD_SUBNET = "10.250.0.0/24"
 _CLONE_NEWNET = 0x40000000
