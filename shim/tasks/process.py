@@ -465,29 +465,30 @@ class InitProcess(Process):
 
     async def pause(self) -> None:
         """Freeze the container's cgroup (runc pause): RUNNING -> PAUSED, /tasks/paused."""
-        task = self.task
-        async with self.start_lock:
-            paused = self.allow(Op.PAUSE)
-            try:
-                await task.runc.pause(task.id, log_path=task.bundle.runc_log)
-            except RuncError as exc:
-                raise errors.internal(f"OCI runtime pause failed: {exc}") from None
-            self._persist_status(paused)
-            task.deps.events.publish(task.namespace, events_pb2.TaskPaused(container_id=task.id))
-        log.event("container paused", **self.fields())
+        await self._freezer(Op.PAUSE, self.task.runc.pause, events_pb2.TaskPaused, "pause")
 
     async def resume(self) -> None:
         """Thaw the container's cgroup (runc resume): PAUSED -> RUNNING, /tasks/resumed."""
+        await self._freezer(Op.RESUME, self.task.runc.resume, events_pb2.TaskResumed, "resume")
+
+    async def _freezer(
+        self,
+        op: Op,
+        runc_verb: Callable[..., Awaitable[None]],
+        event: type[events_pb2.TaskPaused] | type[events_pb2.TaskResumed],
+        verb: str,
+    ) -> None:
+        """``runc pause``/``resume`` under the start lock, then the record and the event."""
         task = self.task
         async with self.start_lock:
-            running = self.allow(Op.RESUME)
+            status = self.allow(op)
             try:
-                await task.runc.resume(task.id, log_path=task.bundle.runc_log)
+                await runc_verb(task.id, log_path=task.bundle.runc_log)
             except RuncError as exc:
-                raise errors.internal(f"OCI runtime resume failed: {exc}") from None
-            self._persist_status(running)
-            task.deps.events.publish(task.namespace, events_pb2.TaskResumed(container_id=task.id))
-        log.event("container resumed", **self.fields())
+                raise errors.internal(f"OCI runtime {verb} failed: {exc}") from None
+            self._persist_status(status)
+            task.deps.events.publish(task.namespace, event(container_id=task.id))
+        log.event(f"container {verb}d", **self.fields())
 
     def reconcile_freezer(self) -> None:
         """After a restart, believe the freezer over the record: a daemon that died between
