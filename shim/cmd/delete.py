@@ -306,9 +306,7 @@ def main(flags: Flags) -> int:
     if not flags.address or not flags.id:
         sys.stderr.write("delete: -address and -id are required\n")
         return 1
-    problem = identifiers.problem("namespace", flags.namespace) or identifiers.problem(
-        "id", flags.id
-    )
+    problem = identifiers.task_problem(flags.namespace, flags.id)
     if problem is not None:
         sys.stderr.write(f"delete: {problem}\n")
         return 1

@@ -167,9 +167,7 @@ def main(flags: Flags) -> int:
     if not flags.address:
         sys.stderr.write("start: -address (containerd's address) is required\n")
         return 1
-    problem = identifiers.problem("namespace", flags.namespace) or identifiers.problem(
-        "id", flags.id
-    )
+    problem = identifiers.task_problem(flags.namespace, flags.id)
     if problem is not None:
         sys.stdout.write(f"embedshim start: {problem}\n")
         return 1

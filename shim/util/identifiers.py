@@ -32,6 +32,11 @@ def problem(field: str, value: str) -> str | None:
     return None
 
 
+def task_problem(namespace: str, id: str) -> str | None:
+    """What is wrong with a task's namespace, else with its id, or None."""
+    return problem("namespace", namespace) or problem("id", id)
+
+
 def validate(field: str, value: str) -> str:
     """``value``, or InvalidArgument naming ``field``."""
     message = problem(field, value)
