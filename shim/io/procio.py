@@ -28,6 +28,7 @@ from shim.io.logbinary import LoggingBinary
 from shim.io.ptycopy import FD_NAMES, PtyCopier
 from shim.io.stdio import Stdio, open_console_input, open_input, open_output, output_scheme
 from shim.util import log, procinfo
+from shim.util.fsutil import close_quietly
 
 DRAIN_TIMEOUT = 2.0  # at Delete, for a terminal's last output (containerd waits as long)
 
@@ -140,7 +141,7 @@ class ProcessIO:
         """runc holds the process's fds now: drop ours, so readers see
         EOF when the process is done with them."""
         for fd in self._runc_fds:
-            _close(fd)
+            close_quietly(fd)
         self._runc_fds = []
         self.triple = (-1, -1, -1)
 
@@ -233,7 +234,7 @@ class ProcessIO:
     def _close_fds(self) -> None:
         self.runc_done()
         for fd in self._tty.values():
-            _close(fd)
+            close_quietly(fd)
         self._tty = {}
         if self.console is not None:
             self.console.close()
@@ -293,18 +294,10 @@ class ProcessIO:
             state["console"] = PtyCopier.fresh_state(copy)
         else:
             for fd in copy.values():
-                _close(fd)
+                close_quietly(fd)
         for name in [n for n in kept if n.startswith(f"log.{key}.")]:
-            _close(kept.pop(name))
+            close_quietly(kept.pop(name))
             _, _, pid, start = name.split(".")
             state["logger"] = [int(pid), int(start)]
             state["kept"].append(name)
         return state if len(state) > 1 else None
-
-
-def _close(fd: int) -> None:
-    if fd >= 0:
-        try:
-            os.close(fd)
-        except OSError:
-            pass

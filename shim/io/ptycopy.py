@@ -31,6 +31,7 @@ import termios
 from typing import Any
 
 from shim.util import log
+from shim.util.fsutil import close_quietly
 
 LIMIT = 64 * 1024
 #: The copy's descriptors: the pty master, the stdin FIFO (read), our own writer holding
@@ -39,14 +40,6 @@ FD_NAMES = ("master", "stdin", "hold", "out")
 TIOCGPTPEER = 0x5441
 DEFAULT_VEOF = b"\x04"
 _LINE_ENDS = (b"", b"\n", b"\r")
-
-
-def _close(fd: int) -> None:
-    if fd >= 0:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
 
 
 def _pollable(fd: int) -> bool:
@@ -353,7 +346,7 @@ class PtyCopier:
             self._loop.remove_writer(fd)
             self._writers.discard(fd)
         setattr(self, name, -1)
-        _close(fd)
+        close_quietly(fd)
 
 
 def _fifo_empty(fd: int) -> bool:

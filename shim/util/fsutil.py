@@ -10,6 +10,15 @@ import posix
 _MNT_ID = b"\nmnt_id:"
 
 
+def close_quietly(fd: int) -> None:
+    """Close ``fd`` if it is one (>= 0), ignoring errors: for cleanup paths."""
+    if fd >= 0:
+        try:
+            posix.close(fd)
+        except OSError:
+            pass
+
+
 def join(head: str, tail: str) -> str:
     """``os.path.join`` of two components."""
     if tail.startswith("/") or not head:
