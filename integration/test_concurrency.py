@@ -8,6 +8,7 @@ hundred container lifecycles run in their normal time beside a `runc pause` that
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
 import threading
@@ -25,6 +26,7 @@ from integration.embed import (
 from integration.harness import Containerd, task_list, wait_for
 from integration.soak import daemon_pid, snapshot
 from shim.api import runc_options_pb2, shim_pb2
+from shim.ttrpc import Client
 from shim.ttrpc.blocking import BlockingClient
 
 N = 100
@@ -247,4 +249,48 @@ def test_a_hung_runc_holds_up_no_other_container(containerd: Containerd, busybox
     assert median < 2 * base_median + 0.5, (median, base_median)
     assert max(during.values()) < 10 * base_median + 5, _summary("slowest", during)
     _kill_and_delete(address, "hung", "hang")
+    assert task_list(c) == {}
+
+
+def test_a_kill_is_answered_before_the_delete_after_its_exit(
+    containerd: Containerd, busybox: str
+) -> None:
+    """The container can exit, and containerd hear of it, before `runc kill` is done
+    (slow here: a fake runc sleeps after the real kill).  containerd then deletes the task
+    and closes the task's connection; a Kill answered after the Delete fails there with
+    "ttrpc: closed" (CRI's StopContainer / StopPodSandbox on a loaded node).  So the Kill
+    is answered first."""
+    c = containerd
+    fake = os.path.join(c.tmp, "slow-kill-runc")
+    with open(fake, "w") as f:
+        f.write(
+            '#!/bin/sh\ncase " $* " in *" kill "*) runc "$@"; rc=$?; sleep 2; exit $rc;; esac\n'
+            'exec runc "$@"\n'
+        )
+    os.chmod(fake, 0o755)
+    bundle = write_bundle(c, "sk", "sk", oci_spec(busybox, "sleep", "1000"))
+    address = start_daemon(c, bundle, "sk", "sk")
+    req = shim_pb2.CreateTaskRequest(id="sk", bundle=bundle)
+    req.options.type_url = "containerd.runc.v1.Options"
+    req.options.value = runc_options_pb2.Options(binary_name=fake).SerializeToString()
+    run(call(address, "Create", req, "sk"))
+    run(call(address, "Start", shim_pb2.StartRequest(id="sk"), "sk"))
+    meta = {"containerd-namespace-ttrpc": "sk"}
+
+    async def as_containerd() -> list[str]:
+        answered: list[str] = []
+        async with await Client.connect(address) as client:  # one connection, as the task's
+
+            async def one(method: str, msg: object) -> None:
+                payload = msg.SerializeToString()  # type: ignore[attr-defined]
+                await client.call(TASK_SERVICE, method, payload, metadata=meta, timeout=30)
+                answered.append(method)
+
+            kill = asyncio.create_task(one("Kill", shim_pb2.KillRequest(id="sk", signal=9)))
+            await one("Wait", shim_pb2.WaitRequest(id="sk"))  # the exit, as the event says it
+            await one("Delete", shim_pb2.DeleteRequest(id="sk"))
+            await kill
+        return answered
+
+    assert run(as_containerd()) == ["Wait", "Kill", "Delete"]
     assert task_list(c) == {}

@@ -621,3 +621,32 @@ def test_chaos_twenty_kills_during_churn(containerd: Containerd, busybox: str) -
         lambda p: p.zombie and p.ppid in {d.pid for d in daemons(containerd)}
     )
     assert zombies == []
+
+
+def test_a_connection_made_after_a_reload_survives_a_crash(
+    containerd: Containerd, busybox: str
+) -> None:
+    """After a reload (SIGHUP: the daemon re-executes itself) the keeper still accepts
+    containerd's connections, so the next crash loses none.  A connection the re-executed
+    daemon accepted itself would close with it, and containerd, which never reconnects,
+    would answer that pod's or task's every call with "ttrpc: closed".  The keeper is
+    stopped while the connection is made, so only the daemon could take it then."""
+    containerd.run(RUNTIME, busybox, "live", "sleep", "100000", detach=True)
+    (daemon,) = daemons(containerd)
+    (keeper,) = keepers(containerd)
+    log_path = daemon_paths(containerd).log
+    reloads = open(log_path).read().count("daemon reloaded")
+    os.kill(daemon.pid, signal.SIGHUP)
+    wait_for(lambda: open(log_path).read().count("daemon reloaded") > reloads, what="reload")
+    os.kill(keeper.pid, signal.SIGSTOP)
+    try:
+        client = BlockingClient(daemon_paths(containerd).address, timeout=10.0)
+        time.sleep(0.5)  # time for the daemon to take it, if it listened
+    finally:
+        os.kill(keeper.pid, signal.SIGCONT)
+    with client:
+        before = json.loads(client.call(DAEMON_SERVICE, "Info", b""))
+        _crash(containerd, "SIGKILL")
+        after = json.loads(client.call(DAEMON_SERVICE, "Info", b""))  # the same connection
+    assert after["pid"] != before["pid"] == daemon.pid
+    assert task_list(containerd)["live"][1] == "RUNNING"

@@ -157,3 +157,21 @@ def test_mount_option_parsing() -> None:
 def test_log_lines_are_key_value_with_ids_first() -> None:
     line = log.format_fields({"pid": 3, "id": "c1", "ns": "k8s.io", "error": "a b"})
     assert line == 'ns=k8s.io id=c1 pid=3 error="a b"'
+
+
+def test_a_wait_whose_caller_went_away_is_cancelled_not_failed() -> None:
+    """unless_gone: the caller's connection closes while its Wait waits; the handler ends
+    with CANCELLED (an InvalidStateError, logged as a failed request, before)."""
+    import asyncio
+
+    from shim.handlers import unless_gone
+    from shim.ttrpc import Context
+
+    async def scenario() -> TTRPCError:
+        ctx = Context(service="s", method="Wait")
+        asyncio.get_running_loop().call_soon(ctx.gone.set)
+        with pytest.raises(TTRPCError) as err:
+            await unless_gone(ctx, asyncio.Event().wait())  # a coroutine: run as a task
+        return err.value
+
+    assert asyncio.run(scenario()).code == Code.CANCELLED

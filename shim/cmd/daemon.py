@@ -171,7 +171,8 @@ class Daemon:
             from shim.ttrpc.server import ServerHandoff
 
             adopted = ServerHandoff.from_json(str(handoff["server"]))
-            await server.adopt(adopted)
+            # With a keeper, it accepts (a connection accepted here would die with us).
+            await server.adopt(adopted, accept=self.attached is None)
             if self.attached is not None:
                 os.close(self.attached.listen_fd)  # the handed-over one is the same socket
                 known = {conn.key for conn in adopted.connections}

@@ -26,7 +26,7 @@ async def unless_gone(ctx: Context, waiting: Awaitable[T]) -> T:
         gone.cancel()
         if not task.done():
             task.cancel()
-    if task.cancelled():
+    if not task.done() or task.cancelled():  # cancelled just now, done only at its next step
         raise TTRPCError(Code.CANCELLED, "the caller went away")
     return task.result()
 

@@ -57,6 +57,11 @@ class Process:
         # It is this process's alone: held across its own runc calls (each bounded by the
         # runc timeout), it delays only this process's transitions, never another container.
         self.start_lock = asyncio.Lock()
+        # Kills still running (their answers not yet written): a Delete waits for them (see
+        # InitProcess.kill).
+        self._kills = 0
+        self._no_kills = asyncio.Event()
+        self._no_kills.set()
 
     @property
     def id(self) -> str:
@@ -522,19 +527,32 @@ class InitProcess(Process):
         log.event("container updated", **self.fields())
 
     async def kill(self, sig: int, all: bool) -> None:
+        """Signal through ``runc kill``.  The process may exit, and containerd hear of it,
+        before runc itself is done: containerd then deletes the task and closes its
+        connection, so a Delete must not be answered before this Kill is (see
+        :meth:`delete`), or the Kill fails with "ttrpc: closed"."""
         if not all:
             self.allow(Op.KILL)
+        self._kills += 1
+        self._no_kills.clear()
         try:
             await self.task.runc.kill(self.task.id, sig, all=all)
         except RuncError as exc:
             if is_not_found(exc):
                 raise errors.not_found(f"process {self.id} already finished") from None
             raise errors.internal(str(exc)) from None
+        finally:
+            # The answer is written by this same task before it next yields, so a Delete
+            # woken by this is answered after it.
+            self._kills -= 1
+            if not self._kills:
+                self._no_kills.set()
 
     async def delete(self) -> tuple[int, int, int]:
         """Remove the container; returns (pid, exit status, exited_at ns)."""
         task = self.task
         deleted = self.allow(Op.DELETE)
+        await self._no_kills.wait()  # each bounded by the runc timeout
         try:
             await task.runc.delete(task.id, force=True)
         except RuncError as exc:

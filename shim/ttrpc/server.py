@@ -491,11 +491,13 @@ class Server:
         self._closed.set()
         return handoff
 
-    async def adopt(self, handoff: ServerHandoff) -> None:
+    async def adopt(self, handoff: ServerHandoff, *, accept: bool = True) -> None:
         """Take over a server handed off by :meth:`handoff`, normally in the exec'd process.
 
         Every descriptor is made CLOEXEC again first. Serves on ``listen_fd`` (unless -1) as
-        :meth:`start_sock` would, and takes every connection back: the unread bytes are fed to
+        :meth:`start_sock` would (with ``accept=False`` only holding it, as there: a keeper
+        accepts, and a connection we accepted ourselves would die with us), and takes every
+        connection back: the unread bytes are fed to
         the decoder, the stream-id check and :attr:`Context.connection` continue, and each
         pending call is run as if it had just arrived, answering on its original stream.
         Adopted connections are not put through the accept filter again. A connection whose
@@ -524,7 +526,7 @@ class Server:
                         os.close(handoff.listen_fd)
                     raise
                 try:
-                    await self.start_sock(listener)
+                    await self.start_sock(listener, accept=accept)
                 except BaseException:
                     listener.close()
                     raise
