@@ -164,7 +164,7 @@ def test_a_wait_whose_caller_went_away_is_cancelled_not_failed() -> None:
     with CANCELLED (an InvalidStateError, logged as a failed request, before)."""
     import asyncio
 
-    from shim.handlers import unless_gone
+    from shim.tasks.handlers import unless_gone
     from shim.ttrpc import Context
 
     async def scenario() -> TTRPCError:
