@@ -155,6 +155,25 @@ def keeper_of(daemon: ProcInfo) -> int:
     return daemon.ppid
 
 
+# keeper/keeper.c: LOOP_CRASHES crashes within LOOP_WINDOW_S is a crash loop, and the keeper
+# gives up (every connection closes).  CRI tests share one daemon for the whole session and
+# crash it on purpose in several tests: their kills are paced so they never add up to one.
+LOOP_CRASHES, LOOP_WINDOW_S = 5, 10.0
+_deliberate_kills: dict[int, list[float]] = {}
+
+
+def crash_daemon(daemon: ProcInfo, sig: int = signal.SIGKILL) -> None:
+    """Kill the daemon as a crash would (its keeper restarts it), first waiting, if need be,
+    until this kill cannot be the keeper's fifth within its crash-loop window."""
+    keeper = daemon.ppid
+    now = time.monotonic()
+    recent = [t for t in _deliberate_kills.get(keeper, []) if now - t < LOOP_WINDOW_S]
+    if len(recent) >= LOOP_CRASHES - 1:
+        time.sleep(LOOP_WINDOW_S + 0.2 - (now - recent[-(LOOP_CRASHES - 1)]))
+    _deliberate_kills[keeper] = [*recent, time.monotonic()]
+    os.kill(daemon.pid, sig)
+
+
 def kill_daemon_for_good(c: Containerd) -> int:
     """SIGKILL the daemon's keeper, then the daemon: nothing restarts it, as before the keeper
     existed (for tests of what happens while no daemon runs).  Returns the daemon's pid."""

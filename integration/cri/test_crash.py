@@ -6,12 +6,9 @@ Only for our handler: runc-v2 has no daemon to crash (a crashed runc-v2 shim cos
 
 from __future__ import annotations
 
-import os
-import signal
-
 from integration.cri.api import cri_api_pb2 as cri
 from integration.cri.node import CriNode
-from integration.embed import daemons
+from integration.embed import crash_daemon, daemons
 from integration.harness import wait_for
 
 
@@ -25,7 +22,7 @@ def test_daemon_crash_is_invisible_to_cri(cri_node: CriNode) -> None:
         before = node.status(long)
         pids = {p.pid for p in daemons(node.ctrd)}
         (daemon,) = daemons(node.ctrd)
-        os.kill(daemon.pid, signal.SIGKILL)
+        crash_daemon(daemon)
         wait_for(
             lambda: {p.pid for p in daemons(node.ctrd)} - pids, what="a new daemon", interval=0.02
         )

@@ -18,7 +18,7 @@ import pytest
 
 from integration.cri.api import cri_api_pb2 as cri
 from integration.cri.node import SHIM_SANDBOXER, CriNode, Pod, poll, rpc_code
-from integration.embed import daemon_paths, daemons, keeper_of
+from integration.embed import crash_daemon, daemon_paths, daemons, keeper_of
 from integration.harness import _proc_info, wait_for
 from shim.api import sandbox_pb2
 from shim.pods.sandbox import HOLDER, cgroup_dirs
@@ -89,7 +89,7 @@ def test_sandbox_survives_crash_reload_and_containerd_restart(cri_node: CriNode)
         # a daemon crash: the keeper restarts it, nothing changes for CRI
         pids = {p.pid for p in daemons(node.ctrd)}
         (daemon,) = daemons(node.ctrd)
-        os.kill(daemon.pid, signal.SIGKILL)
+        crash_daemon(daemon)
         wait_for(lambda: {p.pid for p in daemons(node.ctrd)} - pids, what="a new daemon")
         assert node.exec_sync(long, ["true"]).exit_code == 0
         st = node.wait_exited(short)
@@ -146,7 +146,7 @@ def test_holder_exit_while_no_daemon_runs_is_reported(cri_node: CriNode) -> None
         keeper = keeper_of(daemon)
         os.kill(keeper, signal.SIGSTOP)
         try:
-            os.kill(daemon.pid, signal.SIGKILL)
+            crash_daemon(daemon)
             wait_for(lambda: not _alive(daemon.pid), what="daemon dead")
             os.kill(holder, signal.SIGKILL)
             wait_for(lambda: not _alive(holder), what="holder dead")
@@ -235,7 +235,7 @@ def test_daemon_crash_during_start_sandbox_leaves_one_holder(
         keeper = keeper_of(daemon)
         os.kill(keeper, signal.SIGSTOP)  # no new daemon until the orphan is what it will be
         if shared_pid:
-            os.kill(daemon.pid, signal.SIGKILL)
+            crash_daemon(daemon)
             wait_for(lambda: not _alive(daemon.pid), what="daemon dead")
             _freeze(freezer, "THAWED")
             wait_for(lambda: not _alive(first), what="the holder's parent dead (SIGPIPE)")
@@ -244,7 +244,7 @@ def test_daemon_crash_during_start_sandbox_leaves_one_holder(
             os.kill(daemon.pid, signal.SIGSTOP)
             _freeze(freezer, "THAWED")
             wait_for(lambda: _announced(first), what="the holder announced")
-            os.kill(daemon.pid, signal.SIGKILL)
+            crash_daemon(daemon)
             wait_for(lambda: not _alive(daemon.pid), what="daemon dead")
             orphan = first
         assert _announced(orphan) and _alive(orphan)

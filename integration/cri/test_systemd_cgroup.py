@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 
 from integration.cri.node import CriNode, Pod
-from integration.embed import containerd_version_env, daemon_paths, daemons
+from integration.embed import containerd_version_env, crash_daemon, daemon_paths, daemons
 from integration.harness import wait_for
 
 #: CRI's handlers, in the node's config version (the harness fills in {cri_runtimes})
@@ -225,7 +224,7 @@ def test_setting_from_a_config_path_file_survives_a_crash(node: Node) -> None:
     os.unlink(node.sd_toml)
     try:
         (daemon,) = daemons(cri.ctrd)
-        os.kill(daemon.pid, signal.SIGKILL)
+        crash_daemon(daemon)
         wait_for(lambda: [d for d in daemons(cri.ctrd) if d.pid != daemon.pid], what="new daemon")
         assert cri.exec_sync(cid, ["true"]).exit_code == 0
         cri.stop(cid, timeout=0)
