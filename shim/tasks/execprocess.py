@@ -27,6 +27,7 @@ from shim.store.statestore import ProcessRecord, StoreError, best_effort
 from shim.tasks.lifecycle import Op, Status
 from shim.tasks.process import Process
 from shim.util import errors, log, procinfo
+from shim.util.fsutil import write_atomic
 
 if TYPE_CHECKING:
     from shim.tasks.task import Task
@@ -164,6 +165,15 @@ class ExecProcess(Process):
                 log.event("no trace id", logging.ERROR, **self.fields(), error=exc)
             if self.trace_id and not exited.done():
                 self.track()
+            elif exited.done():
+                # Gone before the BPF map could know it: its status, held only in memory
+                # until _await_exit runs, goes where a restarted daemon looks first.
+                ex = exited.result()
+                best_effort(
+                    lambda: write_atomic(self.status_file, f"{ex.status} {ex.at}"),
+                    "exec status",
+                    **self.fields(),
+                )
             self.status = running
             best_effort(
                 lambda: self.task.deps.store.put(self.record()), "exec started", **self.fields()
