@@ -100,6 +100,27 @@ def pending_requests(c: Containerd) -> list[tuple[str, bytes]]:
     return out
 
 
+def journal_leftovers(c: Containerd) -> list[str]:
+    """What the daemon's journal still holds: requests read and not answered (by connection
+    and stream id) and files of its own beside the slot files and connection states."""
+    from shim.ttrpc.journal import Journal
+
+    directory = daemon_paths(c).journal
+    if not os.path.isdir(directory):
+        return []
+    out = [
+        f"{conn}.{call.stream_id} {call.request().method}"
+        for conn, calls in Journal(directory).load().items()
+        for call in calls
+    ]
+    out += [
+        name
+        for name in os.listdir(directory)
+        if not name.startswith("slots.") and not name.endswith(".state")
+    ]
+    return out
+
+
 def runtime_info_failures(c: Containerd) -> list[str]:
     """containerd 2.x's complaints that a runtime's shim gave it no RuntimeInfo (``-info``),
     logged at every Create while it fails (the first three)."""

@@ -34,6 +34,7 @@ from integration.embed import (
     daemon_paths,
     daemons,
     embed_containerd,
+    journal_leftovers,
     oci_spec,
     run,
     start_daemon,
@@ -475,8 +476,7 @@ def test_create_in_flight(containerd: Containerd, busybox: str, caller: str) -> 
         assert store.count() == 0
     finally:
         store.close()
-    journal = daemon_paths(containerd).journal
-    wait_for(lambda: os.listdir(journal) == [], what="nothing left in the journal")
+    wait_for(lambda: journal_leftovers(containerd) == [], what="nothing left in the journal")
 
 
 def _running(needle: str) -> bool:
@@ -616,7 +616,7 @@ def test_chaos_twenty_kills_during_churn(containerd: Containerd, busybox: str) -
         assert store.count() == 0
     finally:
         store.close()
-    assert [n for n in os.listdir(paths.journal) if not n.endswith(".state")] == []
+    assert journal_leftovers(containerd) == []
     zombies = processes_matching(
         lambda p: p.zombie and p.ppid in {d.pid for d in daemons(containerd)}
     )

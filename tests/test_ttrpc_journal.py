@@ -72,6 +72,16 @@ class Peer:
         return self.responses[stream_id][0]
 
 
+def own_files(journal_dir: str) -> list[str]:
+    """Files of single requests (too large for a slot, or an older image's)."""
+    return sorted(n for n in os.listdir(journal_dir) if not n.startswith("slots."))
+
+
+def write_file(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+
+
 @pytest.fixture
 def journal_dir() -> str:
     return tempfile.mkdtemp(prefix="journal", dir="/tmp")
@@ -322,7 +332,7 @@ def test_journaled_answer_is_sent_again_not_recomputed(journal_dir: str) -> None
         peer = Peer(client)
         assert (await peer.read_until(7)).payload == b"first"
         await asyncio.sleep(0.05)
-        assert runs == 0 and os.listdir(journal_dir) == []
+        assert runs == 0 and journal.load() == {} and own_files(journal_dir) == []
         await b.close()
         client.close()
 
@@ -396,14 +406,98 @@ def test_answer_cut_short_is_no_answer_and_a_new_one_fits(journal_dir: str) -> N
 def test_an_older_images_answer_beside_the_request_is_read(journal_dir: str) -> None:
     """Images before one file per request wrote the answer to ``<conn>.<stream>.r``: after an
     upgrade the new image still sends it, and leaves one file that ``done`` removes."""
-    journal = Journal(journal_dir)
     frame = request_frame(11, "Delete", b"y")
-    journal.record(4, 11, frame)
+    write_file(os.path.join(journal_dir, "4.11"), frame)
     answer = encode_frame(11, MessageType.RESPONSE, Response(payload=b"old").encode())
-    with open(os.path.join(journal_dir, "4.11.r"), "wb") as f:
-        f.write(answer)
+    write_file(os.path.join(journal_dir, "4.11.r"), answer)
+    journal = Journal(journal_dir)
     (call,) = journal.load()[4]
-    assert call.answer == answer
-    assert sorted(os.listdir(journal_dir)) == ["4.11"]
+    assert call.frame == frame and call.answer == answer
+    assert own_files(journal_dir) == ["4.11"]
     journal.done(4, 11)
-    assert os.listdir(journal_dir) == []
+    assert own_files(journal_dir) == [] and journal.load() == {}
+
+
+def test_an_older_images_file_per_request_is_read(journal_dir: str) -> None:
+    """Images before the slot files wrote one file per request, its answer appended: a new
+    image finds both, sends the answer, and removes the file when done."""
+    w = request_frame(3, "Wait", b"w")
+    d = request_frame(5, "Delete", b"d")
+    answer = encode_frame(5, MessageType.RESPONSE, Response(payload=b"gone").encode())
+    write_file(os.path.join(journal_dir, "2.3"), w)
+    write_file(os.path.join(journal_dir, "2.5"), d + answer)
+    journal = Journal(journal_dir)
+    calls = journal.load()[2]
+    assert [(c.stream_id, c.frame, c.answer) for c in calls] == [(3, w, None), (5, d, answer)]
+    journal.done(2, 3)
+    journal.done(2, 5)
+    assert own_files(journal_dir) == [] and journal.load() == {}
+
+
+def test_slots_are_reused_and_no_file_is_made_per_request(journal_dir: str) -> None:
+    """The common case creates no file: requests come and go in the slot files, which grow
+    only to the most requests in flight at once; a successor finds exactly those in flight."""
+    journal = Journal(journal_dir)
+    for round in range(50):
+        for sid in range(1, 8, 2):
+            journal.record(1, round * 8 + sid, request_frame(round * 8 + sid, "State"))
+        for sid in range(1, 8, 2):
+            journal.done(1, round * 8 + sid)
+    assert own_files(journal_dir) == []
+    assert os.path.getsize(os.path.join(journal_dir, "slots.512")) <= 4 * 512
+    waits = {sid: request_frame(sid, "Wait", b"c%d" % sid) for sid in (1, 3, 5)}
+    for sid, frame in waits.items():
+        journal.record(7, sid, frame)
+    journal.done(7, 3)
+    successor = Journal(journal_dir)
+    assert [(c.stream_id, c.frame) for c in successor.load()[7]] == [(1, waits[1]), (5, waits[5])]
+    successor.done(7, 1)
+    successor.done(7, 5)
+    assert successor.load() == {} and Journal(journal_dir).load() == {}
+
+
+def test_slot_cut_short_or_stale_is_no_entry(journal_dir: str) -> None:
+    """A slot written only in part (the writer died in its pwrite) fails its checksum and is
+    no entry; a reused slot never shows its last user's answer."""
+    journal = Journal(journal_dir)
+    frame = request_frame(9, "Kill", b"0123456789")
+    journal.record(3, 9, frame)
+    path = os.path.join(journal_dir, "slots.512")
+    with open(path, "r+b") as f:
+        f.seek(30)
+        f.write(b"\xff")  # as if the frame's bytes had not all landed
+    assert Journal(journal_dir).load() == {}
+    journal.record(3, 9, frame)
+    answer = encode_frame(9, MessageType.RESPONSE, Response(payload=b"done").encode())
+    journal.answer(3, 9, answer)
+    journal.done(3, 9)
+    again = request_frame(11, "Kill", b"0123456789")  # same length: same place for an answer
+    journal.record(3, 11, again)
+    (call,) = Journal(journal_dir).load()[3]
+    assert (call.stream_id, call.frame, call.answer) == (11, again, None)
+
+
+def test_large_frames_and_answers_move_to_larger_places(journal_dir: str) -> None:
+    """A request too large for a small slot takes a large one, one too large for any slot a
+    file; an answer too large for its slot moves the request with it.  A successor finds
+    each with its answer, and nothing is left once they are done."""
+    journal = Journal(journal_dir)
+    small = request_frame(1, "Stats")
+    medium = request_frame(3, "Create", b"m" * 3000)
+    huge = request_frame(5, "Create", b"h" * 20000)
+    for sid, frame in ((1, small), (3, medium), (5, huge)):
+        journal.record(2, sid, frame)
+    assert own_files(journal_dir) == ["2.5"]
+    answers = {
+        sid: encode_frame(sid, MessageType.RESPONSE, Response(payload=b"a" * n).encode())
+        for sid, n in ((1, 1500), (3, 6000), (5, 10))
+    }
+    journal.answer(2, 1, answers[1])  # 1500 bytes: from a 512-byte slot to an 8 KiB one
+    journal.answer(2, 3, answers[3])  # 3000 + 6000 bytes: to a file
+    journal.answer(2, 5, answers[5])
+    assert own_files(journal_dir) == ["2.3", "2.5"]
+    found = {c.stream_id: (c.frame, c.answer) for c in Journal(journal_dir).load()[2]}
+    assert found == {1: (small, answers[1]), 3: (medium, answers[3]), 5: (huge, answers[5])}
+    for sid in (1, 3, 5):
+        journal.done(2, sid)
+    assert own_files(journal_dir) == [] and Journal(journal_dir).load() == {}

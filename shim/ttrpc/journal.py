@@ -7,26 +7,32 @@ successor finds here exactly the requests nobody answered, and nothing read was 
 is either still in the socket, or here, or both (then the successor skips the copy in the
 socket by its stream id, see :meth:`Journal.load`).
 
-One file per request, ``<connection>.<stream id>``, holding the raw frame (header and
-payload), written with one ``write``; a file cut short by the writer's death is recognised by
-its header's length and dropped (its frame is still in the socket, unread).  The answer is
-appended to the same file, just before it goes to the socket: a successor that finds a whole
-answer frame after the request sends it again rather than running the request a second time
-(a peer that had it already drops the copy: ttrpc clients ignore answers to streams they no
-longer wait on); an answer cut short is as good as none (it never reached the socket).  One
-file created and one removed per request, and no rename: on a busy node this is the
-daemon's most frequent disk work.  (Older images wrote the answer beside it, as
-``<connection>.<stream id>.r``; :meth:`Journal.load` still reads those.)  Each
+Entries live in slot files of fixed-size slots, reused: ``slots.512`` and ``slots.8192``
+(a request and its answer fit one slot of the smaller size that holds both).  Recording a
+request is one ``pwrite`` of a header (connection, stream id, length, CRC-32) and the frame;
+its answer, appended in the slot, another; forgetting it, a third that zeroes the slot's
+magic.  A slot cut short by the writer's death fails its CRC and is as good as none (its
+frame is still in the socket, unread; an answer cut short never reached the socket).  No file
+is created or removed per request: on a busy node the journal is the daemon's most frequent
+disk work, and on a disk file system (``/run`` is not tmpfs everywhere) creating and
+unlinking an inode per request cost a fifth of the daemon's CPU per exec.  A frame too large
+for a slot gets a file of its own, ``<connection>.<stream id>`` (the frame, then its answer
+appended); an answer that no longer fits its slot moves the request there with it.  Each
 connection's state (:attr:`.server.Context.connection`) is kept beside, as
 ``<connection>.state`` (JSON).  Nothing is synced: the journal survives the process, not the
-machine, and lives best on tmpfs (``/run``).
+machine, and lives best on tmpfs (``/run``).  Older images wrote one file per request (and
+before that the answer beside it, as ``<connection>.<stream id>.r``): :meth:`Journal.load`
+still reads those.
 """
 
 from __future__ import annotations
 
 import contextlib
+import heapq
 import json
 import os
+import struct
+import zlib
 
 from .codec import HEADER_SIZE, FrameHeader, Request
 
@@ -54,41 +60,204 @@ class JournaledCall:
         return Request.decode(self.frame[HEADER_SIZE:])
 
 
+# A slot: the request's header and frame, then the answer's header and frame.
+_REQUEST = struct.Struct("<4sIIII")  # magic, connection, stream id, frame length, CRC-32
+_ANSWER = struct.Struct("<4sII")  # magic, frame length, CRC-32
+_REQUEST_MAGIC = b"ejR1"
+_ANSWER_MAGIC = b"ejA1"
+_FREE = b"\0" * len(_REQUEST_MAGIC)
+#: slot sizes, smallest first; a request takes the first one leaving this much for its answer
+_SIZES = (512, 8192)
+_ANSWER_ROOM = (256, 2048)
+
+
+def _crc(*parts: bytes | memoryview | int) -> int:
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part.to_bytes(4, "little") if isinstance(part, int) else part, crc)
+    return crc
+
+
+class _Slots:
+    """One slot file: which slot holds which request, and which are free (lowest first,
+    so the file stays as short as the most requests ever in flight at once)."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.size = size
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        self.count = -(-os.fstat(self.fd).st_size // size)  # the last slot may be short
+        self.free: list[int] = []  # a heap
+        self.used: dict[tuple[int, int], tuple[int, int]] = {}  # key -> (slot, frame length)
+
+    def scan(self) -> list[tuple[int, int, int, bytes, bytes | None]]:
+        """Every valid slot: (slot, connection, stream id, frame, answer or None); the rest
+        are free."""
+        data = os.pread(self.fd, self.count * self.size, 0).ljust(self.count * self.size, b"\0")
+        found = []
+        for slot in range(self.count):
+            base = slot * self.size
+            magic, conn, sid, length, crc = _REQUEST.unpack_from(data, base)
+            start = base + _REQUEST.size
+            end = start + length
+            if magic != _REQUEST_MAGIC or end + _ANSWER.size > base + self.size:
+                continue
+            frame = data[start:end]
+            if _crc(conn, sid, frame) != crc or _whole_frame(frame) != length:
+                continue  # cut short by the writer's death, or stale
+            answer = None
+            amagic, alength, acrc = _ANSWER.unpack_from(data, end)
+            astart = end + _ANSWER.size
+            if amagic == _ANSWER_MAGIC and astart + alength <= base + self.size:
+                candidate = data[astart : astart + alength]
+                if _crc(candidate) == acrc and _whole_frame(candidate) == alength:
+                    answer = candidate
+            found.append((slot, conn, sid, frame, answer))
+        return found
+
+    def take(self) -> int:
+        if self.free:
+            return heapq.heappop(self.free)
+        self.count += 1
+        return self.count - 1
+
+    def put_back(self, slot: int) -> None:
+        heapq.heappush(self.free, slot)
+
+    def write(
+        self,
+        slot: int,
+        key: tuple[int, int],
+        frame: bytes | memoryview,
+        answer: bytes | None = None,
+    ) -> None:
+        """The request (and its answer, if given) into ``slot``; raises OSError."""
+        conn, sid = key
+        tail = (
+            _ANSWER.pack(_ANSWER_MAGIC, len(answer), _crc(answer)) + answer
+            if answer is not None
+            else bytes(_ANSWER.size)  # no stale answer of the slot's last user
+        )
+        header = _REQUEST.pack(_REQUEST_MAGIC, conn, sid, len(frame), _crc(conn, sid, frame))
+        os.pwrite(self.fd, b"".join((header, frame, tail)), slot * self.size)
+        self.used[key] = (slot, len(frame))
+
+    def clear(self, key: tuple[int, int]) -> None:
+        slot, _ = self.used.pop(key)
+        try:
+            os.pwrite(self.fd, _FREE, slot * self.size)
+        finally:
+            self.put_back(slot)
+
+
 class Journal:
     def __init__(self, directory: str) -> None:
         self.dir = directory
         os.makedirs(directory, mode=0o700, exist_ok=True)
         self._states: dict[int, str] = {}  # what was last written, to write only changes
         self._saved: dict[int, object] = {}  # the same, as read back from that JSON
+        self._slots = [_Slots(os.path.join(directory, f"slots.{size}"), size) for size in _SIZES]
+        for slots in self._slots:
+            in_use = set()
+            for slot, conn, sid, frame, answer in slots.scan():
+                key = (conn, sid)
+                other = self._slots_of(key)
+                if other is not None:  # moved when its answer was written: keep the whole one
+                    if answer is None:
+                        continue
+                    with contextlib.suppress(OSError):
+                        other.clear(key)
+                in_use.add(slot)
+                slots.used[key] = (slot, len(frame))
+            slots.free = [slot for slot in range(slots.count) if slot not in in_use]
+            heapq.heapify(slots.free)
+
+    def close(self) -> None:
+        for slots in self._slots:
+            os.close(slots.fd)
 
     def _path(self, connection: int, name: str) -> str:
         return os.path.join(self.dir, f"{connection}.{name}")
 
+    def _slots_of(self, key: tuple[int, int]) -> _Slots | None:
+        for slots in self._slots:
+            if key in slots.used:
+                return slots
+        return None
+
+    def _fitting(self, need: int, room: bool) -> _Slots | None:
+        for slots, extra in zip(self._slots, _ANSWER_ROOM, strict=True):
+            if need + (extra if room else 0) <= slots.size:
+                return slots
+        return None
+
     def record(self, connection: int, stream_id: int, frame: bytes | memoryview) -> None:
         """Write one request frame; raises OSError (the caller then must not consume it)."""
+        key = (connection, stream_id)
+        old = self._slots_of(key)
+        if old is not None:
+            old.clear(key)
+        slots = self._fitting(_REQUEST.size + len(frame) + _ANSWER.size, room=True)
+        if slots is None:
+            self._write_file(key, frame)
+            return
+        slot = slots.take()
+        try:
+            slots.write(slot, key, frame)
+        except OSError:
+            slots.put_back(slot)
+            raise
+
+    def answer(self, connection: int, stream_id: int, frame: bytes) -> None:
+        """The response about to be written for a journaled request, kept with it (raises
+        OSError)."""
+        key = (connection, stream_id)
+        slots = self._slots_of(key)
+        if slots is None:
+            fd = os.open(self._path(key[0], str(key[1])), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+            try:
+                os.write(fd, frame)
+            finally:
+                os.close(fd)
+            return
+        slot, length = slots.used[key]
+        end = _REQUEST.size + length + _ANSWER.size + len(frame)
+        if end <= slots.size:
+            tail = _ANSWER.pack(_ANSWER_MAGIC, len(frame), _crc(frame)) + frame
+            os.pwrite(slots.fd, tail, slot * slots.size + _REQUEST.size + length)
+            return
+        # Too large for its slot: request and answer move together, then the old slot goes
+        # (a successor finding both takes the one with the answer).
+        request = os.pread(slots.fd, length, slot * slots.size + _REQUEST.size)
+        bigger = self._fitting(end, room=False)
+        if bigger is None:
+            self._write_file(key, request + frame)
+        else:
+            new = bigger.take()
+            try:
+                bigger.write(new, key, request, frame)
+            except OSError:
+                bigger.put_back(new)
+                raise
+        slots.clear(key)
+
+    def _write_file(self, key: tuple[int, int], data: bytes | memoryview) -> None:
         fd = os.open(
-            self._path(connection, str(stream_id)),
+            self._path(key[0], str(key[1])),
             os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
             0o600,
         )
         try:
-            os.write(fd, frame)
-        finally:
-            os.close(fd)
-
-    def answer(self, connection: int, stream_id: int, frame: bytes) -> None:
-        """The response about to be written for a journaled request, appended to it (raises
-        OSError)."""
-        fd = os.open(
-            self._path(connection, str(stream_id)), os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC
-        )
-        try:
-            os.write(fd, frame)
+            os.write(fd, data)
         finally:
             os.close(fd)
 
     def done(self, connection: int, stream_id: int) -> None:
         """Forget a request (and its answer), after it."""
+        key = (connection, stream_id)
+        slots = self._slots_of(key)
+        if slots is not None:
+            slots.clear(key)
+            return
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._path(connection, str(stream_id)))
 
@@ -150,7 +319,8 @@ class Journal:
                 os.unlink(self._path(connection, what))
 
     def load(self) -> dict[int, list[JournaledCall]]:
-        """Every complete entry, by connection, in stream order; cut-short ones are removed."""
+        """Every complete entry, by connection, in stream order (slots are read as they are;
+        files of older images cut short are removed)."""
         out: dict[int, list[JournaledCall]] = {}
         names = os.listdir(self.dir)
         answers = {name[:-2] for name in names if name.endswith(".r")}
@@ -193,6 +363,15 @@ class Journal:
                         os.unlink(path + ".r")
             call = JournaledCall(int(conn_text), int(stream_text), frame, answer or None)
             out.setdefault(call.connection, []).append(call)
+        seen = {(c.connection, c.stream_id): c for calls in out.values() for c in calls}
+        for slots in self._slots:
+            for _, conn, sid, kept, reply in slots.scan():
+                known = seen.get((conn, sid))
+                if known is None:
+                    call = seen[conn, sid] = JournaledCall(conn, sid, kept, reply)
+                    out.setdefault(conn, []).append(call)
+                elif known.answer is None and reply is not None:
+                    known.frame, known.answer = kept, reply  # moved with its answer
         for calls in out.values():
             calls.sort(key=lambda c: c.stream_id)
         return out

@@ -99,7 +99,7 @@ class DaemonPaths:
 
     @property
     def journal(self) -> str:
-        """Requests read and not yet answered, one file each (see shim.ttrpc.journal)."""
+        """Requests read and not yet answered, in reused slots (see shim.ttrpc.journal)."""
         return join(self.dir, "inflight")
 
     @property
