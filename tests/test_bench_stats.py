@@ -10,13 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from integration.bench.bench import (
-    PHASES,
-    Config,
-    _order,
+from integration.bench.bench import PHASES, Config, parse_event_time_ns, parse_rfc3339_ns
+from integration.bench.common import (
     linear_fit,
-    parse_event_time_ns,
-    parse_rfc3339_ns,
+    order,
     percentile,
     process_tree_cpu_s,
     slope,
@@ -135,9 +132,9 @@ def test_parse_event_time_ns() -> None:
 
 
 def test_order_alternates() -> None:
-    assert _order(0, ["a", "b"]) == ["a", "b"]
-    assert _order(1, ["a", "b"]) == ["b", "a"]
-    assert _order(4, ["a", "b", "c"]) == ["b", "c", "a"]
+    assert order(0, ["a", "b"]) == ["a", "b"]
+    assert order(1, ["a", "b"]) == ["b", "a"]
+    assert order(4, ["a", "b", "c"]) == ["b", "c", "a"]
 
 
 # -- issue 14's goals, throughput, chunks --------------------------------------------------

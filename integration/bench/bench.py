@@ -53,6 +53,18 @@ from types import FrameType
 from typing import IO, Any
 
 from integration.bench import goals
+from integration.bench.common import (
+    EMBED,
+    RUNC,
+    SLEEP,
+    ms,
+    order,
+    process_cpu_s,
+    process_tree_cpu_s,
+    slope,
+    summarize,
+    system_cpu_s,
+)
 from integration.bench.cri import phase_cri
 from integration.bench.goals import dig as _get
 from integration.bench.sandboxcost import phase_sandbox
@@ -76,11 +88,8 @@ REPO = Path(__file__).resolve().parents[2]
 DEFAULT_OUT = REPO / "bench" / "out"
 EMBED_SHIM = "containerd-shim-embed-v1"
 RUNC_SHIM = "containerd-shim-runc-v2"
-SLEEP = ("sleep", "100000")
 EXIT_CODE = 3
 
-EMBED = "embed"
-RUNC = "runc-v2"
 FLOOR = "runc-floor"
 RUNTIMES = {EMBED: EMBED_RUNTIME, RUNC: RUNC_RUNTIME}
 PHASES = ("memory", "start", "exit", "exec", "scale", "cri", "watch", "sandbox")
@@ -98,56 +107,6 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 # --------------------------------------------------------------------------------------
 # statistics (pure; tested in tests/test_bench_stats.py)
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """The ``q``-th percentile (0..100) with linear interpolation between closest ranks
-    (numpy's default, ``statistics.quantiles(method="inclusive")``)."""
-    if not values:
-        raise ValueError("percentile of no values")
-    if not 0.0 <= q <= 100.0:
-        raise ValueError(f"percentile {q} outside 0..100")
-    xs = sorted(values)
-    pos = (len(xs) - 1) * q / 100.0
-    lo = math.floor(pos)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
-
-
-def summarize(values: Sequence[float]) -> dict[str, float]:
-    """n, min, mean, p50, p95, p99, max of ``values`` (just n=0 when empty)."""
-    if not values:
-        return {"n": 0}
-    return {
-        "n": len(values),
-        "min": min(values),
-        "mean": sum(values) / len(values),
-        "p50": percentile(values, 50),
-        "p95": percentile(values, 95),
-        "p99": percentile(values, 99),
-        "max": max(values),
-    }
-
-
-def linear_fit(xs: Sequence[float], ys: Sequence[float]) -> tuple[float, float]:
-    """Ordinary least squares ``y = slope * x + intercept``; returns (slope, intercept)."""
-    if len(xs) != len(ys):
-        raise ValueError("xs and ys differ in length")
-    if len(xs) < 2:
-        raise ValueError("a line needs at least two points")
-    mx = sum(xs) / len(xs)
-    my = sum(ys) / len(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        raise ValueError("all x values are equal")
-    sxy = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True))
-    slope = sxy / sxx
-    return slope, my - slope * mx
-
-
-def slope(xs: Sequence[float], ys: Sequence[float]) -> float:
-    """Least-squares slope of ``ys`` over ``xs``."""
-    return linear_fit(xs, ys)[0]
 
 
 def _offset_seconds(offset: str) -> int:
@@ -214,38 +173,6 @@ def smaps_rollup_kib(pid: int) -> tuple[int, int, int] | None:
     if min(vals.values()) < 0:
         return None
     return vals["Pss:"], vals["Rss:"], vals["Private_Clean:"] + vals["Private_Dirty:"]
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def system_cpu_s() -> float:
-    """CPU seconds spent busy by the whole machine so far (all cores; /proc/stat)."""
-    with open("/proc/stat") as f:
-        fields = f.readline().split()[1:]
-    # user nice system idle iowait irq softirq steal ...: all but idle and iowait
-    busy = sum(int(x) for i, x in enumerate(fields[:8]) if i not in (3, 4))
-    return busy / _CLK_TCK
-
-
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return (int(rest[11]) + int(rest[12])) / _CLK_TCK
-
-
-def process_tree_cpu_s(pid: int) -> float:
-    """utime + stime of ``pid`` and of its children it has waited for (cutime + cstime)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return sum(int(x) for x in rest[11:15]) / _CLK_TCK
 
 
 def shim_cpu_with_children_s(runtime: str, address: str) -> float:
@@ -617,16 +544,6 @@ class Config:
         return c
 
 
-def _ms(seconds: Sequence[float]) -> list[float]:
-    return [round(s * 1000.0, 3) for s in seconds]
-
-
-def _order(i: int, names: Sequence[str]) -> list[str]:
-    """``names`` rotated by ``i`` (alternates who goes first)."""
-    k = i % len(names)
-    return [*names[k:], *names[:k]]
-
-
 @dataclass
 class Bench:
     c: Containerd
@@ -753,7 +670,7 @@ class Bench:
         self.progress("memory", force=True)
         rows: dict[str, list[dict[str, Any]]] = {EMBED: [], RUNC: []}
         for i, n in enumerate(self.cfg.ns):
-            for rt in _order(i, [EMBED, RUNC]):
+            for rt in order(i, [EMBED, RUNC]):
                 ids = [f"m{n}-{rt}-{k}" for k in range(n)]
 
                 def start(cid: str, rt: str = rt) -> float | None:
@@ -787,8 +704,8 @@ class Bench:
                     shim_cpu_start_s=round(shim1 - shim0, 2),
                     # runc-v2 shims exit during teardown, taking their counters with them
                     shim_cpu_teardown_s=round(shim3 - shim2, 2) if rt == EMBED else None,
-                    start_ms=_ms(starts),
-                    teardown_ms=_ms(teardowns),
+                    start_ms=ms(starts),
+                    teardown_ms=ms(teardowns),
                 )
                 rows[rt].append(row)
                 left = [t for t in self.leftover_tasks() if t in set(ids)]
@@ -835,7 +752,7 @@ class Bench:
         try:
             names = [EMBED, RUNC, FLOOR]
             for i in range(m):
-                for rt in _order(i, names):
+                for rt in order(i, names):
                     cid = f"s-{rt}-{i}"
                     self.progress(f"start latency: {i + 1}/{m} {rt}")
                     if rt == FLOOR:
@@ -852,7 +769,7 @@ class Bench:
             if running != len(ids):
                 self.error(f"start latency: only {running}/{len(ids)} RUNNING")
             for i in range(m):
-                for rt in _order(i, names):
+                for rt in order(i, names):
                     cid = f"s-{rt}-{i}"
                     self.progress(f"teardown latency: {i + 1}/{m} {rt}")
                     if rt == FLOOR:
@@ -869,10 +786,10 @@ class Bench:
             for cid in warm.values():
                 self.teardown_one(cid)
         self.results["start"] = {
-            rt: {"summary": summarize(_ms(v)), "ms": _ms(v)} for rt, v in starts.items()
+            rt: {"summary": summarize(ms(v)), "ms": ms(v)} for rt, v in starts.items()
         }
         self.results["teardown"] = {
-            rt: {"summary": summarize(_ms(v)), "ms": _ms(v)} for rt, v in teardowns.items()
+            rt: {"summary": summarize(ms(v)), "ms": ms(v)} for rt, v in teardowns.items()
         }
 
     # -- exit latency -------------------------------------------------------------
@@ -909,7 +826,7 @@ class Bench:
         batches = math.ceil(self.cfg.exits / self.cfg.exit_batch)
         done = {EMBED: 0, RUNC: 0}
         for b in range(batches):
-            for rt in _order(b, [EMBED, RUNC]):
+            for rt in order(b, [EMBED, RUNC]):
                 size = min(self.cfg.exit_batch, self.cfg.exits - done[rt])
                 ids = [f"x-{rt}-{b}-{k}" for k in range(size)]
                 started = []
@@ -1030,7 +947,7 @@ class Bench:
             time.sleep(self.cfg.settle)  # the probe's helpers reaped, into the counters
             cpu0 = {rt: shim_cpu_with_children_s(rt, self.c.address) for rt in times}
             for i in range(self.cfg.execs):
-                for rt in _order(i, sorted(times)):
+                for rt in order(i, sorted(times)):
                     self.progress(f"exec latency: {i + 1}/{self.cfg.execs} {rt}")
                     dt, err = self.exec_one(ids[rt], f"e{i}")
                     if dt is None:
@@ -1050,7 +967,7 @@ class Bench:
                 else:
                     self.c.ctr("container", "delete", cid, check=False)
         for rt, v in times.items():
-            out.setdefault(rt, {}).update(summary=summarize(_ms(v)), ms=_ms(v))
+            out.setdefault(rt, {}).update(summary=summarize(ms(v)), ms=ms(v))
         self.results["exec"] = out
 
 

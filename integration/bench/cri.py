@@ -14,6 +14,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Any
 
+from integration.bench.common import ms, order, summarize
+
 if TYPE_CHECKING:
     from integration.bench.bench import Bench
 
@@ -24,7 +26,6 @@ CONTAINERS_PER_POD = 2
 
 
 def phase_cri(b: Bench) -> None:
-    from integration.bench.bench import _ms, _order, summarize
     from integration.cri.node import CriNode, cni_cache_dirs, drop_cni_cache
 
     pods_n = b.cfg.cri_pods
@@ -43,7 +44,7 @@ def phase_cri(b: Bench) -> None:
     try:
         pods: dict[str, list[Any]] = {h: [] for h in handlers}
         for i in range(pods_n):
-            for h in _order(i, handlers):
+            for h in order(i, handlers):
                 b.progress(f"CRI: pod {i + 1}/{pods_n} {h}")
                 pod = timed(h, "RunPodSandbox", node.run_pod, h)
                 pods[h].append(pod)
@@ -51,7 +52,7 @@ def phase_cri(b: Bench) -> None:
                     cid = node.create_container(pod, ["sleep", "100000"])
                     timed(h, "StartContainer", node.start, cid)
         for i in range(pods_n):
-            for h in _order(i, handlers):
+            for h in order(i, handlers):
                 b.progress(f"CRI: stopping pod {i + 1}/{pods_n} {h}")
                 pod = pods[h][i]
                 for cid in pod.containers:
@@ -65,6 +66,6 @@ def phase_cri(b: Bench) -> None:
     out: dict[str, Any] = {"pods": pods_n, "containers_per_pod": CONTAINERS_PER_POD}
     for h, key in HANDLER_KEYS.items():
         out[key] = {
-            op: {"summary": summarize(_ms(times[h][op])), "ms": _ms(times[h][op])} for op in OPS
+            op: {"summary": summarize(ms(times[h][op])), "ms": ms(times[h][op])} for op in OPS
         }
     b.results["cri"] = out

@@ -18,6 +18,8 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
+from integration.bench.common import EMBED, RUNC, SLEEP, ms, order, summarize
+
 if TYPE_CHECKING:
     from integration.bench.bench import Bench
 
@@ -41,7 +43,6 @@ def chunks(ids: Sequence[str], size: int) -> list[list[str]]:
 
 
 def phase_scale(b: Bench) -> None:
-    from integration.bench.bench import EMBED, RUNC, SLEEP, _ms, _order, summarize
 
     rts = [EMBED, RUNC]
     up: dict[str, list[str]] = {rt: [] for rt in rts}
@@ -63,7 +64,7 @@ def phase_scale(b: Bench) -> None:
         for n in b.cfg.scale_ns:
             j = 0
             while any(len(up[rt]) < n for rt in rts):
-                for rt in _order(j, rts):
+                for rt in order(j, rts):
                     have = len(up[rt])
                     ids = [f"n-{rt}-{k}" for k in range(have, min(n, have + CHUNK))]
                     if not ids:
@@ -83,16 +84,16 @@ def phase_scale(b: Bench) -> None:
             run_ms: dict[str, list[float]] = {rt: [] for rt in rts}
             down_ms: dict[str, list[float]] = {rt: [] for rt in rts}
             for i in range(b.cfg.scale_samples):
-                for rt in _order(i, rts):
+                for rt in order(i, rts):
                     cid = f"q{n}-{rt}-{i}"
                     b.progress(f"scale N={n}: {i + 1}/{b.cfg.scale_samples} {rt}")
                     dt = b.start_one(rt, cid, *SLEEP)
                     if dt is None:
                         continue
-                    run_ms[rt] += _ms([dt])
+                    run_ms[rt] += ms([dt])
                     down = b.teardown_one(cid)
                     if down is not None:
-                        down_ms[rt] += _ms([down])
+                        down_ms[rt] += ms([down])
             for rt in rts:
                 level[rt] = {
                     "run_ms": summarize(run_ms[rt]),
@@ -103,7 +104,7 @@ def phase_scale(b: Bench) -> None:
             levels.append(level)
         pieces = {rt: chunks(up[rt], CHUNK) for rt in rts}
         for j in range(max(len(p) for p in pieces.values())):
-            for rt in _order(j, rts):
+            for rt in order(j, rts):
                 if j < len(pieces[rt]):
                     b.progress(f"scale: tearing down {rt}")
                     batch(rt, b.teardown_one, pieces[rt][j], "teardown")

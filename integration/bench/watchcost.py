@@ -29,6 +29,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any
 
+from integration.bench.common import process_cpu_s
 from integration.embed import RUNTIME, SHIM, daemons, embed_containerd
 from integration.harness import Containerd, busybox_rootfs, task_list, wait_for
 
@@ -132,7 +133,6 @@ def _finish(c: Containerd, p: subprocess.Popen[str], cid: str) -> tuple[int, flo
 def _rate_phase(
     c: Containerd, rootfs: str, bindir: str, cid: str, rate: int, seconds: int, watcher: bool
 ) -> dict[str, float]:
-    from integration.bench.bench import process_cpu_s
 
     w = Watch(c) if watcher else None
     if w is not None:
