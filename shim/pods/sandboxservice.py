@@ -14,11 +14,10 @@ import json
 import time
 from collections.abc import Callable, MutableMapping
 
-from google.protobuf.message import DecodeError, Message
-
 from shim.api import sandbox_pb2 as pb
 from shim.pods.sandbox import HOLDER, NOTREADY, READY, Sandboxes, goarch, pod_config
 from shim.tasks.handlers import guard, unless_gone
+from shim.tasks.handlers import parse as _parse
 from shim.tasks.service import NAMESPACE_KEY
 from shim.ttrpc import Context, Handler
 from shim.util import errors, identifiers
@@ -26,13 +25,6 @@ from shim.util import errors, identifiers
 SANDBOX_SERVICE = "containerd.runtime.sandbox.v1.Sandbox"
 RUNTIME_TYPE = "io.containerd.embed.v1"
 EMPTY = b""
-
-
-def _parse(cls: type[Message], payload: bytes) -> Message:
-    try:
-        return cls.FromString(payload)
-    except DecodeError as exc:
-        raise errors.invalid(f"bad {cls.DESCRIPTOR.name}: {exc}") from None
 
 
 class SandboxService:
@@ -68,7 +60,6 @@ class SandboxService:
 
     async def create(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(pb.CreateSandboxRequest, payload)
-        assert isinstance(req, pb.CreateSandboxRequest)
         ns, id = self._key(ctx, req.sandbox_id)
         config = pod_config(req.options.type_url, req.options.value)
         self.reservations.pop((ns, id), None)
@@ -77,7 +68,6 @@ class SandboxService:
 
     async def start(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(pb.StartSandboxRequest, payload)
-        assert isinstance(req, pb.StartSandboxRequest)
         sb = await self.sandboxes.start(*self._key(ctx, req.sandbox_id))
         resp = pb.StartSandboxResponse(pid=sb.rec.pid)
         resp.created_at.FromNanoseconds(sb.rec.created_at)
@@ -85,7 +75,6 @@ class SandboxService:
 
     async def platform(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(pb.PlatformRequest, payload)
-        assert isinstance(req, pb.PlatformRequest)
         self.sandboxes.get(*self._key(ctx, req.sandbox_id))
         return pb.PlatformResponse(
             platform=pb.Platform(os="linux", architecture=goarch())
@@ -93,7 +82,6 @@ class SandboxService:
 
     async def stop(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(pb.StopSandboxRequest, payload)
-        assert isinstance(req, pb.StopSandboxRequest)
         ns, id = self._key(ctx, req.sandbox_id)
         if self.sandboxes.find(ns, id) is not None:
             await self.sandboxes.stop(ns, id, float(req.timeout_secs))
@@ -101,7 +89,6 @@ class SandboxService:
 
     async def wait(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(pb.WaitSandboxRequest, payload)
-        assert isinstance(req, pb.WaitSandboxRequest)
         rec = await unless_gone(ctx, self.sandboxes.wait(*self._key(ctx, req.sandbox_id)))
         resp = pb.WaitSandboxResponse(exit_status=rec.exit_status or 0)
         resp.exited_at.FromNanoseconds(rec.exited_at or 0)
@@ -109,7 +96,6 @@ class SandboxService:
 
     async def status(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(pb.SandboxStatusRequest, payload)
-        assert isinstance(req, pb.SandboxStatusRequest)
         sb = self.sandboxes.get(*self._key(ctx, req.sandbox_id))
         resp = pb.SandboxStatusResponse(
             sandbox_id=req.sandbox_id,
@@ -135,19 +121,16 @@ class SandboxService:
 
     async def ping(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(pb.PingRequest, payload)
-        assert isinstance(req, pb.PingRequest)
         self.sandboxes.get(*self._key(ctx, req.sandbox_id))
         return EMPTY
 
     async def shutdown(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(pb.ShutdownSandboxRequest, payload)
-        assert isinstance(req, pb.ShutdownSandboxRequest)
         await self.sandboxes.shutdown(*self._key(ctx, req.sandbox_id))
         return EMPTY
 
     async def metrics(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(pb.SandboxMetricsRequest, payload)
-        assert isinstance(req, pb.SandboxMetricsRequest)
         self.sandboxes.get(*self._key(ctx, req.sandbox_id))
         resp = pb.SandboxMetricsResponse(metrics=pb.Metric(id=req.sandbox_id))
         resp.metrics.timestamp.FromNanoseconds(time.time_ns())

@@ -8,11 +8,24 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from google.protobuf.message import DecodeError, Message
+
 from shim.store.statestore import StoreError
 from shim.ttrpc import Code, Context, Handler, TTRPCError
 from shim.util import log
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
+
+
+def parse(cls: type[M], payload: bytes) -> M:
+    """A request's message, or INVALID_ARGUMENT naming the message that did not decode."""
+    msg = cls()
+    try:
+        msg.ParseFromString(payload)
+    except DecodeError as exc:
+        raise TTRPCError(Code.INVALID_ARGUMENT, f"bad {cls.DESCRIPTOR.name}: {exc}") from None
+    return msg
 
 
 async def unless_gone(ctx: Context, waiting: Awaitable[T]) -> T:

@@ -13,9 +13,8 @@ import os
 import signal
 import time
 from collections.abc import Callable
-from typing import TypeVar
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 
 from shim.api import runc_options_pb2, shim_pb2
 from shim.oci import metrics
@@ -25,6 +24,7 @@ from shim.oci.checkpoint import decode_options as decode_checkpoint_options
 from shim.oci.runc import RuncError
 from shim.tasks.execprocess import ExecProcess
 from shim.tasks.handlers import guard, unless_gone
+from shim.tasks.handlers import parse as _parse
 from shim.tasks.lifecycle import STATUS_NUMBER, Status
 from shim.tasks.task import Tasks
 from shim.ttrpc import Code, Context, Handler, TTRPCError
@@ -39,7 +39,6 @@ VERSION = "embedshim 0.1.0"
 # (daemon.RESERVATION_TTL), and past this many the oldest go first.
 MAX_RESERVATIONS = 4096
 
-M = TypeVar("M", bound=Message)
 EMPTY = b""
 
 NOT_YET: dict[str, str] = {}  # RPCs still answered Unimplemented: none
@@ -59,15 +58,6 @@ SAFE_TO_REPEAT = frozenset(
 # containerd's typeurl registry names them).
 LINUX_RESOURCES = "types.containerd.io/opencontainers/runtime-spec/1/LinuxResources"
 PROCESS_DETAILS = runc_options_pb2.ProcessDetails.DESCRIPTOR.full_name
-
-
-def _parse(cls: type[M], payload: bytes) -> M:
-    msg = cls()
-    try:
-        msg.ParseFromString(payload)
-    except DecodeError as exc:
-        raise TTRPCError(Code.INVALID_ARGUMENT, f"bad {cls.DESCRIPTOR.name}: {exc}") from None
-    return msg
 
 
 class TaskService:
