@@ -25,19 +25,12 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 
+#include "exit_status.h"
+
 #define EXITSNOOP_LAYOUT_VERSION 1
 
 /* ---- shadow kernel types (only the fields we read) ---------------------- */
 #pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
-typedef struct {
-	int counter;
-} atomic_t;
-
-struct signal_struct {
-	atomic_t live;
-	int group_exit_code;
-	unsigned int flags;
-};
 
 struct task_struct {
 	int exit_code;
@@ -49,8 +42,6 @@ struct task_struct {
 };
 #pragma clang attribute pop
 
-/* include/linux/sched/signal.h; unchanged since 2.6 */
-#define SIGNAL_GROUP_EXIT 0x00000004
 
 /*
  * Start time unit shared with user space: boot-clock nanoseconds truncated to
@@ -140,14 +131,9 @@ int exitsnoop_v1(void *ctx)
 	if (!tv)
 		return 0;
 
-	/*
-	 * do_exit() decrements signal->live before this tracepoint fires, so 0
-	 * means the whole thread group is gone (the leader may have exited
-	 * earlier and be a zombie waiting for the group).  Two threads racing
-	 * can both observe 0; the BPF_NOEXIST insert below lets one win.
-	 */
+	/* Two last threads racing: the BPF_NOEXIST insert below lets one win. */
 	sig = BPF_CORE_READ(task, signal);
-	if (BPF_CORE_READ(sig, live.counter) != 0)
+	if (!LAST_THREAD(sig))
 		return 0;
 
 	leader = BPF_CORE_READ(task, group_leader);
@@ -161,11 +147,7 @@ int exitsnoop_v1(void *ctx)
 		return 0;
 	}
 
-	/* Same rule as wait_task_zombie(). */
-	if (BPF_CORE_READ(sig, flags) & SIGNAL_GROUP_EXIT)
-		rec.exit_code = BPF_CORE_READ(sig, group_exit_code);
-	else
-		rec.exit_code = BPF_CORE_READ(leader, exit_code);
+	rec.exit_code = EXIT_STATUS_WORD(sig, leader);
 	rec.pid = tgid;
 	rec.start_boottime = start;
 	rec.exited_at = bpf_ktime_get_boot_ns();

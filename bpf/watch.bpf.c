@@ -25,19 +25,12 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_core_read.h>
 
+#include "exit_status.h"
+
 #define WATCH_LAYOUT_VERSION 1
 
 /* ---- shadow kernel types (only the fields we read) ---------------------- */
 #pragma clang attribute push(__attribute__((preserve_access_index)), apply_to = record)
-typedef struct {
-	int counter;
-} atomic_t;
-
-struct signal_struct {
-	atomic_t live;
-	int group_exit_code;
-	unsigned int flags;
-};
 
 struct kernfs_node {
 	__u64 id;
@@ -67,7 +60,6 @@ struct linux_binprm {
 };
 #pragma clang attribute pop
 
-#define SIGNAL_GROUP_EXIT 0x00000004
 
 #define MAX_CONTAINERS 4096
 #define FILENAME_LEN 256
@@ -215,15 +207,12 @@ int watch_exit_v1(void *ctx)
 	if (!c)
 		return 0;
 	task = (struct task_struct *)bpf_get_current_task();
-	/* One event per process: when its last thread exits (see exitsnoop.bpf.c). */
+	/* One event per process: when its last thread exits (LAST_THREAD, exit_status.h). */
 	sig = BPF_CORE_READ(task, signal);
-	if (BPF_CORE_READ(sig, live.counter) != 0)
+	if (!LAST_THREAD(sig))
 		return 0;
 	leader = BPF_CORE_READ(task, group_leader);
-	if (BPF_CORE_READ(sig, flags) & SIGNAL_GROUP_EXIT)
-		status = BPF_CORE_READ(sig, group_exit_code);
-	else
-		status = BPF_CORE_READ(leader, exit_code);
+	status = EXIT_STATUS_WORD(sig, leader);
 	__sync_fetch_and_add(&c->exits, 1);
 	if (status & 0x7f)
 		__sync_fetch_and_add(&c->signaled, 1);
