@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shim.api import events_pb2
-from shim.exits.reaper import Exit
+from shim.exits.reaper import Exit, exited_unreaped
 from shim.io.procio import ProcessIO
 from shim.io.stdio import Stdio
 from shim.oci.runc import RuncError
@@ -168,7 +168,7 @@ class ExecProcess(Process):
                 self.track()
             # An exit the BPF map cannot have (it came before the registration) is known now
             # and goes into the first record of the exec: a crash from here on loses nothing.
-            gone = exited.result() if exited.done() else _exited_already(pid)
+            gone = exited.result() if exited.done() else exited_unreaped(pid)
             self.status = running
             rec = self.record()
             if gone is not None:
@@ -302,22 +302,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
-
-
-def _exited_already(pid: int) -> Exit | None:
-    """The exit of our child ``pid`` if it has ended but is not reaped yet (the reaper still
-    collects it: WNOWAIT leaves the zombie as it is)."""
-    try:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-    except ChildProcessError:
-        return None
-    if info is None or info.si_pid == 0:
-        return None
-    if info.si_code == os.CLD_EXITED:
-        status = info.si_status
-    else:  # killed or dumped: the shell's 128+signal, as the reaper reports it
-        status = 128 + info.si_status
-    return Exit(pid, status, time.time_ns())
 
 
 # Fault injection (the daemon's Fault "kill-in-exec-exit-window", tests only): the next exec
