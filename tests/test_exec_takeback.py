@@ -58,12 +58,13 @@ def test_an_older_images_wrapper_record_is_taken_back(tmp_path: Path) -> None:
         assert not p.exited  # the wrapper runs: so does its exec
         go.touch()
         result = await asyncio.wait_for(p.wait(), 10)
+        await tasks.delete("ns", "c1", "e1")  # the older image's files go with it
+        assert not Path(paths.dir, "exec", "ns").exists()
         for t in tasks.all():
             t.close()
         reaper.close()
         return result
 
     assert asyncio.run(main()) == (7, 123)
-    rec = store.get("ns", "c1", "e1")
-    assert rec is not None and (rec.exit_status, rec.exited_at) == (7, 123)
+    assert store.deleted("ns", "c1", "e1") == (2**22 - 7, 7, 123)
     store.close()
