@@ -62,7 +62,9 @@ class ExecProcess(Process):
         if rec.exit_status is not None:
             p.restore_exited(rec.exit_status, rec.exited_at, rec.exit_published)
         elif p.status == Status.RUNNING:
-            p._pidfd = procinfo.open_pidfd(p.pid, p.start_time)
+            # No start time (an older image's exec gone before its pid was read): its pid may
+            # be another process's by now, so no pidfd a Kill could reach that one through.
+            p._pidfd = procinfo.open_pidfd(p.pid, p.start_time) if p.start_time else None
             task.spawn(p._await_helper(), f"exit-{p.id}")
         return p
 
