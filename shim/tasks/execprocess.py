@@ -184,11 +184,9 @@ class ExecProcess(Process):
                     container_id=self.task.id, exec_id=self.exec_id, pid=self.pid
                 ),
             )
-            if gone is not None:
-                self.set_exited(gone.status, gone.at)
-                self._close_pidfd()
-            else:
-                self.task.spawn(self._await_exit(exited), f"exit-{self.id}")
+            # The exit transition (its event after TaskExecStarted: it waits for start_lock)
+            # comes once Start is answered, even for an exit known now: the record has it.
+            self.task.spawn(self._await_exit(exited), f"exit-{self.id}")
         log.event("exec started", **self.fields())
         return self.pid
 
