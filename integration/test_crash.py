@@ -344,6 +344,34 @@ def test_exec_exit_code_across_a_daemon_restart(
     )
 
 
+def test_exec_gone_before_its_start_was_published_keeps_its_exit_code(
+    containerd: Containerd, busybox: str
+) -> None:
+    """An exec whose process had already ended when the daemon read its pid (too early for
+    the BPF exit map) and the daemon killed right after that exec's first record was written,
+    before TaskExecStarted and its exit went out (the Fault ``kill-in-exec-exit-window``):
+    the `ctr task exec` in flight gets the exec's own exit code from the next daemon, not 255
+    (unknown), and no zombie is left."""
+    containerd.run(RUNTIME, busybox, "box", "sleep", "100000", detach=True)
+    (daemon,) = daemons(containerd)
+    log_path = daemon_paths(containerd).log
+    with BlockingClient(daemon_paths(containerd).address, timeout=5.0) as client:
+        client.call(DAEMON_SERVICE, "Fault", b"kill-in-exec-exit-window")
+    r = containerd.ctr("task", "exec", "--exec-id", "e1", "box", "sh", "-c", "exit 7",
+                       check=False)  # fmt: skip
+    assert not os.path.exists(f"/proc/{daemon.pid}/fd/0"), "the Fault did not kill the daemon"
+    assert r.returncode == 7, r.stderr
+    assert "exec exit status unknown" not in open(log_path).read()
+    r = containerd.ctr("task", "exec", "--exec-id", "e2", "box", "sh", "-c", "exit 3",
+                       check=False)  # fmt: skip
+    assert r.returncode == 3, r.stderr
+    ours = {p.pid for p in [*daemons(containerd), *keepers(containerd)]}
+    wait_for(
+        lambda: not processes_matching(lambda p: p.zombie and p.ppid in ours),
+        what="no zombie left under the daemon or the keeper",
+    )
+
+
 def test_delete_done_but_not_answered_is_answered_by_the_next_daemon(
     containerd: Containerd, busybox: str
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import threading
 import time
@@ -17,6 +18,7 @@ from integration.embed import (
     TASK_SERVICE,
     Events,
     bpf_pin_root,
+    bundle_dir,
     daemon_paths,
     pending_requests,
 )
@@ -112,11 +114,17 @@ def test_exec_true_is_reliable_200_times(containerd: Containerd, box: str) -> No
         assert len(tracker.tracked()) == 1  # only the container's init
     finally:
         tracker.close()
+    # No file per exec is left behind: not runc's pid files (in the bundle), nor anything in
+    # the daemon's directory (process specs and runc's logs are memfds).
+    bundle = bundle_dir(containerd, containerd.namespace, box)
+    assert [f for f in os.listdir(bundle) if "exec" in f] == []
+    assert not os.path.exists(os.path.join(daemon_paths(containerd).dir, "exec"))
 
 
 def test_exec_errors(containerd: Containerd, box: str, busybox: str) -> None:
     r = containerd.ctr("task", "exec", "--exec-id", "nf", box, "/no/such/binary", check=False)
     assert r.returncode != 0 and "no such file" in r.stderr.lower(), r.stderr
+    assert "/no/such/binary" in r.stderr  # runc's own error, from its log (a memfd per exec)
     # The container is untouched.
     assert (
         containerd.ctr("task", "exec", "--exec-id", "ok", box, "true", check=False).returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pathlib
 import signal
 import sqlite3
 
@@ -12,7 +13,7 @@ from shim.api import shim_pb2
 from shim.cmd import cli
 from shim.cmd.start import ttrpc_address_from
 from shim.exits.reaper import exit_status
-from shim.oci import mount
+from shim.oci import mount, runc
 from shim.store.statestore import SCHEMA_VERSION, ProcessRecord, StateStore, StoreError
 from shim.tasks.task import decode_options
 from shim.ttrpc import Code, TTRPCError
@@ -175,3 +176,26 @@ def test_a_wait_whose_caller_went_away_is_cancelled_not_failed() -> None:
         return err.value
 
     assert asyncio.run(scenario()).code == Code.CANCELLED
+
+
+def test_resolve_remembers_runc_until_it_is_gone(tmp_path: pathlib.Path) -> None:
+    """runc's path is looked up once, not walked through PATH per command (one found earlier
+    on PATH later is not seen); a binary that is gone is looked up afresh."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    for d in (first, second):
+        (d / "fake-runc").write_text("#!/bin/sh\n")
+        (d / "fake-runc").chmod(0o755)
+    path = f"{tmp_path / 'none'}:{first}:{second}"
+    assert runc.resolve("fake-runc", path) == str(first / "fake-runc")
+    earlier = tmp_path / "none"
+    earlier.mkdir()
+    (earlier / "fake-runc").write_text("#!/bin/sh\n")
+    (earlier / "fake-runc").chmod(0o755)
+    assert runc.resolve("fake-runc", path) == str(first / "fake-runc")  # remembered
+    (earlier / "fake-runc").unlink()
+    (first / "fake-runc").unlink()
+    assert runc.resolve("fake-runc", path) == str(second / "fake-runc")
+    (second / "fake-runc").unlink()
+    assert runc.resolve("fake-runc", path) is None

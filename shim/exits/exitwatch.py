@@ -47,7 +47,13 @@ class ExitWatch:
         :meth:`Reaper.watch`)."""
         fut: asyncio.Future[Exit] = self._loop.create_future()
         child = self._reaper.watch(pid, since)
-        if child.done() or _is_our_child(pid):
+        if child.done():
+            # Reaped already: say so at once (a chained callback would leave the future
+            # pending until the loop runs again, and the caller deciding now whether the exit
+            # is known would take a dead process for a live one).
+            _chain(child, fut)
+            return fut
+        if _is_our_child(pid):
             child.add_done_callback(lambda f: _chain(f, fut))
             self._hold_pidfd(pid, start_time)
             fut.add_done_callback(lambda _: self._release(pid))

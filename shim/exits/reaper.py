@@ -37,6 +37,23 @@ def exit_status(wait_status: int) -> int:
     return 255
 
 
+def exited_unreaped(pid: int) -> Exit | None:
+    """The exit of our child ``pid`` if it has ended and is not reaped yet, without reaping
+    it (WNOWAIT: the reaper still collects it).  For a process just registered with the BPF
+    exit map: an exit before the registration is seen here, one after it is in the map."""
+    try:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    if info is None or info.si_pid == 0:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        status = info.si_status
+    else:  # killed or dumped: 128+signal, as exit_status() says
+        status = 128 + info.si_status
+    return Exit(pid, status, time.time_ns())
+
+
 class Exit:
     __slots__ = ("pid", "status", "at")
 

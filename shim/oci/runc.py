@@ -43,7 +43,33 @@ def find_executable(name: str, path: str) -> str | None:
     return None
 
 
-def spawn(argv: list[str], stdio: tuple[int, int, int], env: dict[str, str], path: str) -> int:
+# (name, PATH) -> where find_executable found it: every runc command looks its binary up,
+# and walking PATH costs an access() per directory before the one that has it.
+_found: dict[tuple[str, str], str] = {}
+
+
+def resolve(name: str, path: str) -> str | None:
+    """:func:`find_executable`, remembered: a path found before is taken again while it is
+    still executable (one access() instead of a walk); gone, it is looked up afresh."""
+    key = (name, path)
+    known = _found.get(key)
+    if known is not None and os.access(known, os.X_OK):
+        return known
+    found = find_executable(name, path)
+    if found is None:
+        _found.pop(key, None)
+    else:
+        _found[key] = found
+    return found
+
+
+def spawn(
+    argv: list[str],
+    stdio: tuple[int, int, int],
+    env: dict[str, str],
+    path: str,
+    pass_fds: Sequence[int] = (),
+) -> int:
     """Start a child whose exit only our reaper collects.
 
     fork+exec through subprocess, not posix_spawn: glibc's posix_spawn leaves its reserved
@@ -51,7 +77,8 @@ def spawn(argv: list[str], stdio: tuple[int, int, int], env: dict[str, str], pat
     The Popen object is told the child is none of its business (a returncode is set), so it
     never waits for it and cannot steal the status from the reaper.  It runs with the soft
     open-file limit the daemon started with (see shim.util.limits): a shell sets it, then
-    becomes the program (same pid).
+    becomes the program (same pid).  ``pass_fds`` are inherited with their numbers (the
+    child stays on subprocess's vfork path: that depends only on preexec_fn, uid and gids).
     """
     path, argv = limits.wrap(path, argv)
     proc = subprocess.Popen(
@@ -62,6 +89,7 @@ def spawn(argv: list[str], stdio: tuple[int, int, int], env: dict[str, str], pat
         stderr=stdio[2],
         env=env,
         close_fds=True,
+        pass_fds=pass_fds,
         restore_signals=True,
     )
     proc.returncode = 0
@@ -75,13 +103,14 @@ async def execute(
     env: dict[str, str],
     stdio: tuple[int, int, int] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    pass_fds: Sequence[int] = (),
 ) -> tuple[int, bytes]:
     """Run ``argv`` (its program looked up on ``env``'s PATH) to the end, its exit collected
     by our reaper; returns (exit status, stdout and stderr) unless ``stdio`` replaces them.
     Raises FileNotFoundError if there is no such program, TimeoutError (after killing it)
-    when it runs past ``timeout``."""
+    when it runs past ``timeout``.  ``pass_fds``: descriptors it inherits (see :func:`spawn`)."""
     loop = asyncio.get_running_loop()
-    path = find_executable(argv[0], env.get("PATH", ""))
+    path = resolve(argv[0], env.get("PATH", ""))
     if path is None:
         raise FileNotFoundError(argv[0])
     out_r = out_w = -1
@@ -90,7 +119,7 @@ async def execute(
         if stdio is None:
             out_r, out_w = os.pipe()
             stdio = (devnull, out_w, out_w)
-        pid = spawn(argv, stdio, env, path)
+        pid = spawn(argv, stdio, env, path, pass_fds)
         exited = reaper.watch(pid)
     finally:
         os.close(devnull)
@@ -202,13 +231,19 @@ class Runc:
         stdio: tuple[int, int, int] | None = None,
         log_path: str | None = None,
         timeout: float | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> bytes:
         """Run ``runc <args>``; return its stdout (unless ``stdio`` replaces it)."""
         command = args[0] if args else ""
         limit = timeout if timeout is not None else self.timeout
         try:
             status, output = await execute(
-                self.reaper, self._argv(args, log_path), env=self.env, stdio=stdio, timeout=limit
+                self.reaper,
+                self._argv(args, log_path),
+                env=self.env,
+                stdio=stdio,
+                timeout=limit,
+                pass_fds=pass_fds,
             )
         except FileNotFoundError:
             raise RuncError(command, f"{self.binary} not found in PATH") from None
@@ -253,13 +288,16 @@ class Runc:
         *,
         console_socket: str | None = None,
         log_path: str | None = None,
+        pass_fds: Sequence[int] = (),
     ) -> None:
         """``runc exec --detach``: the process is left running, re-parented to us (we are
-        its subreaper) when runc exits, so its exit reaches our reaper however early."""
+        its subreaper) when runc exits, so its exit reaches our reaper however early.
+        ``process_file`` and ``log_path`` may name descriptors in ``pass_fds``
+        (``/proc/self/fd/N``): runc opens both itself, before it starts ``runc init``."""
         args = ["exec", "--detach", "--pid-file", pid_file, "--process", process_file]
         if console_socket:
             args += ["--console-socket", console_socket]
-        await self.run([*args, id], stdio=stdio, log_path=log_path)
+        await self.run([*args, id], stdio=stdio, log_path=log_path, pass_fds=pass_fds)
 
     async def kill(self, id: str, sig: int, all: bool = False) -> None:
         await self.run(["kill", *(["--all"] if all else []), id, str(sig)])

@@ -22,7 +22,7 @@ from shim.oci.bundle import namespace_of
 from shim.oci.cgroups import CgroupError
 from shim.oci.checkpoint import decode_options as decode_checkpoint_options
 from shim.oci.runc import RuncError
-from shim.tasks.execprocess import ExecProcess
+from shim.tasks.execprocess import ExecProcess, arm_fault_quick_exit
 from shim.tasks.handlers import guard, unless_gone
 from shim.tasks.handlers import parse as _parse
 from shim.tasks.lifecycle import STATUS_NUMBER, Status
@@ -218,9 +218,14 @@ class TaskService:
         """Crash on purpose, as a bug would (tests of crash survival; root only, like every
         call here, and no worse than root's kill -9): ``exception`` raises in the event
         loop, ``memory`` raises MemoryError there, ``kill-after-delete`` makes the next
-        Delete kill -9 the daemon once the task or exec is gone and before the answer."""
+        Delete kill -9 the daemon once the task or exec is gone and before the answer,
+        ``kill-in-exec-exit-window`` makes the next exec Start wait for its process's end and
+        kill -9 the daemon once that exec's first record is written."""
         if payload == b"kill-after-delete":
             self.kill_after_delete = True
+            return EMPTY
+        if payload == b"kill-in-exec-exit-window":
+            arm_fault_quick_exit(lambda: os.kill(os.getpid(), signal.SIGKILL))
             return EMPTY
         kinds: dict[bytes, type[BaseException]] = {
             b"exception": RuntimeError,
@@ -228,7 +233,7 @@ class TaskService:
         }
         kind = kinds.get(payload)
         if kind is None:
-            known = [*sorted(kinds), b"kill-after-delete"]
+            known = [*sorted(kinds), b"kill-after-delete", b"kill-in-exec-exit-window"]
             raise errors.invalid(f"fault: {payload[:40]!r} is not one of {known}")
 
         def fail() -> None:
