@@ -222,3 +222,38 @@ def test_restore_reports_a_missed_kill_before_the_exit(tmp_path: Path) -> None:
     asyncio.run(again())
     assert events.sent == []
     store.close()
+
+
+def test_v2_removed_cgroup_drops_its_watch_and_leaves_the_others(tmp_path: Path) -> None:
+    """A removed memory.events (the cgroup gone: IN_IGNORED) drops that container's watch;
+    another container's change still calls back its own callback only."""
+    cgs = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "memory.events").write_text("oom_kill 0\n")
+        cgs[name] = MemoryCgroup(V2, str(tmp_path / name))
+
+    async def main() -> list[str]:
+        watcher = OOMWatcher(asyncio.get_running_loop())
+        seen: list[str] = []
+        woke = asyncio.Event()
+
+        def callback(name: str) -> None:
+            seen.append(name)
+            woke.set()
+
+        for name, cg in cgs.items():
+            watcher.watch(("ns", name), cg, lambda n=name: callback(n))
+        (tmp_path / "a" / "memory.events").unlink()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if len(watcher) == 1:
+                break
+        assert len(watcher) == 1
+        (tmp_path / "b" / "memory.events").write_text("oom_kill 1\n")
+        await asyncio.wait_for(woke.wait(), 5)
+        watcher.unwatch(("ns", "a"))  # already dropped: nothing happens
+        watcher.close()
+        return seen
+
+    assert asyncio.run(main()) == ["b"]

@@ -109,6 +109,7 @@ class OOMWatcher:
         self._v1: dict[Key, _V1Watch] = {}
         self._inotify: _Inotify | None = None
         self._v2: dict[Key, tuple[int, Callable[[], None]]] = {}  # wd, callback
+        self._by_wd: dict[int, set[Key]] = {}  # the v2 keys of each inotify watch
 
     def watch(self, key: Key, cg: MemoryCgroup, callback: Callable[[], None]) -> None:
         """Start watching ``cg`` for the task ``key``; errors are logged, not raised (the
@@ -121,7 +122,9 @@ class OOMWatcher:
                 if self._inotify is None:
                     self._inotify = _Inotify()
                     self._loop.add_reader(self._inotify.fd, self._on_inotify)
-                self._v2[key] = (self._inotify.add(cg.counter_file), callback)
+                wd = self._inotify.add(cg.counter_file)
+                self._v2[key] = (wd, callback)
+                self._by_wd.setdefault(wd, set()).add(key)
         except OSError as exc:
             log.event(
                 "cannot watch for OOM kills", logging.WARNING, ns=key[0], id=key[1], error=exc
@@ -129,14 +132,15 @@ class OOMWatcher:
 
     def _on_inotify(self) -> None:
         assert self._inotify is not None
-        by_wd: dict[int, list[Key]] = {}
-        for key, (wd, _) in self._v2.items():
-            by_wd.setdefault(wd, []).append(key)
         for wd, mask in self._inotify.read():
-            for key in by_wd.get(wd, []):
-                if mask & IN_IGNORED:  # the cgroup was removed
+            keys = self._by_wd.get(wd, ())
+            if mask & IN_IGNORED:  # the cgroup was removed
+                for key in keys:
                     self._v2.pop(key, None)
-                elif key in self._v2:
+                self._by_wd.pop(wd, None)
+                continue
+            for key in list(keys):
+                if key in self._v2:
                     self._v2[key][1]()
 
     def unwatch(self, key: Key) -> None:
@@ -144,9 +148,13 @@ class OOMWatcher:
         if v1 is not None:
             v1.close()
         v2 = self._v2.pop(key, None)
-        if v2 is not None and self._inotify is not None:
-            if not any(wd == v2[0] for wd, _ in self._v2.values()):
-                self._inotify.remove(v2[0])
+        if v2 is not None:
+            keys = self._by_wd.get(v2[0], set())
+            keys.discard(key)
+            if not keys:
+                self._by_wd.pop(v2[0], None)
+                if self._inotify is not None:
+                    self._inotify.remove(v2[0])
 
     def __len__(self) -> int:
         return len(self._v1) + len(self._v2)
