@@ -26,7 +26,7 @@ from integration.embed import (
 from integration.harness import Containerd, task_list, wait_for
 from integration.soak import daemon_pid, snapshot
 from shim.api import runc_options_pb2, shim_pb2
-from shim.ttrpc import Client
+from shim.ttrpc import Client, Code, TTRPCError
 from shim.ttrpc.blocking import BlockingClient
 
 N = 100
@@ -259,7 +259,8 @@ def test_a_kill_is_answered_before_the_delete_after_its_exit(
     (slow here: a fake runc sleeps after the real kill).  containerd then deletes the task
     and closes the task's connection; a Kill answered after the Delete fails there with
     "ttrpc: closed" (CRI's StopContainer / StopPodSandbox on a loaded node).  So the Kill
-    is answered first."""
+    is answered first.  (The container is paused: its kill is runc's, which thaws it; a
+    running one is signalled through its pidfd, without runc.)"""
     c = containerd
     fake = os.path.join(c.tmp, "slow-kill-runc")
     with open(fake, "w") as f:
@@ -275,6 +276,7 @@ def test_a_kill_is_answered_before_the_delete_after_its_exit(
     req.options.value = runc_options_pb2.Options(binary_name=fake).SerializeToString()
     run(call(address, "Create", req, "sk"))
     run(call(address, "Start", shim_pb2.StartRequest(id="sk"), "sk"))
+    run(call(address, "Pause", shim_pb2.PauseRequest(id="sk"), "sk"))
     meta = {"containerd-namespace-ttrpc": "sk"}
 
     async def as_containerd() -> list[str]:
@@ -294,3 +296,55 @@ def test_a_kill_is_answered_before_the_delete_after_its_exit(
 
     assert run(as_containerd()) == ["Wait", "Kill", "Delete"]
     assert task_list(c) == {}
+
+
+def test_a_running_init_is_signalled_without_runc(containerd: Containerd, busybox: str) -> None:
+    """Kill of a running init (one signal, or SIGKILL to all of a container with its own
+    pid namespace) goes through the init's pidfd, as ``runc kill`` would do it, without
+    starting runc; the exit status is the signal's.  A paused init's kill is runc's (it
+    thaws the cgroup), and so is a signal other than SIGKILL to all.  A kill after the exit
+    is NotFound, as runc answers."""
+    c = containerd
+    calls = os.path.join(c.tmp, "runc-calls")
+    fake = os.path.join(c.tmp, "logging-runc")
+    with open(fake, "w") as f:
+        f.write(f'#!/bin/sh\necho "$*" >> {calls}\nexec runc "$@"\n')
+    os.chmod(fake, 0o755)
+
+    def kills() -> list[str]:
+        with open(calls) as f:
+            return [line for line in f.read().splitlines() if " kill " in f" {line} "]
+
+    ns = "sig"
+    address = ""
+    for cid, kill, paused in (
+        ("one", shim_pb2.KillRequest(id="one", signal=9), False),
+        ("all", shim_pb2.KillRequest(id="all", signal=9, all=True), False),
+        ("paused", shim_pb2.KillRequest(id="paused", signal=9), True),
+    ):
+        bundle = write_bundle(c, ns, cid, oci_spec(busybox, "sleep", "1000"))
+        address = address or start_daemon(c, bundle, ns, cid)
+        req = shim_pb2.CreateTaskRequest(id=cid, bundle=bundle)
+        req.options.type_url = "containerd.runc.v1.Options"
+        req.options.value = runc_options_pb2.Options(binary_name=fake).SerializeToString()
+        run(call(address, "Create", req, ns))
+        run(call(address, "Start", shim_pb2.StartRequest(id=cid), ns))
+        if paused:
+            run(call(address, "Pause", shim_pb2.PauseRequest(id=cid), ns))
+        before = len(kills())
+        run(call(address, "Kill", kill, ns))
+        waited = shim_pb2.WaitResponse.FromString(
+            run(call(address, "Wait", shim_pb2.WaitRequest(id=cid), ns, timeout=30))
+        )
+        assert waited.exit_status == 137, (cid, waited)
+        assert len(kills()) - before == (1 if paused else 0), (cid, kills())
+        if cid == "one":
+            try:
+                run(call(address, "Kill", kill, ns))
+                raise AssertionError("a kill after the exit succeeded")
+            except TTRPCError as exc:
+                assert exc.code == Code.NOT_FOUND, exc
+        deleted = shim_pb2.DeleteResponse.FromString(
+            run(call(address, "Delete", shim_pb2.DeleteRequest(id=cid), ns))
+        )
+        assert deleted.exit_status == 137, (cid, deleted)

@@ -271,3 +271,22 @@ def test_of_pid_reads_the_mounts_once_and_again_when_they_moved(tmp_path: Path) 
     v1_at = "31 1 0:27 / /sys/fs/cgroup/memory rw - cgroup cgroup rw,memory\n"
     (proc / "self" / "mountinfo").write_text(v1_at)
     assert Cgroup.of_pid(8, proc=str(proc)).v1 == {"memory": "/sys/fs/cgroup/memory/b"}
+
+
+def test_watch_cgroup_id_uses_the_kept_mounts(tmp_path: Path) -> None:
+    """The watch's cgroup id of a new container (shim.watch.watchprobe) does not parse
+    mountinfo at every create either: only when the kept mounts do not show the cgroup."""
+    from shim.watch.watchprobe import cgroup_id_of_pid
+
+    proc, cg = tmp_path / "proc", tmp_path / "cg"
+    (cg / "pods" / "a").mkdir(parents=True)
+    (cg / "pods" / "b").mkdir()
+    _files(proc / "7", {"cgroup": "0::/pods/a\n"})
+    _files(proc / "8", {"cgroup": "0::/pods/b\n"})
+    _files(proc / "self", {"mountinfo": f"30 1 0:26 /pods/a {cg}/pods/a rw - cgroup2 cgroup2 rw\n"})
+    assert cgroup_id_of_pid(7, proc=str(proc)) == os.stat(cg / "pods" / "a").st_ino
+    (proc / "self" / "mountinfo").write_text("")  # not read again while the kept ones serve
+    assert cgroup_id_of_pid(7, proc=str(proc)) == os.stat(cg / "pods" / "a").st_ino
+    # One the kept mounts do not show: mountinfo is read again.
+    (proc / "self" / "mountinfo").write_text(f"30 1 0:26 / {cg} rw - cgroup2 cgroup2 rw\n")
+    assert cgroup_id_of_pid(8, proc=str(proc)) == os.stat(cg / "pods" / "b").st_ino

@@ -4,6 +4,7 @@ task reporting a kill it missed before its exit."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import pytest
@@ -93,6 +94,54 @@ def test_v2_watch_wakes_on_a_change_and_stops_on_unwatch(tmp_path: Path) -> None
     assert asyncio.run(main())[0] == 1
 
 
+V1_MEMORY = "/sys/fs/cgroup/memory"
+
+
+@pytest.mark.skipif(
+    not os.path.exists(os.path.join(V1_MEMORY, "cgroup.event_control")) or os.geteuid() != 0,
+    reason="needs root and a cgroup v1 memory hierarchy",
+)
+def test_v1_wake_up_reads_only_its_own_cgroup() -> None:
+    """The kernel signals a v1 registration when its cgroup goes (every runc delete): only
+    that container's counter is read again, not every container's; an unwatched cgroup's
+    removal wakes nothing, and close leaves no fd behind."""
+    base = os.path.join(V1_MEMORY, f"esh-oomtest-{os.getpid()}")
+    paths = {name: f"{base}-{name}" for name in ("a", "b", "c")}
+    for path in paths.values():
+        os.mkdir(path)
+
+    async def main() -> dict[str, int]:
+        watcher = OOMWatcher(asyncio.get_running_loop())
+        calls = dict.fromkeys(paths, 0)
+        fds = len(os.listdir("/proc/self/fd"))
+        for name, path in paths.items():
+            watcher.watch(("ns", name), MemoryCgroup(V1, path), lambda n=name: _count(calls, n))
+        assert len(watcher) == 3
+        watcher.unwatch(("ns", "c"))
+        os.rmdir(paths["c"])
+        os.rmdir(paths["a"])
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if calls["a"]:
+                break
+        await asyncio.sleep(0.1)  # the first recheck (50 ms) too
+        watcher.close()
+        assert len(os.listdir("/proc/self/fd")) == fds
+        return calls
+
+    try:
+        calls = asyncio.run(main())
+    finally:
+        for path in paths.values():
+            if os.path.exists(path):
+                os.rmdir(path)
+    assert calls["a"] >= 2 and calls["b"] == 0 and calls["c"] == 0
+
+
+def _count(calls: dict[str, int], name: str) -> None:
+    calls[name] += 1
+
+
 def test_v1_watch_of_a_missing_cgroup_is_logged_not_raised(tmp_path: Path) -> None:
     async def main() -> int:
         watcher = OOMWatcher(asyncio.get_running_loop())
@@ -173,3 +222,38 @@ def test_restore_reports_a_missed_kill_before_the_exit(tmp_path: Path) -> None:
     asyncio.run(again())
     assert events.sent == []
     store.close()
+
+
+def test_v2_removed_cgroup_drops_its_watch_and_leaves_the_others(tmp_path: Path) -> None:
+    """A removed memory.events (the cgroup gone: IN_IGNORED) drops that container's watch;
+    another container's change still calls back its own callback only."""
+    cgs = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "memory.events").write_text("oom_kill 0\n")
+        cgs[name] = MemoryCgroup(V2, str(tmp_path / name))
+
+    async def main() -> list[str]:
+        watcher = OOMWatcher(asyncio.get_running_loop())
+        seen: list[str] = []
+        woke = asyncio.Event()
+
+        def callback(name: str) -> None:
+            seen.append(name)
+            woke.set()
+
+        for name, cg in cgs.items():
+            watcher.watch(("ns", name), cg, lambda n=name: callback(n))
+        (tmp_path / "a" / "memory.events").unlink()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if len(watcher) == 1:
+                break
+        assert len(watcher) == 1
+        (tmp_path / "b" / "memory.events").write_text("oom_kill 1\n")
+        await asyncio.wait_for(woke.wait(), 5)
+        watcher.unwatch(("ns", "a"))  # already dropped: nothing happens
+        watcher.close()
+        return seen
+
+    assert asyncio.run(main()) == ["b"]

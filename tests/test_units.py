@@ -127,9 +127,14 @@ def test_store_round_trip_and_trace_ids(tmp_path: os.PathLike[str]) -> None:
     got = store.get("ns", "c1")
     assert got is not None and (got.exit_status, got.status, got.pid) == (143, "stopped", 10)
     ids = [store.next_trace_id() for _ in range(3)]
+    assert ids[0] >= 1 and ids == [ids[0], ids[0] + 1, ids[0] + 2]
+    other = StateStore(path)  # a second store on the same file takes ids of its own
+    assert other.next_trace_id() > max(ids)
+    assert store.next_trace_id() == ids[2] + 1
+    other.close()
     store.close()
     store = StateStore(path)  # reopened: counter persists, never reused
-    assert store.next_trace_id() > max(ids)
+    assert store.next_trace_id() > max(ids) + 1
     assert store.count() == 1
     store.delete("ns", "c1")
     assert store.get("ns", "c1") is None

@@ -65,6 +65,17 @@ def cgroup_mounts(mountinfo: str) -> list[Mount]:
     return mounts
 
 
+def kept_mounts(proc: str = PROC, fresh: bool = False) -> list[Mount]:
+    """The cgroup mounts of this process, read once and kept (``fresh``: read again).
+    ``mountinfo`` grows with every container's rootfs mount: parsing it at every create made
+    creates slower the more containers ran.  OSError if it cannot be read."""
+    kept = _mounts.get(proc)
+    if kept is None or fresh:
+        with open(os.path.join(proc, "self", "mountinfo")) as f:
+            kept = _mounts[proc] = cgroup_mounts(f.read())
+    return kept
+
+
 def parse_proc_cgroup(text: str) -> tuple[dict[str, str], str | None]:
     """``/proc/<pid>/cgroup`` as ({v1 controller: path}, v2 path or None).
 
@@ -115,8 +126,7 @@ class Cgroup:
             except CgroupError:
                 pass  # mounted elsewhere since: look again
         try:
-            with open(os.path.join(proc, "self", "mountinfo")) as f:
-                mounts = _mounts[proc] = cgroup_mounts(f.read())
+            mounts = kept_mounts(proc, fresh=True)
         except OSError as exc:
             raise CgroupError(f"cgroup of pid {pid}: {exc.strerror or exc}") from None
         return cls.resolve(text, mounts)

@@ -533,6 +533,8 @@ class InitProcess(Process):
         :meth:`delete`), or the Kill fails with "ttrpc: closed"."""
         if not all:
             self.allow(Op.KILL)
+        if self._signal_directly(sig, all):
+            return
         self._kills += 1
         self._no_kills.clear()
         try:
@@ -547,6 +549,32 @@ class InitProcess(Process):
             self._kills -= 1
             if not self._kills:
                 self._no_kills.set()
+
+    def _signal_directly(self, sig: int, all: bool) -> bool:
+        """Signal the init through the pidfd the exit watch holds, as ``runc kill`` would,
+        without starting runc (a Go program: ~5 ms and as much CPU per stop here).  Only
+        where runc would do no more: a running or created init (a paused one needs runc's
+        thaw), one signal to it, or SIGKILL to all of a container with its own pid
+        namespace (the kernel kills every process there with its init).  False: runc's job.
+        An init that has exited (readable pidfd, its exit not yet handled) is not found, as
+        runc says of a zombie init; for ``all``, nothing is left to signal."""
+        if all and not (sig == signal.SIGKILL and self.task.bundle.has_private_pid_namespace()):
+            return False
+        if self.exited or self.status not in (Status.RUNNING, Status.CREATED) or not self.pid:
+            return False
+        exits = self.task.deps.exits
+        fd = exits.pidfd(self.pid) if exits is not None else None
+        if fd is None:
+            return False
+        try:
+            if procinfo.pidfd_exited(fd):
+                raise ProcessLookupError
+            signal.pidfd_send_signal(fd, sig)
+        except ProcessLookupError:
+            if all:
+                return True
+            raise errors.not_found(f"process {self.id} already finished") from None
+        return True
 
     async def delete(self) -> tuple[int, int, int]:
         """Remove the container; returns (pid, exit status, exited_at ns)."""

@@ -57,6 +57,16 @@ def pidfd_exit_status(pidfd: int) -> int | None:
     return value
 
 
+def pidfd_exited(pidfd: int) -> bool:
+    """Whether the process of ``pidfd`` has exited (its pidfd polls readable), reaped or
+    still a zombie."""
+    import select
+
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
 def open_pidfd(pid: int, expected_start_time: int) -> int | None:
     """A pidfd for ``pid`` if it is still the process we know, else None.
 

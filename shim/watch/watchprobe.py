@@ -223,24 +223,27 @@ class WatchProbe:
 
 def cgroup_id_of_pid(pid: int, proc: str = "/proc") -> int | None:
     """The id of ``pid``'s cgroup on the unified hierarchy (what bpf_get_current_cgroup_id
-    returns in that process), or None if no cgroup2 mount shows it."""
-    from shim.oci.cgroups import cgroup_mounts, parse_proc_cgroup
+    returns in that process), or None if no cgroup2 mount shows it.  The cgroup mounts are
+    the ones shim.oci.cgroups keeps (read again only if they do not show the cgroup)."""
+    from shim.oci.cgroups import kept_mounts, parse_proc_cgroup
 
     try:
         with open(os.path.join(proc, str(pid), "cgroup")) as f:
             _, v2 = parse_proc_cgroup(f.read())
-        with open(os.path.join(proc, "self", "mountinfo")) as f:
-            mounts = cgroup_mounts(f.read())
     except OSError:
         return None
     if v2 is None or v2 == "/":
         return None  # not in a cgroup of its own there: nothing to tell it apart by
-    for m in mounts:
-        if m.v2:
-            d = m.dir_for(v2)
-            if d is not None:
-                try:
-                    return os.stat(d).st_ino
-                except OSError:
-                    continue
+    for fresh in (False, True):
+        try:
+            dirs = [d for m in kept_mounts(proc, fresh) if m.v2 and (d := m.dir_for(v2))]
+        except OSError:
+            return None
+        if dirs:
+            break
+    for d in dirs:
+        try:
+            return os.stat(d).st_ino
+        except OSError:
+            continue
     return None
