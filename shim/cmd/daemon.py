@@ -22,7 +22,6 @@ pinned BPF maps.
 from __future__ import annotations
 
 import asyncio
-import base64
 import fcntl
 import functools
 import json
@@ -337,6 +336,8 @@ class Daemon:
         store: StateStore,
         oom: OOMWatcher,
     ) -> None:
+        import base64  # only a reload needs it: not loaded by every daemon (issue 14)
+
         if self.keeper is not None:
             self.keeper.stop()  # new connections wait in the channel for the new image
         await server.quiesce(keep=lambda ctx: ctx.method in LONG_CALLS, timeout=QUIESCE_TIMEOUT)
@@ -567,6 +568,8 @@ def _requeue_events(
     ooms: set[tuple[str, str]] = set()
     if handoff is None:
         return exits, ooms
+    import base64  # after a reload only: see _handoff_and_exec
+
     events = handoff.get("events")
     assert isinstance(events, list)
     for ns, topic, b64, marked in events:

@@ -114,21 +114,26 @@ def _install_print(lib: ctypes.CDLL) -> None:
     string is kept.
     """
     import ctypes as C
-    import platform
 
     global _print_cb
     libc = C.CDLL(None, use_errno=True)
     vsnprintf = libc.vsnprintf
     vsnprintf.restype = C.c_int
     vsnprintf.argtypes = [C.c_char_p, C.c_size_t, C.c_char_p, C.c_void_p]
-    pass_va = platform.machine() in ("x86_64", "aarch64", "arm64")
-    buf = C.create_string_buffer(64 * 1024)  # verifier logs come in big chunks
+    # os.uname(), not platform.machine(): the platform module costs the daemon 0.1 MB
+    pass_va = os.uname().machine in ("x86_64", "aarch64", "arm64")
+    # verifier logs come in big chunks: 64 KiB, made at the first WARN or INFO message
+    # rather than kept by every daemon from the start
+    buf = None
 
     def _cb(level: int, fmt: bytes | None, va: int | None) -> int:
+        nonlocal buf
         if level >= LIBBPF_DEBUG or fmt is None:
             return 0
         try:
             if pass_va:
+                if buf is None:
+                    buf = C.create_string_buffer(64 * 1024)
                 n = vsnprintf(buf, len(buf), fmt, va)
                 text = buf.raw[: max(0, min(n, len(buf) - 1))].decode("utf-8", "replace")
             else:

@@ -18,7 +18,6 @@ import fcntl
 import logging
 import os
 import signal
-from urllib.parse import parse_qsl, urlparse
 
 from shim.exits.exitwatch import ExitWatch
 from shim.exits.reaper import Exit, Reaper
@@ -31,6 +30,10 @@ TERM_GRACE = 10.0  # after SIGTERM, before SIGKILL
 
 def command(uri: str) -> list[str]:
     """argv for a ``binary://`` URI: the path, then each query key and its first value."""
+    # Here, not at the top: urllib.parse (with ipaddress) costs the daemon about 0.4 MB, and
+    # only binary:// stdio needs it (see shim.io.stdio._urlparse).
+    from urllib.parse import parse_qsl, urlparse
+
     parsed = urlparse(uri)
     bad = parsed.netloc or not os.path.isabs(parsed.path) or "\0" in uri
     if parsed.scheme != "binary" or bad:

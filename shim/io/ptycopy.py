@@ -20,7 +20,6 @@ re-executed daemon can take the copy over with ``thaw``.
 from __future__ import annotations
 
 import asyncio
-import base64
 import errno
 import fcntl
 import logging
@@ -138,6 +137,8 @@ class PtyCopier:
 
     def freeze(self) -> dict[str, Any]:
         """Stop copying and give up every fd (not closed) and unwritten byte, as JSON data."""
+        import base64  # freeze, fresh_state and thaw only: a reload or a crash (issue 14)
+
         self._unwatch_all()
         state = {
             "master": self.master,
@@ -162,6 +163,8 @@ class PtyCopier:
     @staticmethod
     def fresh_state(fds: dict[str, int]) -> dict[str, Any]:
         """A ``freeze`` state for these fds with nothing buffered (a crash lost the buffers)."""
+        import base64
+
         empty = base64.b64encode(b"").decode()
         return {
             **{k: fds.get(k, -1) for k in FD_NAMES},
@@ -180,6 +183,8 @@ class PtyCopier:
     @classmethod
     def thaw(cls, state: dict[str, Any], fields: dict[str, object] | None = None) -> PtyCopier:
         """The copy ``freeze`` stopped, taken over (call ``start`` to run it)."""
+        import base64
+
         for fd in cls.fds_of(state):
             os.set_inheritable(fd, False)
         c = cls(int(state["master"]), int(state["stdin"]), int(state["hold"]),

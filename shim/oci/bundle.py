@@ -119,9 +119,34 @@ def check_path(path: str, namespace: str, id: str, roots: tuple[str, ...] | None
     return path
 
 
+def kept_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The parts of a (checked) config.json that anything reads once the bundle is loaded:
+    ``linux.cgroupsPath`` (runc's options at Create), the ``pid`` entry of
+    ``linux.namespaces`` (:meth:`Bundle.has_private_pid_namespace`) and ``annotations``
+    (``watch``'s pod names).  A task keeps its Bundle for as long as it lives, and the whole
+    parsed spec (capabilities, mounts, masked paths, environment...) costs about 17 KiB per
+    container (issue 14's memory bound); a new reader of the spec adds its key here."""
+    kept: dict[str, Any] = {}
+    linux = config.get("linux")
+    if isinstance(linux, dict):
+        kept_linux: dict[str, Any] = {}
+        if "cgroupsPath" in linux:
+            kept_linux["cgroupsPath"] = linux["cgroupsPath"]
+        namespaces = linux.get("namespaces")
+        if isinstance(namespaces, list):
+            kept_linux["namespaces"] = [
+                ns for ns in namespaces if isinstance(ns, dict) and ns.get("type") == "pid"
+            ]
+        kept["linux"] = kept_linux
+    if "annotations" in config:
+        kept["annotations"] = config["annotations"]
+    return kept
+
+
 @dataclass
 class Bundle:
     path: str
+    #: config.json, cut down by :func:`kept_config` to what is read after Create
     config: dict[str, Any]
 
     @classmethod
@@ -148,7 +173,7 @@ class Bundle:
         root = config.get("root")
         if root is not None and not (isinstance(root, dict) and isinstance(root.get("path"), str)):
             raise errors.invalid(f"bundle: {cfg_path}: root.path is missing")
-        return cls(path, config)
+        return cls(path, kept_config(config))
 
     @property
     def rootfs(self) -> str:

@@ -22,7 +22,6 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import signal
 import sqlite3
 import subprocess
@@ -551,5 +550,5 @@ def _remove_cgroups(dirs: list[str]) -> None:
 
 def goarch() -> str:
     """This machine's architecture in Go's (and so containerd's platform) words."""
-    machine = platform.machine()
+    machine = os.uname().machine  # what platform.machine() reads, without its 0.1 MB module
     return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm"}.get(machine, machine)

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from google.protobuf.message import DecodeError
 
 from shim.api import runc_options_pb2, shim_pb2
-from shim.oci import metrics
 from shim.oci.bundle import namespace_of
 from shim.oci.cgroups import CgroupError
 from shim.oci.checkpoint import decode_options as decode_checkpoint_options
@@ -380,6 +379,10 @@ class TaskService:
         req = _parse(shim_pb2.StatsRequest, payload)
         task = self.tasks.get(self._namespace(ctx, req.id), req.id)
         cgroup = task.cgroup_of_init()
+        # On the first Stats, not at start: the metrics messages (cgroups v1 and v2) cost
+        # 0.1 MB, and plain containerd never asks (issue 14's memory bound; CRI does).
+        from shim.oci import metrics
+
         try:
             type_url, value = metrics.collect(cgroup)
         except CgroupError as exc:

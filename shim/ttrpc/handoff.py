@@ -10,8 +10,6 @@ This module imports neither asyncio nor the server, so parsing a handoff is chea
 
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import json
 import os
@@ -183,11 +181,20 @@ def _connection(obj: dict[str, object]) -> ConnectionHandoff:
     )
 
 
+# base64 is imported by the two functions below, which only a reload runs: a module-level
+# import would cost every daemon its memory for nothing (issue 14's memory bound).
+
+
 def _b64(data: bytes) -> str:
+    import base64
+
     return base64.b64encode(data).decode("ascii")
 
 
 def _unb64(value: object, what: str) -> bytes:
+    import base64
+    import binascii
+
     try:
         return base64.b64decode(_str(value, what), validate=True)
     except binascii.Error as exc:
