@@ -37,6 +37,10 @@ if TYPE_CHECKING:
 DELETE_WAIT = 10.0
 
 
+#: the exit status of a death by SIGKILL (128 + 9), the only one an OOM kill gives
+KILLED = 128 + 9
+
+
 class Process:
     """What init and exec processes share: identity, stdio, and the exit transition."""
 
@@ -173,7 +177,10 @@ class Process:
         kernel counted goes out first (it is usually what ended the process)."""
         if self.exited:
             return
-        self.task.check_oom()
+        if not self.exec_id or status == KILLED:
+            # An exec the kernel's OOM killer took dies of SIGKILL; any other exit of an exec
+            # has no kill to report first (the OOM watch reports those of other processes).
+            self.task.check_oom()
         self.exit_status = status
         self.exited_at = at
         self.status = transition(self.status, Op.EXIT, self.kind, self.id)

@@ -696,10 +696,13 @@ class Server:
         handler = methods.get(ctx.method)
         if handler is None:
             return _error(Code.UNIMPLEMENTED, f"method {ctx.method}")
-        timeout_cm = asyncio.timeout_at(ctx.deadline)
+        timeout_cm = asyncio.timeout_at(ctx.deadline) if ctx.deadline is not None else None
         try:
-            async with timeout_cm:
+            if timeout_cm is None:  # most calls have none: no timer, no context manager
                 result = await handler(ctx, payload)
+            else:
+                async with timeout_cm:
+                    result = await handler(ctx, payload)
         except TTRPCError as exc:
             return Response(Status.from_error(exc))
         except asyncio.CancelledError:
@@ -708,7 +711,7 @@ class Server:
                 raise  # we are being cancelled (server closing): no answer
             return _error(Code.CANCELLED, "context canceled")
         except Exception as exc:
-            if isinstance(exc, TimeoutError) and timeout_cm.expired():
+            if isinstance(exc, TimeoutError) and timeout_cm is not None and timeout_cm.expired():
                 return _error(Code.DEADLINE_EXCEEDED, "context deadline exceeded")
             logger.exception("ttrpc handler %s/%s failed", ctx.service, ctx.method)
             return _error(Code.UNKNOWN, str(exc) or type(exc).__name__)
@@ -1154,6 +1157,10 @@ class _ServerProtocol(asyncio.Protocol):
                             _consume(sock, size, buf)
                             self._partial = False
                             self.data_received(whole)
+                            if size == n < _PEEK_BYTES and not self.peer_closed:
+                                # All that had arrived was read; whatever comes after the
+                                # peek raises a new edge: no empty peek to learn that.
+                                return
                         elif large or self.peer_closed:
                             # Cannot wait for it whole (too large, or nothing more is coming:
                             # the codec then sees the truncation): read it as it comes.
