@@ -372,6 +372,36 @@ def test_exec_gone_before_its_start_was_published_keeps_its_exit_code(
     )
 
 
+def test_init_gone_before_its_registration_keeps_its_exit_code(
+    containerd: Containerd, busybox: str
+) -> None:
+    """A container's init killed after `runc create` and before its BPF registration (as the
+    OOM killer could while runc sets it up), and the daemon killed right after that exit was
+    written to the record (the Fault ``kill-in-create-exit-window``): the next daemon reports
+    the init's real end, SIGKILL (137), not 255 (unknown), and no zombie is left."""
+    containerd.run(RUNTIME, busybox, "first", "sleep", "100000", detach=True)
+    (daemon,) = daemons(containerd)
+    log_path = daemon_paths(containerd).log
+    events = Events(containerd)
+    try:
+        with BlockingClient(daemon_paths(containerd).address, timeout=5.0) as client:
+            client.call(DAEMON_SERVICE, "Fault", b"kill-in-create-exit-window")
+        args = containerd.run_args(RUNTIME, busybox, "box", "sleep", "100000", detach=True)
+        containerd.ctr(*args, check=False)  # its Start finds the init gone: ctr may fail
+        assert not os.path.exists(f"/proc/{daemon.pid}/fd/0"), "the Fault did not kill the daemon"
+        assert events.exit_status("box") == 137
+        assert "exit status unknown" not in open(log_path).read()
+        assert "init gone at create" not in open(log_path).read()  # written, not refused
+        assert task_list(containerd)["first"][1] == "RUNNING"
+    finally:
+        events.close()
+    ours = {p.pid for p in [*daemons(containerd), *keepers(containerd)]}
+    wait_for(
+        lambda: not processes_matching(lambda p: p.zombie and p.ppid in ours),
+        what="no zombie left under the daemon or the keeper",
+    )
+
+
 def test_delete_done_but_not_answered_is_answered_by_the_next_daemon(
     containerd: Containerd, busybox: str
 ) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from shim.api import events_pb2
 from shim.exits.exittrack import TICK_NS
-from shim.exits.reaper import Exit
+from shim.exits.reaper import Exit, exited_unreaped
 from shim.io.procio import ProcessIO
 from shim.io.stdio import Stdio
 from shim.oci import checkpoint
@@ -156,9 +156,15 @@ class Process:
         await self._exited.wait()
         return self.exit_status, self.exited_at
 
-    def watch_exit(self, before_exit: Callable[[], Awaitable[None]] | None = None) -> None:
-        """Start watching the process (call right after its pid is known)."""
-        fut = self.task.deps.exits.watch(self.pid, self.start_time, self.trace_id)
+    def watch_exit(
+        self,
+        before_exit: Callable[[], Awaitable[None]] | None = None,
+        fut: asyncio.Future[Exit] | None = None,
+    ) -> None:
+        """Start watching the process (call right after its pid is known; ``fut``: the exit
+        watch's future for it, if the caller took it already)."""
+        if fut is None:
+            fut = self.task.deps.exits.watch(self.pid, self.start_time, self.trace_id)
         self.task.spawn(self._on_exit(fut, before_exit), f"exit-{self.task.id}-{self.exec_id}")
 
     async def _on_exit(
@@ -310,10 +316,26 @@ class InitProcess(Process):
         # Persisted before anything watches its exit: if the store refuses (disk full), the
         # create is undone and no exit of this never-announced task is ever published.
         task.deps.store.put(self.record())
-        # The init waits in `runc init` until `runc start`: registering it now means no exit,
-        # however early, can go unrecorded (the reaper keeps one that comes before the watch).
+        # The init waits in `runc init` until `runc start`: registering it now means no later
+        # exit can go unrecorded.  One that came before (the OOM killer, a kill -9 while runc
+        # set it up) the BPF map cannot have: our reaper or the zombie has it, and it goes
+        # into the record now, so a crash before the exit transition loses nothing.
+        if _fault_init_killed is not None:
+            await _fault_init_killed.kill_init(self.pid)
         self.track()
-        self.watch_exit(self.before_exit)
+        exited = task.deps.exits.watch(self.pid, self.start_time, self.trace_id)
+        gone = exited.result() if exited.done() else exited_unreaped(self.pid)
+        if gone is not None:
+            best_effort(
+                lambda: task.deps.store.update(
+                    task.namespace, task.id, exit_status=gone.status, exited_at=gone.at
+                ),
+                "init gone at create",
+                **self.fields(),
+            )
+            if _fault_init_killed is not None:
+                _fault_init_killed.kill_daemon()
+        self.watch_exit(self.before_exit, exited)
 
     def _find_cgroup(self) -> None:
         """The container's cgroup (for stats, the freezer, OOM kills), from its live init."""
@@ -613,3 +635,28 @@ class InitProcess(Process):
             os.unlink(self.task.bundle.pid_file)
         except OSError:
             pass
+
+
+class InitKilledFault:
+    """Fault injection (the daemon's Fault ``kill-in-create-exit-window``, tests only): the
+    next Create kills its init with SIGKILL right after ``runc create`` (before its BPF
+    registration, as the OOM killer could), waits for it to end, then the daemon is killed
+    right after the exit is written to the record."""
+
+    async def kill_init(self, pid: int) -> None:
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(1000):
+            if exited_unreaped(pid) is not None or not os.path.exists(f"/proc/{pid}"):
+                return
+            await asyncio.sleep(0.01)
+
+    def kill_daemon(self) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fault_init_killed: InitKilledFault | None = None
+
+
+def arm_fault_init_killed() -> None:
+    global _fault_init_killed
+    _fault_init_killed = InitKilledFault()

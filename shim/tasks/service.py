@@ -25,6 +25,7 @@ from shim.tasks.execprocess import ExecProcess, arm_fault_quick_exit
 from shim.tasks.handlers import guard, unless_gone
 from shim.tasks.handlers import parse as _parse
 from shim.tasks.lifecycle import STATUS_NUMBER, Status
+from shim.tasks.process import arm_fault_init_killed
 from shim.tasks.task import Tasks
 from shim.ttrpc import Code, Context, Handler, TTRPCError
 from shim.ttrpc.journal import JournaledCall
@@ -219,12 +220,17 @@ class TaskService:
         loop, ``memory`` raises MemoryError there, ``kill-after-delete`` makes the next
         Delete kill -9 the daemon once the task or exec is gone and before the answer,
         ``kill-in-exec-exit-window`` makes the next exec Start wait for its process's end and
-        kill -9 the daemon once that exec's first record is written."""
+        kill -9 the daemon once that exec's first record is written,
+        ``kill-in-create-exit-window`` makes the next Create kill its init before its BPF
+        registration and kill -9 the daemon once that exit is in the record."""
         if payload == b"kill-after-delete":
             self.kill_after_delete = True
             return EMPTY
         if payload == b"kill-in-exec-exit-window":
             arm_fault_quick_exit(lambda: os.kill(os.getpid(), signal.SIGKILL))
+            return EMPTY
+        if payload == b"kill-in-create-exit-window":
+            arm_fault_init_killed()
             return EMPTY
         kinds: dict[bytes, type[BaseException]] = {
             b"exception": RuntimeError,
@@ -232,7 +238,12 @@ class TaskService:
         }
         kind = kinds.get(payload)
         if kind is None:
-            known = [*sorted(kinds), b"kill-after-delete", b"kill-in-exec-exit-window"]
+            known = [
+                *sorted(kinds),
+                b"kill-after-delete",
+                b"kill-in-exec-exit-window",
+                b"kill-in-create-exit-window",
+            ]
             raise errors.invalid(f"fault: {payload[:40]!r} is not one of {known}")
 
         def fail() -> None:
