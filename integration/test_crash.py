@@ -143,6 +143,21 @@ def any_containerd(request: pytest.FixtureRequest, busybox: str) -> Iterator[Con
         yield c
 
 
+def arm_fault(containerd: Containerd, what: bytes) -> None:
+    """Ask the daemon for one of its Faults (shim.tasks.service.TaskService.fault)."""
+    with BlockingClient(daemon_paths(containerd).address, timeout=5.0) as client:
+        client.call(DAEMON_SERVICE, "Fault", what)
+
+
+def no_zombies_under_us(containerd: Containerd) -> None:
+    """Wait until neither the daemon nor the keeper has an unreaped child."""
+    ours = {p.pid for p in [*daemons(containerd), *keepers(containerd)]}
+    wait_for(
+        lambda: not processes_matching(lambda p: p.zombie and p.ppid in ours),
+        what="no zombie left under the daemon or the keeper",
+    )
+
+
 def test_kill9_on_containerd_1_6_and_2(any_containerd: Containerd, busybox: str) -> None:
     _kill9_containers_keep_running(any_containerd, busybox, 10)
 
@@ -337,11 +352,7 @@ def test_exec_exit_code_across_a_daemon_restart(
     r = containerd.ctr("task", "exec", "--exec-id", "e2", "box", "sh", "-c", "exit 3",
                        check=False)  # fmt: skip
     assert r.returncode == 3, r.stderr
-    ours = {p.pid for p in [*daemons(containerd), *keepers(containerd)]}
-    wait_for(
-        lambda: not processes_matching(lambda p: p.zombie and p.ppid in ours),
-        what="no zombie left under the daemon or the keeper",
-    )
+    no_zombies_under_us(containerd)
 
 
 def test_exec_gone_before_its_start_was_published_keeps_its_exit_code(
@@ -355,8 +366,7 @@ def test_exec_gone_before_its_start_was_published_keeps_its_exit_code(
     containerd.run(RUNTIME, busybox, "box", "sleep", "100000", detach=True)
     (daemon,) = daemons(containerd)
     log_path = daemon_paths(containerd).log
-    with BlockingClient(daemon_paths(containerd).address, timeout=5.0) as client:
-        client.call(DAEMON_SERVICE, "Fault", b"kill-in-exec-exit-window")
+    arm_fault(containerd, b"kill-in-exec-exit-window")
     r = containerd.ctr("task", "exec", "--exec-id", "e1", "box", "sh", "-c", "exit 7",
                        check=False)  # fmt: skip
     assert not os.path.exists(f"/proc/{daemon.pid}/fd/0"), "the Fault did not kill the daemon"
@@ -365,11 +375,7 @@ def test_exec_gone_before_its_start_was_published_keeps_its_exit_code(
     r = containerd.ctr("task", "exec", "--exec-id", "e2", "box", "sh", "-c", "exit 3",
                        check=False)  # fmt: skip
     assert r.returncode == 3, r.stderr
-    ours = {p.pid for p in [*daemons(containerd), *keepers(containerd)]}
-    wait_for(
-        lambda: not processes_matching(lambda p: p.zombie and p.ppid in ours),
-        what="no zombie left under the daemon or the keeper",
-    )
+    no_zombies_under_us(containerd)
 
 
 def test_init_gone_before_its_registration_keeps_its_exit_code(
@@ -384,8 +390,7 @@ def test_init_gone_before_its_registration_keeps_its_exit_code(
     log_path = daemon_paths(containerd).log
     events = Events(containerd)
     try:
-        with BlockingClient(daemon_paths(containerd).address, timeout=5.0) as client:
-            client.call(DAEMON_SERVICE, "Fault", b"kill-in-create-exit-window")
+        arm_fault(containerd, b"kill-in-create-exit-window")
         args = containerd.run_args(RUNTIME, busybox, "box", "sleep", "100000", detach=True)
         containerd.ctr(*args, check=False)  # its Start finds the init gone: ctr may fail
         assert not os.path.exists(f"/proc/{daemon.pid}/fd/0"), "the Fault did not kill the daemon"
@@ -395,11 +400,7 @@ def test_init_gone_before_its_registration_keeps_its_exit_code(
         assert task_list(containerd)["first"][1] == "RUNNING"
     finally:
         events.close()
-    ours = {p.pid for p in [*daemons(containerd), *keepers(containerd)]}
-    wait_for(
-        lambda: not processes_matching(lambda p: p.zombie and p.ppid in ours),
-        what="no zombie left under the daemon or the keeper",
-    )
+    no_zombies_under_us(containerd)
 
 
 def test_delete_done_but_not_answered_is_answered_by_the_next_daemon(
@@ -417,8 +418,7 @@ def test_delete_done_but_not_answered_is_answered_by_the_next_daemon(
 
     def delete_killing_the_daemon(*args: str) -> subprocess.CompletedProcess[str]:
         (daemon,) = daemons(containerd)
-        with BlockingClient(daemon_paths(containerd).address, timeout=5.0) as client:
-            client.call(DAEMON_SERVICE, "Fault", b"kill-after-delete")
+        arm_fault(containerd, b"kill-after-delete")
         r = containerd.ctr("task", "delete", *args, check=False)
         assert not os.path.exists(f"/proc/{daemon.pid}/fd/0"), "the daemon lived on"
         return r

@@ -92,21 +92,21 @@ def system_cpu_s() -> float:
     return busy / _CLK_TCK
 
 
-def process_cpu_s(pid: int) -> float:
-    """utime + stime of ``pid`` in seconds; 0 if it is gone."""
+def _cpu_ticks(pid: int) -> list[int]:
+    """utime, stime, cutime, cstime of ``pid`` (clock ticks); zeros if it is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             rest = f.read().rsplit(")", 1)[1].split()
+        return [int(x) for x in rest[11:15]]
     except (OSError, IndexError):
-        return 0.0
-    return (int(rest[11]) + int(rest[12])) / _CLK_TCK
+        return [0, 0, 0, 0]
+
+
+def process_cpu_s(pid: int) -> float:
+    """utime + stime of ``pid`` in seconds; 0 if it is gone."""
+    return sum(_cpu_ticks(pid)[:2]) / _CLK_TCK
 
 
 def process_tree_cpu_s(pid: int) -> float:
     """utime + stime of ``pid`` and of its children it has waited for (cutime + cstime)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0.0
-    return sum(int(x) for x in rest[11:15]) / _CLK_TCK
+    return sum(_cpu_ticks(pid)) / _CLK_TCK
