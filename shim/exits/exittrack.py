@@ -27,12 +27,14 @@ the short-lived ``delete`` subcommand imports this module.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import struct
 import time
 
 from shim.exits import pins
 from shim.exits.libbpf import BPFError
+from shim.util import log
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
@@ -489,6 +491,32 @@ class ExitTracker:
             self.close()
         except Exception:
             pass
+
+
+def track(
+    tracker: ExitTracker | None, pid: int, trace_id: int, start_ticks: int, /, **fields: object
+) -> None:
+    """Register a process (its start time in /proc ticks) with the pinned BPF exit map, when
+    BPF is on.  A failure is logged, not raised: the reaper and the pidfd still see the exit
+    while the daemon runs; only a restart's backup is missing.  ``fields`` (which may name
+    the pid again) go into that log line."""
+    if tracker is None:
+        return
+    try:
+        tracker.register(pid, trace_id, start_ticks * TICK_NS)
+    except OSError as exc:
+        log.event("BPF registration failed", logging.ERROR, **fields, error=exc)
+
+
+def untrack(tracker: ExitTracker | None, pid: int, trace_id: int, /, **fields: object) -> None:
+    """Drop a process's BPF entries, once its exit is persisted (a failure is logged)."""
+    if tracker is None or not trace_id:
+        return
+    try:
+        tracker.delete_exit(trace_id)
+        tracker.unregister(pid)
+    except OSError as exc:
+        log.event("BPF cleanup failed", logging.ERROR, **fields, error=exc)
 
 
 def _under(path: str, root: str) -> bool:

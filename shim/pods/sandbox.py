@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 from shim.api import sandbox_pb2
-from shim.exits.exittrack import TICK_NS
+from shim.exits import exittrack
 from shim.exits.reaper import Exit
 from shim.oci.cgroups import cgroup_mounts
 from shim.pods import podfiles
@@ -314,23 +314,10 @@ class Sandboxes:
         return pid
 
     def _track(self, rec: SandboxRecord) -> None:
-        tracker = self.deps.tracker
-        if tracker is None:
-            return
-        try:
-            tracker.register(rec.pid, rec.trace_id, rec.start_time * TICK_NS)
-        except OSError as exc:
-            log.event("BPF registration failed", logging.ERROR, sandbox=rec.id, error=exc)
+        exittrack.track(self.deps.tracker, rec.pid, rec.trace_id, rec.start_time, sandbox=rec.id)
 
     def _untrack(self, rec: SandboxRecord) -> None:
-        tracker = self.deps.tracker
-        if tracker is None or not rec.trace_id:
-            return
-        try:
-            tracker.delete_exit(rec.trace_id)
-            tracker.unregister(rec.pid)
-        except OSError as exc:
-            log.event("BPF cleanup failed", logging.ERROR, sandbox=rec.id, error=exc)
+        exittrack.untrack(self.deps.tracker, rec.pid, rec.trace_id, sandbox=rec.id)
 
     def _watch(self, sb: Sandbox) -> None:
         rec = sb.rec

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from shim.api import events_pb2
-from shim.exits.exittrack import TICK_NS
+from shim.exits import exittrack
 from shim.exits.reaper import Exit, exited_unreaped
 from shim.io.procio import ProcessIO
 from shim.io.stdio import Stdio
@@ -251,25 +251,13 @@ class Process:
 
     def track(self) -> None:
         """Register the process with the pinned BPF exit map (when BPF is on)."""
-        tracker = self.task.deps.tracker
-        if tracker is None:
-            return
-        try:
-            tracker.register(self.pid, self.trace_id, self.start_time * TICK_NS)
-        except OSError as exc:
-            # The reaper and the pidfd still see this exit while the daemon runs.
-            log.event("BPF registration failed", logging.ERROR, **self.fields(), error=exc)
+        exittrack.track(
+            self.task.deps.tracker, self.pid, self.trace_id, self.start_time, **self.fields()
+        )
 
     def untrack(self) -> None:
         """Drop the process's BPF entries, once its exit is persisted."""
-        tracker = self.task.deps.tracker
-        if tracker is None or not self.trace_id:
-            return
-        try:
-            tracker.delete_exit(self.trace_id)
-            tracker.unregister(self.pid)
-        except OSError as exc:
-            log.event("BPF cleanup failed", logging.ERROR, **self.fields(), error=exc)
+        exittrack.untrack(self.task.deps.tracker, self.pid, self.trace_id, **self.fields())
 
     def pid_is_ours(self) -> bool:
         return procinfo.is_same(self.pid, self.start_time)
@@ -316,12 +304,18 @@ class InitProcess(Process):
         # Persisted before anything watches its exit: if the store refuses (disk full), the
         # create is undone and no exit of this never-announced task is ever published.
         task.deps.store.put(self.record())
-        # The init waits in `runc init` until `runc start`: registering it now means no later
-        # exit can go unrecorded.  One that came before (the OOM killer, a kill -9 while runc
-        # set it up) the BPF map cannot have: our reaper or the zombie has it, and it goes
-        # into the record now, so a crash before the exit transition loses nothing.
+        # The init waits in `runc init` until `runc start`, but the OOM killer or a kill -9
+        # may end it while runc sets it up.
         if _fault_init_killed is not None:
             await _fault_init_killed.kill_init(self.pid)
+        self._watch_from_now()
+
+    def _watch_from_now(self) -> None:
+        """Register the init (its record stored) with the BPF exit map and watch its exit.
+        An exit that came before the registration the map cannot have: our reaper or the
+        zombie has it, and it goes into the record at once, so a crash before the exit
+        transition loses nothing."""
+        task = self.task
         self.track()
         exited = task.deps.exits.watch(self.pid, self.start_time, self.trace_id)
         gone = exited.result() if exited.done() else exited_unreaped(self.pid)
@@ -330,7 +324,7 @@ class InitProcess(Process):
                 lambda: task.deps.store.update(
                     task.namespace, task.id, exit_status=gone.status, exited_at=gone.at
                 ),
-                "init gone at create",
+                "init gone before its BPF registration",
                 **self.fields(),
             )
             if _fault_init_killed is not None:
@@ -374,12 +368,11 @@ class InitProcess(Process):
         await pio.attach_console()
         self.pid = task.bundle.read_pid()
         self.start_time = procinfo.start_time(self.pid)
-        self.track()
-        self.watch_exit(self.before_exit)
         self._find_cgroup()
         self.restore_from = None
         self.status = Status.RUNNING
-        task.deps.store.put(self.record())
+        task.deps.store.put(self.record())  # before the watch, which may add the exit to it
+        self._watch_from_now()
 
     async def before_exit(self) -> None:
         """What must happen before the init's exit is reported."""
