@@ -37,8 +37,8 @@ if TYPE_CHECKING:
 DELETE_WAIT = 10.0
 
 
-#: the exit status of a death by SIGKILL (128 + 9), the only one an OOM kill gives
-KILLED = 128 + 9
+#: the exit status of a death by SIGKILL, the only one an OOM kill gives
+KILLED = 128 + signal.SIGKILL
 
 
 class Process:
@@ -610,7 +610,7 @@ class InitProcess(Process):
                 raise errors.internal(str(exc)) from None
         if not self.exited and self.pid == 0:
             # Created from a checkpoint and never restored: nothing ran.
-            self.set_exited(128 + signal.SIGKILL, time.time_ns())
+            self.set_exited(KILLED, time.time_ns())
         if not self.exited:
             # A created, never started init was just killed by `runc delete --force`.
             try:
@@ -618,7 +618,7 @@ class InitProcess(Process):
                     await self._exited.wait()
             except TimeoutError:
                 log.event("no exit after runc delete", logging.WARNING, **self.fields())
-                self.set_exited(128 + signal.SIGKILL, time.time_ns())
+                self.set_exited(KILLED, time.time_ns())
         self.status = deleted
         assert self.exited_at is not None
         return self.pid, self.exit_status, self.exited_at

@@ -27,7 +27,7 @@ from shim.oci.bundle import Bundle, check_path
 from shim.oci.cgroups import Cgroup, CgroupError
 from shim.oci.checkpoint import WORK_DIR, RestoreSpec, require_criu
 from shim.oci.mount import MAX_MOUNTS, Mount, mount, unmount_all
-from shim.oci.runc import Runc, RuncError, find_executable
+from shim.oci.runc import Runc, RuncError, resolve
 from shim.oci.runcoptions import (  # noqa: F401 (RUNC_OPTIONS, RUNTIME_OPTIONS: for importers)
     RUNC_OPTIONS,
     RUNTIME_OPTIONS,
@@ -65,7 +65,7 @@ class Deps:
 
 def find_runc(runc: Runc, from_options: bool) -> str:
     """runc's path, or an error that says which setting points nowhere."""
-    path = find_executable(runc.binary, runc.env.get("PATH", ""))
+    path = resolve(runc.binary, runc.env.get("PATH", ""))
     if path is not None:
         return path
     if from_options:
