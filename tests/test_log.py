@@ -128,3 +128,26 @@ def test_a_writer_that_opens_the_file_for_each_line(
     assert [ln.rpartition("id=")[2] for ln in lines if "keeper" not in ln] == [
         f"c{i:04d}" for i in range(400)
     ]
+
+
+def test_event_lines_are_the_same_with_or_without_other_handlers(tmp_path: Path) -> None:
+    """event() writes daemon.log itself while it is the only handler (the daemon's case) and
+    goes through logging otherwise (another handler, e.g. a test's): the same line both ways."""
+    path = tmp_path / "daemon.log"
+    log.setup(str(path))
+    fields = {"ns": "k8s.io", "id": "c 1", "exec_id": "e=1", "pid": 42, "status": 0}
+    log.event("exec exited", logging.WARNING, **fields)
+    other = logging.NullHandler()
+    logging.getLogger().addHandler(other)
+    try:
+        log.event("exec exited", logging.WARNING, **fields)
+    finally:
+        logging.getLogger().removeHandler(other)
+    log.event("not shown", logging.DEBUG, **fields)  # below the level: nothing either way
+    direct, through_logging = (ln.split(" ", 1) for ln in _lines(path))
+    assert direct[0].startswith("time=") and direct[0].endswith("Z")
+    assert (
+        direct[1]
+        == through_logging[1]
+        == ('level=warning msg="exec exited" ns=k8s.io id="c 1" exec_id="e=1" pid=42 status=0')
+    )
