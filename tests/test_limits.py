@@ -47,13 +47,29 @@ def logging_program_soft():
     os.waitpid(pid, 0)
     return out
 
+wrapped = []  # programs started through the shell
+_wrap = limits.wrap
+def counting_wrap(path, argv):
+    wrapped.append(path)
+    return _wrap(path, argv)
+limits.wrap = counting_wrap
+
 result = {{"before": nofile()}}
 result["raised"] = limits.raise_nofile()
 result["after"] = nofile()
 result["child_soft"] = limits.child_soft()
 result["runc"] = spawned_soft()
 result["logging"] = logging_program_soft()
+result["wrapped"] = len(wrapped)
 result["reexec_env"] = limits.reexec_env({{}})
+if os.environ.get("CROWDED"):
+    # More descriptors open than the original limit allows: runc's spawn cannot make its
+    # pipe under it, and goes through the shell.
+    held = [os.open(os.devnull, os.O_RDONLY) for _ in range(limits.child_soft() + 8)]
+    result["crowded_runc"] = spawned_soft()
+    result["crowded_logging"] = logging_program_soft()
+    result["crowded_wrapped"] = len(wrapped) - result["wrapped"]
+    result["crowded_after"] = nofile()
 print(json.dumps(result))
 """
 
@@ -82,7 +98,16 @@ def test_raised_to_hard_and_children_get_the_original() -> None:
     assert out["child_soft"] == 256
     assert out["runc"] == "256"
     assert out["logging"] == "256"
+    assert out["wrapped"] == 0  # spawned under the lowered limit: no shell in between
     assert out["reexec_env"] == {"EMBEDSHIM_NOFILE_SOFT": "256"}
+
+
+def test_more_open_than_the_original_allows_goes_through_the_shell() -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    out = _run(256, {"CROWDED": "1"})
+    assert out["crowded_runc"] == out["crowded_logging"] == "256"
+    assert out["crowded_wrapped"] == 2
+    assert out["crowded_after"] == hard
 
 
 def test_nothing_raised_when_soft_is_hard() -> None:

@@ -159,8 +159,13 @@ def _spawn(argv: list[str], fds: list[int], env: dict[str, str]) -> int:
         (os.POSIX_SPAWN_DUP2, fds[2], 5),
     ]
     defaults = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
-    path, argv = limits.wrap(argv[0], argv)  # the daemon's original open-file limit
-    return os.posix_spawn(path, argv, env, file_actions=actions, setsigmask=(), setsigdef=defaults)
+
+    def posix_spawn(path: str, argv: list[str]) -> int:
+        return os.posix_spawn(
+            path, argv, env, file_actions=actions, setsigmask=(), setsigdef=defaults
+        )
+
+    return limits.spawn(posix_spawn, argv[0], argv)  # the daemon's original open-file limit
 
 
 async def _wait_ready(fd: int) -> None:

@@ -76,24 +76,27 @@ def spawn(
     signals 32 and 33 ignored in the child, and runc would pass that on to the container.
     The Popen object is told the child is none of its business (a returncode is set), so it
     never waits for it and cannot steal the status from the reaper.  It runs with the soft
-    open-file limit the daemon started with (see shim.util.limits): a shell sets it, then
-    becomes the program (same pid).  ``pass_fds`` are inherited with their numbers (the
-    child stays on subprocess's vfork path: that depends only on preexec_fn, uid and gids).
+    open-file limit the daemon started with (shim.util.limits.spawn).  ``pass_fds`` are
+    inherited with their numbers (the child stays on subprocess's vfork path: that depends
+    only on preexec_fn, uid and gids).
     """
-    path, argv = limits.wrap(path, argv)
-    proc = subprocess.Popen(
-        argv,
-        executable=path,
-        stdin=stdio[0],
-        stdout=stdio[1],
-        stderr=stdio[2],
-        env=env,
-        close_fds=True,
-        pass_fds=pass_fds,
-        restore_signals=True,
-    )
-    proc.returncode = 0
-    return proc.pid
+
+    def popen(path: str, argv: list[str]) -> int:
+        proc = subprocess.Popen(
+            argv,
+            executable=path,
+            stdin=stdio[0],
+            stdout=stdio[1],
+            stderr=stdio[2],
+            env=env,
+            close_fds=True,
+            pass_fds=pass_fds,
+            restore_signals=True,
+        )
+        proc.returncode = 0
+        return proc.pid
+
+    return limits.spawn(popen, path, argv)
 
 
 async def execute(

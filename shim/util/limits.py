@@ -7,12 +7,14 @@ runs out at about 300 containers.  At start it raises its soft limit to the hard
 programs do; runc, and so every container without an RLIMIT_NOFILE of its own in its OCI
 spec, and the logging programs it starts get the original soft limit back.
 
-There is no way to set a child's limit between fork and exec without a ``preexec_fn``, which
-is unsafe in the daemon (it has threads), so a raised daemon starts its programs through
-``/bin/sh -c 'ulimit -Sn <original> && exec "$@"'`` (about 0.3 ms per command).  A daemon
-whose soft limit already is its hard limit (containerd 1.6's unit sets LimitNOFILE=infinity,
-and Go before 1.21 passed its raised limit on) raises nothing and starts its programs
-directly.
+A child inherits the soft limit its parent has when it is spawned, so a raised daemon lowers
+its own soft limit to the original for the moment of the spawn (:func:`lowered`: the daemon is
+one thread; nothing else opens a descriptor meanwhile).  That fails only when the daemon has
+more descriptors open than the original limit allows (the spawn's own pipe gets none); then the
+program is started through ``/bin/sh -c 'ulimit -Sn <original> && exec "$@"'`` (:func:`wrap`,
+about 0.3 ms more per command).  A daemon whose soft limit already is its hard limit
+(containerd 1.6's unit sets LimitNOFILE=infinity, and Go before 1.21 passed its raised limit
+on) raises nothing and starts its programs directly.
 
 A re-exec (reload) keeps the original through :data:`ENV`, which only the daemon's own
 execve carries.
@@ -20,8 +22,14 @@ execve carries.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import resource
+from collections.abc import Callable, Iterator
+from typing import TypeVar
+
+T = TypeVar("T")
 
 #: the original soft limit, from a daemon image to the next (re-exec only)
 ENV = "EMBEDSHIM_NOFILE_SOFT"
@@ -69,6 +77,38 @@ def reexec_env(env: dict[str, str]) -> dict[str, str]:
     if _original is not None:
         env[ENV] = str(_original)
     return env
+
+
+@contextlib.contextmanager
+def lowered() -> Iterator[None]:
+    """The original soft limit for what is spawned inside (nothing changes if the daemon
+    raised nothing); the raised one again after.  Raises OSError (EMFILE) inside when the
+    daemon holds too many descriptors to open one under the original limit."""
+    if _original is None:
+        yield
+        return
+    raised = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (_original, raised[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, raised)
+
+
+def spawn(start: Callable[[str, list[str]], T], path: str, argv: list[str]) -> T:
+    """``start(path, argv)`` so that the program gets the original soft limit: spawned under
+    :func:`lowered`, or through the shell (:func:`wrap`) when the daemon holds too many
+    descriptors for that: no new one can be opened under the original limit (EMFILE), or
+    posix_spawn refuses to hand on one numbered above it (EBADF)."""
+    if _original is None:
+        return start(path, argv)
+    try:
+        with lowered():
+            return start(path, argv)
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.EBADF):
+            raise  # the program's own failure (not found, not executable)
+    return start(*wrap(path, argv))
 
 
 def wrap(path: str, argv: list[str]) -> tuple[str, list[str]]:
