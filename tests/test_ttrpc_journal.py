@@ -501,3 +501,48 @@ def test_large_frames_and_answers_move_to_larger_places(journal_dir: str) -> Non
     for sid in (1, 3, 5):
         journal.done(2, sid)
     assert own_files(journal_dir) == [] and Journal(journal_dir).load() == {}
+
+
+def test_handlers_answer_in_their_own_task_whether_or_not_they_wait(journal_dir: str) -> None:
+    """Each handler runs in a task of its own from its first step (asyncio.timeout and
+    current_task work there) whether it answers at once or waits; one batch of frames mixing
+    both is answered, each once, and leaves nothing in the journal."""
+    journal = Journal(journal_dir)
+
+    async def main() -> None:
+        release = asyncio.Event()
+        tasks: list[asyncio.Task[object] | None] = []
+
+        async def quick(ctx: Context, payload: bytes) -> bytes:
+            tasks.append(asyncio.current_task())
+            async with asyncio.timeout(5):  # needs a current task
+                return b"quick:" + payload
+
+        async def slow(ctx: Context, payload: bytes) -> bytes:
+            tasks.append(asyncio.current_task())
+            await release.wait()
+            return b"slow:" + payload
+
+        server = Server(journal=journal)
+        server.register(SVC, {"Quick": quick, "Slow": slow})
+        client, theirs = socket.socketpair()
+        await server.serve_kept(os.dup(theirs.fileno()), 7)
+        theirs.close()
+        peer = Peer(client)
+        frames = [request_frame(1, "Slow", b"a")]
+        frames += [request_frame(sid, "Quick", b"%d" % sid) for sid in range(3, 203, 2)]
+        client.sendall(b"".join(frames))  # one read: all of them in one batch
+        for sid in range(3, 203, 2):
+            assert (await peer.read_until(sid)).payload == b"quick:%d" % sid
+        assert 1 not in peer.responses  # still waiting, and in the journal
+        assert [c.stream_id for c in journal.load()[7]] == [1]
+        release.set()
+        assert (await peer.read_until(1)).payload == b"slow:a"
+        await asyncio.sleep(0.01)
+        assert all(len(r) == 1 for r in peer.responses.values())
+        assert len(tasks) == 101 and None not in tasks and len(set(map(id, tasks))) == 101
+        assert journal.load() == {}
+        await server.close()
+        client.close()
+
+    run(main())
