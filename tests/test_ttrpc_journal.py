@@ -546,3 +546,34 @@ def test_handlers_answer_in_their_own_task_whether_or_not_they_wait(journal_dir:
         client.close()
 
     run(main())
+
+
+def test_answers_of_repeatable_methods_are_not_journaled(journal_dir: str) -> None:
+    """A successor runs a repeatable call (one that only reads) again rather than resending
+    its answer: that answer is never written; every other answer is."""
+    answered: list[int] = []
+
+    class Recording(Journal):
+        def answer(self, connection: int, stream_id: int, frame: bytes) -> None:
+            answered.append(stream_id)
+            super().answer(connection, stream_id, frame)
+
+    async def main() -> None:
+        server = Server(journal=Recording(journal_dir), repeatable=[(SVC, "Read")])
+        server.register(SVC, {"Read": echo_handler, "Change": echo_handler})
+        client, theirs = socket.socketpair()
+        await server.serve_kept(os.dup(theirs.fileno()), 7)
+        theirs.close()
+        peer = Peer(client)
+        client.sendall(request_frame(1, "Read", b"r") + request_frame(3, "Change", b"c"))
+        assert (await peer.read_until(1)).payload == b"r"
+        assert (await peer.read_until(3)).payload == b"c"
+        assert answered == [3]
+        await server.close()
+        client.close()
+
+    run(main())
+
+
+async def echo_handler(ctx: Context, payload: bytes) -> bytes:
+    return payload

@@ -46,7 +46,7 @@ from shim.oci import bundle
 from shim.pods.sandbox import Sandboxes
 from shim.pods.sandboxservice import SANDBOX_SERVICE, SandboxService
 from shim.store.statestore import StateStore
-from shim.tasks.service import DAEMON_SERVICE, TASK_SERVICE, TaskService
+from shim.tasks.service import DAEMON_SERVICE, SAFE_TO_REPEAT, TASK_SERVICE, TaskService
 from shim.tasks.task import Deps, Tasks
 from shim.ttrpc import PeerCred, Server, require_same_user
 from shim.ttrpc.journal import Journal
@@ -160,7 +160,12 @@ class Daemon:
         self.service = TaskService(self.tasks, self._on_shutdown, self.info)
         self.tasks.on_empty = self.sandboxes.on_empty = self._on_shutdown
         journal = Journal(self.paths.journal) if self.attached is not None else None
-        server = Server(accept_filter=admit_peer, frame_timeout=_frame_timeout(), journal=journal)
+        server = Server(
+            accept_filter=admit_peer,
+            frame_timeout=_frame_timeout(),
+            journal=journal,
+            repeatable=[(s, m) for s in (TASK_SERVICE, DAEMON_SERVICE) for m in SAFE_TO_REPEAT],
+        )
         server.register(TASK_SERVICE, self.service.methods())
         server.register(DAEMON_SERVICE, self.service.daemon_methods())
         server.register(

@@ -103,12 +103,17 @@ _U64 = 1 << 64
 
 def _varint(value: int) -> bytes:
     """Encode a non-negative int < 2**64 (negatives must already be two's-complemented)."""
+    if value < 0x80:
+        return _ONE_BYTE[value]
     out = bytearray()
     while value > 0x7F:
         out.append((value & 0x7F) | 0x80)
         value >>= 7
     out.append(value)
     return bytes(out)
+
+
+_ONE_BYTE = [bytes((i,)) for i in range(0x80)]
 
 
 def _tag(number: int, wire_type: int) -> bytes:
@@ -130,6 +135,8 @@ def _bytes_field(number: int, value: bytes, *, always: bool = False) -> bytes:
 
 
 def _read_varint(data: bytes, pos: int) -> tuple[int, int]:
+    if pos < len(data) and data[pos] < 0x80:
+        return data[pos], pos + 1  # one byte: every tag, and every length below 128
     result = 0
     shift = 0
     while True:
@@ -249,6 +256,8 @@ class Status(_Record):
         _set(self, "details", details)
 
     def encode(self) -> bytes:
+        if not self.code and not self.message and not self.details:
+            return b""  # OK: every field at its default
         # The message is human text: a stray surrogate must not stop an error being reported.
         message = self.message.encode("utf-8", "replace")
         out = [_int_field(1, self.code), _bytes_field(2, message)]
@@ -551,6 +560,26 @@ class FrameDecoder:
         self._discard = count
 
     def feed(self, data: bytes) -> list[FrameEvent]:
+        if self._buffer or self._header is not None or self._discard:
+            return self._feed(data)
+        # Between frames, as nearly every read begins: whole frames straight from ``data``,
+        # the rest (a part, an oversized one) buffered the general way.
+        events: list[FrameEvent] = []
+        pos, end = 0, len(data)
+        while end - pos >= HEADER_SIZE:
+            length = int.from_bytes(data[pos : pos + 4], "big")
+            start = pos + HEADER_SIZE
+            if length > self._max_size or end - start < length:
+                break
+            stream_id = int.from_bytes(data[pos + 4 : pos + 8], "big")
+            payload = bytes(data[start : start + length])
+            events.append(Frame(stream_id, data[pos + 8], data[pos + 9], payload))
+            pos = start + length
+        if pos < end:
+            events += self._feed(data[pos:])
+        return events
+
+    def _feed(self, data: bytes) -> list[FrameEvent]:
         events: list[FrameEvent] = []
         if self._discard:
             skip = min(self._discard, len(data))

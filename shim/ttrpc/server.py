@@ -27,7 +27,7 @@ import select
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -166,7 +166,10 @@ class Server:
     With a ``journal``, connections given to :meth:`serve_kept` (sockets another process holds
     duplicates of, so that they outlive this one) are read crash-safely: each request is
     written to the journal before it leaves the socket and removed once answered, and
-    :meth:`serve_kept` takes back what a dead predecessor left there.
+    :meth:`serve_kept` takes back what a dead predecessor left there.  The answers of the
+    ``repeatable`` methods ((service, method) pairs a successor can simply run again) are not
+    journaled; every other answer is, so that a successor sends it again
+    instead of running the request twice.
     """
 
     def __init__(
@@ -178,9 +181,11 @@ class Server:
         frame_timeout: float | None = FRAME_TIMEOUT,
         max_buffered_bytes: int = MAX_BUFFERED_BYTES,
         journal: Journal | None = None,
+        repeatable: Collection[tuple[str, str]] = (),
     ) -> None:
         self.accept_filter = accept_filter
         self.journal = journal
+        self._repeatable = frozenset(repeatable)
         # Journaled connections are read by us, not by asyncio: one edge-triggered epoll for
         # all of them, itself watched by the loop (a frame that is not whole yet must not
         # make its socket look readable again and again).
@@ -1086,7 +1091,8 @@ class _ServerProtocol(asyncio.Protocol):
     async def _serve(self, ctx: Context, payload: bytes) -> None:
         response = await self._server._dispatch(ctx, payload)
         if ctx.stream_id not in self._abandoned:
-            self._write(ctx.stream_id, response)
+            journaled = (ctx.service, ctx.method) not in self._server._repeatable
+            self._write(ctx.stream_id, response, journaled)
 
     def _task_done(self, task: asyncio.Task[None]) -> None:
         self._settle(task)
@@ -1114,7 +1120,7 @@ class _ServerProtocol(asyncio.Protocol):
         if not task.cancelled() and (exc := task.exception()) is not None:
             logger.error("ttrpc request task failed", exc_info=exc)
 
-    def _write(self, stream_id: int, response: Response) -> None:
+    def _write(self, stream_id: int, response: Response, journaled: bool = True) -> None:
         transport = self._transport
         if transport is None or transport.is_closing():
             return
@@ -1124,7 +1130,7 @@ class _ServerProtocol(asyncio.Protocol):
             logger.error("ttrpc response on stream %d too large: %s", stream_id, exc.message)
             status = Status(Code.RESOURCE_EXHAUSTED, oversize_message(exc.length, exc.limit))
             data = self._conn.send_response(stream_id, Response(status))
-        if self._journal is not None and stream_id in self._in_journal:
+        if journaled and self._journal is not None and stream_id in self._in_journal:
             # A successor sends this again instead of running the request again.
             assert self._key is not None
             try:
