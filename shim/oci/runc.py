@@ -66,7 +66,7 @@ def resolve(name: str, path: str) -> str | None:
 def spawn(
     argv: list[str],
     stdio: tuple[int, int, int],
-    env: dict[str, str],
+    env: dict[str, str] | None,
     path: str,
     pass_fds: Sequence[int] = (),
 ) -> int:
@@ -103,17 +103,18 @@ async def execute(
     reaper: Reaper,
     argv: list[str],
     *,
-    env: dict[str, str],
+    env: dict[str, str] | None,
     stdio: tuple[int, int, int] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     pass_fds: Sequence[int] = (),
 ) -> tuple[int, bytes]:
-    """Run ``argv`` (its program looked up on ``env``'s PATH) to the end, its exit collected
+    """Run ``argv`` (its program looked up on ``env``'s PATH; None: the daemon's own
+    environment, inherited as it is) to the end, its exit collected
     by our reaper; returns (exit status, stdout and stderr) unless ``stdio`` replaces them.
     Raises FileNotFoundError if there is no such program, TimeoutError (after killing it)
     when it runs past ``timeout``.  ``pass_fds``: descriptors it inherits (see :func:`spawn`)."""
     loop = asyncio.get_running_loop()
-    path = resolve(argv[0], env.get("PATH", ""))
+    path = resolve(argv[0], (os.environ if env is None else env).get("PATH", ""))
     if path is None:
         raise FileNotFoundError(argv[0])
     out_r = out_w = -1
@@ -214,8 +215,15 @@ class Runc:
     binary: str = "runc"
     timeout: float = field(default_factory=default_timeout)
     systemd_cgroup: bool = False
-    env: dict[str, str] = field(default_factory=lambda: dict(os.environ))
+    #: None: the daemon's own environment, which runc inherits as it is (no copy per task,
+    #: and no conversion of every variable per command, as passing one would cost)
+    env: dict[str, str] | None = None
     criu: str = ""  # runc's --criu: the CRIU binary for checkpoint and restore
+
+    @property
+    def path(self) -> str:
+        """The PATH runc is looked up on."""
+        return (os.environ if self.env is None else self.env).get("PATH", "")
 
     def _argv(self, args: Sequence[str], log_path: str | None) -> list[str]:
         argv = [self.binary, "--root", self.root]

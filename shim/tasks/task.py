@@ -65,14 +65,12 @@ class Deps:
 
 def find_runc(runc: Runc, from_options: bool) -> str:
     """runc's path, or an error that says which setting points nowhere."""
-    path = resolve(runc.binary, runc.env.get("PATH", ""))
+    path = resolve(runc.binary, runc.path)
     if path is not None:
         return path
     if from_options:
         raise errors.invalid(f"options.binary_name: {runc.binary!r} not found or not executable")
-    raise errors.precondition(
-        f"runc: {runc.binary!r} not found in the daemon's PATH ({runc.env.get('PATH', '')})"
-    )
+    raise errors.precondition(f"runc: {runc.binary!r} not found in the daemon's PATH ({runc.path})")
 
 
 def _rootfs_mounts(req: shim_pb2.CreateTaskRequest) -> list[Mount]:
