@@ -151,3 +151,33 @@ def test_event_lines_are_the_same_with_or_without_other_handlers(tmp_path: Path)
         == through_logging[1]
         == ('level=warning msg="exec exited" ns=k8s.io id="c 1" exec_id="e=1" pid=42 status=0')
     )
+
+
+def test_event_lines_wait_for_the_loop_step_and_keep_their_order(tmp_path: Path) -> None:
+    """Inside the event loop an event's line is written once the current step is over (the
+    answer that step writes goes first), in order with lines that go through logging, and
+    logging.shutdown() (before the daemon exits or re-executes) writes any still queued."""
+    import asyncio
+
+    path = tmp_path / "daemon.log"
+    log.setup(str(path))
+
+    async def step() -> list[str]:
+        log.event("first", id="a")
+        log.event("second", id="b")
+        written_in_step = path.read_text().splitlines()
+        logging.getLogger("embedshim.test").warning("through logging")
+        log.event("third", id="c")
+        await asyncio.sleep(0)
+        return written_in_step
+
+    assert asyncio.run(step()) == []
+    msgs = [ln.split(" msg=")[1].split(" ")[0] for ln in _lines(path)]
+    assert msgs == ["first", "second", '"through', "third"]
+
+    async def before_exit() -> None:
+        log.event("last words")
+        logging.shutdown()  # what the daemon does before os._exit / os.execve
+
+    asyncio.run(before_exit())
+    assert _lines(path)[-1].endswith('msg="last words"')

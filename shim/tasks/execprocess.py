@@ -172,10 +172,20 @@ class ExecProcess(Process):
             # and goes into the first record of the exec: a crash from here on loses nothing.
             gone = exited.result() if exited.done() else exited_unreaped(pid)
             self.status = running
-            rec = self.record()
+            started: dict[str, object] = {
+                "pid": pid,
+                "start_time": self.start_time,
+                "trace_id": self.trace_id,
+                "status": str(running),
+            }
             if gone is not None:
-                rec.exit_status, rec.exited_at = gone.status, gone.at
-            best_effort(lambda: self.task.deps.store.put(rec), "exec started", **self.fields())
+                started.update(exit_status=gone.status, exited_at=gone.at)
+            t = self.task
+            best_effort(
+                lambda: t.deps.store.update(t.namespace, t.id, self.exec_id, **started),
+                "exec started",
+                **self.fields(),
+            )
             if gone is not None and _fault_quick_exit is not None:
                 _fault_quick_exit()
             self.task.deps.events.publish(

@@ -83,7 +83,34 @@ class _RotatingLog(logging.FileHandler):
 
     def __init__(self, path: str, max_bytes: int, files: int) -> None:
         self.max_bytes, self.files = max_bytes, files
+        self._later: list[tuple[float, int, str, dict[str, Any]]] = []
         super().__init__(path, encoding="utf-8", errors="backslashreplace")
+
+    def later(self, now: float, level: int, msg: str, fields: dict[str, Any]) -> None:
+        """An event's line, formatted and written once the event loop's current step is over
+        (after the answer that step writes); at once where no loop runs.  logging.shutdown()
+        (before the daemon exits or re-executes) writes what is still queued."""
+        self._later.append((now, level, msg, fields))
+        if len(self._later) > 1:
+            return
+        asyncio = sys.modules.get("asyncio")  # not imported: no loop (and none imported here)
+        try:
+            if asyncio is None:
+                raise RuntimeError
+            asyncio.get_running_loop().call_soon(self.flush)
+        except RuntimeError:
+            self.flush()
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            events, self._later = self._later, []
+            for now, level, msg, fields in events:
+                try:
+                    self.write(_line(now, _LEVELS[level], msg, fields))
+                except Exception:
+                    record = LOGGER.makeRecord(LOGGER.name, level, "", 0, msg, (), None)
+                    self.handleError(record)
+        super().flush()
 
     def _open(self) -> io.TextIOWrapper:
         fd = os.open(
@@ -95,6 +122,8 @@ class _RotatingLog(logging.FileHandler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
+            if self._later:
+                self.flush()  # the lines queued before this one go first
             self.write(self.format(record))
         except Exception:
             self.handleError(record)
@@ -179,8 +208,9 @@ _LEVELS = {logging.DEBUG: "debug", logging.INFO: "info", logging.WARNING: "warni
 
 def event(msg: str, level: int = logging.INFO, /, **fields: Any) -> None:
     """Log one event with its fields.  Straight to daemon.log when that file is all the
-    logging configuration there is (a few events per request: logging's record, handler
-    and formatter machinery cost 40 µs an event in the daemon); otherwise through logging."""
+    logging configuration there is, once the loop's current step is over (a few events per
+    request: logging's record, handler and formatter machinery cost 40 µs an event in the
+    daemon, and the answer need not wait for the line); otherwise through logging."""
     handlers = _ROOT.handlers
     sink = _direct[0] if _direct else None
     if (
@@ -192,11 +222,8 @@ def event(msg: str, level: int = logging.INFO, /, **fields: Any) -> None:
         and level in _LEVELS
         and LOGGER.isEnabledFor(level)
     ):
-        try:
-            with sink.lock:  # type: ignore[union-attr]
-                sink.write(_line(time.time(), _LEVELS[level], msg, fields))
-        except Exception:
-            sink.handleError(LOGGER.makeRecord(LOGGER.name, level, "", 0, msg, (), None))
+        with sink.lock:  # type: ignore[union-attr]
+            sink.later(time.time(), level, msg, fields)
         return
     LOGGER.log(level, msg, extra={"fields": fields})
 
