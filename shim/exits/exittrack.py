@@ -495,17 +495,19 @@ class ExitTracker:
 
 def track(
     tracker: ExitTracker | None, pid: int, trace_id: int, start_ticks: int, /, **fields: object
-) -> None:
+) -> bool:
     """Register a process (its start time in /proc ticks) with the pinned BPF exit map, when
-    BPF is on.  A failure is logged, not raised: the reaper and the pidfd still see the exit
-    while the daemon runs; only a restart's backup is missing.  ``fields`` (which may name
-    the pid again) go into that log line."""
+    BPF is on; whether it was.  A failure is logged, not raised: the reaper and the pidfd
+    still see the exit while the daemon runs; only a restart's backup is missing.
+    ``fields`` (which may name the pid again) go into that log line."""
     if tracker is None:
-        return
+        return False
     try:
         tracker.register(pid, trace_id, start_ticks * TICK_NS)
     except OSError as exc:
         log.event("BPF registration failed", logging.ERROR, **fields, error=exc)
+        return False
+    return True
 
 
 def untrack(tracker: ExitTracker | None, pid: int, trace_id: int, /, **fields: object) -> None:

@@ -56,6 +56,7 @@ class ExecProcess(Process):
             rec.options or b"{}",
         )
         p.pid, p.start_time, p.trace_id = rec.pid, rec.start_time, rec.trace_id
+        p.tracked = bool(rec.trace_id)  # may be registered: its entries go with its exit
         p.helper_pid, p.helper_start = rec.helper_pid, rec.helper_start
         p._restored = True
         p.status = Status(rec.status)

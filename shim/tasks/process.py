@@ -51,6 +51,8 @@ class Process:
         self.pid = 0
         self.start_time = 0
         self.trace_id = 0
+        # Registered with the BPF exit map (a restored process may be: taken as registered).
+        self.tracked = False
         self.status = Status.CREATED
         self.exit_status = 0
         self.exited_at: int | None = None  # wall clock ns
@@ -251,13 +253,16 @@ class Process:
 
     def track(self) -> None:
         """Register the process with the pinned BPF exit map (when BPF is on)."""
-        exittrack.track(
+        self.tracked = exittrack.track(
             self.task.deps.tracker, self.pid, self.trace_id, self.start_time, **self.fields()
         )
 
     def untrack(self) -> None:
-        """Drop the process's BPF entries, once its exit is persisted."""
-        exittrack.untrack(self.task.deps.tracker, self.pid, self.trace_id, **self.fields())
+        """Drop the process's BPF entries, once its exit is persisted (none to drop for one
+        that exited before it was registered, or was untracked already)."""
+        if self.tracked:
+            exittrack.untrack(self.task.deps.tracker, self.pid, self.trace_id, **self.fields())
+            self.tracked = False
 
     def pid_is_ours(self) -> bool:
         return procinfo.is_same(self.pid, self.start_time)

@@ -565,6 +565,7 @@ class Tasks:
         task.open_log()
         p = task.init
         p.pid, p.start_time, p.trace_id = rec.pid, rec.start_time, rec.trace_id
+        p.tracked = bool(rec.trace_id)  # may be registered: its entries go with its exit
         p.status = Status(rec.status)
         self._restore_oom(task, rec)
         spec = RestoreSpec.decode(rec.checkpoint)
