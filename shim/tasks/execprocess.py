@@ -182,11 +182,15 @@ class ExecProcess(Process):
             if gone is not None:
                 started.update(exit_status=gone.status, exited_at=gone.at)
             t = self.task
-            best_effort(
-                lambda: t.deps.store.update(t.namespace, t.id, self.exec_id, **started),
-                "exec started",
-                **self.fields(),
-            )
+            if (
+                best_effort(
+                    lambda: t.deps.store.update(t.namespace, t.id, self.exec_id, **started),
+                    "exec started",
+                    **self.fields(),
+                )
+                and gone is not None
+            ):
+                self.exit_in_record = gone.status, gone.at  # its exit transition writes nothing
             if gone is not None and _fault_quick_exit is not None:
                 _fault_quick_exit()
             self.task.deps.events.publish(

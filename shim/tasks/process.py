@@ -53,6 +53,8 @@ class Process:
         self.trace_id = 0
         # Registered with the BPF exit map (a restored process may be: taken as registered).
         self.tracked = False
+        # (status, exited_at) already in the store's record (an exit known when it started).
+        self.exit_in_record: tuple[int, int] | None = None
         self.status = Status.CREATED
         self.exit_status = 0
         self.exited_at: int | None = None  # wall clock ns
@@ -192,18 +194,19 @@ class Process:
         self.exit_status = status
         self.exited_at = at
         self.status = transition(self.status, Op.EXIT, self.kind, self.id)
-        best_effort(
-            lambda: self.task.deps.store.update(
-                self.task.namespace,
-                self.task.id,
-                self.exec_id,
-                status=str(Status.STOPPED),
-                exit_status=status,
-                exited_at=at,
-            ),
-            "exit",
-            **self.fields(),
-        )
+        if (status, at) != self.exit_in_record:
+            best_effort(
+                lambda: self.task.deps.store.update(
+                    self.task.namespace,
+                    self.task.id,
+                    self.exec_id,
+                    status=str(Status.STOPPED),
+                    exit_status=status,
+                    exited_at=at,
+                ),
+                "exit",
+                **self.fields(),
+            )
         self.publish_exit()
         self.untrack()
         if not self.exec_id:
