@@ -100,6 +100,8 @@ def goals(results: dict[str, Any]) -> list[Goal]:
         for stat in ("p50", "p95"):
             e, r = _pair(results, "cri", op, "summary", stat)
             out.append(Goal(f"CRI {op} {stat}", e, r, "ms", 1.0))
+    e, r = _pair(results, "cri", "first_pod_ms")
+    out.append(Goal("CRI first pod (starts our daemon)", e, r, "ms", None))
     mem = results.get("memory") or {}
     both = {x["n"] for x in mem.get(EMBED, [])} & {x["n"] for x in mem.get(RUNC, [])}
     if both:
