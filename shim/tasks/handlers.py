@@ -44,11 +44,18 @@ async def unless_gone(ctx: Context, waiting: Awaitable[T]) -> T:
     return task.result()
 
 
-def guard(name: str, fn: Callable[[Context, bytes], Awaitable[bytes]]) -> Handler:
-    """Every handler answers with a proper code; nothing it raises can hurt the daemon."""
+def guard(
+    name: str,
+    fn: Callable[[Context, bytes], Awaitable[bytes]],
+    replayed: Callable[[Context, bytes], Awaitable[bytes]] | None = None,
+) -> Handler:
+    """Every handler answers with a proper code; nothing it raises can hurt the daemon.
+    ``replayed`` answers instead of ``fn`` a call a dead daemon left unanswered."""
 
     async def handler(ctx: Context, payload: bytes) -> bytes:
         try:
+            if ctx.replayed and replayed is not None:
+                return await replayed(ctx, payload)
             return await fn(ctx, payload)
         except TTRPCError:
             raise

@@ -95,7 +95,7 @@ class TaskService:
         }
         for name in NOT_YET:
             table[name] = self._unimplemented(name)
-        return {name: guard(name, self._replayable(name, fn)) for name, fn in table.items()}
+        return {name: guard(name, fn, self._replayed(name, fn)) for name, fn in table.items()}
 
     def daemon_methods(self) -> dict[str, Handler]:
         table = {
@@ -104,10 +104,10 @@ class TaskService:
             "Info": self.daemon_info,
             "Fault": self.fault,
         }
-        return {name: guard(name, self._replayable(name, fn)) for name, fn in table.items()}
+        return {name: guard(name, fn, self._replayed(name, fn)) for name, fn in table.items()}
 
-    def _replayable(self, name: str, fn: Handler) -> Handler:
-        """``fn``, or for a request a dead daemon left unanswered, what SAFE_TO_REPEAT says."""
+    def _replayed(self, name: str, fn: Handler) -> Handler:
+        """What answers a request a dead daemon left unanswered: what SAFE_TO_REPEAT says."""
         special = {
             "Create": self._replay_create,
             "Start": self._replay_start,
@@ -118,8 +118,6 @@ class TaskService:
         }.get(name)
 
         async def handler(ctx: Context, payload: bytes) -> bytes:
-            if not ctx.replayed:
-                return await fn(ctx, payload)
             log.event("answering a request of the dead daemon", method=name, stream=ctx.stream_id)
             if name in SAFE_TO_REPEAT:
                 return await fn(ctx, payload)
@@ -321,7 +319,10 @@ class TaskService:
     async def wait(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.WaitRequest, payload)
         p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
-        status, exited_at = await unless_gone(ctx, p.wait())
+        if p.exited:  # answered now, without the tasks a wait for the exit takes
+            status, exited_at = p.exit_status, p.exited_at
+        else:
+            status, exited_at = await unless_gone(ctx, p.wait())
         resp = shim_pb2.WaitResponse(exit_status=status)
         _set_time(resp.exited_at, exited_at)
         return resp.SerializeToString()
