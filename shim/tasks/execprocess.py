@@ -199,10 +199,17 @@ class ExecProcess(Process):
                     container_id=self.task.id, exec_id=self.exec_id, pid=self.pid
                 ),
             )
-            # The exit transition (its event after TaskExecStarted: it waits for start_lock)
-            # comes once Start is answered, even for an exit known now: the record has it.
-            self.task.spawn(self._await_exit(exited), f"exit-{self.id}")
-        log.event("exec started", **self.fields())
+            log.event("exec started", **self.fields())
+            if exited.done():
+                # Reaped already (a short command, a probe): its exit transition now, after
+                # TaskExecStarted and before the answer, as the runc shim does, so that a
+                # Wait sent before Start is answered with it.
+                ex = exited.result()
+                self.set_exited(ex.status, ex.at)
+                self._close_pidfd()
+            else:
+                # Its event after TaskExecStarted: the exit transition waits for start_lock.
+                self.task.spawn(self._await_exit(exited), f"exit-{self.id}")
         return self.pid
 
     async def _runc_exec(self, pio: ProcessIO) -> int:
