@@ -30,7 +30,11 @@ def parse(cls: type[M], payload: bytes) -> M:
 
 async def unless_gone(ctx: Context, waiting: Awaitable[T]) -> T:
     """``waiting``, given up once the caller has disconnected: a Wait nobody will read must
-    not outlive its connection (or a peer could pile them up without bound)."""
+    not outlive its connection (or a peer could pile them up without bound).  A future of
+    the handler's own is awaited straight (the handler wakes as soon as it is done: no task
+    in between); anything else runs in a task raced against the departure."""
+    if isinstance(waiting, asyncio.Future):
+        return await _future_unless_gone(ctx, waiting)
     task = asyncio.ensure_future(waiting)
     gone = asyncio.ensure_future(ctx.gone.wait())
     try:
@@ -42,6 +46,21 @@ async def unless_gone(ctx: Context, waiting: Awaitable[T]) -> T:
     if not task.done() or task.cancelled():  # cancelled just now, done only at its next step
         raise TTRPCError(Code.CANCELLED, "the caller went away")
     return task.result()
+
+
+async def _future_unless_gone(ctx: Context, fut: asyncio.Future[T]) -> T:
+    if fut.done():
+        return fut.result()
+
+    def peer_left() -> None:
+        if not fut.done():
+            fut.set_exception(TTRPCError(Code.CANCELLED, "the caller went away"))
+
+    forget = ctx.gone.when_set(peer_left)
+    try:
+        return await fut
+    finally:
+        forget()
 
 
 def guard(

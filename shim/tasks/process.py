@@ -60,6 +60,7 @@ class Process:
         self.exited_at: int | None = None  # wall clock ns
         self.pio: ProcessIO | None = None  # what the daemon holds of its stdio
         self._exited = asyncio.Event()
+        self._exit_waiters: list[asyncio.Future[tuple[int, int | None]]] = []
         # Held across every transition (start, pause, resume, exit), so that the events leave
         # in the order the transitions happened: a fast exit cannot overtake its start.
         # It is this process's alone: held across its own runc calls (each bounded by the
@@ -160,6 +161,23 @@ class Process:
         await self._exited.wait()
         return self.exit_status, self.exited_at
 
+    def exit_waiter(self) -> asyncio.Future[tuple[int, int | None]]:
+        """A future of (exit status, exited_at), resolved by the exit transition (or done
+        already): for a Wait, which then wakes at once (see handlers.unless_gone)."""
+        fut: asyncio.Future[tuple[int, int | None]] = asyncio.get_running_loop().create_future()
+        if self._exited.is_set():
+            fut.set_result((self.exit_status, self.exited_at))
+        else:
+            self._exit_waiters.append(fut)
+        return fut
+
+    def _mark_exited(self) -> None:
+        self._exited.set()
+        waiters, self._exit_waiters = self._exit_waiters, []
+        for fut in waiters:
+            if not fut.done():  # not given up (its caller left, its handler cancelled)
+                fut.set_result((self.exit_status, self.exited_at))
+
     def watch_exit(
         self,
         before_exit: Callable[[], Awaitable[None]] | None = None,
@@ -211,7 +229,7 @@ class Process:
         self.untrack()
         if not self.exec_id:
             self.task.unwatch_oom()  # no process left in the container to be killed
-        self._exited.set()
+        self._mark_exited()
         log.event("process exited", **self.fields(), exit_status=status)
         self.task.log_line("process exited", exec_id=self.exec_id, exit_status=status)
 
@@ -223,7 +241,7 @@ class Process:
         self.status = Status.STOPPED
         self.exit_status = status
         self.exited_at = time.time_ns()
-        self._exited.set()
+        self._mark_exited()
 
     def restore_exited(self, status: int, at: int | None, published: bool) -> None:
         """A restarted daemon takes back an exit its predecessor persisted; the event goes
@@ -234,7 +252,7 @@ class Process:
         if not published:
             self.publish_exit()
         self.untrack()
-        self._exited.set()
+        self._mark_exited()
 
     def publish_exit(self) -> None:
         store = self.task.deps.store

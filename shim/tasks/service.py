@@ -319,10 +319,7 @@ class TaskService:
     async def wait(self, ctx: Context, payload: bytes) -> bytes:
         req = _parse(shim_pb2.WaitRequest, payload)
         p = self.tasks.get(self._namespace(ctx, req.id), req.id).process(req.exec_id)
-        if p.exited:  # answered now, without the tasks a wait for the exit takes
-            status, exited_at = p.exit_status, p.exited_at
-        else:
-            status, exited_at = await unless_gone(ctx, p.wait())
+        status, exited_at = await unless_gone(ctx, p.exit_waiter())
         resp = shim_pb2.WaitResponse(exit_status=status)
         _set_time(resp.exited_at, exited_at)
         return resp.SerializeToString()

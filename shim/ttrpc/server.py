@@ -97,6 +97,35 @@ class PeerCred(NamedTuple):
     gid: int
 
 
+class PeerGone(asyncio.Event):
+    """Set once a connection is gone; :meth:`when_set` also calls back then, so that a
+    handler can wait for its own result and its peer's departure at once without a task
+    per wait."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._callbacks: list[Callable[[], None]] = []
+
+    def when_set(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (from the loop) once set, or soon if set already; returns what
+        forgets it."""
+        if self.is_set():
+            asyncio.get_running_loop().call_soon(callback)
+            return _nothing
+        self._callbacks.append(callback)
+        return lambda: self._callbacks.remove(callback) if callback in self._callbacks else None
+
+    def set(self) -> None:
+        super().set()
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            asyncio.get_running_loop().call_soon(callback)
+
+
+def _nothing() -> None:
+    pass
+
+
 @dataclass
 class Context:
     """What a handler knows about its call besides the payload.
@@ -117,7 +146,7 @@ class Context:
     connection: dict[str, object] = field(default_factory=dict)
     #: Set once the connection is gone. Handlers are not cancelled when their peer leaves
     #: (see :class:`Server`); one that only waits on the peer's behalf may watch this.
-    gone: asyncio.Event = field(default_factory=asyncio.Event)
+    gone: PeerGone = field(default_factory=PeerGone)
     #: The call was found in the journal of a server that died while running it: its handler
     #: may have done some or all of its work already, and the peer may even have its answer.
     replayed: bool = False
@@ -826,7 +855,7 @@ class _ServerProtocol(asyncio.Protocol):
         self._quiesced = False
         self._flushed = asyncio.Event()
         self._counted = 0  # our unfinished-frame bytes, as added to the server's total
-        self._gone = asyncio.Event()
+        self._gone = PeerGone()
         self._frame_timer: asyncio.TimerHandle | None = None
 
     # asyncio callbacks -----------------------------------------------------------------
