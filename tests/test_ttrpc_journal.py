@@ -577,3 +577,28 @@ def test_answers_of_repeatable_methods_are_not_journaled(journal_dir: str) -> No
 
 async def echo_handler(ctx: Context, payload: bytes) -> bytes:
     return payload
+
+
+def test_connection_state_lives_in_a_slot(journal_dir: str) -> None:
+    """A connection's state is kept without a file of its own (an inode made and removed
+    per connection costs on a disk /run), survives for a successor, and is no call."""
+    journal = Journal(journal_dir)
+    journal.save_state(3, {"namespace": "k8s.io"})
+    journal.save_state(3, {"namespace": "moby"})  # replaced, not added to
+    journal.save_state(4, {"namespace": "default"})
+    journal.record(3, 1, request_frame(1, "State"))
+    assert own_files(journal_dir) == []
+    successor = Journal(journal_dir)
+    assert successor.state(3) == {"namespace": "moby"}
+    assert successor.state(4) == {"namespace": "default"}
+    assert successor.connections_with_state() == {3, 4}
+    assert [(c, [x.stream_id for x in calls]) for c, calls in successor.load().items()] == [
+        (3, [1])
+    ]
+    successor.forget_connection(3)
+    after = Journal(journal_dir)
+    assert after.state(3) == {} and after.connections_with_state() == {4}
+    # an older image's state file is still read
+    write_file(os.path.join(journal_dir, "7.state"), b'{"namespace": "old"}')
+    assert Journal(journal_dir).state(7) == {"namespace": "old"}
+    assert 7 in Journal(journal_dir).connections_with_state()

@@ -18,8 +18,9 @@ disk work, and on a disk file system (``/run`` is not tmpfs everywhere) creating
 unlinking an inode per request cost a fifth of the daemon's CPU per exec.  A frame too large
 for a slot gets a file of its own, ``<connection>.<stream id>`` (the frame, then its answer
 appended); an answer that no longer fits its slot moves the request there with it.  Each
-connection's state (:attr:`.server.Context.connection`) is kept beside, as
-``<connection>.state`` (JSON).  Nothing is synced: the journal survives the process, not the
+connection's state (:attr:`.server.Context.connection`, JSON) takes a slot too, as a frame of
+stream 0 (no request has that stream id; older images kept it in ``<connection>.state``,
+still read).  Nothing is synced: the journal survives the process, not the
 machine, and lives best on tmpfs (``/run``).  Older images wrote one file per request (and
 before that the answer beside it, as ``<connection>.<stream id>.r``): :meth:`Journal.load`
 still reads those.
@@ -34,7 +35,7 @@ import os
 import struct
 import zlib
 
-from .codec import HEADER_SIZE, FrameHeader, Request
+from .codec import HEADER_SIZE, FrameHeader, Request, encode_frame
 
 __all__ = ["Journal", "JournaledCall"]
 
@@ -69,6 +70,9 @@ _FREE = b"\0" * len(_REQUEST_MAGIC)
 #: slot sizes, smallest first; a request takes the first one leaving this much for its answer
 _SIZES = (512, 8192)
 _ANSWER_ROOM = (256, 2048)
+#: a connection's state: a frame of this type on stream 0 (requests are on odd streams)
+_STATE_STREAM = 0
+_STATE_TYPE = 0x53
 
 
 def _crc(*parts: bytes | memoryview | int) -> int:
@@ -143,10 +147,17 @@ class _Slots:
 
     def clear(self, key: tuple[int, int]) -> None:
         slot, _ = self.used.pop(key)
+        self.free_slot(slot)
+
+    def free_slot(self, slot: int) -> None:
         try:
             os.pwrite(self.fd, _FREE, slot * self.size)
         finally:
             self.put_back(slot)
+
+    def read_frame(self, key: tuple[int, int]) -> bytes:
+        slot, length = self.used[key]
+        return os.pread(self.fd, length, slot * self.size + _REQUEST.size)
 
 
 class Journal:
@@ -271,17 +282,42 @@ class Journal:
             return
         if self._states.get(connection) == text:
             return
-        tmp = self._path(connection, "state.tmp")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, self._path(connection, "state"))
+        key = (connection, _STATE_STREAM)
+        frame = encode_frame(_STATE_STREAM, _STATE_TYPE, text.encode())
+        old = self._slots_of(key)
+        old_slot = old.used[key][0] if old is not None else -1
+        slots = self._fitting(_REQUEST.size + len(frame) + _ANSWER.size, room=False)
+        if slots is None:  # larger than a slot: a file, as older images kept it
+            tmp = self._path(connection, "state.tmp")
+            with open(tmp, "w") as f:
+                f.write(text)
+            os.replace(tmp, self._path(connection, "state"))
+            if old is not None:
+                old.clear(key)
+        else:
+            # The new one whole before the old one goes: a successor finds one or the other.
+            slot = slots.take()
+            try:
+                slots.write(slot, key, frame)
+            except OSError:
+                slots.put_back(slot)
+                raise
+            if old is not None:
+                if old is not slots:
+                    del old.used[key]
+                old.free_slot(old_slot)
         self._states[connection] = text
         self._saved[connection] = json.loads(text)  # a copy the caller cannot change
 
     def state(self, connection: int) -> dict[str, object]:
+        slots = self._slots_of((connection, _STATE_STREAM))
         try:
-            with open(self._path(connection, "state")) as f:
-                data = json.load(f)
+            if slots is not None:
+                frame = slots.read_frame((connection, _STATE_STREAM))
+                data = json.loads(frame[HEADER_SIZE:])
+            else:
+                with open(self._path(connection, "state")) as f:
+                    data = json.load(f)
         except (OSError, ValueError):
             return {}
         if not isinstance(data, dict):
@@ -311,9 +347,13 @@ class Journal:
         }
 
     def forget_connection(self, connection: int) -> None:
-        """The connection is gone: its state file goes (its calls go as they finish)."""
+        """The connection is gone: its state goes (its calls go as they finish)."""
         self._states.pop(connection, None)
         self._saved.pop(connection, None)
+        slots = self._slots_of((connection, _STATE_STREAM))
+        if slots is not None:
+            with contextlib.suppress(OSError):
+                slots.clear((connection, _STATE_STREAM))
         for what in ("state", "midread", "midwrite"):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._path(connection, what))
@@ -366,6 +406,8 @@ class Journal:
         seen = {(c.connection, c.stream_id): c for calls in out.values() for c in calls}
         for slots in self._slots:
             for _, conn, sid, kept, reply in slots.scan():
+                if sid == _STATE_STREAM:
+                    continue  # a connection's state, not a call
                 known = seen.get((conn, sid))
                 if known is None:
                     call = seen[conn, sid] = JournaledCall(conn, sid, kept, reply)
@@ -377,7 +419,8 @@ class Journal:
         return out
 
     def connections_with_state(self) -> set[int]:
-        return {
+        in_slots = {conn for s in self._slots for conn, sid in s.used if sid == _STATE_STREAM}
+        return in_slots | {
             int(name.partition(".")[0])
             for name in os.listdir(self.dir)
             if name.endswith(".state") and name.partition(".")[0].isdigit()
