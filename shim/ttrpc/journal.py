@@ -127,6 +127,18 @@ class _Slots:
     def put_back(self, slot: int) -> None:
         heapq.heappush(self.free, slot)
 
+    def put(
+        self, key: tuple[int, int], frame: bytes | memoryview, answer: bytes | None = None
+    ) -> None:
+        """Write the request (and its answer) into a free slot; raises OSError (the slot
+        stays free)."""
+        slot = self.take()
+        try:
+            self.write(slot, key, frame, answer)
+        except OSError:
+            self.put_back(slot)
+            raise
+
     def write(
         self,
         slot: int,
@@ -211,12 +223,7 @@ class Journal:
         if slots is None:
             self._write_file(key, frame)
             return
-        slot = slots.take()
-        try:
-            slots.write(slot, key, frame)
-        except OSError:
-            slots.put_back(slot)
-            raise
+        slots.put(key, frame)
 
     def answer(self, connection: int, stream_id: int, frame: bytes) -> None:
         """The response about to be written for a journaled request, kept with it (raises
@@ -243,12 +250,7 @@ class Journal:
         if bigger is None:
             self._write_file(key, request + frame)
         else:
-            new = bigger.take()
-            try:
-                bigger.write(new, key, request, frame)
-            except OSError:
-                bigger.put_back(new)
-                raise
+            bigger.put(key, request, frame)
         slots.clear(key)
 
     def _write_file(self, key: tuple[int, int], data: bytes | memoryview) -> None:
@@ -296,12 +298,7 @@ class Journal:
                 old.clear(key)
         else:
             # The new one whole before the old one goes: a successor finds one or the other.
-            slot = slots.take()
-            try:
-                slots.write(slot, key, frame)
-            except OSError:
-                slots.put_back(slot)
-                raise
+            slots.put(key, frame)
             if old is not None:
                 if old is not slots:
                     del old.used[key]
