@@ -245,7 +245,7 @@ class Journal:
             return
         # Too large for its slot: request and answer move together, then the old slot goes
         # (a successor finding both takes the one with the answer).
-        request = os.pread(slots.fd, length, slot * slots.size + _REQUEST.size)
+        request = slots.read_frame(key)
         bigger = self._fitting(end, room=False)
         if bigger is None:
             self._write_file(key, request + frame)
