@@ -158,8 +158,7 @@ class Process:
         return self.status
 
     async def wait(self) -> tuple[int, int | None]:
-        await self._exited.wait()
-        return self.exit_status, self.exited_at
+        return await self.exit_waiter()
 
     def exit_waiter(self) -> asyncio.Future[tuple[int, int | None]]:
         """A future of (exit status, exited_at), resolved by the exit transition (or done
