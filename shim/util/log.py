@@ -95,11 +95,13 @@ class _RotatingLog(logging.FileHandler):
             return
         asyncio = sys.modules.get("asyncio")  # not imported: no loop (and none imported here)
         try:
-            if asyncio is None:
-                raise RuntimeError
-            asyncio.get_running_loop().call_soon(self.flush)
+            loop = asyncio.get_running_loop() if asyncio is not None else None
         except RuntimeError:
+            loop = None
+        if loop is None:
             self.flush()
+        else:
+            loop.call_soon(self.flush)
 
     def flush(self) -> None:
         with self.lock:  # type: ignore[union-attr]
