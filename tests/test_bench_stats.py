@@ -3,6 +3,7 @@ verdicts on issue 14's goals."""
 
 from __future__ import annotations
 
+import os
 import statistics
 from typing import Any
 
@@ -10,7 +11,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from integration.bench.bench import PHASES, Config, parse_event_time_ns, parse_rfc3339_ns
+from integration.bench.bench import (
+    PHASES,
+    Config,
+    held_memfd_kib,
+    parse_event_time_ns,
+    parse_rfc3339_ns,
+)
 from integration.bench.common import (
     linear_fit,
     order,
@@ -195,7 +202,10 @@ def test_goals_from_results() -> None:
             "runc-v2": {"StartContainer": {"summary": _summary(20, 29)}},
         },
         "memory": {
-            "embed": [{"n": 10, "shim_pss_kib": 20 * 1024}, {"n": 100, "shim_pss_kib": 25 * 1024}],
+            "embed": [
+                {"n": 10, "shim_pss_kib": 20 * 1024},
+                {"n": 100, "shim_pss_kib": 25 * 1024, "shim_memfd_kib": 8 * 1024},
+            ],
             "runc-v2": [
                 {"n": 10, "shim_pss_kib": 30 * 1024},
                 {"n": 100, "shim_pss_kib": 254 * 1024},
@@ -217,6 +227,8 @@ def test_goals_from_results() -> None:
     assert by_name["CRI RunPodSandbox p50"].verdict == "n/a"  # not measured: never met
     pss = by_name["shim PSS, N=100"]
     assert (pss.embed, pss.runc, pss.met) == (25.0, 254.0, True)
+    held = by_name["shim PSS + memfds held, N=100"]  # the runc copy: reported beside it
+    assert (held.embed, held.runc, held.verdict) == (33.0, 254.0, "report")
     assert by_name["exit -> event p99"].embed == pytest.approx(0.82)
     assert by_name["CPU per exec (user+sys)"].ratio == 0.75
     lines = goals_table([g.as_dict() for g in goals(results)])
@@ -321,3 +333,15 @@ def test_watch_sandbox_goals_unmeasured_or_skipped() -> None:
     for results in ({}, {"sandbox": {"skipped": "no containerd 2.2.7"}}):
         gs = watch_sandbox_goals(results)
         assert gs and all(g.met is None and g.verdict == "n/a" for g in gs)
+
+
+def test_held_memfds_are_counted_once() -> None:
+    fd = os.memfd_create("held", os.MFD_CLOEXEC)
+    dup = os.dup(fd)
+    try:
+        before = held_memfd_kib([os.getpid()])
+        os.write(fd, b"x" * (1 << 20))
+        assert held_memfd_kib([os.getpid(), os.getpid()]) - before == 1024  # one MiB, once
+    finally:
+        os.close(dup)
+        os.close(fd)

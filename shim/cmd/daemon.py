@@ -43,6 +43,7 @@ from shim.exits.oom import OOMWatcher
 from shim.exits.reaper import Reaper, become_subreaper
 from shim.io import consolesocket
 from shim.oci import bundle
+from shim.oci.sealedrunc import SealedCopies
 from shim.pods.sandbox import Sandboxes
 from shim.pods.sandboxservice import SANDBOX_SERVICE, SandboxService
 from shim.store.statestore import StateStore
@@ -139,6 +140,7 @@ class Daemon:
                 keeper=self.keeper,
                 bundle_roots=self.bundle_roots,
                 watch=self.watch,
+                runc_copies=SealedCopies(),
             )
         )
         queued_exits, queued_ooms = _requeue_events(publisher, store, handoff)

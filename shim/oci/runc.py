@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from shim.exits.reaper import Reaper
+from shim.oci.sealedrunc import SealedCopies
 from shim.util import limits
 
 DEFAULT_TIMEOUT = 30.0
@@ -107,28 +108,34 @@ async def execute(
     stdio: tuple[int, int, int] | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     pass_fds: Sequence[int] = (),
+    copies: SealedCopies | None = None,
 ) -> tuple[int, bytes]:
     """Run ``argv`` (its program looked up on ``env``'s PATH; None: the daemon's own
     environment, inherited as it is) to the end, its exit collected
     by our reaper; returns (exit status, stdout and stderr) unless ``stdio`` replaces them.
     Raises FileNotFoundError if there is no such program, TimeoutError (after killing it)
-    when it runs past ``timeout``.  ``pass_fds``: descriptors it inherits (see :func:`spawn`)."""
+    when it runs past ``timeout``.  ``pass_fds``: descriptors it inherits (see :func:`spawn`).
+    ``copies``: the program runs from its sealed copy there (shim.oci.sealedrunc), made
+    after this spawn if it has none yet."""
     loop = asyncio.get_running_loop()
     path = resolve(argv[0], (os.environ if env is None else env).get("PATH", ""))
     if path is None:
         raise FileNotFoundError(argv[0])
+    executable, make_copy = copies.executable(path) if copies is not None else (path, False)
     out_r = out_w = -1
     devnull = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     try:
         if stdio is None:
             out_r, out_w = os.pipe()
             stdio = (devnull, out_w, out_w)
-        pid = spawn(argv, stdio, env, path, pass_fds)
+        pid = spawn(argv, stdio, env, executable, pass_fds)
         exited = reaper.watch(pid)
     finally:
         os.close(devnull)
         if out_w >= 0:
             os.close(out_w)
+    if make_copy and copies is not None:
+        loop.call_soon(copies.make, path)  # while this one runs from the disk
     output = bytearray()
     reader_done: asyncio.Future[None] = loop.create_future()
     if out_r >= 0:
@@ -219,6 +226,7 @@ class Runc:
     #: and no conversion of every variable per command, as passing one would cost)
     env: dict[str, str] | None = None
     criu: str = ""  # runc's --criu: the CRIU binary for checkpoint and restore
+    copies: SealedCopies | None = None  # runc runs from its sealed copy there
 
     @property
     def path(self) -> str:
@@ -255,6 +263,7 @@ class Runc:
                 stdio=stdio,
                 timeout=limit,
                 pass_fds=pass_fds,
+                copies=self.copies,
             )
         except FileNotFoundError:
             raise RuncError(command, f"{self.binary} not found in PATH") from None

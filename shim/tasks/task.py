@@ -37,6 +37,7 @@ from shim.oci.runcoptions import (  # noqa: F401 (RUNC_OPTIONS, RUNTIME_OPTIONS:
     stored,
 )
 from shim.oci.runcoptions import is_clean_absolute as _is_clean_absolute
+from shim.oci.sealedrunc import SealedCopies
 from shim.store.statestore import ProcessRecord, StateStore, StoreError, best_effort
 from shim.tasks.execprocess import ExecProcess, parse_spec
 from shim.tasks.lifecycle import Op, Status
@@ -61,6 +62,7 @@ class Deps:
     #: where Create takes bundles from (None: bundle.allowed_roots(), the default)
     bundle_roots: tuple[str, ...] | None = None
     watch: WatchHub | None = None  # the `watch` stream: our containers' cgroups (shim.watch.watchd)
+    runc_copies: SealedCopies | None = None  # sealed copies runc runs from (shim.oci.sealedrunc)
 
 
 def find_runc(runc: Runc, from_options: bool) -> str:
@@ -408,6 +410,7 @@ class Tasks:
             binary=opts.binary,
             systemd_cgroup=opts.systemd_cgroup,
             criu=opts.criu,
+            copies=self.deps.runc_copies,
         )
 
     async def recover_create(self, namespace: str, req: shim_pb2.CreateTaskRequest) -> None:
