@@ -44,6 +44,7 @@ from integration.harness import (
     task_list,
     wait_for,
 )
+from shim.oci import piddir
 from shim.oci.bundle import ROOTS_ENV as BUNDLE_ROOTS_ENV
 from shim.util.paths import DEFAULT_BPF_ROOT, DaemonPaths
 
@@ -651,6 +652,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             pins += remove_bpf_pins(os.path.join(DEFAULT_BPF_ROOT, key))
             if pins:
                 left["bpf pins"] = pins
+            shm = piddir.path_for(key)  # left by a daemon killed rather than idle
+            shutil.rmtree(shm, ignore_errors=True)
+            if os.path.lexists(shm):
+                left["pid directory"] = [shm]
         if demo is not None:
             demo.check(not err and not left, f"nothing left of {ctrd.tmp}", err or str(left))
             rc = demo.summary(time.monotonic() - t0)

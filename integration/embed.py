@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -57,7 +58,7 @@ def containerd_version_env(version: str) -> dict[str, str]:
 
 def embedshim_env() -> dict[str, str]:
     """The environment that keeps a test's daemon files in its containerd's temp dir and its
-    BPF pins in a bpffs dir of its own (removed by remove_bpf_pins).
+    BPF pins in a bpffs dir of its own (removed by remove_host_leftovers).
 
     Nothing tells the daemon where bundles are: every test's containerd has its ``state`` in
     its temp dir (not containerd's default /run/containerd), and the daemon learns it from
@@ -84,7 +85,7 @@ def embed_containerd(
         try:
             c.cleanup()
         finally:
-            remove_bpf_pins(c)
+            remove_host_leftovers(c)
 
 
 def pending_requests(c: Containerd) -> list[tuple[str, bytes]]:
@@ -143,9 +144,12 @@ def bpf_pin_root(c: Containerd) -> str:
     return os.path.join(BPF_TEST_ROOT, key)
 
 
-def remove_bpf_pins(c: Containerd) -> None:
-    """Unpin this instance's BPF program and maps (it detaches once nobody holds them)."""
+def remove_host_leftovers(c: Containerd) -> None:
+    """What this instance's daemon keeps outside containerd's temp dir: its BPF program and
+    maps, unpinned (the program detaches once nobody holds it), and its pid directory in
+    /dev/shm (shim.oci.piddir), which a daemon killed rather than idle leaves behind."""
     from shim.exits.exittrack import ExitTracker
+    from shim.oci import piddir
     from shim.watch.watchprobe import WatchProbe
 
     WatchProbe.uninstall(bpf_pin_root(c))
@@ -154,6 +158,7 @@ def remove_bpf_pins(c: Containerd) -> None:
         os.rmdir(BPF_TEST_ROOT)
     except OSError:
         pass
+    shutil.rmtree(piddir.path_for(daemon_paths(c).dir), ignore_errors=True)
 
 
 def daemons(c: Containerd) -> list[ProcInfo]:

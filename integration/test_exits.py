@@ -293,7 +293,7 @@ def test_maps_empty_after_delete(containerd: Containerd, busybox: str) -> None:
 def test_without_bpf_the_daemon_says_so_and_keeps_working(
     busybox: str, env: dict[str, str]
 ) -> None:
-    from integration.embed import embedshim_env, remove_bpf_pins
+    from integration.embed import embedshim_env, remove_host_leftovers
 
     c = Containerd(extra_env={**embedshim_env(), **env}, watch_paths=[busybox])
     try:
@@ -311,7 +311,7 @@ def test_without_bpf_the_daemon_says_so_and_keeps_working(
         try:
             c.cleanup()
         finally:
-            remove_bpf_pins(c)
+            remove_host_leftovers(c)
 
 
 def test_check_reports_features_and_mode() -> None:

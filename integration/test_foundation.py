@@ -38,6 +38,7 @@ from integration.harness import (
     wait_for,
 )
 from shim.api import shim_pb2
+from shim.oci import piddir
 from shim.ttrpc import Code, TTRPCError
 
 
@@ -209,10 +210,13 @@ def test_delete_subcommand_after_daemon_crash(containerd: Containerd, busybox: s
     for cid in ids:
         containerd.run(RUNTIME, busybox, cid, "sleep", "1000", detach=True)
     pids = {cid: pid for cid, (pid, _) in task_list(containerd).items()}
+    pid_dir = piddir.path_for(daemon_paths(containerd).dir)
+    assert sorted(os.listdir(pid_dir)) == [piddir.file_name("test", cid) for cid in ids]
     kill_daemon_for_good(containerd)
     wait_for(lambda: not task_list(containerd), timeout=20, what="containerd dropped the tasks")
     for cid in ids:
         wait_for(lambda cid=cid: not os.path.exists(f"/proc/{pids[cid]}"), what=f"{cid} gone")
+    assert os.listdir(pid_dir) == []  # `delete` took each task's pid file too
 
     def exit_payloads(cid: str) -> list[str]:
         evs = [parse_event(x) for x in list(lines)]

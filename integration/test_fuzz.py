@@ -29,7 +29,7 @@ from integration.embed import (
     daemon_paths,
     embedshim_env,
     oci_spec,
-    remove_bpf_pins,
+    remove_host_leftovers,
     run,
     start_daemon,
     write_bundle,
@@ -166,7 +166,7 @@ def daemon(busybox: str) -> Iterator[Target]:
         try:
             c.cleanup()
         finally:
-            remove_bpf_pins(c)
+            remove_host_leftovers(c)
 
 
 @pytest.fixture

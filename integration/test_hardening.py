@@ -27,7 +27,7 @@ from integration.embed import (
     daemons,
     embedshim_env,
     oci_spec,
-    remove_bpf_pins,
+    remove_host_leftovers,
     run,
     shim_command,
     start_daemon,
@@ -326,7 +326,7 @@ def test_state_directory_learned_from_the_bundle(live: Live, busybox: str) -> No
         try:
             other.cleanup()
         finally:
-            remove_bpf_pins(other)
+            remove_host_leftovers(other)
 
 
 def test_daemon_restarted_with_its_own_command_line(containerd: Containerd, busybox: str) -> None:

@@ -44,7 +44,7 @@ from integration.embed import (
     embed_containerd,
     embedshim_env,
     oci_spec,
-    remove_bpf_pins,
+    remove_host_leftovers,
     run,
     shim_command,
     write_bundle,
@@ -262,4 +262,4 @@ def test_daemon_log_stays_within_its_cap(busybox: str) -> None:
         try:
             c.cleanup()
         finally:
-            remove_bpf_pins(c)
+            remove_host_leftovers(c)

@@ -13,7 +13,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from integration.embed import RUNTIME, embedshim_env, remove_bpf_pins
+from integration.embed import RUNTIME, embedshim_env, remove_host_leftovers
 from integration.harness import Containerd, task_list, wait_for
 from integration.soak import Snapshot, snapshot
 
@@ -89,4 +89,4 @@ def test_soak(busybox: str) -> None:
         try:
             c.cleanup()
         finally:
-            remove_bpf_pins(c)
+            remove_host_leftovers(c)

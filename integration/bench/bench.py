@@ -1481,7 +1481,7 @@ def _signals_as_interrupt() -> Iterator[None]:
 def run(
     cfg: Config, out_dir: Path, progress: Progress
 ) -> tuple[dict[str, Any], list[Target], Path]:
-    from integration.embed import embedshim_env, remove_bpf_pins
+    from integration.embed import embedshim_env, remove_host_leftovers
 
     preexisting = set(_shared_run_dirs())
     reap_stale()
@@ -1529,7 +1529,7 @@ def run(
             try:
                 c.cleanup()
             finally:
-                remove_bpf_pins(c)
+                remove_host_leftovers(c)
         except HarnessError as e:
             bench.errors.append(f"cleanup: {e}")
             progress.note(f"cleanup incomplete: {e}")

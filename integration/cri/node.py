@@ -29,7 +29,7 @@ import grpc
 from integration.cri.api import cri_api_pb2 as cri
 from integration.cri.api import cri_api_pb2_grpc as cri_grpc
 from integration.cri.wsstream import ChannelSession
-from integration.embed import embedshim_env, remove_bpf_pins
+from integration.embed import embedshim_env, remove_host_leftovers
 from integration.harness import (
     Containerd,
     HarnessError,
@@ -191,7 +191,7 @@ class CriNode:
             try:
                 self.ctrd.cleanup()
             finally:
-                remove_bpf_pins(self.ctrd)
+                remove_host_leftovers(self.ctrd)
 
     def remove_all_pods(self) -> list[str]:
         """Stop and remove every pod sandbox (and so its containers); their ids."""

@@ -42,7 +42,7 @@ from shim.exits.exitwatch import ExitRecordLookup, ExitWatch
 from shim.exits.oom import OOMWatcher
 from shim.exits.reaper import Reaper, become_subreaper
 from shim.io import consolesocket
-from shim.oci import bundle
+from shim.oci import bundle, piddir
 from shim.oci.sealedrunc import SealedCopies
 from shim.pods.sandbox import Sandboxes
 from shim.pods.sandboxservice import SANDBOX_SERVICE, SandboxService
@@ -120,6 +120,9 @@ class Daemon:
                 else "started without one (not by `start`)",
             )
         reaper = Reaper(loop)
+        self.pid_dir = piddir.prepare(piddir.path_for(self.paths.dir))
+        if self.pid_dir is None:
+            log.event("pid files in the bundles: no private directory in " + piddir.SHM)
         store = StateStore(self.paths.store)
         publisher = Publisher(self.ttrpc_address)
         tracker = open_tracker(self.paths)
@@ -141,6 +144,7 @@ class Daemon:
                 bundle_roots=self.bundle_roots,
                 watch=self.watch,
                 runc_copies=SealedCopies(),
+                pid_dir=self.pid_dir,
             )
         )
         queued_exits, queued_ooms = _requeue_events(publisher, store, handoff)
@@ -248,6 +252,8 @@ class Daemon:
             tracker.close()  # the pinned program stays attached and keeps recording
         reaper.close()
         store.close()
+        if self.pid_dir is not None:
+            piddir.remove(self.pid_dir)
         try:
             os.unlink(self.paths.pidfile)
         except OSError:

@@ -290,9 +290,12 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
         except OSError as exc:
             sys.stderr.write(f"{exc}\n")
         try:
-            os.unlink(os.path.join(bundle, "init.pid"))
+            os.unlink(os.path.join(bundle, "init.pid"))  # a daemon without its pid directory
         except OSError:
             pass
+    from shim.oci import piddir
+
+    piddir.remove_files(piddir.path_for(paths.dir), namespace, id)
     if store is not None:
         try:
             store.delete(namespace, id)

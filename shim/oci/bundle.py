@@ -186,10 +186,6 @@ class Bundle:
             raise errors.invalid(f"bundle: {self.rootfs} is a symbolic link")
 
     @property
-    def pid_file(self) -> str:
-        return os.path.join(self.path, "init.pid")
-
-    @property
     def runc_log(self) -> str:
         return os.path.join(self.path, "log.json")
 
@@ -206,6 +202,8 @@ class Bundle:
                 return not ns.get("path")
         return False
 
-    def read_pid(self) -> int:
-        with open(self.pid_file) as f:
-            return int(f.read().strip())
+
+def read_pid(path: str) -> int:
+    """The pid runc wrote to ``path``."""
+    with open(path) as f:
+        return int(f.read().strip())

@@ -104,10 +104,8 @@ class ExecProcess(Process):
 
     @property
     def pid_file(self) -> str:
-        """runc's pid file, in the bundle beside the init's (the bundle lives as long as the
-        task; the runc shim keeps its execs' pid files there too).  Named apart from every
-        other bundle file whatever the exec id (``init.pid`` is the init's)."""
-        return os.path.join(self.task.bundle.path, f"exec-{self.exec_id}.pid")
+        """runc's pid file, beside the init's (Task.pid_file)."""
+        return self.task.pid_file(self.exec_id)
 
     def record(self) -> ProcessRecord:
         rec = super().record()

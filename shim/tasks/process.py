@@ -21,6 +21,7 @@ from shim.exits.reaper import Exit, exited_unreaped
 from shim.io.procio import ProcessIO
 from shim.io.stdio import Stdio
 from shim.oci import checkpoint
+from shim.oci.bundle import read_pid
 from shim.oci.cgroups import Cgroup, CgroupError
 from shim.oci.checkpoint import CheckpointOptions, RestoreSpec
 from shim.oci.runc import RuncError, is_not_found
@@ -312,7 +313,7 @@ class InitProcess(Process):
             await task.runc.create(
                 task.id,
                 task.bundle.path,
-                task.bundle.pid_file,
+                task.pid_file(),
                 pio.triple,
                 no_pivot=no_pivot,
                 no_new_keyring=no_new_keyring,
@@ -322,7 +323,7 @@ class InitProcess(Process):
         finally:
             pio.runc_done()
         await pio.attach_console()
-        self.pid = task.bundle.read_pid()
+        self.pid = read_pid(task.pid_file())
         self.start_time = procinfo.start_time(self.pid)
         self.trace_id = task.deps.store.next_trace_id()
         self._find_cgroup()
@@ -380,7 +381,7 @@ class InitProcess(Process):
             await task.runc.restore(
                 task.id,
                 task.bundle.path,
-                spec.args(task.bundle.pid_file),
+                spec.args(task.pid_file()),
                 pio.triple,
                 log_path=task.bundle.runc_log,
                 console_socket=pio.console_path,
@@ -391,7 +392,7 @@ class InitProcess(Process):
         finally:
             pio.runc_done()
         await pio.attach_console()
-        self.pid = task.bundle.read_pid()
+        self.pid = read_pid(task.pid_file())
         self.start_time = procinfo.start_time(self.pid)
         self._find_cgroup()
         self.restore_from = None
@@ -650,7 +651,7 @@ class InitProcess(Process):
 
     def cleanup_files(self) -> None:
         try:
-            os.unlink(self.task.bundle.pid_file)
+            os.unlink(self.task.pid_file())
         except OSError:
             pass
 

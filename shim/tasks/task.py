@@ -23,6 +23,7 @@ from shim.exits.oom import OOMWatcher
 from shim.exits.reaper import Reaper
 from shim.io.procio import FdKeeper, ProcessIO
 from shim.io.stdio import Stdio
+from shim.oci import piddir
 from shim.oci.bundle import Bundle, check_path
 from shim.oci.cgroups import Cgroup, CgroupError
 from shim.oci.checkpoint import WORK_DIR, RestoreSpec, require_criu
@@ -63,6 +64,7 @@ class Deps:
     bundle_roots: tuple[str, ...] | None = None
     watch: WatchHub | None = None  # the `watch` stream: our containers' cgroups (shim.watch.watchd)
     runc_copies: SealedCopies | None = None  # sealed copies runc runs from (shim.oci.sealedrunc)
+    pid_dir: str | None = None  # where runc writes pid files (shim.oci.piddir); None: bundles
 
 
 def find_runc(runc: Runc, from_options: bool) -> str:
@@ -226,6 +228,13 @@ class Task:
         self.deps.events.publish(ns, events_pb2.TaskOOM(container_id=id), on_sent=sent)
         log.event("OOM kill", logging.WARNING, ns=ns, id=id, oom_kills=count)
         self.log_line("OOM kill", oom_kills=count)
+
+    def pid_file(self, exec_id: str = "") -> str:
+        """Where runc writes the pid of the init ("") or of an exec: the daemon's pid
+        directory on tmpfs (shim.oci.piddir), else the bundle."""
+        if self.deps.pid_dir is None:
+            return os.path.join(self.bundle.path, f"exec-{exec_id}.pid" if exec_id else "init.pid")
+        return os.path.join(self.deps.pid_dir, piddir.file_name(self.namespace, self.id, exec_id))
 
     def close(self) -> None:
         self.unwatch_oom()
