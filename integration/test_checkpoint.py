@@ -20,9 +20,10 @@ import tarfile
 import grpc
 import pytest
 
-from integration.embed import RUNTIME, Events, bundle_dir, run, start_daemon
+from integration.embed import RUNTIME, Events, bundle_dir, daemon_paths, run, start_daemon
 from integration.harness import Containerd, task_list, wait_for
 from shim.api import runc_options_pb2, shim_pb2
+from shim.oci import piddir
 from shim.ttrpc import Client, TTRPCError
 
 TASKS = "/containerd.services.tasks.v1.Tasks/"
@@ -407,7 +408,9 @@ def test_checkpoint_and_restore_drive_runc_and_criu_as_containerd_does(
     i = argv.index("restore")
     assert argv[i:] == ["restore", "--detach", "--image-path", img2, "--work-path",
                         os.path.join(b2, "criu-work"), "--pid-file",
-                        os.path.join(b2, "init.pid"), "--no-subreaper", "--bundle", b2,
+                        os.path.join(piddir.path_for(daemon_paths(containerd).dir),
+                                     "direct+c2+init.pid"),
+                        "--no-subreaper", "--bundle", b2,
                         "c2"]  # fmt: skip
     wait_for(lambda: events.payloads("/tasks/start", "c2"), what="start event")
     # The restored init is watched like any other.

@@ -113,3 +113,19 @@ def test_execute_runs_the_copy_once_it_exists(tmp_path, copies):
     assert second.startswith(f"/proc/{os.getpid()}/fd/") and second.endswith(" 1\n")
     assert replaced == f"{path} 2\n"  # the new binary, from the disk, at once
     assert after.startswith(f"/proc/{os.getpid()}/fd/") and after.endswith(" 2\n")
+
+
+def test_a_copy_that_cannot_be_made_is_not_tried_at_every_command(tmp_path, copies, monkeypatch):
+    """No memfd here (a seccomp filter, an old kernel): runc runs from the disk, and the
+    binary is not read again for every command, only once it changes."""
+    path = _program(tmp_path, RUNC_LIKE.format(version=1))
+
+    def refused(*args: object) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "memfd_create", refused)
+    copies.make(path)
+    assert copies.executable(path) == (path, False)
+    assert copies.fds() == []
+    path = _program(tmp_path, RUNC_LIKE.format(version=2))
+    assert copies.executable(path) == (path, True)  # a new binary is tried again

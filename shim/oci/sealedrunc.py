@@ -27,6 +27,8 @@ import fcntl
 import mmap
 import os
 
+from shim.util import log
+
 MARKER = b"runc_cloned:"
 NAME = "runc_cloned:/proc/self/exe"
 #: runc's RUNC_MEMFD_SEALS: what it requires of a copy before it skips its own
@@ -73,7 +75,11 @@ class SealedCopies:
             return
         try:
             st = os.fstat(src)
-            fd = _sealed_copy(src, st.st_size) if _is_runc(src, st.st_size) else None
+            try:
+                fd = _sealed_copy(src, st.st_size) if _is_runc(src, st.st_size) else None
+            except OSError as exc:  # no memfd here (seccomp, an old kernel): not every time
+                log.event("runc runs from the disk: no sealed copy", path=path, error=exc)
+                fd = None
             old = self._copies.pop(path, None)
             self._copies[path] = _Copy(_identity(st), fd)
             if old is not None and old.fd is not None:
