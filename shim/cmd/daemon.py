@@ -124,6 +124,7 @@ class Daemon:
         if self.pid_dir is None:
             log.event("pid files in the bundles: no private directory in " + piddir.SHM)
         store = StateStore(self.paths.store)
+        store.checkpoint_in_background()
         publisher = Publisher(self.ttrpc_address)
         tracker = open_tracker(self.paths)
         exits = ExitWatch(loop, reaper, exit_record_lookup(tracker) if tracker else None)
