@@ -157,7 +157,10 @@ class Checkpointer:
     CHECKPOINT_EVERY writes) or every CHECKPOINT_PERIOD seconds after a write."""
 
     def __init__(self, path: str) -> None:
-        self._path = path
+        # Opened here, and read once (which opens the WAL): the daemon's descriptors are
+        # what they will stay from its start on, not one more at the first checkpoint.
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=5.0, check_same_thread=False)
+        self._db.execute("SELECT COUNT(*) FROM sqlite_master").fetchall()
         self._wanted = threading.Event()
         self._stop = False
         self._dirty = False
@@ -178,9 +181,7 @@ class Checkpointer:
         self._thread.join(timeout=10.0)
 
     def _run(self) -> None:
-        db: sqlite3.Connection | None = None
         try:
-            db = sqlite3.connect(self._path, isolation_level=None, timeout=5.0)
             while True:
                 self._wanted.wait(CHECKPOINT_PERIOD)
                 self._wanted.clear()
@@ -190,15 +191,12 @@ class Checkpointer:
                     continue
                 self._dirty = False
                 try:
-                    db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
                     self.done += 1
                 except sqlite3.Error as exc:
                     log.event("state checkpoint failed", logging.WARNING, error=exc)
-        except sqlite3.Error as exc:
-            log.event("state checkpoints stopped", logging.ERROR, error=exc)
         finally:
-            if db is not None:
-                db.close()
+            self._db.close()
 
 
 class StateStore:
@@ -221,8 +219,13 @@ class StateStore:
     def checkpoint_in_background(self) -> None:
         """Checkpoint from a thread (see the module's docstring), not inside our writes."""
         if self._checkpointer is None:
-            self._db.execute("PRAGMA wal_autocheckpoint=0")
-            self._checkpointer = Checkpointer(self.path)
+            try:
+                checkpointer = Checkpointer(self.path)
+                self._db.execute("PRAGMA wal_autocheckpoint=0")
+            except sqlite3.Error as exc:  # sqlite goes on checkpointing inside writes
+                log.event("state checkpoints stay in the writes", logging.WARNING, error=exc)
+                return
+            self._checkpointer = checkpointer
 
     def _wrote(self) -> None:
         cp = self._checkpointer
