@@ -15,20 +15,14 @@ import errno
 import os
 import socket
 
+from shim.util.fsutil import unlink_entries
+
 RECEIVE_TIMEOUT = 10.0
 
 
 def clear(directory: str) -> None:
     """Remove sockets left by a daemon that died while runc was connecting."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return
-    for name in names:
-        try:
-            os.unlink(os.path.join(directory, name))
-        except OSError:
-            pass
+    unlink_entries(directory)
 
 
 class ConsoleSocket:

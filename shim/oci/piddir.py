@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import stat
 
+from shim.util.fsutil import unlink_entries
+
 SHM = "/dev/shm"
 
 
@@ -56,16 +58,7 @@ def prepare(path: str) -> str | None:
 def remove_files(path: str, namespace: str, id: str) -> None:
     """Every pid file of one task left in the directory (its daemon died before reading
     them): for ``delete`` without a daemon."""
-    prefix = f"{namespace}+{id}+"
-    try:
-        names = [n for n in os.listdir(path) if n.startswith(prefix)]
-    except OSError:
-        return
-    for name in names:
-        try:
-            os.unlink(os.path.join(path, name))
-        except OSError:
-            pass
+    unlink_entries(path, f"{namespace}+{id}+")
 
 
 def remove(path: str) -> None:

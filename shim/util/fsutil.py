@@ -96,6 +96,21 @@ def is_mountpoint(path: str) -> bool:
     return here != parent
 
 
+def unlink_entries(directory: str, prefix: str = "") -> None:
+    """Unlink the entries of a flat ``directory`` whose names start with ``prefix``; a
+    directory that is not there, or an entry that cannot go, is passed over."""
+    try:
+        names = posix.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if name.startswith(prefix):
+            try:
+                posix.unlink(join(directory, name))
+            except OSError:
+                pass
+
+
 def remove_tree(path: str) -> None:
     """``rm -rf path`` without importing shutil into the daemon; errors are ignored."""
     import os  # the daemon's path only; start/delete stay on posix
