@@ -96,6 +96,8 @@ class Daemon:
         self.keeper: KeeperLink | None = None
         self.attached: Attached | None = None
         self._recovery: asyncio.Task[None] | None = None
+        #: where runc writes our pid files (shim.oci.piddir); None: in the bundles
+        self.pid_dir: str | None = None
 
     async def run(self, ready_fd: int = -1) -> None:
         loop = asyncio.get_running_loop()
