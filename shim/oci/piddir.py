@@ -31,9 +31,15 @@ def path_for(instance: str) -> str:
     return os.path.join(SHM, "embedshim-" + os.path.basename(instance.rstrip("/")))
 
 
+def base_name(exec_id: str = "") -> str:
+    """A process's pid file among its task's: the init's ("") or an exec's (in the bundle,
+    where there is no directory of ours, it is the whole name)."""
+    return f"exec-{exec_id}.pid" if exec_id else "init.pid"
+
+
 def file_name(namespace: str, id: str, exec_id: str = "") -> str:
-    """A process's pid file in the directory: the init's ("") or an exec's."""
-    return f"{namespace}+{id}+" + (f"exec-{exec_id}.pid" if exec_id else "init.pid")
+    """A process's pid file in the directory: its task's prefix, then :func:`base_name`."""
+    return f"{namespace}+{id}+" + base_name(exec_id)
 
 
 def prepare(path: str) -> str | None:

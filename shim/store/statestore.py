@@ -164,15 +164,18 @@ class Checkpointer:
         self._wanted = threading.Event()
         self._stop = False
         self._dirty = False
+        self._writes = 0  # since the last request for a checkpoint
         self.done = 0  # checkpoints made (for tests)
         self._thread = threading.Thread(target=self._run, name="checkpoint", daemon=True)
         self._thread.start()
 
-    def wanted(self) -> None:
-        self._wanted.set()
-
     def wrote(self) -> None:
+        """One more write: every CHECKPOINT_EVERY of them, the thread checkpoints."""
         self._dirty = True
+        self._writes += 1
+        if self._writes >= CHECKPOINT_EVERY:
+            self._writes = 0
+            self._wanted.set()
 
     def close(self) -> None:
         """Stop the thread; a last checkpoint of what was written is the next open's job."""
@@ -214,7 +217,6 @@ class StateStore:
         self.path = path
         self._trace_next = self._trace_end = 0  # the block of trace ids taken, [next, end)
         self._checkpointer: Checkpointer | None = None
-        self._writes = 0
 
     def checkpoint_in_background(self) -> None:
         """Checkpoint from a thread (see the module's docstring), not inside our writes."""
@@ -228,13 +230,8 @@ class StateStore:
             self._checkpointer = checkpointer
 
     def _wrote(self) -> None:
-        cp = self._checkpointer
-        if cp is not None:
-            cp.wrote()
-            self._writes += 1
-            if self._writes >= CHECKPOINT_EVERY:
-                self._writes = 0
-                cp.wanted()
+        if self._checkpointer is not None:
+            self._checkpointer.wrote()
 
     def _migrate(self) -> None:
         version: int = self._db.execute("PRAGMA user_version").fetchone()[0]

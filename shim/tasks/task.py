@@ -233,7 +233,7 @@ class Task:
         """Where runc writes the pid of the init ("") or of an exec: the daemon's pid
         directory on tmpfs (shim.oci.piddir), else the bundle."""
         if self.deps.pid_dir is None:
-            return os.path.join(self.bundle.path, f"exec-{exec_id}.pid" if exec_id else "init.pid")
+            return os.path.join(self.bundle.path, piddir.base_name(exec_id))
         return os.path.join(self.deps.pid_dir, piddir.file_name(self.namespace, self.id, exec_id))
 
     def close(self) -> None:
