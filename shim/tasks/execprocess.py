@@ -198,12 +198,13 @@ class ExecProcess(Process):
                 ),
             )
             log.event("exec started", **self.fields())
-            if exited.done():
-                # Reaped already (a short command, a probe): its exit transition now, after
-                # TaskExecStarted and before the answer, as the runc shim does, so that a
-                # Wait sent before Start is answered with it.
-                ex = exited.result()
-                self.set_exited(ex.status, ex.at)
+            if gone is not None:
+                # Ended already (a short command, a probe), reaped or still a zombie: its
+                # exit transition now, after TaskExecStarted and before the answer, as the
+                # runc shim does, so that a Wait sent before Start is answered with it (not
+                # a loop turn later, when the reaper gets to the zombie; it still does, and
+                # nobody waits for that).
+                self.set_exited(gone.status, gone.at)
                 self._close_pidfd()
             else:
                 # Its event after TaskExecStarted: the exit transition waits for start_lock.
