@@ -453,6 +453,24 @@ def _proc_starttime(pid: int) -> int | None:
 # ctr argument builders / parsers
 
 
+#: ctr subcommands that make IO FIFOs: in /run/containerd/fifo unless told otherwise, where
+#: ctr leaves a directory behind for every detached or failed process
+_FIFO_COMMANDS = {("run",), ("task", "start"), ("task", "exec"), ("t", "start"), ("t", "exec"),
+                  ("tasks", "start"), ("tasks", "exec")}  # fmt: skip
+
+
+def with_fifo_dir(args: Sequence[str], fifo_dir: str) -> list[str]:
+    """``args`` of a ctr command, with ``--fifo-dir fifo_dir`` after the subcommand if it
+    makes FIFOs and names no directory itself: a test's FIFOs stay in its temp dir."""
+    out = list(args)
+    if "--fifo-dir" in out:
+        return out
+    for words in _FIFO_COMMANDS:
+        if tuple(out[: len(words)]) == words:
+            return [*words, "--fifo-dir", fifo_dir, *out[len(words) :]]
+    return out
+
+
 def ctr_run_args(
     runtime: str,
     rootfs: str,
@@ -856,7 +874,7 @@ class Containerd:
             self.connect_timeout,
             "--namespace",
             namespace or self.namespace,
-            *args,
+            *with_fifo_dir(args, self.fifo_dir),
         ]
 
     def _ctr_env(self) -> dict[str, str]:

@@ -8,6 +8,8 @@ import time
 import pytest
 
 from integration.harness import (
+    CONTAINER_PATH,
+    RUN_CONTAINERD,
     RUNC_RUNTIME,
     Containerd,
     HarnessError,
@@ -20,6 +22,7 @@ from integration.harness import (
     processes_matching,
     task_list,
     wait_for,
+    with_fifo_dir,
 )
 
 
@@ -119,6 +122,46 @@ def test_cleanup_leaves_nothing(busybox: str) -> None:
         c.cleanup()
     _assert_nothing_left(c)
     c.cleanup()  # idempotent
+
+
+def _host_fifo_dirs() -> set[str]:
+    try:
+        return set(os.listdir(f"{RUN_CONTAINERD}/fifo"))
+    except FileNotFoundError:
+        return set()
+
+
+def test_ctr_leaves_no_fifo_dir_on_the_host(containerd: Containerd, busybox: str) -> None:
+    """ctr keeps a process's FIFOs in /run/containerd/fifo unless told otherwise and leaves
+    their directory there when the process is detached or fails: every ctr command the
+    harness runs keeps them in the test's temp dir instead."""
+    before = _host_fifo_dirs()
+    run = containerd.run_args(RUNC_RUNTIME, busybox, "box", "sleep", "1000", detach=True)
+    k = run.index("--fifo-dir")
+    containerd.ctr(*run[:k], *run[k + 2 :])  # the harness puts it back
+    containerd.ctr("task", "exec", "-d", "--exec-id", "d1", "box", "sleep", "1000")
+    r = containerd.ctr("task", "exec", "--exec-id", "x3", "box", "sh", "-c", "exit 3", check=False)
+    assert r.returncode == 3
+    r = containerd.ctr("t", "exec", "--exec-id", "nf", "box", "/no/such/binary", check=False)
+    assert r.returncode != 0
+    env = f"PATH={CONTAINER_PATH}"
+    containerd.ctr("container", "create", "--env", env, "--rootfs", busybox, "c2", "true")
+    assert containerd.ctr("task", "start", "c2", check=False).returncode == 0
+    assert _host_fifo_dirs() - before == set()
+
+
+def test_with_fifo_dir() -> None:
+    assert with_fifo_dir(["task", "exec", "--exec-id", "e", "c", "true"], "/f") == [
+        "task", "exec", "--fifo-dir", "/f", "--exec-id", "e", "c", "true"
+    ]  # fmt: skip
+    assert with_fifo_dir(["run", "--fifo-dir", "/x", "-d"], "/f") == [
+        "run",
+        "--fifo-dir",
+        "/x",
+        "-d",
+    ]
+    assert with_fifo_dir(["task", "ls"], "/f") == ["task", "ls"]
+    assert with_fifo_dir(["images", "exec"], "/f") == ["images", "exec"]
 
 
 def test_cleanup_after_containerd_kill9(busybox: str) -> None:
