@@ -28,6 +28,7 @@ from integration.harness import (
     reap_stale,
 )
 from integration.prereq import integration_problem, missing
+from shim.util.paths import DEFAULT_ROOT
 
 _HERE = Path(__file__).resolve().parent
 _REQUIRED = ("containerd", "ctr", "runc", "containerd-shim-runc-v2")
@@ -44,11 +45,12 @@ _SKIP = _skip_reason()
 def _shared_dirs() -> list[str]:
     """Dirs outside our temp dirs that stock shims/runc/ctr create and never remove:
     /run/containerd/{s,fifo,runc/<ns>} and the ``/<namespace>`` parent cgroups of plain
-    ``ctr run`` (cgroupsPath /<ns>/<id>).  Deepest first."""
+    ``ctr run`` (cgroupsPath /<ns>/<id>); and our daemons' default root, for the tests that
+    run one as installed (its own directory in there it removes itself).  Deepest first."""
     dirs = [f"{RUN_CONTAINERD}/fifo", SHIM_SOCKET_DIR]
     with contextlib.suppress(OSError):
         dirs += [os.path.join(DEFAULT_RUNC_ROOT, n) for n in os.listdir(DEFAULT_RUNC_ROOT)]
-    dirs += [DEFAULT_RUNC_ROOT, RUN_CONTAINERD]
+    dirs += [DEFAULT_RUNC_ROOT, RUN_CONTAINERD, DEFAULT_ROOT]
     for mp in cgroup_mountpoints():
         dirs.append(os.path.join(mp, DEFAULT_NAMESPACE))
     return [d for d in dirs if os.path.isdir(d)]

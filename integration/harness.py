@@ -675,6 +675,8 @@ class Containerd:
             "io.containerd.internal.v1.opt",
         ]
         v3 = self.version >= (2,)  # containerd 2.x: config version 3, its plugin names
+        if v3:
+            disabled.append("io.containerd.nri.v1.nri")  # would listen on /var/run/nri/nri.sock
         cri_plugins = [CRI_PLUGIN, CRI_RUNTIME_PLUGIN, CRI_IMAGES_PLUGIN] if v3 else [CRI_PLUGIN]
         required = list(REQUIRED_PLUGINS)
         if self.cri:
