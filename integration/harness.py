@@ -461,10 +461,11 @@ _FIFO_COMMANDS = {("run",), ("task", "start"), ("task", "exec"), ("t", "start"),
 
 def with_fifo_dir(args: Sequence[str], fifo_dir: str) -> list[str]:
     """``args`` of a ctr command, with ``--fifo-dir fifo_dir`` after the subcommand if it
-    makes FIFOs and names no directory itself: a test's FIFOs stay in its temp dir."""
+    makes FIFOs and names no directory (nor a ``--log-uri``) itself: a test's FIFOs stay in
+    its temp dir."""
     out = list(args)
-    if "--fifo-dir" in out:
-        return out
+    if "--fifo-dir" in out or any(a == "--log-uri" or a.startswith("--log-uri=") for a in out):
+        return out  # a directory of its own, or no FIFOs (ctr takes only one of the two)
     for words in _FIFO_COMMANDS:
         if tuple(out[: len(words)]) == words:
             return [*words, "--fifo-dir", fifo_dir, *out[len(words) :]]

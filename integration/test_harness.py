@@ -161,6 +161,8 @@ def test_with_fifo_dir() -> None:
         "-d",
     ]
     assert with_fifo_dir(["task", "ls"], "/f") == ["task", "ls"]
+    log = ["t", "exec", "--log-uri", "binary:///x", "c", "true"]
+    assert with_fifo_dir(log, "/f") == log  # ctr takes one of the two
     assert with_fifo_dir(["images", "exec"], "/f") == ["images", "exec"]
 
 
