@@ -19,16 +19,7 @@ from shim.tasks.execprocess import ExecProcess
 from shim.tasks.task import Deps, Tasks
 from shim.util import procinfo
 from shim.util.paths import DaemonPaths
-
-
-class _Events:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, Any]] = []
-
-    def publish(self, namespace: str, event: object, on_sent: object = None) -> None:
-        self.sent.append((type(event).__name__, event))
-        if callable(on_sent):
-            on_sent()
+from tests.fakes import RecordingEvents
 
 
 class _Runc:
@@ -53,7 +44,7 @@ def _run(tmp_path: Path, argv: list[str], wait_dead: bool) -> dict[str, Any]:
     (bundle / "config.json").write_text('{"root": {"path": "rootfs"}}')
     paths = DaemonPaths(str(tmp_path))
     store = StateStore(str(tmp_path / "state.db"))
-    events = _Events()
+    events = RecordingEvents()
     me = os.getpid()
     store.put(
         ProcessRecord(namespace="ns", id="c1", bundle=str(bundle), pid=me,

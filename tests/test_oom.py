@@ -12,6 +12,7 @@ import pytest
 from shim.exits.memcg import V1, V2, MemoryCgroup, parse_oom_kills
 from shim.exits.oom import OOMWatcher
 from shim.oci.cgroups import Cgroup, cgroup_mounts
+from tests.fakes import RecordingEvents
 
 V1_MOUNTINFO = """\
 25 1 0:22 / /sys/fs/cgroup rw - tmpfs tmpfs rw
@@ -156,16 +157,6 @@ def test_v1_watch_of_a_missing_cgroup_is_logged_not_raised(tmp_path: Path) -> No
 # --- a restored task: a kill counted while no daemon ran goes out before its exit ---
 
 
-class _Events:
-    def __init__(self) -> None:
-        self.sent: list[tuple[str, object]] = []
-
-    def publish(self, ns: str, event: object, on_sent: object = None) -> None:
-        self.sent.append((type(event).__name__, event))
-        if callable(on_sent):
-            on_sent()
-
-
 def test_restore_reports_a_missed_kill_before_the_exit(tmp_path: Path) -> None:
     from shim.exits.reaper import Reaper
     from shim.store.statestore import ProcessRecord, StateStore
@@ -185,7 +176,7 @@ def test_restore_reports_a_missed_kill_before_the_exit(tmp_path: Path) -> None:
                       start_time=1, trace_id=7, status="running",
                       memcg=MemoryCgroup(V1, str(cgdir)).encode())
     )  # fmt: skip
-    events = _Events()
+    events = RecordingEvents()
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
