@@ -1,5 +1,6 @@
 #!/bin/sh
-# Install embedshim on a node and register it with containerd's CRI plugin as handler "embed".
+# Install embedshim on a node and register it with containerd's CRI plugin as handler "embed"
+# and, on containerd 2.x, also as handler "embed-shim" (pods without a pause container).
 #
 #   install.sh [--host-root DIR] [--dist DIR | --shim PATH] [--prefix DIR] [--bin-dir DIR]
 #              [--config FILE] [--runc-config FILE] [--no-restart]
@@ -15,27 +16,40 @@
 # --bin-dir     where the containerd-shim-embed-v1 link goes; must be on containerd's PATH
 #               (default /usr/local/bin).
 # --config      containerd's config (default /etc/containerd/config.toml).
-# --runc-config runc's settings for the handler (SystemdCgroup, BinaryName, Root, ... as
+# --runc-config runc's settings for the handlers (SystemdCgroup, BinaryName, Root, ... as
 #               io.containerd.runc.v2 names them; deploy/embedshim-runc.toml has
-#               SystemdCgroup = true): copied to /etc/embedshim/runc.toml, and the handler
-#               gets ConfigPath = "/etc/embedshim/runc.toml" (containerd-cri-embed-systemd.toml).
+#               SystemdCgroup = true): copied to /etc/embedshim/runc.toml, and each handler
+#               added gets ConfigPath = "/etc/embedshim/runc.toml"
+#               (containerd-cri-embed-systemd.toml).
 # --no-restart  leave containerd running with its old config (restart it yourself).
 #
-# The handler's table is written in the form containerd reads from this config:
+# The handlers:
+#   embed       every containerd: pods with a pause container (containerd-cri-embed.toml,
+#               runtimeclass.yaml)
+#   embed-shim  containerd 2.x only (1.x has no Sandbox API handler of this kind):
+#               sandboxer "shim", pods without a pause container (containerd-cri-embed-shim.toml,
+#               runtimeclass-shim.yaml).  Not for hostNetwork pods on containerd 2.2.x, which
+#               itself panics on them in this mode: give those the "embed" RuntimeClass.
+# Their tables are written in the form containerd reads from this config:
 #   version 2 (containerd 1.x, and 2.x migrates it):
 #     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.embed]
+#     [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.embed-shim] with
+#       sandbox_mode = "shim" (the version 2 name; 2.x migrates it to sandboxer)
 #   version 3 (containerd 2.x):  [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.embed]
+#     and [plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.embed-shim] with
+#       sandboxer = "shim"
 #   version 1 (containerd 1.x):  [plugins.cri.containerd.runtimes.embed]
 # The version is the config's own `version`; a config without one is read by containerd 1.x
 # as version 1 and by 2.x as version 3; a missing or empty config is created as version 2
-# (containerd 1.x) or 3 (2.x).  `containerd config dump` of the result must then show the
-# handler, or the config is put back as it was and the install fails.
+# (containerd 1.x) or 3 (2.x).  `containerd config dump` of the result must then show every
+# handler as written, or the config is put back as it was and the install fails.
 #
-# Idempotent: the handler is added only if containerd's config has none ("embed" of another
-# runtime type is an error), the link is replaced, the venv reinstalled from the wheels, and
-# containerd is restarted only when its config changed (or a restart is still pending from
-# an earlier run).  Running containers survive the restart of containerd (their shims, and
-# embedshim's daemon, keep running).
+# Idempotent: a handler is added only if containerd's config has none of its name (one of
+# another runtime type, or an "embed-shim" without sandboxer "shim", is an error found before
+# anything on the node changes), the link is replaced, the venv reinstalled from the wheels,
+# and containerd is restarted only when its config changed (or a restart is still pending
+# from an earlier run).  Running containers survive the restart of containerd (their shims,
+# and embedshim's daemon, keep running).
 set -eu
 
 HOST=/
@@ -48,6 +62,7 @@ RUNC_CONFIG=
 RESTART=1
 HERE=$(cd "$(dirname "$0")" && pwd)
 SNIPPET="$HERE/containerd-cri-embed.toml"
+SHIM_SNIPPET="$HERE/containerd-cri-embed-shim.toml"
 # where --runc-config goes: the ConfigPath of containerd-cri-embed-systemd.toml
 RUNC_TOML=/etc/embedshim/runc.toml
 RUNTIME_TYPE=io.containerd.embed.v1
@@ -69,7 +84,7 @@ while [ $# -gt 0 ]; do
         --config) CONFIG=$2; shift 2 ;;
         --runc-config) RUNC_CONFIG=$2; shift 2 ;;
         --no-restart) RESTART=0; shift ;;
-        -h|--help) sed -n '2,38p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,52p' "$0"; exit 0 ;;
         *) die "unknown argument: $1" ;;
     esac
 done
@@ -105,6 +120,12 @@ case "$MAJOR" in
     *) die "cannot tell containerd's version from: $CTRD" ;;
 esac
 say "containerd: $CTRD"
+# the Sandbox API handler needs containerd 2.x
+HANDLERS=embed
+if [ "$MAJOR" = 2 ]; then
+    HANDLERS="embed embed-shim"
+    [ -f "$SHIM_SNIPPET" ] || die "missing $SHIM_SNIPPET"
+fi
 
 # containerd's config: which version it is (so which table the handler needs), and whether
 # it has the handler already; nothing is changed on the node before this is known
@@ -125,26 +146,32 @@ config_version() {
          /^[ \t]*version[ \t]*=/ { v = $0; sub(/^[^=]*=[ \t]*/, "", v); sub(/[ \t#].*$/, "", v)
                                    print v; exit }' "$1"
 }
-# containerd's view of the config (`config dump`, in its own latest version) into $TMP/dump;
-# prints what its handler "embed" has: runtime_type=... and ConfigPath=... lines
-dump_handler() {
-    on_host containerd --config "$CONFIG" config dump >"$TMP/dump" 2>"$TMP/dump.err" || return 1
-    v=$(config_version "$TMP/dump")
-    key=$(plugin_key "$v" | tr -d "\"'").containerd.runtimes.embed
+# what handler $1 has in $TMP/dump: runtime_type=..., sandboxer=... and ConfigPath=... lines
+handler_settings() {
+    key=$(plugin_key "$(config_version "$TMP/dump")" | tr -d "\"'").containerd.runtimes.$1
     tr -d "\"'" <"$TMP/dump" | awk -v want="$key" '
         /^[ \t]*\[/ { sec = $0; gsub(/[][ \t]/, "", sec); next }
         sec == want || sec == want ".options" {
             line = $0; sub(/^[ \t]*/, "", line)
             k = line; sub(/[ \t]*=.*$/, "", k)
             v = line; sub(/^[^=]*=[ \t]*/, "", v)
-            if ((sec == want && k == "runtime_type") || (sec == want ".options" && k == "ConfigPath"))
+            if ((sec == want && (k == "runtime_type" || k == "sandboxer")) \
+                || (sec == want ".options" && k == "ConfigPath"))
                 print k "=" v
         }'
 }
+# containerd's view of the config (`config dump`, in its own latest version) into $TMP/dump,
+# and what each handler has there into $TMP/$1.<handler>
+dump_handlers() {
+    on_host containerd --config "$CONFIG" config dump >"$TMP/dump" 2>"$TMP/dump.err" || return 1
+    for h in $HANDLERS; do handler_settings "$h" >"$TMP/$1.$h"; done
+}
+# the value of $1 in the settings file $2 (empty if it has none)
+setting() { sed -n "s/^$1=//p" "$2"; }
 dump_error() { tail -n 5 "$TMP/dump.err" >&2; }
 
 if [ -f "$CFG" ] && grep -Eq '^[[:space:]]*[^[:space:]#]' "$CFG"; then
-    dump_handler >"$TMP/before" || { dump_error; die "containerd cannot read $CONFIG"; }
+    dump_handlers before || { dump_error; die "containerd cannot read $CONFIG"; }
     # CRI turned off (containerd.io's packaged config does that): no kubelet can use this
     # containerd, and containerd 1.x then shows no CRI settings to check the handler in
     if tr -d "\"'" <"$TMP/dump" | grep -Eq \
@@ -158,7 +185,7 @@ if [ -f "$CFG" ] && grep -Eq '^[[:space:]]*[^[:space:]#]' "$CFG"; then
     fi
     NEW=0
 else
-    : >"$TMP/before"
+    for h in $HANDLERS; do : >"$TMP/before.$h"; done
     if [ "$MAJOR" = 1 ]; then VERSION=2; else VERSION=3; fi
     NEW=1
 fi
@@ -167,9 +194,19 @@ case "$MAJOR.$VERSION" in
     2.1) die "$CONFIG is a version 1 config, which containerd 2.x does not read; convert it (containerd 1.x, version 2) first" ;;
     *) die "$CONFIG says version $VERSION, which containerd $MAJOR.x does not read" ;;
 esac
-HAVE=$(sed -n 's/^runtime_type=//p' "$TMP/before")
-[ -z "$HAVE" ] || [ "$HAVE" = "$RUNTIME_TYPE" ] \
-    || die "$CONFIG already has a runtime handler \"embed\" of runtime type $HAVE"
+# the handlers to add: those the config has none of; one of the name that is not ours (or,
+# for "embed-shim", would give its pods a pause container) stops the install here
+ADD=
+for h in $HANDLERS; do
+    have=$(setting runtime_type "$TMP/before.$h")
+    if [ -z "$have" ]; then
+        ADD="$ADD $h"
+    elif [ "$have" != "$RUNTIME_TYPE" ]; then
+        die "$CONFIG already has a runtime handler \"$h\" of runtime type $have"
+    elif [ "$h" = embed-shim ] && [ "$(setting sandboxer "$TMP/before.$h")" != shim ]; then
+        die "$CONFIG already has a runtime handler \"embed-shim\" without sandboxer = \"shim\" (its pods would get a pause container): give it sandboxer = \"shim\" or remove it"
+    fi
+done
 
 # the shim's side
 if [ -n "$DIST" ]; then
@@ -225,14 +262,53 @@ if [ -n "$RUNC_CONFIG" ]; then
     say "runc's settings for the handler: $RUNC_TOML (read at each container's creation)"
 fi
 
-# 2. containerd's CRI config: the "embed" runtime, once, in the form its version needs
-if [ -n "$HAVE" ]; then
-    say "$CONFIG already has the embed runtime"
-    if [ -n "$RUNC_CONFIG" ] && ! grep -qx "ConfigPath=$RUNC_TOML" "$TMP/before"; then
+# 2. containerd's CRI config: each handler once, in the form its version needs
+KEY=$(plugin_key "$VERSION")
+# a snippet's tables without its comments
+tables_of() { grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$1"; }
+# handler $1's table for this config (containerd-cri-embed*.toml are written for version 2,
+# containerd-cri-embed-shim.toml for version 3)
+table() {
+    printf '\n# embedshim: the CRI runtime handler "%s" (added by deploy/install.sh)\n' "$1"
+    if [ "$1" = embed ]; then
+        tables_of "$SNIPPET" | sed "s|plugins\.\"io\.containerd\.grpc\.v1\.cri\"|$KEY|"
+        return
+    fi
+    tables_of "$SHIM_SNIPPET" | sed "s|plugins\.'io\.containerd\.cri\.v1\.runtime'|$KEY|" \
+        | if [ "$VERSION" = 2 ]; then
+            # version 2 names it sandbox_mode; containerd 2.x migrates that to sandboxer
+            sed 's/^\([[:space:]]*\)sandboxer[[:space:]]*=/\1sandbox_mode =/'
+        else
+            cat
+        fi
+    # runc's settings hold for this handler's containers too
+    if [ -n "$RUNC_CONFIG" ]; then
+        printf '  [%s.containerd.runtimes.embed-shim.options]\n    ConfigPath = "%s"\n' \
+            "$KEY" "$RUNC_TOML"
+    fi
+}
+# handler $1 in containerd's dump after the change as wanted: our runtime type, "embed-shim"
+# with sandboxer "shim", and runc's ConfigPath in a table added with --runc-config
+wanted() {
+    grep -qx "runtime_type=$RUNTIME_TYPE" "$TMP/after.$1" || return 1
+    [ "$1" != embed-shim ] || grep -qx "sandboxer=shim" "$TMP/after.$1" || return 1
+    case " $ADD " in
+        *" $1 "*) [ -z "$RUNC_CONFIG" ] || grep -qx "ConfigPath=$RUNC_TOML" "$TMP/after.$1" ;;
+    esac
+}
+
+for h in $HANDLERS; do
+    case " $ADD " in *" $h "*) continue ;; esac
+    say "$CONFIG already has the $h runtime"
+    if [ -n "$RUNC_CONFIG" ] && ! grep -qx "ConfigPath=$RUNC_TOML" "$TMP/before.$h"; then
         say "NOTE: its handler has no ConfigPath = \"$RUNC_TOML\": see deploy/containerd-cri-embed-systemd.toml"
     fi
-else
-    KEY=$(plugin_key "$VERSION")
+done
+if [ -n "$ADD" ]; then
+    case "$ADD" in
+        *" "*" "*) WHAT="the $(echo "$ADD" | sed 's/^ //; s/ / and /') runtimes" ;;
+        *) WHAT="the${ADD} runtime" ;;
+    esac
     mkdir -p "$(dirname "$CFG")"
     if [ "$NEW" = 1 ]; then
         rm -f "$CFG.embedshim.bak"
@@ -241,28 +317,28 @@ else
     else
         cp -p "$CFG" "$CFG.embedshim.bak"
     fi
-    {
-        printf '\n# embedshim: the CRI runtime handler "embed" (added by deploy/install.sh)\n'
-        grep -v -e '^[[:space:]]*#' -e '^[[:space:]]*$' "$SNIPPET" \
-            | sed "s|plugins\.\"io\.containerd\.grpc\.v1\.cri\"|$KEY|"
-    } >>"$CFG"
-    WANT="runtime_type=$RUNTIME_TYPE"
-    if ! dump_handler >"$TMP/after" || ! grep -qx "$WANT" "$TMP/after" \
-        || { [ -n "$RUNC_CONFIG" ] && ! grep -qx "ConfigPath=$RUNC_TOML" "$TMP/after"; }; then
+    for h in $ADD; do table "$h"; done >>"$CFG"
+    # every handler, the ones there before included, as containerd reads the new config
+    ok=0
+    if dump_handlers after; then
+        ok=1
+        for h in $HANDLERS; do wanted "$h" || ok=0; done
+    fi
+    if [ "$ok" = 0 ]; then
         if [ -f "$CFG.embedshim.bak" ]; then mv "$CFG.embedshim.bak" "$CFG"; else rm -f "$CFG"; fi
         dump_error
-        die "containerd $MAJOR.x does not read the embed runtime from $CONFIG (version $VERSION): left as it was"
+        die "containerd $MAJOR.x does not read $WHAT from $CONFIG (version $VERSION): left as it was"
     fi
     if [ -f "$CFG.embedshim.bak" ]; then
-        say "added the embed runtime to $CONFIG (version $VERSION; backup: $CONFIG.embedshim.bak)"
+        say "added $WHAT to $CONFIG (version $VERSION; backup: $CONFIG.embedshim.bak)"
     else
-        say "wrote $CONFIG (version $VERSION) with the embed runtime"
+        say "wrote $CONFIG (version $VERSION) with $WHAT"
     fi
     mkdir -p "$(dirname "$PENDING")"
     : >"$PENDING"
 fi
 
-# 3. containerd picks it up on restart.  systemctl refuses to act from a chroot, so from
+# 3. containerd picks them up on restart.  systemctl refuses to act from a chroot, so from
 # a pod (hostPID) it runs in the namespaces of the node's pid 1.
 if [ ! -e "$PENDING" ]; then
     say "containerd's config is unchanged: no restart needed"
@@ -280,3 +356,6 @@ else
     say "restarted containerd"
 fi
 say "done: pods with runtimeClassName: embed run through embedshim"
+if [ "$MAJOR" = 2 ]; then
+    say "done: pods with runtimeClassName: embed-shim too, without a pause container (not for hostNetwork pods on containerd 2.2.x: give those embed)"
+fi
