@@ -11,7 +11,10 @@ The installer is run the two ways the README gives:
   installer's own (``unshare``), so nothing of them outlives it.
 * on the machine itself (``/``, as ``sudo deploy/install.sh`` by hand), every path it writes
   moved to a temp dir (``--config``, ``--bin-dir``, ``--prefix``), then a real containerd
-  with that config runs a pod through the handler the installer wrote.
+  with that config runs a pod through each handler the installer wrote.
+
+On containerd 2.x the installer writes two handlers: ``embed`` and ``embed-shim`` (the
+Sandbox API, ``sandboxer = "shim"``: pods without a pause container); on 1.x only ``embed``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,8 @@ import pytest
 
 from integration.cri.node import HANDLERS, SHIM_SANDBOXER, CriNode
 from integration.embed import CONTAINERD2_BIN, containerd_version_env, daemons
+from integration.harness import _proc_info
+from shim.pods.sandbox import HOLDER
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 INSTALL = DEPLOY / "install.sh"
@@ -47,6 +52,14 @@ HEADERS = {
     1: "[plugins.cri.containerd.runtimes.embed]",
     2: '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.embed]',
     3: "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.embed]",
+}
+#: the same for the Sandbox API handler (containerd 2.x only: config versions 2 and 3), with
+#: the line that makes its pods go without a pause container (version 2 names it sandbox_mode)
+SHIM_TABLES = {
+    2: '[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.embed-shim]\n'
+    '  runtime_type = "io.containerd.embed.v1"\n  sandbox_mode = "shim"\n',
+    3: "[plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes.embed-shim]\n"
+    '  runtime_type = "io.containerd.embed.v1"\n  sandboxer = "shim"\n',
 }
 VERSIONS = ["1.6", "2.2.7"]
 
@@ -75,10 +88,21 @@ def dump(version: str, config: Path) -> dict[str, Any]:
     return tomllib.loads(r.stdout)
 
 
-def dumped_handler(version: str, config: Path) -> dict[str, Any]:
-    """The handler ``embed`` as containerd ``version`` reads it from ``config``."""
-    d = dump(version, config)
-    return _runtimes(d, CRI if d["version"] == 2 else V3_RUNTIME).get("embed", {})
+def dumped_handler(version: str, config: Path | str, name: str = "embed") -> dict[str, Any]:
+    """The handler ``name`` as containerd ``version`` reads it from ``config`` ({} if none)."""
+    d = dump(version, Path(config))
+    return _runtimes(d, CRI if d["version"] == 2 else V3_RUNTIME).get(name, {})
+
+
+def assert_handlers(version: str, config: Path | str) -> None:
+    """What the node's containerd reads after install.sh: ``embed`` of our runtime type, and
+    on 2.x ``embed-shim`` of our runtime type with ``sandboxer = "shim"`` (1.x: none)."""
+    assert dumped_handler(version, config)["runtime_type"] == EMBED
+    shim = dumped_handler(version, config, SHIM_SANDBOXER)
+    if version == "1.6":
+        assert shim == {}, shim
+    else:
+        assert (shim["runtime_type"], shim["sandboxer"]) == (EMBED, "shim"), shim
 
 
 # -- the snippets -------------------------------------------------------------------------
@@ -110,6 +134,16 @@ def test_shim_sandboxer_snippet_runtimeclass_and_suite_agree(tmp_path: Path) -> 
     config.write_text("version = 3\n" + text)
     read = _runtimes(dump("2.2.7", config), V3_RUNTIME)[SHIM_SANDBOXER]
     assert (read["runtime_type"], read["sandboxer"]) == (EMBED, "shim")
+
+
+def test_installer_image_has_the_snippets_install_sh_reads() -> None:
+    """deploy/Dockerfile copies install.sh with every file beside it that it reads."""
+    read = set(re.findall(r"\$HERE/([\w.-]+)", INSTALL.read_text()))
+    assert {"containerd-cri-embed.toml", "containerd-cri-embed-shim.toml"} <= read, read
+    lines = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ").splitlines()
+    (copy,) = [ln.split() for ln in lines if ln.startswith("COPY deploy/install.sh ")]
+    assert copy[-1] == "/deploy/"
+    assert read <= {os.path.basename(src) for src in copy[1:-1]}, copy
 
 
 @pytest.mark.parametrize("version", VERSIONS)
@@ -291,19 +325,25 @@ def test_installer_writes_the_table_its_config_version_needs(
     assert "install.sh: containerd: containerd github.com/containerd/containerd" in r.stdout
     text = node.config.read_text()
     assert text.count("runtimes.embed]") == 1 and HEADERS[version] in text, text
+    if containerd == "1.6":
+        assert SHIM_SANDBOXER not in text, text
+    else:
+        assert text.count("runtimes.embed-shim]") == 1 and SHIM_TABLES[version] in text, text
     if config:
         assert text.startswith(config)  # what was there stays
         assert node.path("/etc/containerd/config.toml.embedshim.bak").read_text() == config
     else:
         assert text.startswith(f"version = {version}\n"), text
-    # the node's containerd reads the handler
-    assert dumped_handler(containerd, node.config)["runtime_type"] == EMBED
+    # the node's containerd reads the handlers
+    assert_handlers(containerd, node.config)
     assert os.readlink(node.path("/usr/local/bin/containerd-shim-embed-v1")) == shim
     assert "restart containerd to load the handler" in r.stdout
     # idempotent
     r = node.install("--shim", shim)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "already has the embed runtime" in r.stdout
+    assert ("already has the embed-shim runtime" in r.stdout) == (containerd != "1.6"), r.stdout
+    assert "added" not in r.stdout and "wrote" not in r.stdout, r.stdout
     assert node.config.read_text() == text
 
 
@@ -320,9 +360,11 @@ def test_installer_with_runc_settings(node_top: Path, containerd: str, version: 
     assert node.path("/etc/embedshim/runc.toml").read_text() == settings.read_text()
     text = node.config.read_text()
     assert HEADERS[version][:-1] + ".options]" in text, text
-    runtime = dumped_handler(containerd, node.config)
-    assert runtime["runtime_type"] == EMBED
-    assert runtime["options"] == {"ConfigPath": "/etc/embedshim/runc.toml"}, runtime
+    assert_handlers(containerd, node.config)
+    # runc's settings hold for the pods of either handler
+    for name in ["embed"] if containerd == "1.6" else ["embed", SHIM_SANDBOXER]:
+        runtime = dumped_handler(containerd, node.config, name)
+        assert runtime["options"] == {"ConfigPath": "/etc/embedshim/runc.toml"}, runtime
 
 
 CRI_RUNTIMES = 'plugins."io.containerd.grpc.v1.cri".containerd.runtimes'
@@ -334,6 +376,17 @@ HALF_EMBED = f"version = 2\n[{CRI_RUNTIMES}.embed]\n  privileged_without_host_de
 CRI_OFF = 'disabled_plugins = ["cri"]\n'
 CRI_OFF_V3 = "version = 3\ndisabled_plugins = ['io.containerd.cri.v1.runtime']\n"
 CONFIG = "/etc/containerd/config.toml"
+V3_RUNTIMES = "plugins.'io.containerd.cri.v1.runtime'.containerd.runtimes"
+#: a good "embed" beside an "embed-shim" that is not ours
+RUNC_EMBED_SHIM = (
+    f"version = 3\n[{V3_RUNTIMES}.embed]\n  runtime_type = 'io.containerd.embed.v1'\n"
+    f"[{V3_RUNTIMES}.embed-shim]\n  runtime_type = 'io.containerd.runc.v2'\n  sandboxer = 'shim'\n"
+)
+#: ours without the Sandbox API (its pods would get pause containers), in a version 2 config
+PAUSE_EMBED_SHIM = f'version = 2\n[{CRI_RUNTIMES}.embed-shim]\n  runtime_type = "{EMBED}"\n'
+HALF_EMBED_SHIM = (
+    f"version = 3\n[{V3_RUNTIMES}.embed-shim]\n  privileged_without_host_devices = true\n"
+)
 
 
 @pytest.mark.parametrize(
@@ -354,6 +407,19 @@ CONFIG = "/etc/containerd/config.toml"
         pytest.param(
             "1.6", HALF_EMBED, (), f"embed runtime from {CONFIG} (version 2): left as it was",
             id="half-embed",
+        ),
+        pytest.param(
+            "2.2.7", RUNC_EMBED_SHIM, (),
+            'handler "embed-shim" of runtime type io.containerd.runc.v2', id="other-embed-shim",
+        ),
+        pytest.param(
+            "2.2.7", PAUSE_EMBED_SHIM, (), 'handler "embed-shim" without sandboxer = "shim"',
+            id="pause-embed-shim",
+        ),
+        pytest.param(
+            "2.2.7", HALF_EMBED_SHIM, (),
+            f"embed and embed-shim runtimes from {CONFIG} (version 3): left as it was",
+            id="half-embed-shim",
         ),
         pytest.param(
             "1.6", "version = 2\n[plugins\n", (), f"containerd cannot read {CONFIG}",
@@ -486,16 +552,31 @@ def install_here(tmp: str, config: str, *args: str, path: str = NODE_PATH) -> st
     return r.stdout
 
 
-def test_installer_restarts_containerd_only_when_its_config_changed(tmp_path: Path) -> None:
-    """systemctl restart containerd once the handler is added; not again for an unchanged
-    config; a restart that failed is tried again by the next run."""
+def fake_systemctl(tmp_path: Path) -> tuple[Path, Path]:
+    """A systemctl that logs its arguments to the returned file and fails while
+    ``tmp_path/fail`` exists; and the directory it is in, for the PATH."""
     fake = tmp_path / "fake"
     fake.mkdir()
     calls = tmp_path / "calls"
     systemctl = fake / "systemctl"
     systemctl.write_text(f'#!/bin/sh\necho "$*" >>{calls}\nexec test ! -e {tmp_path}/fail\n')
     systemctl.chmod(0o755)
-    path = f"{fake}:{NODE_PATH}"
+    return fake, calls
+
+
+def node_path(version: str) -> str:
+    """The PATH with containerd ``version`` first (2.2.7: CONTAINERD2_BIN)."""
+    return NODE_PATH if version == "1.6" else f"{Path(containerd_bin(version)).parent}:{NODE_PATH}"
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_installer_restarts_containerd_only_when_its_config_changed(
+    tmp_path: Path, version: str
+) -> None:
+    """systemctl restart containerd once the handlers are added; not again for an unchanged
+    config; a restart that failed is tried again by the next run."""
+    fake, calls = fake_systemctl(tmp_path)
+    path = f"{fake}:{node_path(version)}"
     cfg = str(tmp_path / "config.toml")
     (tmp_path / "fail").touch()
     r = subprocess.run(
@@ -504,22 +585,60 @@ def test_installer_restarts_containerd_only_when_its_config_changed(tmp_path: Pa
         capture_output=True, text=True, timeout=60, env={"PATH": path},
     )  # fmt: skip
     assert r.returncode != 0 and "could not restart containerd" in r.stderr, r.stderr
+    assert_handlers(version, cfg)
     (tmp_path / "fail").unlink()
     out = install_here(str(tmp_path), cfg, "--shim", VENV_SHIM, path=path)
     assert "already has the embed runtime" in out and "restarted containerd" in out, out
+    text = open(cfg).read()
     out = install_here(str(tmp_path), cfg, "--shim", VENV_SHIM, path=path)
     assert "unchanged: no restart needed" in out, out
+    assert ("already has the embed-shim runtime" in out) == (version != "1.6"), out
+    assert open(cfg).read() == text
     assert calls.read_text() == "restart containerd\n" * 2
 
 
-def without_embed(config_path: str) -> str:
-    """The suite's config without its own handler ``embed`` (the installer adds it)."""
+def test_installer_adds_embed_shim_to_a_node_that_has_embed(tmp_path: Path) -> None:
+    """A containerd 2.x node installed before install.sh wrote "embed-shim" (its config has
+    "embed" only): the run adds "embed-shim" alone, keeps "embed" as it was, restarts
+    containerd once; the next run changes nothing."""
+    fake, calls = fake_systemctl(tmp_path)
+    path = f"{fake}:{node_path('2.2.7')}"
+    cfg = tmp_path / "config.toml"
+    before = f'version = 3\n\n{HEADERS[3]}\n  runtime_type = "{EMBED}"\n'
+    cfg.write_text(before)
+    out = install_here(str(tmp_path), str(cfg), "--shim", VENV_SHIM, path=path)
+    assert "already has the embed runtime" in out, out
+    assert "added the embed-shim runtime" in out, out
+    text = cfg.read_text()
+    assert text.startswith(before) and text.count("runtimes.embed]") == 1, text
+    assert text.count("runtimes.embed-shim]") == 1 and SHIM_TABLES[3] in text, text
+    assert (tmp_path / "config.toml.embedshim.bak").read_text() == before
+    assert_handlers("2.2.7", cfg)
+    out = install_here(str(tmp_path), str(cfg), "--shim", VENV_SHIM, path=path)
+    assert "unchanged: no restart needed" in out, out
+    assert cfg.read_text() == text
+    assert calls.read_text() == "restart containerd\n"
+
+
+def without_ours(config_path: str) -> str:
+    """The suite's config without its own handlers of our runtime type (``embed``, and on
+    containerd 2.x ``embed-shim``): the installer adds them."""
     with open(config_path) as f:
         lines = f.read().splitlines(keepends=True)
     v3 = lines[0] == "version = 3\n"  # the suite's config for containerd 2.x
-    i = lines.index(f'[plugins."{V3_RUNTIME if v3 else CRI}".containerd.runtimes.embed]\n')
-    assert lines[i + 1].strip().startswith("runtime_type")
-    return "".join(lines[:i] + lines[i + 2 :])
+    runtimes = f'[plugins."{V3_RUNTIME if v3 else CRI}".containerd.runtimes'
+    ours = [f"{runtimes}.embed]\n", *([f"{runtimes}.{SHIM_SANDBOXER}]\n"] if v3 else [])]
+    kept: list[str] = []
+    dropped: list[str] = []
+    into = kept
+    for line in lines:
+        if line.startswith("["):
+            into = dropped if line in ours else kept
+        into.append(line)
+    assert [ln for ln in dropped if ln.startswith("[")] == ours, dropped
+    settings = {ln.strip() for ln in dropped if not ln.startswith("[")} - {""}
+    assert settings <= {f'runtime_type = "{EMBED}"', 'sandboxer = "shim"'}, dropped
+    return "".join(kept)
 
 
 @pytest.mark.parametrize("how", ["shim", "dist"])
@@ -531,7 +650,7 @@ def test_installed_handler_runs_a_pod(
     --dist (wheels), on containerd 1.6 with a version 2 config and 2.2.7 with a version 3 one
     (``containerd config migrate`` of the suite's), then containerd with that config and
     only the installer's link on its PATH runs a pod and a container through handler
-    ``embed``."""
+    ``embed`` and, on 2.2.7, through ``embed-shim`` a pod without a pause container."""
     env = containerd_version_env(version)  # skips 2.2.7 without ../shared/containerd2
     args = ("--shim", VENV_SHIM) if how == "shim" else ("--dist", request.getfixturevalue("wheels"))
     ctrd2 = [str(CONTAINERD2_BIN)] if version != "1.6" else []
@@ -541,7 +660,7 @@ def test_installed_handler_runs_a_pod(
 
     def install(config: str) -> None:
         tmp = os.path.dirname(config)
-        text = without_embed(config)
+        text = without_ours(config)
         if version != "1.6":
             with open(config, "w") as f:
                 f.write(text)
@@ -563,17 +682,32 @@ def test_installed_handler_runs_a_pod(
         config = cri.ctrd.config_path
         text = open(config).read()
         assert HEADERS[2 if version == "1.6" else 3] in text, text
+        assert (SHIM_TABLES[3] in text) == (version != "1.6"), text
+        assert_handlers(version, config)
         assert "check: mode: bpf+pidfd" in outputs[0], outputs
-        pod = cri.run_pod("embed")
-        cid = cri.run_container(pod, ["sh", "-c", "echo hi; exit 3"])
-        assert cri.wait_exited(cid).exit_code == 3
-        assert cri.sandbox_info(pod)["runtimeType"] == EMBED
+        pods = [cri.run_pod("embed")]
+        if version != "1.6":
+            pods.append(cri.run_pod(SHIM_SANDBOXER))
+        for pod in pods:
+            cid = cri.run_container(pod, ["sh", "-c", "echo hi; exit 3"])
+            assert cri.wait_exited(cid).exit_code == 3
+            assert cri.sandbox_info(pod)["runtimeType"] == EMBED
         (daemon,) = daemons(cri.ctrd)
         if how == "dist":  # the installed package's daemon
             venv = os.path.join(cri.ctrd.tmp, "opt", "venv")
             assert any(a.startswith(venv) for a in daemon.cmdline), daemon.cmdline
-        cri.stop_pod(pod)
-        cri.remove_pod(pod)
+        # "embed": the pod's sandbox is a pause container (a task); "embed-shim": no task
+        # for it, the sandbox is our holder, a child of the daemon
+        tasks = os.listdir(os.path.join(cri.ctrd.state, "io.containerd.runtime.v2.task", "k8s.io"))
+        assert pods[0].id in tasks, tasks
+        for pod in pods[1:]:
+            assert pod.id not in tasks, tasks
+            holder = _proc_info(int(cri.sandbox_info(pod)["pid"]))
+            assert holder is not None and holder.ppid == daemon.pid, holder
+            assert os.path.basename(os.readlink(f"/proc/{holder.pid}/exe")) == HOLDER
+        for pod in pods:
+            cri.stop_pod(pod)
+            cri.remove_pod(pod)
         log = open(cri.ctrd.log_path).read()
         assert "Ignoring unknown key" not in log, log[-3000:]
     finally:
