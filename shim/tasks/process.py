@@ -201,8 +201,14 @@ class Process:
             self.set_exited(ex.status, ex.at)
 
     def set_exited(self, status: int, at: int) -> None:
-        """The exit transition: persisted, then published, exactly once; an OOM kill the
-        kernel counted goes out first (it is usually what ended the process)."""
+        """The exit transition, exactly once: containerd hears of it (TaskExit, the Waits'
+        answers) only once a daemon crash cannot lose it; an OOM kill the kernel counted
+        goes out first (it is usually what ended the process).
+
+        Kept means in our store, or, for a process registered with the pinned BPF exit map,
+        there: the kernel wrote it at the exit, and it stays until :meth:`untrack`, which
+        waits for the store.  Such an exit goes out at once and its record is written just
+        after, off the path of the answers (a write is 40-70 µs of a Wait's answer here)."""
         if self.exited:
             return
         if not self.exec_id or status == KILLED:
@@ -212,26 +218,38 @@ class Process:
         self.exit_status = status
         self.exited_at = at
         self.status = transition(self.status, Op.EXIT, self.kind, self.id)
-        if (status, at) != self.exit_in_record:
-            best_effort(
-                lambda: self.task.deps.store.update(
-                    self.task.namespace,
-                    self.task.id,
-                    self.exec_id,
-                    status=str(Status.STOPPED),
-                    exit_status=status,
-                    exited_at=at,
-                ),
-                "exit",
-                **self.fields(),
-            )
-        self.publish_exit()
-        self.untrack()
+        recorded = (status, at) == self.exit_in_record
+        if self.tracked and not recorded:
+            self.publish_exit()
+            self._mark_exited()
+            _soon(self._record_exit, status, at)
+        else:
+            if recorded:
+                self.untrack()
+            else:
+                self._record_exit(status, at)
+            self.publish_exit()
+            self._mark_exited()
         if not self.exec_id:
             self.task.unwatch_oom()  # no process left in the container to be killed
-        self._mark_exited()
         log.event("process exited", **self.fields(), exit_status=status)
         self.task.log_line("process exited", exec_id=self.exec_id, exit_status=status)
+
+    def _record_exit(self, status: int, at: int) -> None:
+        """The exit into the store, then the BPF entries that kept it until now go."""
+        best_effort(
+            lambda: self.task.deps.store.update(
+                self.task.namespace,
+                self.task.id,
+                self.exec_id,
+                status=str(Status.STOPPED),
+                exit_status=status,
+                exited_at=at,
+            ),
+            "exit",
+            **self.fields(),
+        )
+        self.untrack()
 
     def start_failed(self, status: int) -> None:
         """No process ran, so there is no exit to persist or publish; but a Wait already
@@ -679,3 +697,11 @@ _fault_init_killed: InitKilledFault | None = None
 def arm_fault_init_killed() -> None:
     global _fault_init_killed
     _fault_init_killed = InitKilledFault()
+
+
+def _soon(callback: Callable[[int, int], None], status: int, at: int) -> None:
+    """``callback(status, at)`` once the loop's current step is over (at once outside one)."""
+    try:
+        asyncio.get_running_loop().call_soon(callback, status, at)
+    except RuntimeError:
+        callback(status, at)
