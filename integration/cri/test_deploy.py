@@ -125,9 +125,16 @@ def test_shim_sandboxer_snippet_runtimeclass_and_suite_agree(tmp_path: Path) -> 
     ``sandboxer = "shim"`` (the suite runs a handler of that name, integration/harness.py)."""
     text = (DEPLOY / "containerd-cri-embed-shim.toml").read_text()
     snippet = _runtimes(tomllib.loads(text), V3_RUNTIME)
-    handler = re.search(r"^handler:\s*(\S+)", (DEPLOY / "runtimeclass-shim.yaml").read_text(), re.M)
+    runtimeclass = (DEPLOY / "runtimeclass-shim.yaml").read_text()
+    handler = re.search(r"^handler:\s*(\S+)", runtimeclass, re.M)
     assert handler is not None
     assert list(snippet) == [handler[1]] == [SHIM_SANDBOXER]
+    # only onto nodes said to run containerd 2.x: install.sh adds this handler there only
+    selector = runtimeclass.split("nodeSelector:", 1)[1]
+    assert re.findall(r'^\s+(\S+): "true"$', selector, re.M) == [
+        "embedshim.io/install",
+        "embedshim.io/sandbox-api",
+    ]
     assert snippet[SHIM_SANDBOXER] == {"runtime_type": EMBED, "sandboxer": "shim"}
     containerd_version_env("2.2.7")  # skips where ../shared/containerd2 is missing
     config = tmp_path / "config.toml"
