@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,18 +16,14 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 from integration.embed import Events, embed_containerd
 from integration.harness import (
-    DEFAULT_NAMESPACE,
-    DEFAULT_RUNC_ROOT,
-    RUN_CONTAINERD,
-    SHIM_SOCKET_DIR,
     Containerd,
     busybox_rootfs,
-    cgroup_mountpoints,
     import_busybox_image,
     reap_stale,
+    remove_shared_dirs,
+    shared_dirs,
 )
 from integration.prereq import integration_problem, missing
-from shim.util.paths import DEFAULT_ROOT
 
 _HERE = Path(__file__).resolve().parent
 _REQUIRED = ("containerd", "ctr", "runc", "containerd-shim-runc-v2")
@@ -42,21 +37,7 @@ def _skip_reason() -> str | None:
 _SKIP = _skip_reason()
 
 
-def _shared_dirs() -> list[str]:
-    """Dirs outside our temp dirs that stock shims/runc/ctr create and never remove:
-    /run/containerd/{s,fifo,runc/<ns>} and the ``/<namespace>`` parent cgroups of plain
-    ``ctr run`` (cgroupsPath /<ns>/<id>); and our daemons' default root, for the tests that
-    run one as installed (its own directory in there it removes itself).  Deepest first."""
-    dirs = [f"{RUN_CONTAINERD}/fifo", SHIM_SOCKET_DIR]
-    with contextlib.suppress(OSError):
-        dirs += [os.path.join(DEFAULT_RUNC_ROOT, n) for n in os.listdir(DEFAULT_RUNC_ROOT)]
-    dirs += [DEFAULT_RUNC_ROOT, RUN_CONTAINERD, DEFAULT_ROOT]
-    for mp in cgroup_mountpoints():
-        dirs.append(os.path.join(mp, DEFAULT_NAMESPACE))
-    return [d for d in dirs if os.path.isdir(d)]
-
-
-_PREEXISTING = set(_shared_dirs())
+_PREEXISTING = set(shared_dirs())
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -83,10 +64,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     # run is using them).  Done once per session, not per test, to keep races with
     # concurrent runs (mkdir -p in runc/shims) unlikely.
     if _SKIP is None:
-        for d in _shared_dirs():
-            if d not in _PREEXISTING:
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+        remove_shared_dirs(_PREEXISTING)
 
 
 @pytest.fixture(scope="session")

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, TypeVar
 
+from shim.util.paths import DEFAULT_ROOT as DEFAULT_DAEMON_ROOT
+
 RUNC_RUNTIME = "io.containerd.runc.v2"
 EMBED_RUNTIME = "io.containerd.embed.v1"
 DEFAULT_NAMESPACE = "test"
@@ -538,6 +540,29 @@ def shim_socket_path(address: str, namespace: str, shim_id: str) -> str:
     """Where containerd 1.6 shims listen: /run/containerd/s/sha256(<address>/<ns>/<id>)."""
     digest = hashlib.sha256(os.path.join(address, namespace, shim_id).encode()).hexdigest()
     return os.path.join(SHIM_SOCKET_DIR, digest)
+
+
+def shared_dirs() -> list[str]:
+    """Dirs outside our temp dirs that stock shims/runc/ctr create and never remove:
+    /run/containerd/{s,fifo,runc/<ns>} and the ``/<namespace>`` parent cgroups of plain
+    ``ctr run`` (cgroupsPath /<ns>/<id>); and our daemons' default root, for the tests that
+    run one as installed (its own directory in there it removes itself).  Deepest first."""
+    dirs = [f"{RUN_CONTAINERD}/fifo", SHIM_SOCKET_DIR]
+    with contextlib.suppress(OSError):
+        dirs += [os.path.join(DEFAULT_RUNC_ROOT, n) for n in os.listdir(DEFAULT_RUNC_ROOT)]
+    dirs += [DEFAULT_RUNC_ROOT, RUN_CONTAINERD, DEFAULT_DAEMON_ROOT]
+    for mp in cgroup_mountpoints():
+        dirs.append(os.path.join(mp, DEFAULT_NAMESPACE))
+    return [d for d in dirs if os.path.isdir(d)]
+
+
+def remove_shared_dirs(preexisting: set[str]) -> None:
+    """Remove the :func:`shared_dirs` not in ``preexisting`` (what a run found), if empty:
+    rmdir fails harmlessly when another run is using one."""
+    for d in shared_dirs():
+        if d not in preexisting:
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
 
 
 def cgroup_mountpoints() -> list[str]:

@@ -72,7 +72,6 @@ from integration.bench.scale import phase_scale
 from integration.bench.watchcost import phase_watch
 from integration.harness import (
     EMBED_RUNTIME,
-    RUN_CONTAINERD,
     RUNC_RUNTIME,
     TASK_DIR,
     Containerd,
@@ -81,6 +80,8 @@ from integration.harness import (
     busybox_rootfs,
     parse_event,
     reap_stale,
+    remove_shared_dirs,
+    shared_dirs,
     task_list,
 )
 
@@ -1429,17 +1430,6 @@ def keep_logs(c: Containerd, json_path: Path) -> dict[str, Any]:
     return out
 
 
-def _shared_run_dirs() -> list[str]:
-    """Dirs under /run/containerd that stock shims/runc create and never remove."""
-    dirs = [f"{RUN_CONTAINERD}/fifo", f"{RUN_CONTAINERD}/s"]
-    with contextlib.suppress(OSError):
-        dirs += [
-            os.path.join(RUN_CONTAINERD, "runc", n) for n in os.listdir(f"{RUN_CONTAINERD}/runc")
-        ]
-    dirs += [f"{RUN_CONTAINERD}/runc", RUN_CONTAINERD]
-    return [d for d in dirs if os.path.isdir(d)]
-
-
 def _load() -> dict[str, Any]:
     """What else is running: load average, and containerd instances other than ``mine``
     (other harness runs skew the numbers)."""
@@ -1486,7 +1476,7 @@ def run(
 ) -> tuple[dict[str, Any], list[Target], Path]:
     from integration.embed import embedshim_env, remove_host_leftovers
 
-    preexisting = set(_shared_run_dirs())
+    preexisting = set(shared_dirs())
     reap_stale()
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -1536,10 +1526,7 @@ def run(
         except HarnessError as e:
             bench.errors.append(f"cleanup: {e}")
             progress.note(f"cleanup incomplete: {e}")
-        for d in _shared_run_dirs():
-            if d not in preexisting:
-                with contextlib.suppress(OSError):
-                    os.rmdir(d)
+        remove_shared_dirs(preexisting)
         targets = evaluate(results)
         results["targets"] = [t.__dict__ for t in targets]
         results["goals"] = [g.as_dict() for g in goals.goals(results)]
