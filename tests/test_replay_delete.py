@@ -8,13 +8,15 @@ import os
 import signal
 import sqlite3
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from shim.api import shim_pb2
 from shim.store import statestore
 from shim.store.statestore import ProcessRecord, StateStore, StoreError
-from shim.tasks import service
+from shim.tasks import faults
+from shim.tasks.faults import Faults
 from shim.tasks.service import DAEMON_SERVICE, NAMESPACE_KEY, TASK_SERVICE, TaskService
 from shim.ttrpc import Code, Context, TTRPCError
 from shim.util import errors
@@ -97,6 +99,7 @@ class FakeTasks:
     def __init__(self, store: StateStore) -> None:
         self.store = store
         self.live = {("ns", "c1", ""), ("ns", "c1", "e1")}
+        self.deps = SimpleNamespace(faults=Faults())
 
     def get(self, ns: str, id: str) -> object:
         raise errors.not_found(f"container {id!r} not found")
@@ -178,7 +181,7 @@ def test_fault_kill_after_delete_kills_between_the_removal_and_the_answer(
         killed.append((pid, sig, store.get("ns", "c1", "e1") is None))
         raise SystemExit  # stands for the death: no answer
 
-    monkeypatch.setattr(service.os, "kill", kill)
+    monkeypatch.setattr(faults.os, "kill", kill)
     svc = TaskService(FakeTasks(store), lambda: None)  # type: ignore[arg-type]
     assert _delete(svc, "e1", replayed=False) == (4300, 5, 7)
     assert killed == []

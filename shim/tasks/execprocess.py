@@ -17,7 +17,6 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from shim.api import events_pb2
@@ -143,8 +142,9 @@ class ExecProcess(Process):
             pio.runc_done()
             self.pid = pid
             exited = self.task.deps.exits.watch(pid, 0, since=since)
-            if _fault_quick_exit is not None:
-                await _fault_wait(exited)
+            faults = self.task.deps.faults
+            if faults.exec_exit_window:
+                await faults.wait_for_exit(exited)
             if not exited.done():  # still ours, alive or a zombie: its pid is not reused yet
                 self.start_time = procinfo.start_time(pid)
                 self._pidfd = procinfo.open_pidfd(pid, self.start_time)
@@ -189,8 +189,8 @@ class ExecProcess(Process):
                 and gone is not None
             ):
                 self.exit_in_record = gone.status, gone.at  # its exit transition writes nothing
-            if gone is not None and _fault_quick_exit is not None:
-                _fault_quick_exit()
+            if gone is not None and faults.exec_exit_window:
+                faults.kill_daemon()
             self.task.deps.events.publish(
                 self.task.namespace,
                 events_pb2.TaskExecStarted(
@@ -325,25 +325,6 @@ def _unlink(path: str) -> None:
     try:
         os.unlink(path)
     except FileNotFoundError:
-        pass
-
-
-# Fault injection (the daemon's Fault "kill-in-exec-exit-window", tests only): the next exec
-# waits until its process has ended, then the daemon is killed right after that exec's first
-# record is written, before TaskExecStarted and its exit are published.
-_fault_quick_exit: Callable[[], None] | None = None
-
-
-def arm_fault_quick_exit(kill: Callable[[], None]) -> None:
-    global _fault_quick_exit
-    _fault_quick_exit = kill
-
-
-async def _fault_wait(exited: asyncio.Future[Exit]) -> None:
-    try:
-        async with asyncio.timeout(10):
-            await asyncio.shield(exited)
-    except TimeoutError:
         pass
 
 

@@ -350,8 +350,8 @@ class InitProcess(Process):
         task.deps.store.put(self.record())
         # The init waits in `runc init` until `runc start`, but the OOM killer or a kill -9
         # may end it while runc sets it up.
-        if _fault_init_killed is not None:
-            await _fault_init_killed.kill_init(self.pid)
+        if task.deps.faults.create_exit_window:
+            await task.deps.faults.kill_init(self.pid)
         self._watch_from_now()
 
     def _watch_from_now(self) -> None:
@@ -371,8 +371,8 @@ class InitProcess(Process):
                 "init gone before its BPF registration",
                 **self.fields(),
             )
-            if _fault_init_killed is not None:
-                _fault_init_killed.kill_daemon()
+            if task.deps.faults.create_exit_window:
+                task.deps.faults.kill_daemon()
         self.watch_exit(self.before_exit, exited)
 
     def _find_cgroup(self) -> None:
@@ -672,31 +672,6 @@ class InitProcess(Process):
             os.unlink(self.task.pid_file())
         except OSError:
             pass
-
-
-class InitKilledFault:
-    """Fault injection (the daemon's Fault ``kill-in-create-exit-window``, tests only): the
-    next Create kills its init with SIGKILL right after ``runc create`` (before its BPF
-    registration, as the OOM killer could), waits for it to end, then the daemon is killed
-    right after the exit is written to the record."""
-
-    async def kill_init(self, pid: int) -> None:
-        os.kill(pid, signal.SIGKILL)
-        for _ in range(1000):
-            if exited_unreaped(pid) is not None or not os.path.exists(f"/proc/{pid}"):
-                return
-            await asyncio.sleep(0.01)
-
-    def kill_daemon(self) -> None:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_fault_init_killed: InitKilledFault | None = None
-
-
-def arm_fault_init_killed() -> None:
-    global _fault_init_killed
-    _fault_init_killed = InitKilledFault()
 
 
 def _soon(callback: Callable[[int, int], None], status: int, at: int) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import time
 from collections.abc import Callable
 
@@ -21,11 +20,11 @@ from shim.oci.bundle import namespace_of
 from shim.oci.cgroups import CgroupError
 from shim.oci.checkpoint import decode_options as decode_checkpoint_options
 from shim.oci.runc import RuncError
-from shim.tasks.execprocess import ExecProcess, arm_fault_quick_exit
+from shim.tasks.execprocess import ExecProcess
+from shim.tasks.faults import Faults
 from shim.tasks.handlers import guard, unless_gone
 from shim.tasks.handlers import parse as _parse
 from shim.tasks.lifecycle import STATUS_NUMBER, Status
-from shim.tasks.process import arm_fault_init_killed
 from shim.tasks.task import Tasks
 from shim.ttrpc import Code, Context, Handler, TTRPCError
 from shim.ttrpc.journal import JournaledCall
@@ -71,7 +70,6 @@ class TaskService:
         self.on_shutdown = on_shutdown
         self.info = info
         self.reservations: dict[tuple[str, str], float] = {}
-        self.kill_after_delete = False  # set by Fault (tests)
 
     def methods(self) -> dict[str, Handler]:
         table: dict[str, Handler] = {
@@ -221,14 +219,7 @@ class TaskService:
         kill -9 the daemon once that exec's first record is written,
         ``kill-in-create-exit-window`` makes the next Create kill its init before its BPF
         registration and kill -9 the daemon once that exit is in the record."""
-        if payload == b"kill-after-delete":
-            self.kill_after_delete = True
-            return EMPTY
-        if payload == b"kill-in-exec-exit-window":
-            arm_fault_quick_exit(lambda: os.kill(os.getpid(), signal.SIGKILL))
-            return EMPTY
-        if payload == b"kill-in-create-exit-window":
-            arm_fault_init_killed()
+        if self.tasks.deps.faults.arm(payload):  # a crash window (shim.tasks.faults)
             return EMPTY
         kinds: dict[bytes, type[BaseException]] = {
             b"exception": RuntimeError,
@@ -236,12 +227,7 @@ class TaskService:
         }
         kind = kinds.get(payload)
         if kind is None:
-            known = [
-                *sorted(kinds),
-                b"kill-after-delete",
-                b"kill-in-exec-exit-window",
-                b"kill-in-create-exit-window",
-            ]
+            known = [*sorted(kinds), *Faults.NAMES]
             raise errors.invalid(f"fault: {payload[:40]!r} is not one of {known}")
 
         def fail() -> None:
@@ -342,8 +328,8 @@ class TaskService:
         pid, status, exited_at = await self.tasks.delete(
             self._namespace(ctx, req.id), req.id, req.exec_id
         )
-        if self.kill_after_delete:
-            os.kill(os.getpid(), signal.SIGKILL)  # Fault: the window a crash can hit
+        if self.tasks.deps.faults.after_delete:
+            self.tasks.deps.faults.kill_daemon()  # Fault: the window a crash can hit
         resp = shim_pb2.DeleteResponse(pid=pid, exit_status=status)
         resp.exited_at.FromNanoseconds(exited_at)
         return resp.SerializeToString()

@@ -11,7 +11,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from shim.api import events_pb2, mount_pb2, shim_pb2
@@ -41,6 +41,7 @@ from shim.oci.runcoptions import is_clean_absolute as _is_clean_absolute
 from shim.oci.sealedrunc import SealedCopies
 from shim.store.statestore import ProcessRecord, StateStore, StoreError, best_effort
 from shim.tasks.execprocess import ExecProcess, parse_spec
+from shim.tasks.faults import Faults
 from shim.tasks.lifecycle import Op, Status
 from shim.tasks.process import InitProcess, Process
 from shim.util import errors, identifiers, log, procinfo
@@ -65,6 +66,7 @@ class Deps:
     watch: WatchHub | None = None  # the `watch` stream: our containers' cgroups (shim.watch.watchd)
     runc_copies: SealedCopies | None = None  # sealed copies runc runs from (shim.oci.sealedrunc)
     pid_dir: str | None = None  # where runc writes pid files (shim.oci.piddir); None: bundles
+    faults: Faults = field(default_factory=Faults)  # crash windows armed by tests (Fault)
 
 
 def find_runc(runc: Runc, from_options: bool) -> str:
