@@ -12,14 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from shim.api import events_pb2, shim_pb2
-from shim.exits.exitwatch import ExitWatch
-from shim.exits.reaper import Reaper
 from shim.store.statestore import ProcessRecord, StateStore
 from shim.tasks.execprocess import ExecProcess
-from shim.tasks.task import Deps, Tasks
 from shim.util import procinfo
-from shim.util.paths import DaemonPaths
-from tests.fakes import RecordingEvents
+from tests.fakes import RecordingEvents, bundle_dir, close_tasks, restored_tasks
 
 
 class _Runc:
@@ -39,10 +35,7 @@ class _Runc:
 
 
 def _run(tmp_path: Path, argv: list[str], wait_dead: bool) -> dict[str, Any]:
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "config.json").write_text('{"root": {"path": "rootfs"}}')
-    paths = DaemonPaths(str(tmp_path))
+    bundle = bundle_dir(tmp_path)
     store = StateStore(str(tmp_path / "state.db"))
     events = RecordingEvents()
     me = os.getpid()
@@ -52,11 +45,7 @@ def _run(tmp_path: Path, argv: list[str], wait_dead: bool) -> dict[str, Any]:
     )  # fmt: skip
 
     async def main() -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        reaper = Reaper(loop)
-        deps = Deps(paths, reaper, ExitWatch(loop, reaper), store, events)  # type: ignore[arg-type]
-        tasks = Tasks(deps)
-        tasks.restore()
+        tasks = restored_tasks(tmp_path, store, events)
         task = tasks.get("ns", "c1")
         task.runc.exec = _Runc(argv, wait_dead).exec  # type: ignore[method-assign]
         spec = {"args": argv, "cwd": "/", "user": {"uid": 0, "gid": 0}}
@@ -76,9 +65,7 @@ def _run(tmp_path: Path, argv: list[str], wait_dead: bool) -> dict[str, Any]:
         out["record"] = store.get("ns", "c1", "e1")
         out["events"] = list(events.sent)
         await tasks.delete("ns", "c1", "e1")
-        for t in tasks.all():
-            t.close()
-        reaper.close()
+        close_tasks(tasks)
         return out
 
     try:

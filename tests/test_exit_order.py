@@ -11,13 +11,9 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from shim.exits.exitwatch import ExitWatch
-from shim.exits.reaper import Reaper
 from shim.store.statestore import ProcessRecord, StateStore
-from shim.tasks.task import Deps, Tasks
 from shim.util import procinfo
-from shim.util.paths import DaemonPaths
-from tests.fakes import RecordingEvents
+from tests.fakes import RecordingEvents, bundle_dir, close_tasks, restored_tasks
 
 
 class _Tracker:
@@ -42,9 +38,7 @@ class _Tracker:
 
 
 def _exit_of_a_restored_init(tmp_path: Path, trace_id: int) -> dict[str, Any]:
-    bundle = tmp_path / "bundle"
-    bundle.mkdir()
-    (bundle / "config.json").write_text('{"root": {"path": "rootfs"}}')
+    bundle = bundle_dir(tmp_path)
     store = StateStore(str(tmp_path / "state.db"))
     events = RecordingEvents()
     tracker = _Tracker(store)
@@ -56,18 +50,7 @@ def _exit_of_a_restored_init(tmp_path: Path, trace_id: int) -> dict[str, Any]:
     )  # fmt: skip
 
     async def main() -> dict[str, Any]:
-        loop = asyncio.get_running_loop()
-        reaper = Reaper(loop)
-        deps = Deps(
-            DaemonPaths(str(tmp_path)),
-            reaper,
-            ExitWatch(loop, reaper),
-            store,
-            events,  # type: ignore[arg-type]
-            tracker=tracker,  # type: ignore[arg-type]
-        )
-        tasks = Tasks(deps)
-        tasks.restore()
+        tasks = restored_tasks(tmp_path, store, events, tracker=tracker)
         p = tasks.get("ns", "c1").init
         waiter = asyncio.ensure_future(p.wait())
         await asyncio.sleep(0)
@@ -84,9 +67,7 @@ def _exit_of_a_restored_init(tmp_path: Path, trace_id: int) -> dict[str, Any]:
         await asyncio.sleep(0)
         rec = store.get("ns", "c1")
         out["after"] = {"recorded": rec.exit_status if rec else None, "dropped": tracker.dropped}
-        for t in tasks.all():
-            t.close()
-        reaper.close()
+        close_tasks(tasks)
         return out
 
     try:
