@@ -252,7 +252,7 @@ def test_process_tree_cpu_counts_reaped_children() -> None:
 def test_config_phases_and_scale() -> None:
     full = Config.make(False, None, None)
     assert full.phases == list(PHASES) and full.scale_ns == [10, 300]
-    assert (full.scale_samples, full.cri_pods, full.cri_rounds) == (150, 30, 2)
+    assert (full.scale_samples, full.cri_pods, full.cri_rounds, full.execs) == (150, 30, 2, 600)
     assert {"watch", "sandbox"} <= set(PHASES)  # one `make bench` measures everything
     assert (full.watch_rounds, full.watch_seconds, full.sandbox_pods) == (2, 10, 20)
     small = Config.make(True, None, None)
