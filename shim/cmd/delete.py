@@ -282,6 +282,8 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
         except TTRPCError as exc:
             sys.stderr.write(f"not cleaning up the bundle: {exc.message}\n")
             bundle = ""
+    from shim.oci import piddir
+
     if bundle:
         from shim.oci.mount import unmount_all
 
@@ -289,12 +291,10 @@ def offline(paths: DaemonPaths, namespace: str, id: str, bundle: str) -> bytes:
             unmount_all(os.path.join(bundle, "rootfs"))
         except OSError as exc:
             sys.stderr.write(f"{exc}\n")
-        try:
-            os.unlink(os.path.join(bundle, "init.pid"))  # a daemon without its pid directory
+        try:  # a daemon without its pid directory had runc write it in the bundle
+            os.unlink(os.path.join(bundle, piddir.base_name()))
         except OSError:
             pass
-    from shim.oci import piddir
-
     piddir.remove_files(piddir.path_for(paths.dir), namespace, id)
     if store is not None:
         try:
